@@ -1,0 +1,34 @@
+# `make run`: set up .venv (reused if present), then the main job.
+# `make test`: set up .venv with the test extra, then the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: run test setup setup-test clean
+
+run: $(VENV)/.installed
+	$(PY) -m runtime.demo $(MODEL)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# llama-cpp-python compiles from source (~5 min on 2 cores): done once per venv, and pip's
+# wheel cache makes a rebuilt venv fast. Stamps re-run the install only when pyproject changes.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PIP) install -e '.[test]'
+	touch $(VENV)/.installed $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info

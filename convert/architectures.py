@@ -1,0 +1,118 @@
+"""The registry of source architectures and the plan types they produce.
+
+An architecture module (`bloom.py`, ...) registers itself under the Hugging Face
+`architectures` names it handles and turns a `Checkpoint` into a plan: metadata plus an
+ordered list of output tensors, each knowing how to load its data lazily. Target writers
+(`gguf_target.py`, ...) consume plans and know nothing about the source model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import numpy as np
+
+from .checkpoint import Bf16Array, Checkpoint
+from .errors import CheckpointError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    import gguf
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: its name, its numpy-order shape, and how to produce its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    load: Callable[[], "np.ndarray | Bf16Array"]
+    sources: tuple[str, ...] = ()
+    scale: float | None = None  # applied per row block, for heads that need folding
+
+    @property
+    def is_matrix(self) -> bool:
+        """Matrices get the requested type; vectors (norms, biases) stay float32."""
+        return len(self.shape) >= 2
+
+
+@dataclass
+class GGUFPlan:
+    arch: str
+    set_parameters: Callable[["gguf.GGUFWriter"], None]
+    tensors: list[TensorPlan]
+    has_tokenizer: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A source architecture and the targets it converts to."""
+
+    name: str
+    hf_architectures: tuple[str, ...]
+    formats: dict[str, Callable[..., Any]]  # format name -> plan builder
+    default_format: str
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    for hf_name in arch.hf_architectures:
+        ARCHITECTURES[hf_name] = arch
+    return arch
+
+
+def resolve(config: dict[str, Any], where: str) -> Architecture:
+    """The registered architecture for a config, or an error listing what is supported."""
+    names = config.get("architectures") or []
+    if not isinstance(names, list):
+        names = []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    model_type = config.get("model_type")
+    for arch in ARCHITECTURES.values():
+        if arch.name == model_type:
+            return arch
+    found = ", ".join(map(str, names)) or (f"model_type {model_type!r}" if model_type else "none")
+    supported = ", ".join(sorted(ARCHITECTURES))
+    raise UnsupportedModelError(
+        f"{where}: unsupported architecture ({found}); supported: {supported}"
+    )
+
+
+def config_int(config: dict[str, Any], where: str, *keys: str, default: int | None = None) -> int:
+    """The first present integer config value among `keys` (aliases across HF versions)."""
+    for key in keys:
+        value = config.get(key)
+        if value is not None:
+            if type(value) is not int or value < 0:
+                raise UnsupportedModelError(f"{where}: config value {key}={value!r} is not a count")
+            return value
+    if default is None:
+        raise UnsupportedModelError(f"{where}: config.json lacks {keys[0]}")
+    return default
+
+
+def expect(ckpt: Checkpoint, name: str, shape: Iterable[int]) -> None:
+    """Fail with a clear message unless the checkpoint has `name` with exactly `shape`."""
+    shape = tuple(shape)
+    info = ckpt.info(name)
+    if info.shape != shape:
+        raise CheckpointError(
+            f"{info.file}: tensor {name} has shape {list(info.shape)}, expected {list(shape)} "
+            "from config.json"
+        )
+
+
+def check_all_used(ckpt: Checkpoint, used: set[str], ignorable: Callable[[str], bool]) -> None:
+    """An unmapped tensor is an error naming it, never silently dropped."""
+    extra = [n for n in ckpt.names() if n not in used and not ignorable(n)]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise UnsupportedModelError(
+            f"{ckpt.info(extra[0]).file}: tensor {extra[0]} is not part of a supported "
+            f"{ckpt.config.get('model_type', '')} model{more}"
+        )

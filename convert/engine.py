@@ -1,0 +1,83 @@
+"""llama.cpp, loaded once through llama-cpp-python, with its C logging tamed.
+
+llama.cpp prints a page of log lines for every model load and quantization. Here they go to
+Python logging at DEBUG (visible with `pocketlm -v`) and the last lines are kept, so an
+engine failure can be reported with the engine's own reason instead of a wall of text.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import sys
+import tempfile
+from typing import Any, Iterator
+
+from .errors import ModelLoadError
+
+log = logging.getLogger("pocketlm.llama_cpp")
+
+_recent: collections.deque[str] = collections.deque(maxlen=40)
+_state: dict[str, Any] = {}
+
+
+def llama_cpp() -> Any:
+    """The `llama_cpp` module, initialised, or a clear error naming the pip command."""
+    module = _state.get("module")
+    if module is not None:
+        return module
+    try:
+        import llama_cpp as module
+    except ImportError as e:
+        raise ModelLoadError(
+            f"llama.cpp engine unavailable ({e}); install it with: pip install llama-cpp-python"
+        ) from None
+
+    @module.llama_log_callback
+    def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", "replace").rstrip("\n")
+        if line:
+            _recent.append(line)
+            log.debug(line)
+
+    module.llama_log_set(_on_log, ctypes.c_void_p(0))
+    module.llama_backend_init()
+    _state["callback"] = _on_log  # keep a reference: C holds only the pointer
+    _state["module"] = module
+    return module
+
+
+def recent_log(n: int = 3) -> str:
+    """The engine's last few log lines, for error messages."""
+    lines = [l.strip() for l in list(_recent)[-n:] if l.strip()]
+    return "; ".join(lines)
+
+
+@contextlib.contextmanager
+def quiet_c_output() -> Iterator[None]:
+    """Capture what C code writes straight to stdout/stderr (bypassing the log callback)."""
+    try:
+        fds = (sys.stdout.fileno(), sys.stderr.fileno())
+    except (AttributeError, ValueError, OSError):  # no real fds (e.g. under a test runner)
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            for fd in fds:
+                os.dup2(sink.fileno(), fd)
+            yield
+        finally:
+            for fd, copy in zip(fds, saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            for line in sink.read().decode("utf-8", "replace").splitlines():
+                if line.strip():
+                    _recent.append(line)
+                    log.debug(line)

@@ -1,0 +1,242 @@
+"""Writing a `GGUFPlan` as a GGUF file, tensor by tensor, in any supported quant type.
+
+f32/f16/bf16/q8_0 are encoded here (q8_0 bytes are identical to llama.cpp's); every other
+type is produced by llama.cpp's own quantizer from an intermediate f32/f16 file written the
+same way, which is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import gguf
+import numpy as np
+from tqdm import tqdm
+
+from . import engine
+from .architectures import GGUFPlan, TensorPlan
+from .checkpoint import iter_rows
+from .errors import CheckpointError, PocketLMError, UnsupportedModelError
+from .output import Fallback, fsync_file, partial_path, remove
+
+log = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+FT = gguf.LlamaFileType
+CHUNK_BYTES = 32 << 20  # float32 bytes per row block: bounds memory on huge embeddings
+
+
+@dataclass(frozen=True)
+class QuantType:
+    """A `--quant` choice: written directly (`direct`) or by llama.cpp (`file_type` only)."""
+
+    name: str
+    file_type: FT
+    direct: Q | None = None
+
+    @property
+    def block(self) -> int:
+        """Row length the main tensor type needs; narrower rows fall back."""
+        if self.direct is not None:
+            return gguf.GGML_QUANT_SIZES[self.direct][0]
+        return 256 if "_K" in self.file_type.name else 32
+
+
+QUANT_TYPES: dict[str, QuantType] = {
+    q.name: q
+    for q in (
+        QuantType("f32", FT.ALL_F32, Q.F32),
+        QuantType("f16", FT.MOSTLY_F16, Q.F16),
+        QuantType("bf16", FT.MOSTLY_BF16, Q.BF16),
+        QuantType("q8_0", FT.MOSTLY_Q8_0, Q.Q8_0),
+        QuantType("q4_0", FT.MOSTLY_Q4_0),
+        QuantType("q4_1", FT.MOSTLY_Q4_1),
+        QuantType("q5_0", FT.MOSTLY_Q5_0),
+        QuantType("q5_1", FT.MOSTLY_Q5_1),
+        QuantType("q2_k", FT.MOSTLY_Q2_K),
+        QuantType("q3_k_s", FT.MOSTLY_Q3_K_S),
+        QuantType("q3_k_m", FT.MOSTLY_Q3_K_M),
+        QuantType("q3_k_l", FT.MOSTLY_Q3_K_L),
+        QuantType("q4_k_s", FT.MOSTLY_Q4_K_S),
+        QuantType("q4_k_m", FT.MOSTLY_Q4_K_M),
+        QuantType("q5_k_s", FT.MOSTLY_Q5_K_S),
+        QuantType("q5_k_m", FT.MOSTLY_Q5_K_M),
+        QuantType("q6_k", FT.MOSTLY_Q6_K),
+    )
+}
+DEFAULT_QUANT = "q4_k_m"
+
+
+def quant_type(name: str) -> QuantType:
+    try:
+        return QUANT_TYPES[name.lower()]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"unknown GGUF quant type {name!r}; choose one of: {', '.join(QUANT_TYPES)}"
+        ) from None
+
+
+def _tensor_type(t: TensorPlan, want: Q) -> Q:
+    """The type a tensor is written in: vectors stay f32; rows must fit the block size."""
+    if not t.is_matrix:
+        return Q.F32
+    block = gguf.GGML_QUANT_SIZES[want][0]
+    if t.shape[-1] % block:
+        return Q.F16
+    return want
+
+
+def _encode(rows: np.ndarray, qtype: Q, scale: float | None) -> np.ndarray:
+    rows = rows.astype(np.float32, copy=False)
+    if scale is not None:
+        rows = rows * np.float32(scale)
+    return gguf.quants.quantize(rows, qtype)
+
+
+def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
+    return int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype), dtype=np.int64))
+
+
+def write_gguf(
+    plan: GGUFPlan,
+    path: Path,
+    want: Q,
+    file_type: FT,
+    metadata: Callable[[gguf.GGUFWriter], None],
+    release: Callable[[str], None],
+    progress: bool,
+) -> dict[str, Q]:
+    """Write every tensor of `plan` to `path`, one row block at a time. Returns tensor types."""
+    writer = gguf.GGUFWriter(path=None, arch=plan.arch)
+    plan.set_parameters(writer)
+    metadata(writer)
+    writer.add_file_type(int(file_type))
+    if want not in (Q.F32, Q.F16):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    types = {t.name: _tensor_type(t, want) for t in plan.tensors}
+    for t in plan.tensors:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _nbytes(t.shape, types[t.name]), types[t.name])
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    fout = writer.fout[0]
+    bar = tqdm(plan.tensors, desc="converting", unit="tensor", disable=not progress, leave=False)
+    try:
+        for t in bar:
+            bar.set_postfix_str(t.name, refresh=False)
+            writer.write_padding(fout, fout.tell())
+            data = t.load()
+            if tuple(data.shape) != t.shape:
+                raise CheckpointError(f"tensor {t.name}: produced shape {data.shape}, planned {t.shape}")
+            row_len = int(np.prod(t.shape[1:], dtype=np.int64)) or 1
+            written = 0
+            for rows in iter_rows(data, max(1, CHUNK_BYTES // (4 * row_len))):
+                encoded = _encode(rows, types[t.name], t.scale)
+                fout.write(encoded.tobytes())
+                written += encoded.nbytes
+            if written != _nbytes(t.shape, types[t.name]):
+                raise PocketLMError(f"internal error: tensor {t.name} wrote {written} bytes")
+            writer.write_padding(fout, written)
+            del data
+            for source in t.sources:
+                release(source)
+    finally:
+        bar.close()
+        writer.close()
+    fsync_file(path)
+    return types
+
+
+def verify_gguf(path: Path, expected: dict[str, Q]) -> dict[str, Q]:
+    """Re-open a written file and check every tensor is present, typed and sized as planned."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on a bad file
+        raise PocketLMError(f"{path}: written file does not read back ({e})") from None
+    found = {t.name: Q(t.tensor_type) for t in reader.tensors}
+    if set(found) != set(expected):
+        missing = sorted(set(expected) - set(found)) or sorted(set(found) - set(expected))
+        raise PocketLMError(f"{path}: written file has a different tensor set (e.g. {missing[0]})")
+    size = os.path.getsize(path)
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise PocketLMError(f"{path}: tensor {t.name} runs past the end of the written file")
+    return found
+
+
+def llama_quantize(src: Path, dst: Path, file_type: FT, threads: int | None = None) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (K-quants have no Python encoder)."""
+    llama = engine.llama_cpp()
+    params = llama.llama_model_quantize_default_params()
+    params.ftype = int(file_type)
+    params.nthread = threads or os.cpu_count() or 1
+    with engine.quiet_c_output():
+        rc = llama.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise PocketLMError(f"llama.cpp could not quantize to {file_type.name}: {engine.recent_log()}")
+
+
+def describe_types(types: dict[str, Q]) -> dict[str, int]:
+    return dict(Counter(q.name.lower() for q in types.values()))
+
+
+def fallbacks(plan: GGUFPlan, types: dict[str, Q], quant: QuantType) -> list[Fallback]:
+    """Matrices whose rows did not fit the quant's block size, and what they got instead."""
+    out = []
+    for t in plan.tensors:
+        if t.is_matrix and t.shape[-1] % quant.block:
+            out.append(Fallback(
+                t.name, quant.name, types[t.name].name.lower(),
+                f"row length {t.shape[-1]} is not a multiple of {quant.block}",
+            ))
+    return out
+
+
+def convert_gguf(
+    plan: GGUFPlan,
+    dest_tmp: Path,
+    quant: QuantType,
+    metadata: Callable[[gguf.GGUFWriter], None],
+    release: Callable[[str], None],
+    source_dtypes: set[str],
+    progress: bool,
+    threads: int | None = None,
+) -> dict[str, Q]:
+    """Produce the final GGUF at `dest_tmp` (verified), directly or through llama.cpp."""
+    if quant.direct is not None:
+        types = write_gguf(plan, dest_tmp, quant.direct, quant.file_type, metadata, release, progress)
+        return verify_gguf(dest_tmp, types)
+    # f16 sources lose nothing in an f16 intermediate; anything else goes through f32.
+    inter_q, inter_ft = (Q.F16, FT.MOSTLY_F16) if source_dtypes <= {"F16"} else (Q.F32, FT.ALL_F32)
+    intermediate = partial_path(dest_tmp, ".intermediate")
+    try:
+        types = write_gguf(plan, intermediate, inter_q, inter_ft, metadata, release, progress)
+        verify_gguf(intermediate, types)
+        if progress:
+            print(f"quantizing to {quant.name} with llama.cpp ...", flush=True)
+        llama_quantize(intermediate, dest_tmp, quant.file_type, threads)
+    finally:
+        remove(intermediate)
+    return verify_gguf(dest_tmp, types)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """All scalar and string-array metadata of a GGUF file (not the token tables)."""
+    reader = gguf.GGUFReader(path)
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key not in (
+            "tokenizer.ggml.model", "tokenizer.ggml.pre",
+        ) and not key.endswith("_id"):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # an exotic value type; not worth failing `info` for
+            continue
+    return out

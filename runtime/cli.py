@@ -1,0 +1,207 @@
+"""The `pocketlm` command line: a thin layer over `convert.convert` and `runtime.load`.
+
+Each subcommand imports what it needs when it runs, so `pocketlm --help` is instant.
+User errors print one line and exit 1; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from convert.errors import PocketLMError
+
+EPILOG = """examples:
+  pocketlm convert ./bloomz-560m -o bloomz-560m-q4_k_m.gguf --quant q4_k_m
+  pocketlm run bloomz-560m-q4_k_m.gguf "Translate to English: Je t'aime."
+  pocketlm info bloomz-560m-q4_k_m.gguf --json
+"""
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("-n", "--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens covering this mass")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeating tokens")
+    g.add_argument("--seed", type=int, default=None, help="random seed: makes sampling repeatable")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before TEXT (repeatable)")
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "metal", "cuda"], help="where to run (default: best available)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    g.add_argument("--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: model's, at most 2048)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pocketlm",
+        description="Convert and run BLOOMZ and T5-family instruction models offline, without PyTorch.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs (including llama.cpp's)")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "convert", help="convert a Hugging Face checkpoint folder",
+        description="Convert a Hugging Face checkpoint folder (safetensors or pytorch_model.bin, "
+        "single or sharded) into a model PocketLM runs. BLOOM/BLOOMZ become GGUF.",
+        epilog="quant types (GGUF): f32 f16 bf16 q8_0 are written directly; q4_0 q4_1 q5_0 q5_1 "
+        "q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k go through llama.cpp's "
+        "quantizer. Tensors whose rows do not fit a type's block keep a wider type (listed "
+        "in the summary).",
+    )
+    p.add_argument("src", help="checkpoint folder (with config.json)")
+    p.add_argument("-o", "--output", help="output file (default: ./<folder>-<quant>.gguf)")
+    p.add_argument("-q", "--quant", default=None, help="quant type (default q4_k_m)")
+    p.add_argument("--format", default=None, choices=["gguf"], help="output format (default: the architecture's)")
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser(
+        "quantize", help="re-quantize a GGUF file with llama.cpp",
+        description="Quantize an f32/f16/bf16 GGUF file to another type with llama.cpp's quantizer.",
+    )
+    p.add_argument("input", help="GGUF file to read")
+    p.add_argument("output", help="GGUF file to write")
+    p.add_argument("-q", "--quant", default="q4_k_m", help="quant type (default q4_k_m)")
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument("--threads", type=int, default=None, help="quantizer threads")
+
+    p = sub.add_parser(
+        "run", help="generate text from a prompt",
+        description="Complete a prompt with a converted model, streaming the answer.",
+    )
+    p.add_argument("model", help="GGUF file")
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text; '-' or omitted reads stdin")
+    p.add_argument("--ids", default=None, help="comma-separated token ids instead of a text prompt")
+    p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
+    p.add_argument("--json", action="store_true", help="print the result (text, ids, finish reason, speed) as JSON")
+    _add_generation_options(p)
+    _add_load_options(p)
+
+    p = sub.add_parser(
+        "info", help="show what a model file holds and how it would run",
+        description="Show a model's architecture, quantization, provenance (source repo, "
+        "converter, sha256 of source files) and the backend/device PocketLM would choose.",
+    )
+    p.add_argument("model", help="GGUF file")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    _add_load_options(p)
+    return parser
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from convert import convert
+
+    summary = convert(
+        args.src, args.output, quant=args.quant, format=args.format, force=args.force,
+        progress=sys.stderr.isatty() and not args.json, threads=args.threads,
+    )
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.describe())
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from convert.gguf_target import llama_quantize, quant_type
+    from convert.output import atomic_output
+
+    from .loader import detect_format
+
+    detect_format(Path(args.input))
+    qt = quant_type(args.quant)
+    with atomic_output(Path(args.output), args.force) as tmp:
+        llama_quantize(Path(args.input), tmp, qt.file_type, args.threads)
+    print(f"wrote {args.output} ({qt.name})")
+    return 0
+
+
+def _prompt(args: argparse.Namespace) -> str | list[int]:
+    if args.ids is not None:
+        try:
+            return [int(t) for t in args.ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise PocketLMError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+    if args.prompt is None or args.prompt == "-":
+        return sys.stdin.read()
+    return args.prompt
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import runtime
+
+    prompt = _prompt(args)
+    gen = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+    )
+    with runtime.load(args.model, device=args.device, threads=args.threads, n_ctx=args.ctx) as model:
+        if args.json or args.no_stream:
+            result = model.generate(prompt, **gen)
+            if args.json:
+                out = {
+                    "text": result.text, "token_ids": result.token_ids,
+                    "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+                    "seconds": round(result.seconds, 4), "tokens_per_second": round(result.tokens_per_second, 2),
+                }
+                print(json.dumps(out, ensure_ascii=False))
+            else:
+                print(result.text)
+            return 0
+        for piece in model.stream(prompt, **gen):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .report import describe, model_report
+
+    report = model_report(Path(args.model), device=args.device, threads=args.threads)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else describe(report))
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "quantize": cmd_quantize, "run": cmd_run, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.version:
+        from convert import __version__
+
+        print(f"pocketlm {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except PocketLMError as e:
+        print(f"pocketlm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("pocketlm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def run(argv: Any = None) -> None:
+    sys.exit(main(argv))

@@ -1,0 +1,85 @@
+"""`pocketlm info`: what a model file holds and how this machine would run it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from convert.errors import ModelLoadError
+
+from .loader import detect_format
+from .platform import choose, detect_facts
+
+
+def _gguf_report(path: Path) -> dict[str, Any]:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises assorted errors on corrupt files
+        raise ModelLoadError(f"{path}: unreadable GGUF ({e})") from None
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.split(".")[-1] in ("tokens", "token_type", "merges", "scores"):
+            meta[key] = f"[{len(field.data)} entries]"
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:
+            meta[key] = "(unreadable)"
+    arch = meta.get("general.architecture", "unknown")
+    types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name.lower() for t in reader.tensors)
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    source = {
+        "repo": meta.get("pocketlm.source.repo"),
+        "revision": meta.get("pocketlm.source.revision"),
+        "files": dict(zip(meta.get("pocketlm.source.files", []), meta.get("pocketlm.source.sha256", []))),
+    }
+    return {
+        "architecture": arch,
+        "quant": meta.get("pocketlm.quant"),
+        "parameters": params,
+        "tensors": len(reader.tensors),
+        "tensor_types": dict(types.most_common()),
+        "context_length": meta.get(f"{arch}.context_length"),
+        "tokenizer": meta.get("tokenizer.ggml.model", "none"),
+        "converter": {"name": meta.get("pocketlm.converter"), "version": meta.get("pocketlm.converter_version")},
+        "source": source,
+        "metadata": meta,
+    }
+
+
+def model_report(path: Path, device: str = "auto", threads: int | None = None) -> dict[str, Any]:
+    fmt = detect_format(path)
+    report: dict[str, Any] = {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size}
+    report.update(_gguf_report(path))
+    choice = choose(fmt, detect_facts(), device, threads)
+    report["would_run_on"] = {
+        "backend": choice.backend, "device": choice.device, "threads": choice.threads,
+        "reasons": choice.reasons,
+    }
+    return report
+
+
+def describe(r: dict[str, Any]) -> str:
+    run = r["would_run_on"]
+    lines = [
+        f"{r['path']}",
+        f"  format        {r['format']} ({r['size_bytes'] / 2**20:.1f} MiB)",
+        f"  architecture  {r['architecture']}, {r['parameters'] / 1e6:.1f}M parameters, {r['tensors']} tensors",
+        f"  quant         {r['quant'] or '?'} ({', '.join(f'{n} {t}' for t, n in r['tensor_types'].items())})",
+        f"  context       {r['context_length']}",
+        f"  tokenizer     {r['tokenizer']}",
+    ]
+    conv = r["converter"]
+    if conv["name"]:
+        lines.append(f"  converter     {conv['name']} {conv['version']}")
+    src = r["source"]
+    if src["repo"]:
+        lines.append(f"  source        {src['repo']}" + (f"@{src['revision']}" if src["revision"] else ""))
+    for name, digest in src["files"].items():
+        lines.append(f"    sha256 {digest}  {name}")
+    lines.append(f"  would run on  {run['backend']} / {run['device']}, {run['threads']} threads")
+    lines += [f"    - {reason}" for reason in run["reasons"]]
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""Choosing the next token from logits, with the same meaning on every backend.
+
+The order and definitions follow transformers' `generate`: repetition penalty, then
+temperature, then top-k, then top-p; temperature 0 means greedy. A seed makes it repeatable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from convert.errors import GenerationError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Stateful per generation: owns the random stream so a seed reproduces the output."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, seen: Iterable[int] = ()) -> int:
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            logits = penalize_repetition(logits, seen, p.repetition_penalty)
+        if p.greedy:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / p.temperature
+        candidates = np.arange(scaled.size)
+        if 0 < p.top_k < scaled.size:
+            candidates = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
+        order = candidates[np.argsort(-scaled[candidates], kind="stable")]
+        probs = np.exp(scaled[order] - scaled[order[0]])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p, side="left")) + 1
+            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        return int(order[self.rng.choice(order.size, p=probs)])
+
+
+def penalize_repetition(logits: np.ndarray, seen: Iterable[int], penalty: float) -> np.ndarray:
+    """transformers' rule: divide positive logits of seen tokens by the penalty, multiply negative."""
+    ids = np.fromiter(set(seen), dtype=np.int64)
+    if ids.size == 0:
+        return logits
+    out = logits.copy()
+    values = out[ids]
+    out[ids] = np.where(values > 0, values / penalty, values * penalty)
+    return out
