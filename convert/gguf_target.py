@@ -13,7 +13,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -22,7 +22,8 @@ from tqdm import tqdm
 from . import engine
 from .architectures import GGUFPlan, TensorPlan
 from .checkpoint import iter_rows
-from .errors import CheckpointError, PocketLMError, UnsupportedModelError
+from .errors import CheckpointError, ModelLoadError, PocketLMError, UnsupportedModelError
+from .gguf_file import read_header
 from .output import Fallback, fsync_file, partial_path, remove
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
 CHUNK_BYTES = 32 << 20  # float32 bytes per row block: bounds memory on huge embeddings
+QUANTIZE_BUF_BYTES = 64 << 20  # llama.cpp's quantizer slab (its default, 8 GiB, holds whole tensors)
 
 
 @dataclass(frozen=True)
@@ -140,12 +142,11 @@ def write_gguf(
                 encoded = _encode(rows, types[t.name], t.scale)
                 fout.write(encoded.tobytes())
                 written += encoded.nbytes
+                for source in t.sources:  # drop the mapped pages read so far
+                    release(source)
             if written != _nbytes(t.shape, types[t.name]):
                 raise PocketLMError(f"internal error: tensor {t.name} wrote {written} bytes")
             writer.write_padding(fout, written)
-            del data
-            for source in t.sources:
-                release(source)
     finally:
         bar.close()
         writer.close()
@@ -154,19 +155,15 @@ def write_gguf(
 
 
 def verify_gguf(path: Path, expected: dict[str, Q]) -> dict[str, Q]:
-    """Re-open a written file and check every tensor is present, typed and sized as planned."""
+    """Re-open a written file and check every planned tensor is there, inside the file."""
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises assorted errors on a bad file
-        raise PocketLMError(f"{path}: written file does not read back ({e})") from None
-    found = {t.name: Q(t.tensor_type) for t in reader.tensors}
+        header = read_header(path)
+    except ModelLoadError as e:
+        raise PocketLMError(f"written file does not read back: {e}") from None
+    found = {t.name: t.type for t in header.tensors}
     if set(found) != set(expected):
-        missing = sorted(set(expected) - set(found)) or sorted(set(found) - set(expected))
-        raise PocketLMError(f"{path}: written file has a different tensor set (e.g. {missing[0]})")
-    size = os.path.getsize(path)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise PocketLMError(f"{path}: tensor {t.name} runs past the end of the written file")
+        diff = sorted(set(expected) ^ set(found))
+        raise PocketLMError(f"{path}: written file has a different tensor set (e.g. {diff[0]})")
     return found
 
 
@@ -176,6 +173,7 @@ def llama_quantize(src: Path, dst: Path, file_type: FT, threads: int | None = No
     params = llama.llama_model_quantize_default_params()
     params.ftype = int(file_type)
     params.nthread = threads or os.cpu_count() or 1
+    params.max_buf_size = QUANTIZE_BUF_BYTES
     with engine.quiet_c_output():
         rc = llama.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
@@ -224,19 +222,3 @@ def convert_gguf(
     finally:
         remove(intermediate)
     return verify_gguf(dest_tmp, types)
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    """All scalar and string-array metadata of a GGUF file (not the token tables)."""
-    reader = gguf.GGUFReader(path)
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key not in (
-            "tokenizer.ggml.model", "tokenizer.ggml.pre",
-        ) and not key.endswith("_id"):
-            continue
-        try:
-            out[key] = field.contents()
-        except Exception:  # an exotic value type; not worth failing `info` for
-            continue
-    return out

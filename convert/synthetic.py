@@ -84,7 +84,8 @@ def random_bloom_weights(config: dict[str, Any], seed: int = 0, std: float = 0.0
 
 
 def build_random_bloom(
-    folder: Path, hidden: int = 256, n_layer: int = 4, n_head: int = 4, vocab_size: int = 1024, seed: int = 0,
+    folder: Path, hidden: int = 256, n_layer: int = 4, n_head: int = 4, vocab_size: int = 1024,
+    seed: int = 0, std: float = 0.02,
 ) -> Path:
     """Write a random BLOOM checkpoint (f16 safetensors + tokenizer.json) into `folder`."""
     folder = Path(folder)
@@ -93,5 +94,5 @@ def build_random_bloom(
     tokenizer.save(str(folder / "tokenizer.json"))
     config = bloom_config(vocab_size, hidden, n_layer, n_head)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    write_safetensors(folder / "model.safetensors", random_bloom_weights(config, seed))
+    write_safetensors(folder / "model.safetensors", random_bloom_weights(config, seed, std))
     return folder

@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
 from convert.errors import ModelLoadError
+from convert.gguf_file import MAGIC as GGUF_MAGIC
+from convert.gguf_file import read_header
 
 from .model import Model
 from .platform import choose, detect_facts
 
-GGUF_MAGIC = b"GGUF"
-GGUF_VERSIONS = (2, 3)
-
 
 def detect_format(path: Path) -> str:
-    """'gguf' for a GGUF file; anything else is explained in the error."""
+    """'gguf' for a GGUF file whose header and tensor table check out; else a clear error."""
     if path.is_file():
         with open(path, "rb") as f:
-            head = f.read(8)
-        if head[:4] == GGUF_MAGIC:
-            if len(head) < 8 or struct.unpack("<I", head[4:8])[0] not in GGUF_VERSIONS:
-                raise ModelLoadError(f"{path}: unsupported GGUF version")
-            return "gguf"
-        raise ModelLoadError(f"{path}: not a GGUF file (bad magic); is it a model file?")
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise ModelLoadError(f"{path}: not a GGUF file (bad magic); is it a model file?")
+        read_header(path)  # refuses truncated/corrupt files before llama.cpp sees them
+        return "gguf"
     if path.is_dir():
         if (path / "config.json").is_file():
             raise ModelLoadError(

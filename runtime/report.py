@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from convert.errors import ModelLoadError
+from convert.gguf_file import read_header
 
 from .loader import detect_format
 from .platform import choose, detect_facts
 
 
 def _gguf_report(path: Path) -> dict[str, Any]:
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # gguf raises assorted errors on corrupt files
-        raise ModelLoadError(f"{path}: unreadable GGUF ({e})") from None
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.split(".")[-1] in ("tokens", "token_type", "merges", "scores"):
-            meta[key] = f"[{len(field.data)} entries]"
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:
-            meta[key] = "(unreadable)"
-    arch = meta.get("general.architecture", "unknown")
-    types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name.lower() for t in reader.tensors)
-    params = sum(int(t.n_elements) for t in reader.tensors)
+    header = read_header(path)
+    meta = dict(header.metadata)
+    meta.update({k: f"[{n} entries]" for k, n in header.array_lengths.items()})
+    arch = header.architecture
+    types = Counter(t.type.name.lower() for t in header.tensors)
+    params = sum(math.prod(t.shape) for t in header.tensors)
     source = {
         "repo": meta.get("pocketlm.source.repo"),
         "revision": meta.get("pocketlm.source.revision"),
@@ -40,7 +29,7 @@ def _gguf_report(path: Path) -> dict[str, Any]:
         "architecture": arch,
         "quant": meta.get("pocketlm.quant"),
         "parameters": params,
-        "tensors": len(reader.tensors),
+        "tensors": len(header.tensors),
         "tensor_types": dict(types.most_common()),
         "context_length": meta.get(f"{arch}.context_length"),
         "tokenizer": meta.get("tokenizer.ggml.model", "none"),

@@ -63,7 +63,7 @@ class LlamaCppModel(Model):
         quant = self._meta("pocketlm.quant") or FILE_TYPE_NAMES.get(int(file_type or -1), "unknown")
         train_ctx = llama.llama_model_n_ctx_train(self._model)
         n_ctx = n_ctx or min(train_ctx, DEFAULT_MAX_CTX) or DEFAULT_MAX_CTX
-        # An f32 model is asked for exactness: keep its KV cache in f32 too.
+        # An f32 model is asked for exactness: f32 KV cache, no flash attention.
         kv = kv_type or ("f32" if quant == "f32" else "f16")
         cparams = llama.llama_context_default_params()
         cparams.n_ctx = n_ctx
@@ -71,6 +71,8 @@ class LlamaCppModel(Model):
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.type_k = cparams.type_v = GGML_TYPE_F32 if kv == "f32" else GGML_TYPE_F16
         cparams.no_perf = True
+        if kv == "f32":  # flash attention rounds through f16 on CPU: not for an exact model
+            cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         with engine.quiet_c_output():
             self._ctx = llama.llama_init_from_model(self._model, cparams)
         if not self._ctx:
@@ -117,12 +119,14 @@ class LlamaCppModel(Model):
         self._require_vocab()
         data = text.encode("utf-8")
         cap = len(data) + 8
+        # add_special: only what the GGUF asks for (BLOOM: nothing); parse_special: text such
+        # as "</s>" becomes its special id, as the Hugging Face tokenizer does.
         buf = (self._llama.llama_token * cap)()
-        n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, cap, True, False)
+        n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, cap, True, True)
         if n < 0:  # buffer too small: llama.cpp returns the needed size, negated
             cap = -n
             buf = (self._llama.llama_token * cap)()
-            n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, cap, True, False)
+            n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, cap, True, True)
         return list(buf[:n])
 
     def _token_bytes(self, token: int) -> bytes:

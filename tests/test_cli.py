@@ -1,0 +1,130 @@
+"""The `pocketlm` command line: outputs, JSON, provenance, and one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+import convert.gguf_target as gguf_target
+from convert import convert
+from convert.synthetic import build_random_bloom
+
+
+def pocketlm(*args, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "runtime", *map(str, args)],
+        capture_output=True, text=True, input=stdin, timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    return build_random_bloom(tmp_path_factory.mktemp("cli") / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def gguf_path(hf_folder):
+    out = hf_folder.parent / "m-q8_0.gguf"
+    proc = pocketlm("convert", hf_folder, "-o", out, "--quant", "q8_0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["output"] == str(out) and summary["quant"] == "q8_0" and summary["tensors"] == 29
+    assert summary["types"] == {"f32": 20, "q8_0": 9}
+    return out
+
+
+def test_info_shows_provenance(gguf_path, hf_folder):
+    proc = pocketlm("info", gguf_path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["architecture"] == "bloom" and info["quant"] == "q8_0" and info["tokenizer"] == "gpt2"
+    assert info["converter"]["name"] == "pocketlm" and info["converter"]["version"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        digest = hashlib.sha256((hf_folder / name).read_bytes()).hexdigest()
+        assert info["source"]["files"][name] == digest
+    assert info["would_run_on"]["backend"] == "llama.cpp"
+    text = pocketlm("info", gguf_path).stdout
+    assert "sha256" in text and "would run on" in text
+
+
+def test_run_streams_the_same_text_as_json(gguf_path):
+    streamed = pocketlm("run", gguf_path, "Translate to English: Je t'aime.", "-n", "12")
+    as_json = pocketlm("run", gguf_path, "Translate to English: Je t'aime.", "-n", "12", "--json")
+    assert streamed.returncode == as_json.returncode == 0, streamed.stderr + as_json.stderr
+    result = json.loads(as_json.stdout)
+    assert streamed.stdout == result["text"] + "\n"
+    assert result["finish_reason"] in ("length", "stop") and result["prompt_tokens"] > 0
+    from_stdin = pocketlm("run", gguf_path, "-", "-n", "12", "--no-stream", stdin="Translate to English: Je t'aime.")
+    assert from_stdin.stdout == streamed.stdout
+
+
+def test_quantize_requantizes_a_gguf(hf_folder, tmp_path):
+    f32 = tmp_path / "m-f32.gguf"
+    convert(hf_folder, f32, quant="f32")
+    proc = pocketlm("quantize", f32, tmp_path / "m-q4_0.gguf", "--quant", "q4_0")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(pocketlm("info", tmp_path / "m-q4_0.gguf", "--json").stdout)
+    assert "q4_0" in info["tensor_types"]
+
+
+def _one_line_error(proc, pattern):
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("pocketlm: error: ") and pattern in lines[0], lines[0]
+
+
+def test_user_errors_are_one_line(tmp_path, gguf_path, hf_folder):
+    _one_line_error(pocketlm("convert", tmp_path / "nope", "-o", tmp_path / "x.gguf"), "not a folder")
+    _one_line_error(pocketlm("convert", tmp_path, "-o", tmp_path / "x.gguf"), "config.json: missing")
+    _one_line_error(pocketlm("convert", hf_folder, "-o", gguf_path), "already exists (use --force")
+    _one_line_error(pocketlm("convert", hf_folder, "-o", tmp_path / "x.gguf", "--quant", "q9"), "unknown GGUF quant type")
+    (tmp_path / "notes.txt").write_text("hello")
+    _one_line_error(pocketlm("run", tmp_path / "notes.txt", "hi"), "not a GGUF file")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(gguf_path.read_bytes()[:3000])
+    _one_line_error(pocketlm("run", truncated, "hi"), "truncated.gguf")
+    _one_line_error(pocketlm("run", gguf_path, "--ids", "1,x"), "--ids")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_module_entry_points_have_help():
+    for module in ("runtime", "convert"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def test_interrupted_conversion_leaves_nothing(hf_folder, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = gguf_target._encode
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gguf_target, "_encode", flaky)
+    for quant in ("q8_0", "q4_k_m"):  # direct, and through the intermediate file
+        calls["n"] = 0
+        with pytest.raises(KeyboardInterrupt):
+            convert(hf_folder, tmp_path / f"out-{quant}.gguf", quant=quant)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(gguf_target, "_encode", real)
+    summary = convert(hf_folder, tmp_path / "out-q4_k_m.gguf", quant="q4_k_m")
+    assert [p.name for p in tmp_path.iterdir()] == ["out-q4_k_m.gguf"] and summary.size_bytes > 0
+
+
+def test_source_repo_and_revision_recorded_from_hf_cache_layout(tmp_path):
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--bigscience--bloomz-560m" / "snapshots" / revision
+    build_random_bloom(snapshot, hidden=64, n_layer=1, n_head=4, vocab_size=512)
+    convert(snapshot, tmp_path / "m.gguf", quant="f16")
+    info = json.loads(pocketlm("info", tmp_path / "m.gguf", "--json").stdout)
+    assert info["source"]["repo"] == "bigscience/bloomz-560m"
+    assert info["source"]["revision"] == revision
+    assert info["metadata"]["general.source.url"] == "https://huggingface.co/bigscience/bloomz-560m"
