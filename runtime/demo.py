@@ -16,7 +16,6 @@ from pathlib import Path
 
 REPO_ID = "bigscience/bloomz-560m"
 PROMPT = "Translate to English: Je t'aime."
-CACHE = Path(os.environ.get("POCKETLM_CACHE", Path.home() / ".cache" / "pocketlm"))
 
 
 def find_local_bloomz(arg: str | None) -> Path | None:
@@ -45,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.model import GenerationResult
 
     argv = sys.argv[1:] if argv is None else argv
+    cache = Path(os.environ.get("POCKETLM_CACHE", Path.home() / ".cache" / "pocketlm"))
     source = find_local_bloomz(argv[0] if argv else None)
     workdir = Path(tempfile.mkdtemp(prefix="pocketlm-demo-"))
     try:
         if source is not None:
             label = ""
-            out = CACHE / "demo" / "bloomz-560m-q4_k_m.gguf"
+            out = cache / "demo" / f"bloomz-560m-{source.resolve().name[:12]}-q4_k_m.gguf"
             out.parent.mkdir(parents=True, exist_ok=True)
             print(f"using {REPO_ID} from {source}")
         else:

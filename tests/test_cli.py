@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -128,3 +129,20 @@ def test_source_repo_and_revision_recorded_from_hf_cache_layout(tmp_path):
     assert info["source"]["repo"] == "bigscience/bloomz-560m"
     assert info["source"]["revision"] == revision
     assert info["metadata"]["general.source.url"] == "https://huggingface.co/bigscience/bloomz-560m"
+
+
+def test_main_job_uses_bloomz_from_the_hf_cache(tmp_path):
+    """`make run`'s real-model branch, with a stand-in checkpoint in the HF cache layout."""
+    revision = "fedcba9876543210fedcba9876543210fedcba98"
+    repo = tmp_path / "hf_home" / "hub" / "models--bigscience--bloomz-560m"
+    build_random_bloom(repo / "snapshots" / revision, hidden=64, n_layer=1, n_head=4, vocab_size=512)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "POCKETLM_CACHE": str(tmp_path / "cache")}
+    run = lambda: subprocess.run([sys.executable, "-m", "runtime.demo"], capture_output=True, text=True, env=env, timeout=600)
+    first = run()
+    assert first.returncode == 0, first.stderr
+    assert "using bigscience/bloomz-560m from" in first.stdout and "[synthetic]" not in first.stdout
+    assert "answer: " in first.stdout and "q4_k_m" in first.stdout
+    second = run()
+    assert "reusing" in second.stdout and second.returncode == 0
