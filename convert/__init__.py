@@ -8,7 +8,7 @@ Reads checkpoints with numpy only: torch and transformers are never imported.
 
 __version__ = "0.1.0"
 
-from . import bloom  # noqa: E402,F401  (registers the architecture)
+from . import bloom, t5  # noqa: E402,F401  (register the architectures)
 from .api import convert  # noqa: E402
 from .errors import PocketLMError  # noqa: E402
 from .output import ConversionSummary  # noqa: E402

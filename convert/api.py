@@ -1,50 +1,73 @@
-"""`convert()`: a Hugging Face checkpoint folder in, a runnable model file out."""
+"""`convert()`: a Hugging Face checkpoint folder in, a runnable model out."""
 
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gguf
 
 from . import __version__
 from .architectures import resolve
 from .checkpoint import Checkpoint, sha256_file, source_identity
+from .ct2_target import DEFAULT_QUANT as CT2_DEFAULT_QUANT
+from .ct2_target import QUANT_TYPES as CT2_QUANT_TYPES
+from .ct2_target import source_float_dtype, write_ct2
 from .errors import UnsupportedModelError
-from .gguf_target import DEFAULT_QUANT, convert_gguf, describe_types, fallbacks, quant_type
-from .output import ConversionSummary, atomic_output
+from .gguf_target import DEFAULT_QUANT as GGUF_DEFAULT_QUANT
+from .gguf_target import convert_gguf, describe_types, fallbacks, quant_type
+from .output import ConversionSummary, Fallback, atomic_output
 
 log = logging.getLogger(__name__)
 
-FORMAT_SUFFIX = {"gguf": ".gguf"}
+DEFAULT_QUANTS = {"gguf": GGUF_DEFAULT_QUANT, "ct2": CT2_DEFAULT_QUANT}
+FORMAT_NAMES = {"gguf": "gguf", "ct2": "ct2", "ctranslate2": "ct2"}
 
 
 def default_output(src: Path, fmt: str, quant: str) -> Path:
-    return Path.cwd() / f"{src.resolve().name}-{quant}{FORMAT_SUFFIX.get(fmt, '')}"
+    name = src.resolve().name
+    return Path.cwd() / (f"{name}-{quant}.gguf" if fmt == "gguf" else f"{name}-ct2-{quant}")
 
 
-def _gguf_metadata(ckpt: Checkpoint, quant: str, progress: bool) -> Any:
-    """Provenance keys: where the model came from, which converter, which bytes."""
+def provenance(ckpt: Checkpoint, quant: str) -> dict[str, Any]:
+    """Where the model came from, which converter made it, and the sha256 of every input file."""
     repo, revision = source_identity(ckpt.folder, ckpt.config)
     files = ckpt.source_files()
-    hashes = [sha256_file(f) for f in files]
+    return {
+        "name": repo.split("/")[-1] if repo else ckpt.folder.resolve().name,
+        "converter": "pocketlm",
+        "converter_version": __version__,
+        "quant": quant,
+        "source": {
+            "repo": repo,
+            "revision": revision,
+            "files": {f.name: sha256_file(f) for f in files},
+        },
+    }
 
+
+def _gguf_metadata(prov: dict[str, Any]) -> Callable[[gguf.GGUFWriter], None]:
     def add(w: gguf.GGUFWriter) -> None:
-        w.add_name(repo.split("/")[-1] if repo else ckpt.folder.resolve().name)
-        if repo:
-            w.add_string(gguf.Keys.General.SOURCE_URL, f"https://huggingface.co/{repo}")
-            w.add_string("pocketlm.source.repo", repo)
-        if revision:
-            w.add_string("pocketlm.source.revision", revision)
-        w.add_string("pocketlm.converter", "pocketlm")
-        w.add_string("pocketlm.converter_version", __version__)
-        w.add_string("pocketlm.quant", quant)
-        w.add_array("pocketlm.source.files", [f.name for f in files])
-        w.add_array("pocketlm.source.sha256", hashes)
+        src = prov["source"]
+        w.add_name(prov["name"])
+        if src["repo"]:
+            w.add_string(gguf.Keys.General.SOURCE_URL, f"https://huggingface.co/{src['repo']}")
+            w.add_string("pocketlm.source.repo", src["repo"])
+        if src["revision"]:
+            w.add_string("pocketlm.source.revision", src["revision"])
+        w.add_string("pocketlm.converter", prov["converter"])
+        w.add_string("pocketlm.converter_version", prov["converter_version"])
+        w.add_string("pocketlm.quant", prov["quant"])
+        w.add_array("pocketlm.source.files", list(src["files"]))
+        w.add_array("pocketlm.source.sha256", list(src["files"].values()))
 
     return add
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def convert(
@@ -58,38 +81,48 @@ def convert(
 ) -> ConversionSummary:
     """Convert the Hugging Face checkpoint folder `src` and return what was written.
 
-    `format` defaults to the architecture's native target (GGUF for BLOOM); `quant` to the
-    format's default (q4_k_m for GGUF). The output appears only once complete and verified.
+    `format` defaults to the architecture's native target (GGUF for BLOOM, CTranslate2 for
+    the T5 family); `quant` to the format's default (q4_k_m for GGUF, int8 for CTranslate2).
+    The output appears only once complete and verified.
     """
     started = time.perf_counter()
     src = Path(src)
     with Checkpoint(src) as ckpt:
         arch = resolve(ckpt.config, str(src / "config.json"))
-        fmt = (format or arch.default_format).lower()
+        fmt = FORMAT_NAMES.get((format or arch.default_format).lower(), (format or "").lower())
         if fmt not in arch.formats:
+            raise UnsupportedModelError(f"{arch.name} models convert to {', '.join(arch.formats)}, not {format}")
+        quant_name = (quant or DEFAULT_QUANTS[fmt]).lower()
+        if fmt == "ct2" and quant_name not in CT2_QUANT_TYPES:
             raise UnsupportedModelError(
-                f"{arch.name} models convert to {', '.join(arch.formats)}, not {fmt}"
+                f"unknown CTranslate2 quant type {quant_name!r}; choose one of: {', '.join(CT2_QUANT_TYPES)}"
             )
-        quant_name = (quant or DEFAULT_QUANT).lower()
-        qt = quant_type(quant_name)
+        if fmt == "gguf":
+            quant_type(quant_name)
         dest = Path(output) if output is not None else default_output(src, fmt, quant_name)
         plan = arch.formats[fmt](ckpt)  # validates every tensor before anything is written
-        metadata = _gguf_metadata(ckpt, quant_name, progress)
-        source_dtypes = {ckpt.info(s).dtype for t in plan.tensors for s in t.sources}
+        prov = provenance(ckpt, quant_name)
+        fallback_list: list[Fallback] = []
         with atomic_output(dest, force) as tmp:
-            types = convert_gguf(
-                plan, tmp, qt, metadata, ckpt.release, source_dtypes, progress, threads
-            )
-            size = tmp.stat().st_size
+            if fmt == "gguf":
+                qt = quant_type(quant_name)
+                source_dtypes = {ckpt.info(s).dtype for t in plan.tensors for s in t.sources}
+                found = convert_gguf(plan, tmp, qt, _gguf_metadata(prov), ckpt.release, source_dtypes, progress, threads)
+                types = describe_types(found)
+                fallback_list = fallbacks(plan, found, qt)
+            else:
+                source_dtype = lambda t: source_float_dtype({ckpt.info(s).dtype for s in t.sources})
+                types = write_ct2(plan, tmp, quant_name, source_dtype, ckpt.release, {**prov, "architecture": arch.name}, progress)
+            size = _size(tmp)
     return ConversionSummary(
         output=str(dest),
         format=fmt,
         quant=quant_name,
         architecture=arch.name,
-        tensors=len(types),
-        types=describe_types(types),
+        tensors=sum(types.values()),
+        types=types,
         size_bytes=size,
         seconds=time.perf_counter() - started,
-        fallbacks=fallbacks(plan, types, qt),
+        fallbacks=fallback_list,
         warnings=plan.warnings,
     )

@@ -53,6 +53,7 @@ class Architecture:
     hf_architectures: tuple[str, ...]
     formats: dict[str, Callable[..., Any]]  # format name -> plan builder
     default_format: str
+    model_types: tuple[str, ...] = ()  # config.json model_type values, when architectures is absent
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -74,7 +75,7 @@ def resolve(config: dict[str, Any], where: str) -> Architecture:
             return ARCHITECTURES[name]
     model_type = config.get("model_type")
     for arch in ARCHITECTURES.values():
-        if arch.name == model_type:
+        if model_type in arch.model_types:
             return arch
     found = ", ".join(map(str, names)) or (f"model_type {model_type!r}" if model_type else "none")
     supported = ", ".join(sorted(ARCHITECTURES))

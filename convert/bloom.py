@@ -132,4 +132,5 @@ BLOOM = register(Architecture(
     hf_architectures=("BloomForCausalLM", "BloomModel"),
     formats={"gguf": plan_gguf},
     default_format="gguf",
+    model_types=("bloom",),
 ))

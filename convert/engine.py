@@ -1,4 +1,4 @@
-"""llama.cpp, loaded once through llama-cpp-python, with its C logging tamed.
+"""The engines, imported on first use: llama.cpp (its C logging tamed) and CTranslate2.
 
 llama.cpp prints a page of log lines for every model load and quantization. Here they go to
 Python logging at DEBUG (visible with `pocketlm -v`) and the last lines are kept, so an
@@ -16,7 +16,7 @@ import sys
 import tempfile
 from typing import Any, Iterator
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, PocketLMError
 
 log = logging.getLogger("pocketlm.llama_cpp")
 
@@ -81,3 +81,39 @@ def quiet_c_output() -> Iterator[None]:
                 if line.strip():
                     _recent.append(line)
                     log.debug(line)
+
+
+class _Hidden:
+    """A meta-path finder that makes some top-level packages look uninstalled."""
+
+    def __init__(self, names: set[str]):
+        self.names = names
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by PocketLM)", name=name)
+        return None
+
+
+def ctranslate2(specs: bool = False) -> Any:
+    """The `ctranslate2` module (with `ctranslate2.specs` loaded if asked).
+
+    `ctranslate2.specs` imports torch when it can, only for conversions PocketLM does not
+    use; torch is hidden while it loads, so PocketLM never imports torch.
+    """
+    try:
+        import ctranslate2 as module
+    except ImportError as e:
+        raise ModelLoadError(f"CTranslate2 engine unavailable ({e}); install it with: pip install ctranslate2") from None
+    if specs and "ctranslate2.specs" not in sys.modules:
+        hidden = None if "torch" in sys.modules else _Hidden({"torch"})
+        if hidden:
+            sys.meta_path.insert(0, hidden)
+        try:
+            import ctranslate2.specs  # noqa: F401
+        except ImportError as e:
+            raise PocketLMError(f"ctranslate2.specs could not be imported: {e}") from None
+        finally:
+            if hidden:
+                sys.meta_path.remove(hidden)
+    return module

@@ -121,3 +121,81 @@ def add_no_vocab(writer: gguf.GGUFWriter, vocab_size: int, config: dict[str, Any
     writer.add_tokenizer_model("none")
     writer.add_vocab_size(vocab_size)
     add_special_ids(writer, special_ids(config, vocab_size))
+
+
+@dataclass
+class TokenList:
+    """A vocabulary as one unique string per id, and the tokenizer file it came from."""
+
+    tokens: list[str]
+    file: Path | None
+    unk: int | None
+    warnings: list[str]
+
+
+def _placeholders(tokens: list[str | None]) -> list[str]:
+    """Fill unused ids with unique names (CTranslate2 maps tokens by string)."""
+    taken = {t for t in tokens if t is not None}
+    out = []
+    for i, tok in enumerate(tokens):
+        if tok is None:
+            tok = f"<unused_{i}>"
+            while tok in taken:
+                tok = "_" + tok
+            taken.add(tok)
+        out.append(tok)
+    return out
+
+
+def _spm_pieces(path: Path) -> list[str]:
+    try:
+        import sentencepiece
+    except ImportError:
+        raise UnsupportedModelError(f"{path}: reading spiece.model needs: pip install sentencepiece") from None
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError variants
+        raise UnsupportedModelError(f"{path}: not a SentencePiece model ({e})") from None
+    return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+
+
+T5_EXTRA_IDS = 100
+
+
+def t5_vocabulary(folder: Path, vocab_size: int, special: dict[str, int]) -> TokenList:
+    """T5-family ids -> token strings from tokenizer.json (preferred) or spiece.model.
+
+    With spiece.model only, the 100 sentinel tokens follow the pieces in reverse order
+    (<extra_id_0> is the last), as Hugging Face's T5 tokenizer numbers them.
+    """
+    tokens: list[str | None] = [None] * vocab_size
+    warnings: list[str] = []
+    unk = None
+    tokenizer_json, spiece = folder / "tokenizer.json", folder / "spiece.model"
+    if tokenizer_json.is_file():
+        data = read_json(tokenizer_json)
+        model = data.get("model") or {}
+        if model.get("type") != "Unigram":
+            raise UnsupportedModelError(f"{tokenizer_json}: expected a Unigram (SentencePiece) tokenizer, found {model.get('type')!r}")
+        entries = [(i, piece) for i, (piece, _score) in enumerate(model.get("vocab") or [])]
+        entries += [(a["id"], a["content"]) for a in data.get("added_tokens") or []]
+        unk = model.get("unk_id")
+        source: Path | None = tokenizer_json
+    elif spiece.is_file():
+        pieces = _spm_pieces(spiece)
+        n_extra = max(0, min(T5_EXTRA_IDS, vocab_size - len(pieces)))
+        entries = list(enumerate(pieces))
+        entries += [(len(pieces) + j, f"<extra_id_{n_extra - 1 - j}>") for j in range(n_extra)]
+        unk = pieces.index("<unk>") if "<unk>" in pieces else None
+        source = spiece
+    else:
+        warnings.append(f"{folder}: no tokenizer.json or spiece.model; the model will run on token ids only")
+        entries = [(special.get("pad", 0), "<pad>"), (special.get("eos", 1), "</s>"), (2, "<unk>")]
+        source = None
+    for i, tok in entries:
+        if not 0 <= i < vocab_size:
+            raise UnsupportedModelError(f"{source or folder}: token id {i} is outside the embedding ({vocab_size} rows)")
+        tokens[i] = tok
+    if len({t for t in tokens if t is not None}) != sum(t is not None for t in tokens):
+        raise UnsupportedModelError(f"{source}: duplicate token strings; ids would be ambiguous")
+    return TokenList(_placeholders(tokens), source, unk, warnings)

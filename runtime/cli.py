@@ -38,6 +38,7 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "metal", "cuda"], help="where to run (default: best available)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     g.add_argument("--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: model's, at most 2048)")
+    g.add_argument("--compute-type", default=None, help="CTranslate2 compute type (default: chosen for the machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,16 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "convert", help="convert a Hugging Face checkpoint folder",
         description="Convert a Hugging Face checkpoint folder (safetensors or pytorch_model.bin, "
-        "single or sharded) into a model PocketLM runs. BLOOM/BLOOMZ become GGUF.",
-        epilog="quant types (GGUF): f32 f16 bf16 q8_0 are written directly; q4_0 q4_1 q5_0 q5_1 "
-        "q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k go through llama.cpp's "
-        "quantizer. Tensors whose rows do not fit a type's block keep a wider type (listed "
-        "in the summary).",
+        "single or sharded) into a model PocketLM runs: BLOOM/BLOOMZ become a GGUF file; "
+        "T5, Flan-T5, mT5/mT0 and T0 a CTranslate2 model folder.",
+        epilog="quant types\n"
+        "  GGUF:        f32 f16 bf16 q8_0 (written directly); q4_0 q4_1 q5_0 q5_1 q2_k q3_k_s\n"
+        "               q3_k_m q3_k_l q4_k_s q4_k_m (default) q5_k_s q5_k_m q6_k (llama.cpp's\n"
+        "               quantizer). Tensors whose rows do not fit a type's block keep a wider\n"
+        "               type; the summary lists them.\n"
+        "  CTranslate2: int8 (default) int8_float32 int8_float16 int8_bfloat16 int16 float16\n"
+        "               bfloat16 float32",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", help="checkpoint folder (with config.json)")
-    p.add_argument("-o", "--output", help="output file (default: ./<folder>-<quant>.gguf)")
-    p.add_argument("-q", "--quant", default=None, help="quant type (default q4_k_m)")
-    p.add_argument("--format", default=None, choices=["gguf"], help="output format (default: the architecture's)")
+    p.add_argument("-o", "--output", help="output file or folder (default: ./<folder>-<quant>.gguf or ./<folder>-ct2-<quant>)")
+    p.add_argument("-q", "--quant", default=None, help="quant type (default: q4_k_m for GGUF, int8 for CTranslate2)")
+    p.add_argument("--format", default=None, choices=["gguf", "ct2"], help="output format (default: GGUF for BLOOM, ct2 for the T5 family)")
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -82,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="generate text from a prompt",
         description="Complete a prompt with a converted model, streaming the answer.",
     )
-    p.add_argument("model", help="GGUF file")
+    p.add_argument("model", help="GGUF file or CTranslate2 model folder")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text; '-' or omitted reads stdin")
     p.add_argument("--ids", default=None, help="comma-separated token ids instead of a text prompt")
     p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
@@ -95,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show a model's architecture, quantization, provenance (source repo, "
         "converter, sha256 of source files) and the backend/device PocketLM would choose.",
     )
-    p.add_argument("model", help="GGUF file")
+    p.add_argument("model", help="GGUF file or CTranslate2 model folder")
     p.add_argument("--json", action="store_true", help="print as JSON")
     _add_load_options(p)
     return parser
@@ -145,7 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
     )
-    with runtime.load(args.model, device=args.device, threads=args.threads, n_ctx=args.ctx) as model:
+    options = {"compute_type": args.compute_type} if args.compute_type else {}
+    with runtime.load(args.model, device=args.device, threads=args.threads, n_ctx=args.ctx, **options) as model:
         if args.json or args.no_stream:
             result = model.generate(prompt, **gen)
             if args.json:

@@ -11,7 +11,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -64,6 +64,23 @@ class StreamEvent:
     text: str
 
 
+class Detokenizer(Protocol):
+    """Incremental decoding: the bytes each new token adds, and what is held at the end."""
+
+    def push(self, token: int) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+class BytePieces:
+    """Tokenizers whose tokens are byte strings (byte-level BPE): pieces just concatenate."""
+
+    def __init__(self, piece: Callable[[int], bytes]):
+        self.push = piece
+
+    def flush(self) -> bytes:
+        return b""
+
+
 class Model(ABC):
     """A loaded model. Use `runtime.load()` to get one; close it (or use `with`) when done."""
 
@@ -72,7 +89,7 @@ class Model(ABC):
     def __init__(self) -> None:
         self._lock = threading.Lock()
 
-    # -- primitives a backend provides -------------------------------------------------
+    # -- what a backend provides --------------------------------------------------------
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text`, as the Hugging Face tokenizer gives them."""
@@ -82,24 +99,24 @@ class Model(ABC):
         """Text of token ids (special tokens omitted)."""
 
     @abstractmethod
-    def logits(self, input_ids: Sequence[int]) -> np.ndarray:
-        """float32 [len(input_ids), vocab]: next-token logits at every position."""
+    def _generate_ids(self, ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+        """Yield generated token ids (an end-of-sequence token last, when produced)."""
 
     @abstractmethod
-    def _token_bytes(self, token: int) -> bytes:
-        """The bytes a generated token contributes to the text."""
+    def _detokenizer(self) -> Detokenizer:
+        """A fresh incremental decoder for one generation."""
 
     @abstractmethod
     def _is_end(self, token: int) -> bool:
         """Whether a token ends the sequence."""
 
     @abstractmethod
-    def _prefill(self, ids: list[int]) -> np.ndarray:
-        """Evaluate a prompt; return the logits for the token after it."""
+    def _continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
+        """Logits rows predicting each continuation token after the context."""
 
-    @abstractmethod
-    def _step(self, token: int) -> np.ndarray:
-        """Append one token; return the logits for the next one."""
+    def _budget(self, n_prompt: int, max_new_tokens: int) -> int:
+        """How many tokens may be generated after a prompt of n_prompt tokens."""
+        return min(max_new_tokens, self.info.n_ctx - n_prompt)
 
     def close(self) -> None:
         """Free the engine's memory. The model cannot be used afterwards."""
@@ -107,7 +124,7 @@ class Model(ABC):
     # -- shared API ---------------------------------------------------------------------
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
+        if not ids or (isinstance(prompt, str) and not prompt):
             raise GenerationError("the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
         if bad:
@@ -132,40 +149,44 @@ class Model(ABC):
         _result: GenerationResult | None = None,
     ) -> Iterator[StreamEvent]:
         """Generate token by token, yielding each token with the text it releases."""
-        if max_new_tokens < 0:
-            raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
         ids = self._prompt_ids(prompt)
         result = _result or GenerationResult("", [], "length", len(ids))
         result.prompt_tokens = len(ids)
-        sampler = Sampler(params)
-        text = TextStream(stops)
         started = time.perf_counter()
         with self._lock:
-            seen = list(ids)
-            budget = min(max_new_tokens, self.info.n_ctx - len(ids))
-            logits = self._prefill(ids) if budget > 0 else None
-            for i in range(budget):
-                token = sampler(logits, seen)
-                result.token_ids.append(token)
-                if i == 0:
-                    result.first_token_seconds = time.perf_counter() - started
-                if self._is_end(token):
-                    result.finish_reason = "stop"
-                    break
-                yield StreamEvent(token, text.push(self._token_bytes(token)))
-                if text.stopped:
-                    result.finish_reason = "stop"
-                    break
-                seen.append(token)
-                if i + 1 < budget:
-                    logits = self._step(token)
-            tail = text.finish()
-            if tail:
-                yield StreamEvent(None, tail)
-        result.text = text.released
+            budget = self._budget(len(ids), max_new_tokens)
+            tokens = self._generate_ids(ids, params, budget) if budget > 0 else iter(())
+            try:
+                yield from self._render(tokens, stop, result, started)
+            finally:
+                close = getattr(tokens, "close", None)
+                if close:
+                    close()
         result.seconds = time.perf_counter() - started
+
+    def _render(
+        self, tokens: Iterable[int], stop: str | Sequence[str] | None, result: GenerationResult, started: float,
+    ) -> Iterator[StreamEvent]:
+        """Turn generated ids into text events: end tokens, stop strings, UTF-8 safety."""
+        text = TextStream([stop] if isinstance(stop, str) else list(stop or []))
+        detok = self._detokenizer()
+        for token in tokens:
+            result.token_ids.append(token)
+            if len(result.token_ids) == 1:
+                result.first_token_seconds = time.perf_counter() - started
+            if self._is_end(token):
+                result.finish_reason = "stop"
+                break
+            yield StreamEvent(token, text.push(detok.push(token)))
+            if text.stopped:
+                result.finish_reason = "stop"
+                break
+        text.push(detok.flush())
+        tail = text.finish()
+        if tail:
+            yield StreamEvent(None, tail)
+        result.text = text.released
 
     def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[str]:
         """Yield text increments; they never split a character and join to `generate().text`."""
@@ -173,27 +194,37 @@ class Model(ABC):
             if event.text:
                 yield event.text
 
-    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
-        """Complete `prompt`. Keyword arguments: max_new_tokens=64, temperature=0.0 (greedy),
-        top_k=0, top_p=1.0, repetition_penalty=1.0, stop=None, seed=None."""
+    def generate(self, prompt: str | Sequence[int] | Sequence[str | Sequence[int]], **kwargs: Any) -> Any:
+        """Complete `prompt` (a string or token ids), or each prompt of a list of them.
+
+        Keyword arguments: max_new_tokens=64, temperature=0.0 (greedy), top_k=0, top_p=1.0,
+        repetition_penalty=1.0, stop=None, seed=None. Returns a GenerationResult, or a list
+        of them for a list of prompts."""
+        if _is_batch(prompt):
+            return self.generate_batch(list(prompt), **kwargs)
         result = GenerationResult("", [], "length", 0)
-        for _ in self.stream_tokens(prompt, _result=result, **kwargs):
+        for _ in self.stream_tokens(prompt, _result=result, **kwargs):  # type: ignore[arg-type]
             pass
         return result
 
+    def generate_batch(self, prompts: list[str | Sequence[int]], **kwargs: Any) -> list[GenerationResult]:
+        """Complete several prompts; engines that batch (CTranslate2) run them together."""
+        return [self.generate(p, **kwargs) for p in prompts]
+
     def score(self, prompt: str | Sequence[int], candidates: Sequence[str | Sequence[int]]) -> list[float]:
-        """Log-likelihood of each candidate continuing `prompt` (zero-shot choice tasks)."""
+        """Log-likelihood of each candidate answer to `prompt` (zero-shot choice tasks).
+
+        Text candidates are tokenized as the model's tokenizer does (for T5 models that
+        includes the closing </s>, as the T0 evaluation scores it)."""
         context = self._prompt_ids(prompt)
         scores = []
         for cand in candidates:
             cont = self.tokenize(cand) if isinstance(cand, str) else [int(t) for t in cand]
             if not cont:
                 raise GenerationError("a candidate is empty")
-            full = context + cont
-            if len(full) > self.info.n_ctx:
-                raise GenerationError(f"prompt + candidate ({len(full)} tokens) exceed the context")
-            logits = self.logits(full)[len(context) - 1 : -1].astype(np.float64)
-            logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+            logits = self._continuation_logits(context, cont).astype(np.float64)
+            top = logits.max(-1, keepdims=True)
+            logz = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
             scores.append(float(np.sum(logits[np.arange(len(cont)), cont] - logz)))
         return scores
 
@@ -206,3 +237,36 @@ class Model(ABC):
     def __repr__(self) -> str:
         i = self.info
         return f"<Model {i.architecture} {i.quant} on {i.backend}/{i.device}: {i.path}>"
+
+
+def _is_batch(prompt: Any) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], (str, list, tuple))
+
+
+def _params(max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None) -> SamplingParams:
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    return SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+
+
+class StepModel(Model):
+    """A model whose engine evaluates one step at a time: PocketLM samples each token itself."""
+
+    @abstractmethod
+    def _prefill(self, ids: list[int]) -> np.ndarray:
+        """Evaluate a prompt; return the logits for the token after it."""
+
+    @abstractmethod
+    def _step(self, token: int) -> np.ndarray:
+        """Append one token; return the logits for the next one."""
+
+    def _generate_ids(self, ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+        sampler = Sampler(params)
+        seen = list(ids)
+        logits = self._prefill(ids)
+        for i in range(max_new):
+            token = sampler(logits, seen)
+            yield token
+            seen.append(token)
+            if i + 1 < max_new and not self._is_end(token):
+                logits = self._step(token)

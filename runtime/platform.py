@@ -27,6 +27,8 @@ class PlatformFacts:
     usable_cpus: int  # CPUs this process may run on (affinity, containers)
     ram_bytes: int | None
     llama_gpu: str | None = None  # GPU backend compiled into llama.cpp: metal, cuda, ... or None
+    ct2_cuda_devices: int = 0  # CUDA devices CTranslate2 can use
+    ct2_cpu_compute: frozenset[str] = frozenset({"int8", "int8_float32", "float32"})  # what its CPU build computes
 
 
 @dataclass
@@ -35,23 +37,55 @@ class Choice:
     device: str
     threads: int
     n_gpu_layers: int = 0
+    compute_type: str | None = None
     reasons: list[str] = field(default_factory=list)
 
 
-def choose(model_format: str, facts: PlatformFacts, device: str = "auto", threads: int | None = None) -> Choice:
-    """Backend, device and thread count for a model format on a machine, with the reasons."""
+def choose(
+    model_format: str, facts: PlatformFacts, device: str = "auto", threads: int | None = None, quant: str | None = None,
+) -> Choice:
+    """Backend, device, threads (and compute type) for a model on a machine, with the reasons."""
     device = (device or "auto").lower()
     if device not in DEVICES:
         raise ModelLoadError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
-    if model_format != "gguf":
-        raise ModelLoadError(f"no backend runs {model_format!r} models yet")
-    reasons = []
     n_threads = threads or max(1, min(facts.physical_cores, facts.usable_cpus))
-    reasons.append(
+    reasons = [
         f"{n_threads} threads (given)" if threads
         else f"{n_threads} threads: one per physical core ({facts.physical_cores} physical, "
         f"{facts.usable_cpus} usable CPUs)"
-    )
+    ]
+    if model_format == "gguf":
+        return _choose_llama(facts, device, n_threads, reasons)
+    if model_format == "ct2":
+        return _choose_ct2(facts, device, n_threads, quant or "", reasons)
+    raise ModelLoadError(f"no backend runs {model_format!r} models")
+
+
+def _choose_ct2(facts: PlatformFacts, device: str, threads: int, quant: str, reasons: list[str]) -> Choice:
+    if device == "metal":
+        raise ModelLoadError("CTranslate2 has no Metal backend; convert the model to GGUF to use the Mac's GPU")
+    if device == "cuda" and not facts.ct2_cuda_devices:
+        raise ModelLoadError("device 'cuda' requested but CTranslate2 sees no CUDA device")
+    if device == "auto":
+        device = "cuda" if facts.ct2_cuda_devices else "cpu"
+        reasons.append(f"CTranslate2 sees {facts.ct2_cuda_devices} CUDA device(s): {device}")
+    else:
+        reasons.append(f"device {device} (given)")
+    int8 = quant.startswith("int8")
+    if device == "cuda":  # T5 overflows in float16 on GPU (a known CTranslate2 issue): bfloat16
+        compute = "int8_bfloat16" if int8 else "bfloat16"
+        reasons.append(f"compute {compute}: T5 activations overflow float16")
+    else:
+        wanted = "int8" if int8 else "int16" if quant == "int16" else "float32"
+        compute = wanted if wanted in facts.ct2_cpu_compute else "float32"
+        reasons.append(
+            f"compute {compute} on CPU for a {quant or 'unknown'} model"
+            + (f" ({wanted} is not supported by this CPU build)" if compute != wanted else "")
+        )
+    return Choice("ctranslate2", device, threads, 0, compute, reasons)
+
+
+def _choose_llama(facts: PlatformFacts, device: str, n_threads: int, reasons: list[str]) -> Choice:
     gpu = facts.llama_gpu
     apple_silicon = facts.system == "Darwin" and facts.machine in ("arm64", "aarch64")
     if device == "auto":
@@ -79,7 +113,7 @@ def choose(model_format: str, facts: PlatformFacts, device: str = "auto", thread
         reasons.append(f"device {device} (given)")
     else:
         reasons.append("device cpu (given)")
-    return Choice("llama.cpp", device, n_threads, -1 if device != "cpu" else 0, reasons)
+    return Choice("llama.cpp", device, n_threads, -1 if device != "cpu" else 0, None, reasons)
 
 
 def _physical_cores() -> int:
@@ -144,7 +178,17 @@ def detect_facts() -> PlatformFacts:
         )
     except ModelLoadError:
         pass
+    cuda, cpu_compute = 0, frozenset({"float32"})
+    try:
+        from convert import engine
+
+        ct2 = engine.ctranslate2()
+        cuda = int(ct2.get_cuda_device_count())
+        cpu_compute = frozenset(ct2.get_supported_compute_types("cpu"))
+    except (ModelLoadError, RuntimeError):
+        pass
     return PlatformFacts(
         system=_platform.system(), machine=_platform.machine(), physical_cores=_physical_cores(),
-        usable_cpus=usable, ram_bytes=_ram_bytes(), llama_gpu=gpu,
+        usable_cpus=usable, ram_bytes=_ram_bytes(), llama_gpu=gpu, ct2_cuda_devices=cuda,
+        ct2_cpu_compute=cpu_compute,
     )

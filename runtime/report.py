@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from convert.errors import ModelLoadError, PocketLMError
 from convert.gguf_file import read_header
 
 from .loader import detect_format
@@ -39,14 +40,41 @@ def _gguf_report(path: Path) -> dict[str, Any]:
     }
 
 
+def _ct2_report(folder: Path) -> dict[str, Any]:
+    from convert.ct2_target import read_model_bin
+
+    from .backends.ctranslate2 import read_folder_metadata
+
+    meta = read_folder_metadata(folder)
+    try:
+        variables, aliases = read_model_bin(folder / "model.bin")
+    except PocketLMError as e:
+        raise ModelLoadError(str(e)) from None
+    types = Counter(dtype for dtype, _ in variables.values())
+    source = meta.get("source") or {}
+    return {
+        "architecture": meta.get("architecture", "unknown"),
+        "quant": meta.get("quant"),
+        "parameters": sum(math.prod(shape) for name, (_, shape) in variables.items() if not name.endswith("_scale")),
+        "tensors": len(variables),
+        "tensor_types": dict(types.most_common()),
+        "context_length": None,
+        "tokenizer": meta.get("tokenizer") or "none",
+        "converter": {"name": meta.get("converter"), "version": meta.get("converter_version")},
+        "source": {"repo": source.get("repo"), "revision": source.get("revision"), "files": source.get("files", {})},
+        "metadata": {**meta, "aliases": len(aliases)},
+    }
+
+
 def model_report(path: Path, device: str = "auto", threads: int | None = None) -> dict[str, Any]:
     fmt = detect_format(path)
-    report: dict[str, Any] = {"path": str(path), "format": fmt, "size_bytes": path.stat().st_size}
-    report.update(_gguf_report(path))
-    choice = choose(fmt, detect_facts(), device, threads)
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
+    report: dict[str, Any] = {"path": str(path), "format": fmt, "size_bytes": size}
+    report.update(_gguf_report(path) if fmt == "gguf" else _ct2_report(path))
+    choice = choose(fmt, detect_facts(), device, threads, quant=report["quant"])
     report["would_run_on"] = {
         "backend": choice.backend, "device": choice.device, "threads": choice.threads,
-        "reasons": choice.reasons,
+        "compute_type": choice.compute_type, "reasons": choice.reasons,
     }
     return report
 
@@ -58,7 +86,7 @@ def describe(r: dict[str, Any]) -> str:
         f"  format        {r['format']} ({r['size_bytes'] / 2**20:.1f} MiB)",
         f"  architecture  {r['architecture']}, {r['parameters'] / 1e6:.1f}M parameters, {r['tensors']} tensors",
         f"  quant         {r['quant'] or '?'} ({', '.join(f'{n} {t}' for t, n in r['tensor_types'].items())})",
-        f"  context       {r['context_length']}",
+        f"  context       {r['context_length'] or 'not fixed (relative positions)'}",
         f"  tokenizer     {r['tokenizer']}",
     ]
     conv = r["converter"]
@@ -69,6 +97,7 @@ def describe(r: dict[str, Any]) -> str:
         lines.append(f"  source        {src['repo']}" + (f"@{src['revision']}" if src["revision"] else ""))
     for name, digest in src["files"].items():
         lines.append(f"    sha256 {digest}  {name}")
-    lines.append(f"  would run on  {run['backend']} / {run['device']}, {run['threads']} threads")
+    compute = f", compute {run['compute_type']}" if run.get("compute_type") else ""
+    lines.append(f"  would run on  {run['backend']} / {run['device']}, {run['threads']} threads{compute}")
     lines += [f"    - {reason}" for reason in run["reasons"]]
     return "\n".join(lines)

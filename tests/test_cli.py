@@ -146,3 +146,24 @@ def test_main_job_uses_bloomz_from_the_hf_cache(tmp_path):
     assert "answer: " in first.stdout and "q4_k_m" in first.stdout
     second = run()
     assert "reusing" in second.stdout and second.returncode == 0
+
+
+def test_t5_convert_run_info(tmp_path):
+    from reference import make_t5, make_t5_tokenizer
+    from test_t5_tokenizer import CORPUS
+
+    tok = make_t5_tokenizer(tmp_path / "spm", CORPUS, pieces=180)
+    make_t5(tmp_path / "hf", vocab=300, tokenizer_files={"tokenizer.json": tok["tokenizer.json"]})
+    out = tmp_path / "t5-ct2"
+    proc = pocketlm("convert", tmp_path / "hf", "-o", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["format"], summary["quant"], summary["architecture"]) == ("ct2", "int8", "t5")
+    info = json.loads(pocketlm("info", out, "--json").stdout)
+    assert info["format"] == "ct2" and info["tokenizer"] == "tokenizer.json" and info["quant"] == "int8"
+    assert info["would_run_on"]["backend"] == "ctranslate2" and info["would_run_on"]["compute_type"] == "int8"
+    assert info["source"]["files"]["config.json"] == hashlib.sha256((tmp_path / "hf" / "config.json").read_bytes()).hexdigest()
+    run = pocketlm("run", out, "Translate to English: Je t'aime.", "-n", "8", "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["prompt_tokens"] > 1
+    _one_line_error(pocketlm("convert", tmp_path / "hf", "-o", tmp_path / "x", "--quant", "q4_k_m"), "unknown CTranslate2 quant type")

@@ -71,3 +71,33 @@ def test_cli_and_main_job_without_torch(tmp_path):
     proc = _run(code, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[synthetic] answer:" in proc.stdout
+
+
+def test_t5_ct2_path_never_imports_torch_even_when_installed(tmp_path):
+    """No import blocker here: torch and transformers are importable, and must stay unimported."""
+    from reference import make_t5, make_t5_tokenizer
+    from test_t5_tokenizer import CORPUS
+
+    tok = make_t5_tokenizer(tmp_path / "spm", CORPUS, pieces=180)
+    make_t5(tmp_path / "hf", vocab=300, tokenizer_files={"tokenizer.json": tok["tokenizer.json"]})
+    code = f"""
+    import sys
+    from pathlib import Path
+    from convert import convert
+    from convert.synthetic import build_random_bloom
+    import runtime
+
+    root = Path({str(tmp_path)!r})
+    for quant in ("int8", "float32"):
+        summary = convert(root / "hf", root / f"ct2-{{quant}}", quant=quant)
+        with runtime.load(summary.output) as model:
+            assert model.generate("Translate to English: Je t'aime.", max_new_tokens=5).token_ids
+            assert model.score("Is it good?", ["yes", "no"])
+    bloom = build_random_bloom(root / "bloom", hidden=64, n_layer=1, n_head=4, vocab_size=512)
+    with runtime.load(convert(bloom, root / "b.gguf", quant="q8_0").output) as model:
+        model.generate("Bonjour.", max_new_tokens=3)
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+    assert not leaked, leaked
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]

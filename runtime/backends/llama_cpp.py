@@ -18,7 +18,7 @@ import numpy as np
 from convert import engine
 from convert.errors import GenerationError, ModelLoadError
 
-from ..model import Model, ModelInfo
+from ..model import BytePieces, ModelInfo, StepModel
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ FILE_TYPE_NAMES = {
 }
 
 
-class LlamaCppModel(Model):
+class LlamaCppModel(StepModel):
     """A causal (decoder-only) GGUF model such as BLOOMZ."""
 
     def __init__(
@@ -137,6 +137,15 @@ class LlamaCppModel(Model):
             self._piece_buf = ctypes.create_string_buffer(-n)
             n = self._llama.llama_token_to_piece(self._vocab, token, self._piece_buf, -n, 0, False)
         return self._piece_buf.raw[:n]
+
+    def _detokenizer(self) -> BytePieces:
+        return BytePieces(self._token_bytes)  # TextStream reassembles split UTF-8
+
+    def _continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
+        full = context + continuation
+        if len(full) > self.info.n_ctx:
+            raise GenerationError(f"prompt + candidate ({len(full)} tokens) exceed the context of {self.info.n_ctx}")
+        return self.logits(full)[len(context) - 1 : -1]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         self._require_vocab()

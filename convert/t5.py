@@ -1,0 +1,249 @@
+"""T5, Flan-T5, mT5/mT0 and T0 (T5/MT5ForConditionalGeneration) -> CTranslate2.
+
+The model is described with `ctranslate2.specs` (a pre-norm, RMS-norm Transformer with
+relative attention bias); every weight slot of that spec is filled, per the table below,
+with a lazy `TensorPlan` that reads the Hugging Face tensors only when the writer streams it.
+
+The output head has three meanings across transformers versions (see
+../shared/model_configs/README.md): `scale_decoder_outputs` decides the d_model**-0.5
+scaling when present, else scaling follows `tie_word_embeddings` (never for mT5); the head is
+`lm_head.weight` when the file has it, else the shared embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import engine
+from .architectures import Architecture, TensorPlan, check_all_used, config_int, expect, register
+from .checkpoint import Checkpoint
+from .ct2_target import CT2Plan
+from .errors import UnsupportedModelError
+from .vocab import t5_vocabulary
+
+# CTranslate2 slot (under encoder/layer_{i} or decoder/layer_{i}) -> HF tensors (under
+# encoder.block.{i}. or decoder.block.{i}.), rows concatenated when several (fused q|k|v).
+ATTN = "layer.0.SelfAttention"
+ENCODER_LAYER = {
+    "self_attention/layer_norm/gamma": ["layer.0.layer_norm.weight"],
+    "self_attention/linear_0/weight": [f"{ATTN}.q.weight", f"{ATTN}.k.weight", f"{ATTN}.v.weight"],
+    "self_attention/linear_1/weight": [f"{ATTN}.o.weight"],
+    "ffn/layer_norm/gamma": ["layer.1.layer_norm.weight"],
+    "ffn/linear_1/weight": ["layer.1.DenseReluDense.wo.weight"],
+}
+CROSS = "layer.1.EncDecAttention"
+DECODER_LAYER = {
+    "self_attention/layer_norm/gamma": ["layer.0.layer_norm.weight"],
+    "self_attention/linear_0/weight": [f"{ATTN}.q.weight", f"{ATTN}.k.weight", f"{ATTN}.v.weight"],
+    "self_attention/linear_1/weight": [f"{ATTN}.o.weight"],
+    "attention/layer_norm/gamma": ["layer.1.layer_norm.weight"],
+    "attention/linear_0/weight": [f"{CROSS}.q.weight"],
+    "attention/linear_1/weight": [f"{CROSS}.k.weight", f"{CROSS}.v.weight"],
+    "attention/linear_2/weight": [f"{CROSS}.o.weight"],
+    "ffn/layer_norm/gamma": ["layer.2.layer_norm.weight"],
+    "ffn/linear_1/weight": ["layer.2.DenseReluDense.wo.weight"],
+}
+FFN_IN = {  # by gating: slot -> HF name, relative to the FFN sub-layer
+    False: {"ffn/linear_0/weight": "DenseReluDense.wi.weight"},
+    True: {"ffn/linear_0/weight": "DenseReluDense.wi_0.weight", "ffn/linear_0_noact/weight": "DenseReluDense.wi_1.weight"},
+}
+REL_BIAS = f"{ATTN}.relative_attention_bias.weight"
+ACTIVATIONS = {"relu": "RELU", "gelu_new": "GELUTanh", "gelu": "GELUTanh", "gelu_fast": "GELUTanh",
+               "gelu_pytorch_tanh": "GELUTanh", "silu": "SWISH", "swish": "SWISH"}
+
+
+@dataclass(frozen=True)
+class T5Params:
+    d_model: int
+    d_kv: int
+    d_ff: int
+    n_heads: int
+    n_enc: int
+    n_dec: int
+    vocab: int
+    buckets: int
+    max_distance: int
+    eps: float
+    activation: str
+    gated: bool
+    scale_outputs: bool
+    decoder_start: int
+    eos: int
+    pad: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: str) -> "T5Params":
+        proj = str(config.get("feed_forward_proj", "relu"))
+        gated = proj.startswith("gated-")
+        act = config.get("dense_act_fn") or proj.split("-")[-1]
+        if act not in ACTIVATIONS:
+            raise UnsupportedModelError(f"{where}: unsupported T5 activation {act!r}")
+        if "scale_decoder_outputs" in config:
+            scale = bool(config["scale_decoder_outputs"])
+        elif config.get("model_type") == "mt5":
+            # mT5 was never released tied; transformers 5 forces tie_word_embeddings=true in
+            # the mT5 configs it saves yet never scales mT5 outputs.
+            scale = False
+        else:
+            scale = config.get("tie_word_embeddings", True) is not False
+        n_enc = config_int(config, where, "num_layers")
+        return cls(
+            d_model=config_int(config, where, "d_model"),
+            d_kv=config_int(config, where, "d_kv"),
+            d_ff=config_int(config, where, "d_ff"),
+            n_heads=config_int(config, where, "num_heads"),
+            n_enc=n_enc,
+            n_dec=config_int(config, where, "num_decoder_layers", default=n_enc),
+            vocab=config_int(config, where, "vocab_size"),
+            buckets=config_int(config, where, "relative_attention_num_buckets", default=32),
+            max_distance=config_int(config, where, "relative_attention_max_distance", default=128),
+            eps=float(config.get("layer_norm_epsilon", 1e-6)),
+            activation=act,
+            gated=bool(config.get("is_gated_act", gated)),
+            scale_outputs=scale,
+            decoder_start=config_int(config, where, "decoder_start_token_id", default=0),
+            eos=config_int(config, where, "eos_token_id", default=1),
+            pad=config_int(config, where, "pad_token_id", default=0),
+        )
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Expected shape of every HF tensor name suffix."""
+        inner, d = self.n_heads * self.d_kv, self.d_model
+        return {
+            "q": (inner, d), "k": (inner, d), "v": (inner, d), "o": (d, inner),
+            "wi": (self.d_ff, d), "wi_0": (self.d_ff, d), "wi_1": (self.d_ff, d), "wo": (d, self.d_ff),
+            "layer_norm": (d,), "relative_attention_bias": (self.buckets, self.n_heads),
+        }
+
+
+def _shape_of(hf_name: str, p: T5Params) -> tuple[int, ...]:
+    part = hf_name.split(".")[-2]
+    return p.shapes()[part]
+
+
+class _Loader:
+    """Makes (and remembers) one TensorPlan per distinct group of HF tensors."""
+
+    def __init__(self, ckpt: Checkpoint, p: T5Params):
+        self.ckpt, self.p = ckpt, p
+        self.plans: dict[tuple[str, ...], TensorPlan] = {}
+        self.used: set[str] = set()
+
+    def plan(self, target: str, names: list[str], shapes: list[tuple[int, ...]], scale: float | None = None) -> TensorPlan:
+        key = tuple(names)
+        if key in self.plans:
+            return self.plans[key]
+        for name, shape in zip(names, shapes):
+            expect(self.ckpt, name, shape)
+        self.used.update(names)
+        rows = sum(s[0] for s in shapes)
+        shape = (rows, *shapes[0][1:])
+        ckpt = self.ckpt
+        if len(names) == 1:
+            load = lambda: ckpt.get(names[0])
+        else:
+            load = lambda: np.concatenate([np.asarray(ckpt.get(n)) for n in names])
+        plan = TensorPlan(target, shape, load, key, scale)
+        self.plans[key] = plan
+        return plan
+
+
+def _embedding_name(ckpt: Checkpoint) -> str:
+    for name in ("shared.weight", "encoder.embed_tokens.weight"):
+        if name in ckpt:
+            return name
+    return "shared.weight"  # reported as missing by expect()
+
+
+def _head_is_embedding(ckpt: Checkpoint, emb: str) -> bool:
+    """Whether lm_head.weight is absent or a stored copy of the embedding (then: one tensor)."""
+    if "lm_head.weight" not in ckpt:
+        return True
+    a, b = ckpt.get(emb), ckpt.get("lm_head.weight")
+    if ckpt.info(emb).dtype != ckpt.info("lm_head.weight").dtype or a.shape != b.shape:
+        return False
+    step = 4096
+    return all(np.array_equal(np.asarray(a[i : i + step]), np.asarray(b[i : i + step])) for i in range(0, a.shape[0], step))
+
+
+def plan_ct2(ckpt: Checkpoint) -> CT2Plan:
+    where = str(ckpt.folder / "config.json")
+    p = T5Params.from_config(ckpt.config, where)
+    ct2 = engine.ctranslate2(specs=True)
+    specs = ct2.specs
+    spec = specs.TransformerSpec.from_config(
+        (p.n_enc, p.n_dec), p.n_heads, pre_norm=True,
+        activation=getattr(specs.common_spec.Activation, ACTIVATIONS[p.activation]),
+        ffn_glu=p.gated, relative_attention_bias=True, rms_norm=True,
+    )
+    loader = _Loader(ckpt, p)
+    emb_name = _embedding_name(ckpt)
+    embedding = loader.plan("embeddings", [emb_name], [(p.vocab, p.d_model)])
+    head = embedding if _head_is_embedding(ckpt, emb_name) else loader.plan("projection", ["lm_head.weight"], [(p.vocab, p.d_model)])
+
+    for stack, layers, table in (("encoder", p.n_enc, ENCODER_LAYER), ("decoder", p.n_dec, DECODER_LAYER)):
+        stack_spec = getattr(spec, stack)
+        stack_spec.scale_embeddings = False
+        stack_spec.layer_norm.gamma = loader.plan(f"{stack}/layer_norm", [f"{stack}.final_layer_norm.weight"], [(p.d_model,)])
+        emb_spec = stack_spec.embeddings[0] if isinstance(stack_spec.embeddings, list) else stack_spec.embeddings
+        emb_spec.weight = embedding
+        ffn_sub = "layer.1" if stack == "encoder" else "layer.2"
+        slots = dict(table)
+        slots.update({slot: [f"{ffn_sub}.{hf}"] for slot, hf in FFN_IN[p.gated].items()})
+        bias_name = f"{stack}.block.0.{REL_BIAS}"
+        rel_bias = loader.plan(f"{stack}/relative_attention_bias", [bias_name], [(p.buckets, p.n_heads)])
+        for i in range(layers):
+            layer = stack_spec.layer[i]
+            for slot, hf_names in slots.items():
+                names = [f"{stack}.block.{i}.{n}" for n in hf_names]
+                owner_path, attr = slot.rsplit("/", 1)
+                owner = specs.model_spec.index_spec(layer, owner_path)
+                setattr(owner, attr, loader.plan(f"{stack}/layer_{i}/{slot}", names, [_shape_of(n, p) for n in names]))
+            for attention in ("self_attention", "attention"):
+                if hasattr(layer, attention):
+                    getattr(layer, attention).queries_scale = 1.0
+            layer.self_attention.relative_attention_bias = rel_bias
+            layer.self_attention.relative_attention_max_distance = np.int32(p.max_distance)
+    spec.decoder.projection.weight = head
+    if p.scale_outputs:
+        spec.decoder.scale_outputs = p.d_model**-0.5
+
+    check_all_used(ckpt, loader.used, ignorable=lambda n: n in (
+        "lm_head.weight", "shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+    ) or n.endswith("EncDecAttention.relative_attention_bias.weight"))
+
+    vocab = t5_vocabulary(ckpt.folder, p.vocab, {"pad": p.pad, "eos": p.eos})
+    spec.register_source_vocabulary(vocab.tokens)
+    spec.register_target_vocabulary(vocab.tokens)
+    config = {
+        "bos_token": vocab.tokens[p.pad],
+        "eos_token": vocab.tokens[p.eos],
+        "unk_token": vocab.tokens[vocab.unk] if vocab.unk is not None else "<unk>",
+        "decoder_start_token": vocab.tokens[p.decoder_start],
+        "add_source_bos": False,
+        "add_source_eos": False,
+        "layer_norm_epsilon": p.eps,
+    }
+    runtime = {
+        "decoder_start_token_id": p.decoder_start, "eos_token_id": p.eos, "pad_token_id": p.pad,
+        "vocab_size": p.vocab, "tokenizer": vocab.file.name if vocab.file else None,
+        "relative_attention_max_distance": p.max_distance,
+    }
+    return CT2Plan(
+        spec=spec, vocabulary=vocab.tokens, config=config,
+        files={vocab.file.name: vocab.file} if vocab.file else {},
+        runtime=runtime, warnings=vocab.warnings,
+    )
+
+
+T5 = register(Architecture(
+    name="t5",
+    hf_architectures=("T5ForConditionalGeneration", "MT5ForConditionalGeneration"),
+    formats={"ct2": plan_ct2},
+    default_format="ct2",
+    model_types=("t5", "mt5"),
+))

@@ -1,0 +1,190 @@
+"""Encoder-decoder models (T5 family) on CTranslate2.
+
+CTranslate2 takes token strings; the converter wrote one unique string per id, so ids map
+to strings and back exactly. Decoding runs inside CTranslate2 (`generate_tokens` streams
+it); teacher-forced logits come from `translate_batch(..., return_logits_vocab=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from convert import engine
+from convert.errors import GenerationError, ModelLoadError
+
+from ..model import GenerationResult, Model, ModelInfo, _params
+from ..sampling import SamplingParams
+from ..tokenizer import IncrementalDecoder, load_tokenizer, require
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_INPUT = 1024
+MAX_DECODING = 1024
+
+
+def read_folder_metadata(folder: Path) -> dict[str, Any]:
+    """pocketlm.json when PocketLM made the folder; else what CTranslate2's config says."""
+    meta_path = folder / "pocketlm.json"
+    try:
+        if meta_path.is_file():
+            return json.loads(meta_path.read_text())
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{folder}: unreadable model metadata ({e})") from None
+    return {"format": "ctranslate2", "architecture": "unknown", "quant": "unknown", "ct2_config": config}
+
+
+class CT2Seq2SeqModel(Model):
+    def __init__(
+        self,
+        folder: Path,
+        device: str = "cpu",
+        threads: int = 1,
+        compute_type: str = "default",
+        n_ctx: int | None = None,
+        reasons: Sequence[str] = (),
+    ):
+        super().__init__()
+        ct2 = engine.ctranslate2()
+        self._ct2 = ct2
+        meta = read_folder_metadata(folder)
+        vocab_path = folder / "shared_vocabulary.json"
+        try:
+            self._vocab: list[str] = json.loads(vocab_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{vocab_path}: unreadable vocabulary ({e})") from None
+        self._index = {tok: i for i, tok in enumerate(self._vocab)}
+        config = meta.get("ct2_config") or {}
+        self._start = int(meta.get("decoder_start_token_id", self._index.get(config.get("decoder_start_token", "<pad>"), 0)))
+        self._eos = int(meta.get("eos_token_id", self._index.get(config.get("eos_token", "</s>"), 1)))
+        try:
+            self._translator = ct2.Translator(
+                str(folder), device=device, compute_type=compute_type, inter_threads=1, intra_threads=threads,
+            )
+        except (RuntimeError, ValueError) as e:
+            raise ModelLoadError(f"{folder}: CTranslate2 could not load this model: {e}") from None
+        self._tokenizer = load_tokenizer(folder, meta.get("tokenizer"), self._vocab, self._eos)
+        self.info = ModelInfo(
+            path=str(folder), format="ct2", backend="ctranslate2", device=device,
+            architecture=meta.get("architecture", "unknown"), quant=meta.get("quant", "unknown"),
+            n_ctx=n_ctx or DEFAULT_MAX_INPUT, vocab_size=len(self._vocab), threads=threads,
+            has_tokenizer=self._tokenizer is not None,
+            reasons=[*reasons, f"compute type {self._translator.compute_type}"],
+        )
+
+    # -- tokens ---------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return require(self._tokenizer, self.info.path).encode(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return require(self._tokenizer, self.info.path).decode(ids)
+
+    def _detokenizer(self) -> IncrementalDecoder | Any:
+        if self._tokenizer is None:
+            return _Silent()
+        return IncrementalDecoder(self._tokenizer)
+
+    def _is_end(self, token: int) -> bool:
+        return token == self._eos
+
+    def _strings(self, ids: Sequence[int]) -> list[str]:
+        return [self._vocab[i] for i in ids]
+
+    def _budget(self, n_prompt: int, max_new_tokens: int) -> int:
+        return min(max_new_tokens, MAX_DECODING)  # the decoder's length does not depend on the input's
+
+    # -- evaluation -----------------------------------------------------------------------
+    def logits(self, input_ids: Sequence[int], decoder_input_ids: Sequence[int] | None = None) -> np.ndarray:
+        """float32 [len(decoder_input_ids), vocab]: next-token logits at each decoder position.
+
+        `decoder_input_ids` starts with the decoder start token (default: just that token)."""
+        src = [int(t) for t in input_ids]
+        dec = [self._start] if decoder_input_ids is None else [int(t) for t in decoder_input_ids]
+        if not src or not dec or dec[0] != self._start:
+            raise GenerationError(f"decoder_input_ids must start with the decoder start token {self._start}")
+        with self._lock:
+            result = self._translator.translate_batch(
+                [self._strings(src)], target_prefix=[self._strings(dec[1:])], beam_size=1,
+                return_logits_vocab=True, max_decoding_length=len(dec), min_decoding_length=0,
+                max_input_length=0, return_scores=False,
+            )[0]
+        return np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in result.logits[0]])
+
+    def _continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
+        return self.logits(context, [self._start, *continuation])[: len(continuation)]
+
+    def _decoding_options(self, params: SamplingParams, max_new: int) -> dict[str, Any]:
+        if params.seed is not None:
+            self._ct2.set_random_seed(params.seed)
+        options: dict[str, Any] = dict(
+            max_decoding_length=max_new, max_input_length=0, repetition_penalty=params.repetition_penalty,
+        )
+        if params.greedy:
+            options.update(sampling_topk=1)
+        else:
+            options.update(sampling_topk=params.top_k, sampling_topp=params.top_p, sampling_temperature=params.temperature)
+        return options
+
+    def _generate_ids(self, ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+        options = self._decoding_options(params, max_new)
+        produced = 0
+        for step in self._translator.generate_tokens(self._strings(ids), min_decoding_length=0, **options):
+            produced += 1
+            yield step.token_id
+        if produced < max_new:  # stopped on end of sequence, which CTranslate2 does not yield
+            yield self._eos
+
+    def generate_batch(
+        self,
+        prompts: list[str | Sequence[int]],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> list[GenerationResult]:
+        """All prompts decoded together by CTranslate2 (one batch), same options as generate()."""
+        params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+        sources = [self._prompt_ids(p) for p in prompts]
+        started = time.perf_counter()
+        budget = self._budget(0, max_new_tokens)
+        with self._lock:
+            if budget <= 0:
+                outputs: list[list[int]] = [[] for _ in sources]
+            else:
+                options = self._decoding_options(params, budget)
+                batch = self._translator.translate_batch(
+                    [self._strings(ids) for ids in sources], beam_size=1, min_decoding_length=0,
+                    return_end_token=True, **options,
+                )
+                outputs = [[self._index[t] for t in r.hypotheses[0]] for r in batch]
+        seconds = time.perf_counter() - started
+        results = []
+        for ids, out in zip(sources, outputs):
+            result = GenerationResult("", [], "length", len(ids), seconds=seconds)
+            for _ in self._render(out, stop, result, started):
+                pass
+            results.append(result)
+        return results
+
+    def close(self) -> None:
+        translator = getattr(self, "_translator", None)
+        if translator is not None:
+            translator.unload_model()
+            self._translator = None
+
+
+class _Silent:
+    def push(self, token: int) -> bytes:
+        return b""
+
+    def flush(self) -> bytes:
+        return b""
