@@ -161,3 +161,22 @@ def test_default_format_is_ct2_int8_and_metadata_is_written(tmp_path):
     assert any("no tokenizer" in w for w in summary.warnings)
     vocab = json.loads((tmp_path / "out" / "shared_vocabulary.json").read_text())
     assert len(vocab) == len(set(vocab)) == 160
+
+
+def test_interrupted_ct2_conversion_leaves_nothing(tmp_path, monkeypatch):
+    import convert.ct2_target as ct2_target
+
+    make_t5(tmp_path / "hf", head="untied")
+    calls = {"n": 0}
+    real = ct2_target._int8_rows
+
+    def flaky(rows):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(rows)
+
+    monkeypatch.setattr(ct2_target, "_int8_rows", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tmp_path / "hf", tmp_path / "out", quant="int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
