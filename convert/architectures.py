@@ -65,8 +65,19 @@ def register(arch: Architecture) -> Architecture:
     return arch
 
 
+BUILTIN_MODULES = ("bloom", "t5")
+
+
+def _register_builtins() -> None:
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+
+
 def resolve(config: dict[str, Any], where: str) -> Architecture:
     """The registered architecture for a config, or an error listing what is supported."""
+    _register_builtins()
     names = config.get("architectures") or []
     if not isinstance(names, list):
         names = []

@@ -73,6 +73,7 @@ QUANT_TYPES: dict[str, QuantType] = {
     )
 }
 DEFAULT_QUANT = "q4_k_m"
+FILE_TYPE_NAMES = {int(q.file_type): q.name for q in QUANT_TYPES.values()}  # general.file_type -> name
 
 
 def quant_type(name: str) -> QuantType:

@@ -36,6 +36,8 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
 def _add_load_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "metal", "cuda"], help="where to run (default: best available)")
+    g.add_argument("--backend", default=None, choices=["auto", "llama.cpp", "ctranslate2"], help="engine (default: chosen for the model and machine)")
+    g.add_argument("--quant", dest="load_quant", default=None, help="for a checkpoint folder: the quant type to convert it to on first use")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     g.add_argument("--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: model's, at most 2048)")
     g.add_argument("--compute-type", default=None, help="CTranslate2 compute type (default: chosen for the machine)")
@@ -88,9 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="generate text from a prompt",
         description="Complete a prompt with a converted model, streaming the answer.",
     )
-    p.add_argument("model", help="GGUF file or CTranslate2 model folder")
+    p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder (converted once, cached)")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text; '-' or omitted reads stdin")
     p.add_argument("--ids", default=None, help="comma-separated token ids instead of a text prompt")
+    p.add_argument("--input", default=None, metavar="JSONL", help='answer every prompt of a JSONL file (lines: {"id": .., "prompt": ..} or "text")')
+    p.add_argument("--output", default=None, metavar="JSONL", help="where --input answers go; re-running skips prompts already answered")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together with --input (CTranslate2)")
     p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
     p.add_argument("--json", action="store_true", help="print the result (text, ids, finish reason, speed) as JSON")
     _add_generation_options(p)
@@ -101,8 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show a model's architecture, quantization, provenance (source repo, "
         "converter, sha256 of source files) and the backend/device PocketLM would choose.",
     )
-    p.add_argument("model", help="GGUF file or CTranslate2 model folder")
+    p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder")
     p.add_argument("--json", action="store_true", help="print as JSON")
+    _add_load_options(p)
+
+    p = sub.add_parser(
+        "doctor", help="check this machine and its engines",
+        description="Show the machine, the installed engines and their GPU support, what PocketLM would "
+        "choose for each kind of model, and what to install for a better choice.",
+    )
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve one model at /v1/completions, /v1/chat/completions and /v1/models "
+        "(OpenAI-compatible, with streaming), plus /health. Binds to localhost unless --host says otherwise.",
+    )
+    p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (env POCKETLM_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 429 (default 64)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask (default 2048)")
     _add_load_options(p)
     return parser
 
@@ -143,16 +168,31 @@ def _prompt(args: argparse.Namespace) -> str | list[int]:
     return args.prompt
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace) -> Any:
     import runtime
 
-    prompt = _prompt(args)
+    return runtime.load(
+        args.model, device=args.device, threads=args.threads, n_ctx=args.ctx, backend=args.backend,
+        quant=args.load_quant, compute_type=args.compute_type,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     gen = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
     )
-    options = {"compute_type": args.compute_type} if args.compute_type else {}
-    with runtime.load(args.model, device=args.device, threads=args.threads, n_ctx=args.ctx, **options) as model:
+    if args.input or args.output:
+        if not (args.input and args.output):
+            raise PocketLMError("--input and --output go together")
+        from .batch import run_jsonl
+
+        with _load(args) as model:
+            stats = run_jsonl(model, Path(args.input), Path(args.output), args.batch_size, sys.stderr.isatty(), **gen)
+        print(f"answered {stats.answered} prompts ({stats.skipped} already answered) -> {stats.output}")
+        return 0
+    prompt = _prompt(args)
+    with _load(args) as model:
         if args.json or args.no_stream:
             result = model.generate(prompt, **gen)
             if args.json:
@@ -175,12 +215,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .report import describe, model_report
 
-    report = model_report(Path(args.model), device=args.device, threads=args.threads)
+    report = model_report(Path(args.model), device=args.device, threads=args.threads, backend=args.backend)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else describe(report))
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "quantize": cmd_quantize, "run": cmd_run, "info": cmd_info}
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import describe, doctor_report
+
+    report = doctor_report()
+    print(json.dumps(report, indent=2) if args.json else describe(report))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .server import serve
+
+    with _load(args) as model:
+        serve(
+            model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("POCKETLM_API_KEY"),
+            max_queue=args.max_queue, max_tokens_limit=args.max_tokens,
+        )
+    return 0
+
+
+COMMANDS = {
+    "convert": cmd_convert, "quantize": cmd_quantize, "run": cmd_run, "info": cmd_info,
+    "doctor": cmd_doctor, "serve": cmd_serve,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,38 +1,79 @@
-"""`load()`: open anything PocketLM can run and pick how to run it."""
+"""`load()`: open anything PocketLM can run and decide how to run it."""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from convert.errors import ModelLoadError
-from convert.gguf_file import MAGIC as GGUF_MAGIC
-from convert.gguf_file import read_header
 
 from .model import Model
-from .platform import choose, detect_facts
+from .platform import ModelFacts, choose, detect_facts
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+
+def _is_ct2(path: Path) -> bool:
+    return (path / "model.bin").is_file() and (path / "shared_vocabulary.json").is_file()
+
+
+def _model_file(path: Path) -> Path:
+    """A folder holding exactly one GGUF (PocketLM's conversion cache) stands for that file."""
+    if path.is_dir() and not _is_ct2(path):
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1 and not (path / "config.json").is_file():
+            return ggufs[0]
+    return path
 
 
 def detect_format(path: Path) -> str:
-    """'gguf' for a GGUF file whose header and tensor table check out, 'ct2' for a
-    CTranslate2 model folder; anything else is explained in the error."""
+    """'gguf' (a file whose header and tensor table check out), 'ct2' (a CTranslate2 folder)
+    or 'hf' (a Hugging Face checkpoint folder); anything else is explained in the error."""
     if path.is_file():
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic != GGUF_MAGIC:
             raise ModelLoadError(f"{path}: not a GGUF file (bad magic); is it a model file?")
+        from convert.gguf_file import read_header
+
         read_header(path)  # refuses truncated/corrupt files before llama.cpp sees them
         return "gguf"
     if path.is_dir():
-        if (path / "model.bin").is_file() and (path / "shared_vocabulary.json").is_file():
+        if _is_ct2(path):
             return "ct2"
         if (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"{path}: a Hugging Face checkpoint; convert it first: pocketlm convert {path} -o model.gguf"
-            )
-        raise ModelLoadError(f"{path}: folder holds no model PocketLM can run")
+            return "hf"
+        raise ModelLoadError(f"{path}: this folder holds no model PocketLM can run")
     raise ModelLoadError(f"{path}: no such file or folder")
+
+
+def inspect_model(path: Path, quant: str | None = None) -> ModelFacts:
+    """What a model path is, known from headers and metadata alone."""
+    fmt = detect_format(path)
+    if fmt == "gguf":
+        from convert.gguf_file import read_header
+        from convert.gguf_target import FILE_TYPE_NAMES
+
+        meta = read_header(path).metadata
+        arch = str(meta.get("general.architecture", "unknown"))
+        q = meta.get("pocketlm.quant") or FILE_TYPE_NAMES.get(meta.get("general.file_type", -1), "unknown")
+        return ModelFacts("gguf", arch, q, path.stat().st_size)
+    if fmt == "ct2":
+        from .backends.ctranslate2 import read_folder_metadata
+
+        meta = read_folder_metadata(path)
+        return ModelFacts("ct2", meta.get("architecture", "t5"), meta.get("quant"), (path / "model.bin").stat().st_size)
+    from convert.architectures import resolve
+    from convert.checkpoint import read_json
+
+    arch = resolve(read_json(path / "config.json"), str(path / "config.json"))
+    size = sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return ModelFacts("hf", arch.name, quant, size)
 
 
 def load(
@@ -40,36 +81,62 @@ def load(
     device: str = "auto",
     threads: int | None = None,
     n_ctx: int | None = None,
+    backend: str | None = None,
+    quant: str | None = None,
+    compute_type: str | None = None,
+    progress: bool | None = None,
     **backend_options: Any,
 ) -> Model:
     """Open a model and choose backend, device and threads for this machine.
 
-    `device` is "auto", "cpu", "metal" or "cuda" (env POCKETLM_DEVICE); `threads` defaults
-    to one per physical core (env POCKETLM_THREADS); `n_ctx` to the model's context, capped
-    at 2048 (GGUF) or 1024 input tokens (CTranslate2). CTranslate2 models also take
-    `compute_type` (env POCKETLM_COMPUTE_TYPE). `model.info.reasons` says why each choice
-    was made.
+    `model` is a GGUF file, a CTranslate2 folder, or a Hugging Face checkpoint folder (converted
+    on first use into PocketLM's cache, with `quant` or the format's default, then reused).
+    `device` is "auto", "cpu", "metal" or "cuda" (env POCKETLM_DEVICE); `backend` "auto",
+    "llama.cpp" or "ctranslate2" (env POCKETLM_BACKEND); `threads` defaults to one per physical
+    core (env POCKETLM_THREADS); `n_ctx` to the model's context, capped at 2048 (GGUF) or 1024
+    input tokens (CTranslate2); CTranslate2's `compute_type` is chosen for the machine unless
+    given (env POCKETLM_COMPUTE_TYPE). `model.info.reasons` says why each choice was made.
     """
-    path = Path(model).expanduser()
-    fmt = detect_format(path)
-    device = os.environ.get("POCKETLM_DEVICE", device) if device == "auto" else device
-    if threads is None and os.environ.get("POCKETLM_THREADS", "").isdigit():
-        threads = int(os.environ["POCKETLM_THREADS"])
-    if fmt == "ct2":
-        from .backends.ctranslate2 import CT2Seq2SeqModel, read_folder_metadata
+    path = _model_file(Path(model).expanduser())
+    facts = inspect_model(path, quant)
+    env = os.environ
+    if device == "auto":
+        device = env.get("POCKETLM_DEVICE", device)
+    backend = backend or env.get("POCKETLM_BACKEND")
+    if threads is None and env.get("POCKETLM_THREADS", "").isdigit():
+        threads = int(env["POCKETLM_THREADS"])
+    compute_type = compute_type or env.get("POCKETLM_COMPUTE_TYPE")
+    choice = choose(facts, detect_facts(), backend, device, threads)
+    for warning in choice.warnings:
+        log.warning(warning)
+    if facts.format == "hf":
+        from .cache import converted
 
-        choice = choose(fmt, detect_facts(), device, threads, quant=read_folder_metadata(path).get("quant"))
-        compute = backend_options.pop("compute_type", None) or os.environ.get("POCKETLM_COMPUTE_TYPE")
-        if compute:
-            choice.reasons.append(f"compute {compute} (given)")
+        path = converted(path, choice.format, choice.quant or "", progress=sys.stderr.isatty() if progress is None else progress)
+    reasons = choice.reasons + [f"warning: {w}" for w in choice.warnings]
+    if choice.format == "ct2":
+        from .backends.ctranslate2 import CT2Seq2SeqModel
+
+        if compute_type:
+            reasons.append(f"compute {compute_type} (given)")
         return CT2Seq2SeqModel(
-            path, device=choice.device, threads=choice.threads, compute_type=compute or choice.compute_type or "default",
-            n_ctx=n_ctx, reasons=choice.reasons, **backend_options,
+            path, device=choice.device, threads=choice.threads, compute_type=compute_type or choice.compute_type or "default",
+            n_ctx=n_ctx, reasons=reasons, **backend_options,
         )
-    choice = choose(fmt, detect_facts(), device, threads)
     from .backends.llama_cpp import LlamaCppModel
 
     return LlamaCppModel(
         path, n_gpu_layers=choice.n_gpu_layers, device=choice.device, threads=choice.threads,
-        n_ctx=n_ctx, reasons=choice.reasons, **backend_options,
+        n_ctx=n_ctx, reasons=reasons, **backend_options,
     )
+
+
+def describe_choice(path: Path, device: str = "auto", threads: int | None = None, backend: str | None = None) -> dict[str, Any]:
+    """What `load()` would decide for a path on this machine, without loading anything."""
+    facts = inspect_model(_model_file(path))
+    choice = choose(facts, detect_facts(), backend, device, threads)
+    return {
+        "backend": choice.backend, "device": choice.device, "threads": choice.threads,
+        "format": choice.format, "quant": choice.quant, "compute_type": choice.compute_type,
+        "reasons": choice.reasons, "warnings": choice.warnings,
+    }

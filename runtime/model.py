@@ -7,8 +7,10 @@ safe streaming and finish reasons mean the same thing whatever engine runs under
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import unicodedata
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
@@ -19,6 +21,8 @@ from convert.errors import GenerationError
 
 from .sampling import Sampler, SamplingParams
 from .text import TextStream
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,9 +89,13 @@ class Model(ABC):
     """A loaded model. Use `runtime.load()` to get one; close it (or use `with`) when done."""
 
     info: ModelInfo
+    # BLOOMZ's model card: a prompt without a clear end (final punctuation) makes the model
+    # continue the input instead of answering. Backends set this for such models.
+    warn_unterminated_prompts = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._warned_unterminated = False
 
     # -- what a backend provides --------------------------------------------------------
     @abstractmethod
@@ -122,7 +130,20 @@ class Model(ABC):
         """Free the engine's memory. The model cannot be used afterwards."""
 
     # -- shared API ---------------------------------------------------------------------
+    def _check_prompt_end(self, prompt: str) -> None:
+        if not self.warn_unterminated_prompts or self._warned_unterminated:
+            return
+        stripped = prompt.rstrip()
+        if stripped and not unicodedata.category(stripped[-1]).startswith("P"):
+            self._warned_unterminated = True
+            log.warning(
+                "the prompt does not end with punctuation; %s models may continue it instead of "
+                "answering (end it with '.', '?' or ':' as in the model card's examples)", self.info.architecture,
+            )
+
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            self._check_prompt_end(prompt)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids or (isinstance(prompt, str) and not prompt):
             raise GenerationError("the prompt is empty")

@@ -10,8 +10,7 @@ from typing import Any
 from convert.errors import ModelLoadError, PocketLMError
 from convert.gguf_file import read_header
 
-from .loader import detect_format
-from .platform import choose, detect_facts
+from .loader import describe_choice, detect_format, inspect_model
 
 
 def _gguf_report(path: Path) -> dict[str, Any]:
@@ -66,26 +65,37 @@ def _ct2_report(folder: Path) -> dict[str, Any]:
     }
 
 
-def model_report(path: Path, device: str = "auto", threads: int | None = None) -> dict[str, Any]:
+def _hf_report(folder: Path) -> dict[str, Any]:
+    from convert.checkpoint import read_json
+
+    config = read_json(folder / "config.json")
+    facts = inspect_model(folder)
+    return {
+        "architecture": facts.architecture, "quant": None, "parameters": None, "tensors": None,
+        "tensor_types": {}, "context_length": None,
+        "tokenizer": next((n for n in ("tokenizer.json", "spiece.model") if (folder / n).is_file()), "none"),
+        "converter": {"name": None, "version": None}, "source": {"repo": None, "revision": None, "files": {}},
+        "metadata": {"config": config},
+    }
+
+
+def model_report(path: Path, device: str = "auto", threads: int | None = None, backend: str | None = None) -> dict[str, Any]:
     fmt = detect_format(path)
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
     report: dict[str, Any] = {"path": str(path), "format": fmt, "size_bytes": size}
-    report.update(_gguf_report(path) if fmt == "gguf" else _ct2_report(path))
-    choice = choose(fmt, detect_facts(), device, threads, quant=report["quant"])
-    report["would_run_on"] = {
-        "backend": choice.backend, "device": choice.device, "threads": choice.threads,
-        "compute_type": choice.compute_type, "reasons": choice.reasons,
-    }
+    report.update({"gguf": _gguf_report, "ct2": _ct2_report, "hf": _hf_report}[fmt](path))
+    report["would_run_on"] = describe_choice(path, device, threads, backend)
     return report
 
 
 def describe(r: dict[str, Any]) -> str:
     run = r["would_run_on"]
+    params = f", {r['parameters'] / 1e6:.1f}M parameters, {r['tensors']} tensors" if r["parameters"] else ""
     lines = [
         f"{r['path']}",
         f"  format        {r['format']} ({r['size_bytes'] / 2**20:.1f} MiB)",
-        f"  architecture  {r['architecture']}, {r['parameters'] / 1e6:.1f}M parameters, {r['tensors']} tensors",
-        f"  quant         {r['quant'] or '?'} ({', '.join(f'{n} {t}' for t, n in r['tensor_types'].items())})",
+        f"  architecture  {r['architecture']}{params}",
+        f"  quant         {r['quant'] or '-'} ({', '.join(f'{n} {t}' for t, n in r['tensor_types'].items())})",
         f"  context       {r['context_length'] or 'not fixed (relative positions)'}",
         f"  tokenizer     {r['tokenizer']}",
     ]
@@ -100,4 +110,5 @@ def describe(r: dict[str, Any]) -> str:
     compute = f", compute {run['compute_type']}" if run.get("compute_type") else ""
     lines.append(f"  would run on  {run['backend']} / {run['device']}, {run['threads']} threads{compute}")
     lines += [f"    - {reason}" for reason in run["reasons"]]
+    lines += [f"    ! {warning}" for warning in run["warnings"]]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from convert import engine
 from convert.errors import GenerationError, ModelLoadError
 
 from ..model import GenerationResult, Model, ModelInfo, _params
-from ..sampling import SamplingParams
+from ..sampling import Sampler, SamplingParams
 from ..tokenizer import IncrementalDecoder, load_tokenizer, require
 
 log = logging.getLogger(__name__)
@@ -109,19 +109,35 @@ class CT2Seq2SeqModel(Model):
         if not src or not dec or dec[0] != self._start:
             raise GenerationError(f"decoder_input_ids must start with the decoder start token {self._start}")
         with self._lock:
-            result = self._translator.translate_batch(
-                [self._strings(src)], target_prefix=[self._strings(dec[1:])], beam_size=1,
-                return_logits_vocab=True, max_decoding_length=len(dec), min_decoding_length=0,
-                max_input_length=0, return_scores=False,
-            )[0]
+            return self._logits_unlocked(src, dec)
+
+    def _logits_unlocked(self, src: list[int], dec: list[int]) -> np.ndarray:
+        result = self._translator.translate_batch(
+            [self._strings(src)], target_prefix=[self._strings(dec[1:])], beam_size=1,
+            return_logits_vocab=True, max_decoding_length=len(dec), min_decoding_length=0,
+            max_input_length=0, return_scores=False,
+        )[0]
         return np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in result.logits[0]])
 
     def _continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
         return self.logits(context, [self._start, *continuation])[: len(continuation)]
 
+    def _generate_seeded(self, ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+        """Seeded sampling, token by token with PocketLM's sampler.
+
+        CTranslate2 seeds each worker thread's generator once, on first use, so a seed
+        passed later changes nothing; for reproducible output the next-token logits are
+        recomputed for each step (the prefix re-decoded: slower, but exactly repeatable)."""
+        sampler = Sampler(params)
+        decoded = [self._start]
+        for _ in range(max_new):
+            token = sampler(self._logits_unlocked(ids, decoded)[-1], decoded)
+            yield token
+            if token == self._eos:
+                return
+            decoded.append(token)
+
     def _decoding_options(self, params: SamplingParams, max_new: int) -> dict[str, Any]:
-        if params.seed is not None:
-            self._ct2.set_random_seed(params.seed)
         options: dict[str, Any] = dict(
             max_decoding_length=max_new, max_input_length=0, repetition_penalty=params.repetition_penalty,
         )
@@ -132,6 +148,9 @@ class CT2Seq2SeqModel(Model):
         return options
 
     def _generate_ids(self, ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+        if params.seed is not None and not params.greedy:
+            yield from self._generate_seeded(ids, params, max_new)
+            return
         options = self._decoding_options(params, max_new)
         produced = 0
         for step in self._translator.generate_tokens(self._strings(ids), min_decoding_length=0, **options):
@@ -153,6 +172,11 @@ class CT2Seq2SeqModel(Model):
     ) -> list[GenerationResult]:
         """All prompts decoded together by CTranslate2 (one batch), same options as generate()."""
         params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+        if seed is not None and not params.greedy:  # seeded sampling is token by token (see above)
+            return super().generate_batch(
+                prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+            )
         sources = [self._prompt_ids(p) for p in prompts]
         started = time.perf_counter()
         budget = self._budget(0, max_new_tokens)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from convert import engine
+from convert.gguf_target import FILE_TYPE_NAMES
 from convert.errors import GenerationError, ModelLoadError
 
 from ..model import BytePieces, ModelInfo, StepModel
@@ -24,11 +25,6 @@ log = logging.getLogger(__name__)
 
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 DEFAULT_MAX_CTX = 2048
-FILE_TYPE_NAMES = {
-    0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k",
-    11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s",
-    17: "q5_k_m", 18: "q6_k", 32: "bf16",
-}
 
 
 class LlamaCppModel(StepModel):
@@ -86,6 +82,7 @@ class LlamaCppModel(StepModel):
         self._eos = self._end_tokens()
         self._cached: list[int] = []  # tokens whose keys/values are in the KV cache
         self._piece_buf = ctypes.create_string_buffer(256)
+        self.warn_unterminated_prompts = arch == "bloom"
         self.info = ModelInfo(
             path=str(path), format="gguf", backend="llama.cpp", device=device,
             architecture=arch, quant=quant, n_ctx=llama.llama_n_ctx(self._ctx),
