@@ -111,6 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p)
 
     p = sub.add_parser(
+        "pull", help="download a model from the Hugging Face Hub",
+        description="Download what PocketLM needs of a Hub repo into the Hugging Face cache: config, "
+        "tokenizer and one storage format's weights (safetensors preferred), or one GGUF file of a "
+        "GGUF repo. Honours HF_HOME, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE.",
+    )
+    p.add_argument("repo", help="org/name, optionally @revision (branch, tag or commit)")
+    p.add_argument("--quant", default=None, help="for GGUF repos: the quant type's file (default: q4_k_m if offered)")
+    p.add_argument("--convert", action="store_true", help="also convert it now (otherwise on first use)")
+
+    p = sub.add_parser("list", help="list converted models in the cache",
+                       description="List the conversions in PocketLM's cache, with source, quant and size.")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = sub.add_parser("rm", help="remove converted models from the cache",
+                       description="Remove cached conversions by key (or key prefix, see `pocketlm list`) or source repo id.")
+    p.add_argument("selector", nargs="+", help="key, key prefix, or org/name")
+
+    p = sub.add_parser(
         "doctor", help="check this machine and its engines",
         description="Show the machine, the installed engines and their GPU support, what PocketLM would "
         "choose for each kind of model, and what to install for a better choice.",
@@ -215,8 +233,52 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .report import describe, model_report
 
-    report = model_report(Path(args.model), device=args.device, threads=args.threads, backend=args.backend)
+    report = model_report(args.model, device=args.device, threads=args.threads, backend=args.backend)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else describe(report))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .hub import parse_ref, pull
+
+    ref = parse_ref(args.repo)
+    if ref is None:
+        raise PocketLMError(f"{args.repo!r} is not a Hub id (org/name[@revision])")
+    path = pull(ref, quant=args.quant, progress=sys.stderr.isatty())
+    print(path)
+    if args.convert and path.is_dir():
+        from .cache import converted
+        from .loader import inspect_model
+        from .platform import choose, detect_facts
+
+        choice = choose(inspect_model(path, args.quant), detect_facts())
+        print(converted(path, choice.format, choice.quant or "", progress=sys.stderr.isatty()))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .cache import cache_root, entries
+
+    rows = [{"key": e.key, "source": e.source, "format": e.manifest.get("format"), "quant": e.manifest.get("quant"),
+             "size_bytes": e.size_bytes, "created": e.manifest.get("created"), "path": str(e.path)} for e in entries()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no converted models in {cache_root()}")
+    for r in rows:
+        print(f"{r['key'][:12]}  {r['format']:<4} {r['quant']:<8} {r['size_bytes'] / 2**20:>9.1f} MiB  {r['source']}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from .cache import remove
+
+    removed = [e for selector in args.selector for e in remove(selector)]
+    if not removed:
+        raise PocketLMError(f"nothing in the cache matches {' '.join(args.selector)} (see pocketlm list)")
+    for e in removed:
+        print(f"removed {e.key[:12]} ({e.source}, {e.manifest.get('quant')})")
     return 0
 
 
@@ -243,7 +305,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "convert": cmd_convert, "quantize": cmd_quantize, "run": cmd_run, "info": cmd_info,
-    "doctor": cmd_doctor, "serve": cmd_serve,
+    "doctor": cmd_doctor, "serve": cmd_serve, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm,
 }
 
 

@@ -39,12 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     from convert import convert
     from convert.errors import PocketLMError
     from convert.synthetic import build_random_bloom
+    from runtime.cache import cache_root
 
     import runtime
     from runtime.model import GenerationResult
 
     argv = sys.argv[1:] if argv is None else argv
-    cache = Path(os.environ.get("POCKETLM_CACHE", Path.home() / ".cache" / "pocketlm"))
+    cache = cache_root()
     source = find_local_bloomz(argv[0] if argv else None)
     workdir = Path(tempfile.mkdtemp(prefix="pocketlm-demo-"))
     try:

@@ -76,6 +76,18 @@ def inspect_model(path: Path, quant: str | None = None) -> ModelFacts:
     return ModelFacts("hf", arch.name, quant, size)
 
 
+def resolve_path(model: str | os.PathLike, quant: str | None = None, progress: bool | None = None) -> Path:
+    """A local path for `model`: itself, or what a hub id (org/name[@revision]) pulls."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        from .hub import parse_ref, pull
+
+        ref = parse_ref(str(model))
+        if ref is not None:
+            path = pull(ref, quant=quant, progress=sys.stderr.isatty() if progress is None else progress)
+    return _model_file(path)
+
+
 def load(
     model: str | os.PathLike,
     device: str = "auto",
@@ -89,15 +101,16 @@ def load(
 ) -> Model:
     """Open a model and choose backend, device and threads for this machine.
 
-    `model` is a GGUF file, a CTranslate2 folder, or a Hugging Face checkpoint folder (converted
-    on first use into PocketLM's cache, with `quant` or the format's default, then reused).
+    `model` is a GGUF file, a CTranslate2 folder, a Hugging Face checkpoint folder (converted
+    on first use into PocketLM's cache, with `quant` or the format's default, then reused), or
+    a Hub id `org/name[@revision]` (downloaded once; for repos of GGUF files, `quant` picks one).
     `device` is "auto", "cpu", "metal" or "cuda" (env POCKETLM_DEVICE); `backend` "auto",
     "llama.cpp" or "ctranslate2" (env POCKETLM_BACKEND); `threads` defaults to one per physical
     core (env POCKETLM_THREADS); `n_ctx` to the model's context, capped at 2048 (GGUF) or 1024
     input tokens (CTranslate2); CTranslate2's `compute_type` is chosen for the machine unless
     given (env POCKETLM_COMPUTE_TYPE). `model.info.reasons` says why each choice was made.
     """
-    path = _model_file(Path(model).expanduser())
+    path = resolve_path(model, quant, progress)
     facts = inspect_model(path, quant)
     env = os.environ
     if device == "auto":
@@ -132,8 +145,8 @@ def load(
 
 
 def describe_choice(path: Path, device: str = "auto", threads: int | None = None, backend: str | None = None) -> dict[str, Any]:
-    """What `load()` would decide for a path on this machine, without loading anything."""
-    facts = inspect_model(_model_file(path))
+    """What `load()` would decide for a local path on this machine, without loading anything."""
+    facts = inspect_model(path)
     choice = choose(facts, detect_facts(), backend, device, threads)
     return {
         "backend": choice.backend, "device": choice.device, "threads": choice.threads,

@@ -10,7 +10,7 @@ from typing import Any
 from convert.errors import ModelLoadError, PocketLMError
 from convert.gguf_file import read_header
 
-from .loader import describe_choice, detect_format, inspect_model
+from .loader import describe_choice, detect_format, inspect_model, resolve_path
 
 
 def _gguf_report(path: Path) -> dict[str, Any]:
@@ -79,7 +79,8 @@ def _hf_report(folder: Path) -> dict[str, Any]:
     }
 
 
-def model_report(path: Path, device: str = "auto", threads: int | None = None, backend: str | None = None) -> dict[str, Any]:
+def model_report(model: str, device: str = "auto", threads: int | None = None, backend: str | None = None) -> dict[str, Any]:
+    path = resolve_path(model)
     fmt = detect_format(path)
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
     report: dict[str, Any] = {"path": str(path), "format": fmt, "size_bytes": size}

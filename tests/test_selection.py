@@ -39,7 +39,7 @@ def test_checkpoint_folder_is_converted_once_and_reused(bloom_folder, cache):
     entries = list((cache / "converted").glob("*/manifest.json"))
     assert len(entries) == 1
     manifest = json.loads(entries[0].read_text())
-    assert manifest["format"] == "gguf" and manifest["quant"] == "q4_k_m" and "model.safetensors" in manifest["source_sha256"]
+    assert manifest["format"] == "gguf" and manifest["quant"] == "q4_k_m" and "model.safetensors" in manifest["source"]["sha256"]
     mtime = (entries[0].parent / "model.gguf").stat().st_mtime_ns
     with runtime.load(bloom_folder, progress=False) as model:  # reused: same file, untouched
         assert model.info.path == first and model.generate("Bonjour.", max_new_tokens=8).text == text
