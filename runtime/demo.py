@@ -23,16 +23,14 @@ def find_local_bloomz(arg: str | None) -> Path | None:
     for candidate in (arg, os.environ.get("POCKETLM_BLOOMZ_DIR")):
         if candidate and (Path(candidate) / "config.json").is_file():
             return Path(candidate)
-    try:
-        from huggingface_hub import snapshot_download
+    from convert.errors import PocketLMError
+    from runtime.hub import HubRef, local_snapshot
 
-        folder = snapshot_download(
-            REPO_ID, local_files_only=True,
-            allow_patterns=["config.json", "tokenizer.json", "*.safetensors", "*.safetensors.index.json"],
-        )
-        return Path(folder) if (Path(folder) / "config.json").is_file() else None
-    except Exception:  # not cached (LocalEntryNotFoundError) or any hub-side problem: use synthetic
+    try:
+        folder = local_snapshot(HubRef(REPO_ID))
+    except PocketLMError:
         return None
+    return folder if (folder / "config.json").is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,7 +97,7 @@ def _missing(ref: HubRef, why: str) -> ModelLoadError:
     )
 
 
-def _local_snapshot(ref: HubRef) -> Path:
+def local_snapshot(ref: HubRef) -> Path:
     """The cached snapshot folder for a ref, found without any request (the cache's layout:
     refs/<branch> holds a commit, snapshots/<commit>/ the files). huggingface_hub's own
     offline lookup insists on every file of the repo, and PocketLM fetches only some."""
@@ -131,7 +131,7 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True) -> Path:
     except ImportError:
         raise ModelLoadError("hub ids need huggingface_hub: pip install huggingface_hub") from None
     if offline():
-        return _from_folder(_local_snapshot(ref), ref, quant)
+        return _from_folder(local_snapshot(ref), ref, quant)
     try:
         info = HfApi().model_info(ref.repo, revision=ref.revision)
     except RevisionNotFoundError:
@@ -140,7 +140,7 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True) -> Path:
         raise ModelLoadError(f"{ref.repo}: no such model on the Hub (or it is private: set HF_TOKEN)") from None
     except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
         log.warning("the Hub is not reachable (%s); using the local cache", type(e).__name__)
-        return _from_folder(_local_snapshot(ref), ref, quant)
+        return _from_folder(local_snapshot(ref), ref, quant)
     files = [s.rfilename for s in info.siblings or []]
     ggufs = [f for f in files if f.endswith(".gguf")]
     weights = any(f.endswith((".safetensors", ".bin")) for f in files)
