@@ -167,10 +167,11 @@ class Model(ABC):
         repetition_penalty: float = 1.0,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
+        min_new_tokens: int = 0,
         _result: GenerationResult | None = None,
     ) -> Iterator[StreamEvent]:
         """Generate token by token, yielding each token with the text it releases."""
-        params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+        params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, min_new_tokens)
         ids = self._prompt_ids(prompt)
         result = _result or GenerationResult("", [], "length", len(ids))
         result.prompt_tokens = len(ids)
@@ -219,8 +220,9 @@ class Model(ABC):
         """Complete `prompt` (a string or token ids), or each prompt of a list of them.
 
         Keyword arguments: max_new_tokens=64, temperature=0.0 (greedy), top_k=0, top_p=1.0,
-        repetition_penalty=1.0, stop=None, seed=None. Returns a GenerationResult, or a list
-        of them for a list of prompts."""
+        repetition_penalty=1.0, stop=None, seed=None, min_new_tokens=0 (end of sequence is
+        not allowed earlier; benchmarks use it to decode a fixed length). Returns a
+        GenerationResult, or a list of them for a list of prompts."""
         if _is_batch(prompt):
             return self.generate_batch(list(prompt), **kwargs)
         result = GenerationResult("", [], "length", 0)
@@ -264,10 +266,13 @@ def _is_batch(prompt: Any) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], (str, list, tuple))
 
 
-def _params(max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None) -> SamplingParams:
+def _params(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+    seed: int | None, min_new_tokens: int = 0,
+) -> SamplingParams:
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    return SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+    return SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, min_new_tokens)
 
 
 class StepModel(Model):
@@ -281,12 +286,17 @@ class StepModel(Model):
     def _step(self, token: int) -> np.ndarray:
         """Append one token; return the logits for the next one."""
 
+    @abstractmethod
+    def _end_ids(self) -> list[int]:
+        """Every id that ends a sequence (masked before min_new_tokens)."""
+
     def _generate_ids(self, ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
         sampler = Sampler(params)
         seen = list(ids)
         logits = self._prefill(ids)
+        ends = self._end_ids() if params.min_new_tokens else []
         for i in range(max_new):
-            token = sampler(logits, seen)
+            token = sampler(logits, seen, ends if i < params.min_new_tokens else ())
             yield token
             seen.append(token)
             if i + 1 < max_new and not self._is_end(token):

@@ -21,6 +21,7 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    min_new_tokens: int = 0  # end-of-sequence is not allowed before this many new tokens
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -29,6 +30,8 @@ class SamplingParams:
             raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_new_tokens < 0:
+            raise GenerationError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
         if self.repetition_penalty <= 0:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
@@ -44,8 +47,13 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, seen: Iterable[int] = ()) -> int:
+    def __call__(self, logits: np.ndarray, seen: Iterable[int] = (), banned: Iterable[int] = ()) -> int:
+        """The next token; `banned` ids (end of sequence before min_new_tokens) are never drawn."""
         p = self.params
+        banned = list(banned)
+        if banned:
+            logits = logits.copy()
+            logits[banned] = -np.inf
         if p.repetition_penalty != 1.0:
             logits = penalize_repetition(logits, seen, p.repetition_penalty)
         if p.greedy:

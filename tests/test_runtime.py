@@ -131,3 +131,9 @@ def test_generation_stops_when_the_context_is_full(model):
     prompt = list(range(4, 250))
     result = model.generate(prompt, max_new_tokens=50)
     assert len(result.token_ids) <= 256 - 246 and result.finish_reason in ("length", "stop")
+
+
+def test_min_new_tokens_masks_the_end_of_sequence(model):
+    assert model._end_ids() == [2]
+    result = model.generate(PROMPTS[0], max_new_tokens=30, min_new_tokens=30)
+    assert len(result.token_ids) == 30 and 2 not in result.token_ids and result.finish_reason == "length"

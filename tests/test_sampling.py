@@ -59,3 +59,10 @@ def test_greedy_and_seeds():
 def test_invalid_parameters(kwargs):
     with pytest.raises(GenerationError):
         SamplingParams(**kwargs)
+
+
+def test_banned_ids_are_never_drawn_even_when_most_likely():
+    logits = np.array([0.0, 9.0, 1.0, 0.5], dtype=np.float32)
+    assert Sampler(SamplingParams())(logits, banned=[1]) == 2
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=0))
+    assert 1 not in {sampler(logits, banned=[1]) for _ in range(200)}

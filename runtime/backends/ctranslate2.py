@@ -130,8 +130,9 @@ class CT2Seq2SeqModel(Model):
         recomputed for each step (the prefix re-decoded: slower, but exactly repeatable)."""
         sampler = Sampler(params)
         decoded = [self._start]
-        for _ in range(max_new):
-            token = sampler(self._logits_unlocked(ids, decoded)[-1], decoded)
+        for i in range(max_new):
+            banned = [self._eos] if i < params.min_new_tokens else []
+            token = sampler(self._logits_unlocked(ids, decoded)[-1], decoded, banned)
             yield token
             if token == self._eos:
                 return
@@ -139,7 +140,8 @@ class CT2Seq2SeqModel(Model):
 
     def _decoding_options(self, params: SamplingParams, max_new: int) -> dict[str, Any]:
         options: dict[str, Any] = dict(
-            max_decoding_length=max_new, max_input_length=0, repetition_penalty=params.repetition_penalty,
+            max_decoding_length=max_new, min_decoding_length=params.min_new_tokens, max_input_length=0,
+            repetition_penalty=params.repetition_penalty,
         )
         if params.greedy:
             options.update(sampling_topk=1)
@@ -153,7 +155,7 @@ class CT2Seq2SeqModel(Model):
             return
         options = self._decoding_options(params, max_new)
         produced = 0
-        for step in self._translator.generate_tokens(self._strings(ids), min_decoding_length=0, **options):
+        for step in self._translator.generate_tokens(self._strings(ids), **options):
             produced += 1
             yield step.token_id
         if produced < max_new:  # stopped on end of sequence, which CTranslate2 does not yield
@@ -169,13 +171,14 @@ class CT2Seq2SeqModel(Model):
         repetition_penalty: float = 1.0,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
+        min_new_tokens: int = 0,
     ) -> list[GenerationResult]:
         """All prompts decoded together by CTranslate2 (one batch), same options as generate()."""
-        params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+        params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, min_new_tokens)
         if seed is not None and not params.greedy:  # seeded sampling is token by token (see above)
             return super().generate_batch(
                 prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+                repetition_penalty=repetition_penalty, stop=stop, seed=seed, min_new_tokens=min_new_tokens,
             )
         sources = [self._prompt_ids(p) for p in prompts]
         started = time.perf_counter()
@@ -186,8 +189,7 @@ class CT2Seq2SeqModel(Model):
             else:
                 options = self._decoding_options(params, budget)
                 batch = self._translator.translate_batch(
-                    [self._strings(ids) for ids in sources], beam_size=1, min_decoding_length=0,
-                    return_end_token=True, **options,
+                    [self._strings(ids) for ids in sources], beam_size=1, return_end_token=True, **options,
                 )
                 outputs = [[self._index[t] for t in r.hypotheses[0]] for r in batch]
         seconds = time.perf_counter() - started

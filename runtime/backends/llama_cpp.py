@@ -148,6 +148,12 @@ class LlamaCppModel(StepModel):
         self._require_vocab()
         return b"".join(self._token_bytes(int(t)) for t in ids).decode("utf-8", "replace")
 
+    def _end_ids(self) -> list[int]:
+        if not self._has_vocab:
+            return sorted(self._eos)
+        ids = {self._llama.llama_vocab_eos(self._vocab), self._llama.llama_vocab_eot(self._vocab)}
+        return sorted(t for t in ids if t >= 0)
+
     def _is_end(self, token: int) -> bool:
         if self._has_vocab:
             return bool(self._llama.llama_vocab_is_eog(self._vocab, token))
