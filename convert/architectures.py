@@ -8,6 +8,7 @@ ordered list of output tensors, each knowing how to load its data lazily. Target
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -79,8 +80,7 @@ def resolve(config: dict[str, Any], where: str) -> Architecture:
     """The registered architecture for a config, or an error listing what is supported."""
     _register_builtins()
     names = config.get("architectures") or []
-    if not isinstance(names, list):
-        names = []
+    names = [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
@@ -100,12 +100,19 @@ def config_int(config: dict[str, Any], where: str, *keys: str, default: int | No
     for key in keys:
         value = config.get(key)
         if value is not None:
-            if type(value) is not int or value < 0:
+            if type(value) is not int or not 0 <= value < 2**40:
                 raise UnsupportedModelError(f"{where}: config value {key}={value!r} is not a count")
             return value
     if default is None:
         raise UnsupportedModelError(f"{where}: config.json lacks {keys[0]}")
     return default
+
+
+def config_float(config: dict[str, Any], where: str, key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UnsupportedModelError(f"{where}: config value {key}={value!r} is not a non-negative number")
+    return float(value)
 
 
 def expect(ckpt: Checkpoint, name: str, shape: Iterable[int]) -> None:

@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 
 from .architectures import (
-    Architecture, GGUFPlan, TensorPlan, check_all_used, config_int, expect, register,
+    Architecture, GGUFPlan, TensorPlan, check_all_used, config_float, config_int, expect, register,
 )
 from .checkpoint import Checkpoint
 from .errors import UnsupportedModelError
@@ -36,7 +36,7 @@ def _hparams(config: dict[str, Any], where: str) -> dict[str, Any]:
         "n_head": n_head,
         "n_layer": config_int(config, where, "n_layer", "num_hidden_layers"),
         "vocab": config_int(config, where, "vocab_size"),
-        "eps": float(config.get("layer_norm_epsilon", 1e-5)),
+        "eps": config_float(config, where, "layer_norm_epsilon", 1e-5),
         "context": config_int(config, where, "seq_length", "n_positions", default=DEFAULT_CONTEXT),
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import re
@@ -106,7 +107,7 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: cannot read: {e.strerror or e}") from None
         try:
             header = json.loads(header_bytes)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise CheckpointError(f"{self.path}: safetensors header is not valid JSON ({e})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: safetensors header is not a JSON object")
@@ -141,7 +142,7 @@ class SafetensorsFile:
             and 0 <= offsets[0] <= offsets[1] <= data_len
         ):
             raise CheckpointError(f"{where}: data offsets {offsets!r} fall outside the file")
-        nbytes = SAFETENSORS_DTYPES[dtype].itemsize * int(np.prod(shape, dtype=np.uint64))
+        nbytes = SAFETENSORS_DTYPES[dtype].itemsize * math.prod(shape)  # exact: no overflow on huge shapes
         if offsets[1] - offsets[0] != nbytes:
             raise CheckpointError(
                 f"{where}: holds {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype} "
@@ -234,8 +235,8 @@ def read_json(path: Path) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({type(e).__name__})") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
 

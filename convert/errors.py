@@ -30,6 +30,10 @@ class OutputExistsError(PocketLMError):
     """The output exists and --force was not given."""
 
 
+class OutputError(PocketLMError):
+    """The output could not be written (disk full, read-only, no permission)."""
+
+
 class ModelLoadError(PocketLMError):
     """A converted model cannot be opened (wrong format, corrupt file, missing engine)."""
 

@@ -24,7 +24,7 @@ from .architectures import GGUFPlan, TensorPlan
 from .checkpoint import iter_rows
 from .errors import CheckpointError, ModelLoadError, PocketLMError, UnsupportedModelError
 from .gguf_file import read_header
-from .output import Fallback, fsync_file, partial_path, remove
+from .output import Fallback, fsync_file, partial_sibling, remove
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def convert_gguf(
         return verify_gguf(dest_tmp, types)
     # f16 sources lose nothing in an f16 intermediate; anything else goes through f32.
     inter_q, inter_ft = (Q.F16, FT.MOSTLY_F16) if source_dtypes <= {"F16"} else (Q.F32, FT.ALL_F32)
-    intermediate = partial_path(dest_tmp, ".intermediate")
+    intermediate = partial_sibling(dest_tmp, ".intermediate")
     try:
         types = write_gguf(plan, intermediate, inter_q, inter_ft, metadata, release, progress)
         verify_gguf(intermediate, types)

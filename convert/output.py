@@ -8,13 +8,15 @@ that looks like a finished model.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import OutputExistsError
+from .errors import OutputError, OutputExistsError
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -66,6 +68,12 @@ def partial_path(dest: Path, tag: str = "") -> Path:
     return dest.with_name(f".{dest.name}{tag}.{os.getpid()}{PARTIAL_SUFFIX}")
 
 
+def partial_sibling(tmp: Path, tag: str) -> Path:
+    """Another temporary for the destination `tmp` stands for (e.g. an intermediate file)."""
+    base = tmp.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[0]
+    return tmp.with_name(f"{base}{tag}.{os.getpid()}{PARTIAL_SUFFIX}")
+
+
 def check_writable(dest: Path, force: bool) -> None:
     if dest.exists() and not force:
         raise OutputExistsError(f"{dest}: already exists (use --force to overwrite)")
@@ -81,11 +89,36 @@ def remove(path: Path) -> None:
             path.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_partials(dest: Path) -> None:
+    """Remove temporaries left next to `dest` by conversions that were killed (SIGKILL, power
+    loss): their process is gone, so nothing else will."""
+    for stale in dest.parent.glob(f".{glob.escape(dest.name)}*{PARTIAL_SUFFIX}"):
+        pid = stale.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            remove(stale)
+
+
+WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is too large for this file system or limit",
+                errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system is read-only",
+                errno.EACCES: "permission denied"}
+
+
 @contextlib.contextmanager
 def atomic_output(dest: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces `dest`, on any failure it is removed."""
     dest = Path(dest)
     check_writable(dest, force)
+    remove_stale_partials(dest)
     tmp = partial_path(dest)
     remove(tmp)
     try:
@@ -93,6 +126,10 @@ def atomic_output(dest: Path, force: bool = False) -> Iterator[Path]:
         if dest.is_dir() and not dest.is_symlink():
             remove(dest)  # os.replace cannot replace a non-empty folder
         os.replace(tmp, dest)
+    except OSError as e:
+        if e.errno in WRITE_ERRORS:
+            raise OutputError(f"{dest}: cannot write it: {WRITE_ERRORS[e.errno]} (nothing was left behind)") from None
+        raise
     finally:
         remove(tmp)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import mmap
 import pickle
 import struct
@@ -113,8 +114,12 @@ _ALLOWED_GLOBALS.update({("torch", name): _StorageType(name) for name in STORAGE
 _ALLOWED_GLOBALS.update({("torch", name): _DType(name) for name in _DTYPE_BY_TORCH_NAME})
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that can rebuild a torch state dict and nothing else."""
+class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """An unpickler that can rebuild a torch state dict and nothing else.
+
+    Built on the pure-Python unpickler: the C one sizes its memo table by the largest index
+    a pickle names, so a forged LONG_BINPUT can make it allocate gigabytes. A state dict's
+    pickle is small; the Python one reads it in milliseconds."""
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -222,6 +227,8 @@ class TorchZipFile:
         t = self.tensors[name]
         storage = self._storage_array(t.storage)
         itemsize = storage.dtype.itemsize
+        if math.prod(t.shape) > max(storage.size, 1):  # only expanded views can; checkpoints never hold them
+            raise CheckpointError(f"{self.path}: tensor {name} has more elements than its storage")
         if t.shape and 0 not in t.shape:
             last = t.offset + sum((n - 1) * s for n, s in zip(t.shape, t.stride))
             if last >= storage.size:

@@ -123,6 +123,11 @@ def _from_folder(folder: Path, ref: HubRef, quant: str | None) -> Path:
     return folder
 
 
+def _safe_name(name: object) -> bool:
+    """A repo file name that stays inside the download folder (listings come from the network)."""
+    return isinstance(name, str) and bool(name) and not name.startswith(("/", "\\")) and ".." not in Path(name).parts
+
+
 def pull(ref: HubRef, quant: str | None = None, progress: bool = True) -> Path:
     """Download (or find in the cache) what PocketLM needs of a hub repo; return its local path."""
     try:
@@ -141,7 +146,7 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True) -> Path:
     except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
         log.warning("the Hub is not reachable (%s); using the local cache", type(e).__name__)
         return _from_folder(local_snapshot(ref), ref, quant)
-    files = [s.rfilename for s in info.siblings or []]
+    files = [s.rfilename for s in info.siblings or [] if _safe_name(s.rfilename)]
     ggufs = [f for f in files if f.endswith(".gguf")]
     weights = any(f.endswith((".safetensors", ".bin")) for f in files)
     if not ggufs and not weights:

@@ -97,6 +97,8 @@ class IncrementalDecoder:
 def load_tokenizer(folder: Path, name: str | None, vocab: list[str], eos: int) -> Tokenizer | None:
     if not name:
         return None
+    if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+        raise ModelLoadError(f"{folder}: pocketlm.json names tokenizer {name!r}, which is not a file in the model folder")
     path = folder / name
     if not path.is_file():
         raise ModelLoadError(f"{path}: tokenizer file listed in pocketlm.json is missing")
