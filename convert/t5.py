@@ -1,8 +1,14 @@
-"""T5, Flan-T5, mT5/mT0 and T0 (T5/MT5ForConditionalGeneration) -> CTranslate2.
+"""T5, Flan-T5, mT5/mT0 and T0 (T5/MT5ForConditionalGeneration) -> CTranslate2 or GGUF.
 
-The model is described with `ctranslate2.specs` (a pre-norm, RMS-norm Transformer with
-relative attention bias); every weight slot of that spec is filled, per the table below,
-with a lazy `TensorPlan` that reads the Hugging Face tensors only when the writer streams it.
+CTranslate2: the model is described with `ctranslate2.specs` (a pre-norm, RMS-norm
+Transformer with relative attention bias); every weight slot of that spec is filled, per the
+table below, with a lazy `TensorPlan` that reads the Hugging Face tensors only when the
+writer streams it.
+
+GGUF: llama.cpp's encoder-decoder `t5` architecture, tensor names from gguf-py's T5 table.
+llama.cpp applies no output scaling (folded into `output`), hard-codes the relative-position
+max distance to 128 and picks the feed-forward from the presence of `ffn_gate` (gated: GELU,
+tanh approximation; ungated: ReLU); models it would run differently are refused.
 
 The output head has three meanings across transformers versions (see
 ../shared/model_configs/README.md): `scale_decoder_outputs` decides the d_model**-0.5
@@ -16,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from . import engine
-from .architectures import Architecture, TensorPlan, check_all_used, config_int, expect, register
+from .architectures import Architecture, GGUFPlan, TensorPlan, check_all_used, config_float, config_int, expect, register
 from .checkpoint import Checkpoint
 from .ct2_target import CT2Plan
 from .errors import UnsupportedModelError
-from .vocab import t5_vocabulary
+from .vocab import add_no_vocab, add_vocab, read_t5_tokenizer, t5_vocabulary
 
 # CTranslate2 slot (under encoder/layer_{i} or decoder/layer_{i}) -> HF tensors (under
 # encoder.block.{i}. or decoder.block.{i}.), rows concatenated when several (fused q|k|v).
@@ -79,8 +86,9 @@ class T5Params:
     def from_config(cls, config: dict[str, Any], where: str) -> "T5Params":
         proj = str(config.get("feed_forward_proj", "relu"))
         gated = proj.startswith("gated-")
-        act = config.get("dense_act_fn") or proj.split("-")[-1]
-        if act not in ACTIVATIONS:
+        # transformers runs "gated-gelu" with the tanh approximation (T0pp's config has no dense_act_fn)
+        act = config.get("dense_act_fn") or ("gelu_new" if proj == "gated-gelu" else proj.split("-")[-1])
+        if not isinstance(act, str) or act not in ACTIVATIONS:
             raise UnsupportedModelError(f"{where}: unsupported T5 activation {act!r}")
         if "scale_decoder_outputs" in config:
             scale = bool(config["scale_decoder_outputs"])
@@ -101,7 +109,7 @@ class T5Params:
             vocab=config_int(config, where, "vocab_size"),
             buckets=config_int(config, where, "relative_attention_num_buckets", default=32),
             max_distance=config_int(config, where, "relative_attention_max_distance", default=128),
-            eps=float(config.get("layer_norm_epsilon", 1e-6)),
+            eps=config_float(config, where, "layer_norm_epsilon", 1e-6),
             activation=act,
             gated=bool(config.get("is_gated_act", gated)),
             scale_outputs=scale,
@@ -240,10 +248,123 @@ def plan_ct2(ckpt: Checkpoint) -> CT2Plan:
     )
 
 
+# -- GGUF (llama.cpp `t5`) ---------------------------------------------------------------
+
+# (gated, activation) pairs llama.cpp's t5 graph computes: it runs GELU (tanh approximation)
+# when ffn_gate is present and ReLU otherwise, whatever the config says.
+GGUF_FFN = {(False, "relu"), (True, "gelu_new"), (True, "gelu_pytorch_tanh"), (True, "gelu_fast")}
+LLAMA_MAX_DISTANCE = 128  # llama_relative_position_bucket's constant
+DEFAULT_CONTEXT = 512  # T5's training length, when config.json has no n_positions
+EMBEDDING_COPIES = ("lm_head.weight", "shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def _check_gguf_support(p: T5Params, where: str) -> None:
+    if p.max_distance != LLAMA_MAX_DISTANCE:
+        raise UnsupportedModelError(
+            f"{where}: relative_attention_max_distance={p.max_distance}, but llama.cpp's t5 always uses "
+            f"{LLAMA_MAX_DISTANCE} (its outputs would be wrong); convert with format='ct2' instead"
+        )
+    if (p.gated, p.activation) not in GGUF_FFN:
+        kind = "gated" if p.gated else "ungated"
+        raise UnsupportedModelError(
+            f"{where}: {kind} {p.activation} feed-forward; llama.cpp's t5 runs only ungated relu or gated "
+            "tanh-GELU; convert with format='ct2' instead"
+        )
+
+
+def _gguf_layer_tensors(stack: str, p: T5Params) -> list[str]:
+    """HF tensor names of one block (relative to {stack}.block.{i}.), from the CT2 tables."""
+    table = ENCODER_LAYER if stack == "encoder" else DECODER_LAYER
+    ffn_sub = "layer.1" if stack == "encoder" else "layer.2"
+    return [n for names in table.values() for n in names] + [f"{ffn_sub}.{n}" for n in FFN_IN[p.gated].values()]
+
+
+def _gguf_name(tmap: gguf.TensorNameMap, hf_name: str) -> str:
+    target = tmap.get_name(hf_name, try_suffixes=(".weight",))
+    if target is None:
+        raise UnsupportedModelError(f"no GGUF name for T5 tensor {hf_name}")
+    return target
+
+
+def _identity_encoder_blocks(tmap: gguf.TensorNameMap, p: T5Params, blocks: range) -> list[TensorPlan]:
+    """All-zero encoder blocks: each computes x + 0 + 0, exactly x.
+
+    llama.cpp (0.3.36) sizes its per-layer tables by the encoder depth and fails to load a
+    decoder deeper than the encoder; padding the encoder to the decoder's depth fixes that."""
+    plans = []
+    for i in blocks:
+        for n in _gguf_layer_tensors("encoder", p):
+            shape = _shape_of(n, p)
+            plans.append(TensorPlan(_gguf_name(tmap, f"encoder.block.{i}.{n}"), shape, lambda s=shape: np.zeros(s, np.float32)))
+    return plans
+
+
+def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
+    """The GGUF plan for llama.cpp's `t5` architecture (T5, Flan-T5, mT5/mT0, T0)."""
+    where = str(ckpt.folder / "config.json")
+    p = T5Params.from_config(ckpt.config, where)
+    _check_gguf_support(p, where)
+    n_blocks = max(p.n_enc, p.n_dec)  # llama.cpp's block_count; the encoder is padded up to it
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5, n_blocks)
+    loader = _Loader(ckpt, p)
+
+    emb_name = _embedding_name(ckpt)
+    tensors = [loader.plan("token_embd.weight", [emb_name], [(p.vocab, p.d_model)])]
+    for stack, n_layers in (("encoder", p.n_enc), ("decoder", p.n_dec)):
+        for i in range(n_layers):
+            names = [f"{stack}.block.{i}.{n}" for n in _gguf_layer_tensors(stack, p)]
+            if i == 0:  # llama.cpp shares block 0's bias with the other blocks, as T5 does
+                names.append(f"{stack}.block.0.{REL_BIAS}")
+            tensors += [loader.plan(_gguf_name(tmap, n), [n], [_shape_of(n, p)]) for n in names]
+        final = f"{stack}.final_layer_norm.weight"
+        tensors.append(loader.plan(_gguf_name(tmap, final), [final], [(p.d_model,)]))
+    tensors += _identity_encoder_blocks(tmap, p, range(p.n_enc, n_blocks))
+    warnings = [] if n_blocks == p.n_enc else [
+        f"{where}: the decoder ({p.n_dec} blocks) is deeper than the encoder ({p.n_enc}), which llama.cpp cannot "
+        f"load; the encoder gets {n_blocks - p.n_enc} identity blocks (zero weights: same outputs, more encoder work)"
+    ]
+
+    # llama.cpp reuses token_embd when `output` is absent, and never scales the decoder
+    # output: a scaled head is written as its own tensor with d_model**-0.5 folded in.
+    head = emb_name if _head_is_embedding(ckpt, emb_name) else "lm_head.weight"
+    scale = p.d_model**-0.5 if p.scale_outputs else None
+    if head != emb_name or scale is not None:
+        expect(ckpt, head, (p.vocab, p.d_model))
+        tensors.append(TensorPlan("output.weight", (p.vocab, p.d_model), lambda: ckpt.get(head), (head,), scale))
+        loader.used.add(head)
+    check_all_used(ckpt, loader.used, ignorable=lambda n: n in EMBEDDING_COPIES
+                   or n.endswith("EncDecAttention.relative_attention_bias.weight"))
+
+    vocab = read_t5_tokenizer(ckpt.folder, p.vocab, {"pad": p.pad, "eos": p.eos})
+    warnings += vocab.warnings if vocab else [f"{ckpt.folder}: no tokenizer.json or spiece.model; the model will run on token ids only"]
+    context = config_int(ckpt.config, where, "n_positions", default=DEFAULT_CONTEXT)
+
+    def set_parameters(w: gguf.GGUFWriter) -> None:
+        w.add_context_length(context)
+        w.add_embedding_length(p.d_model)
+        w.add_feed_forward_length(p.d_ff)
+        w.add_block_count(n_blocks)
+        if p.n_dec != n_blocks:
+            w.add_decoder_block_count(p.n_dec)
+        w.add_head_count(p.n_heads)
+        w.add_head_count_kv(p.n_heads)
+        w.add_key_length(p.d_kv)
+        w.add_value_length(p.d_kv)
+        w.add_layer_norm_rms_eps(p.eps)
+        w.add_relative_attn_buckets_count(p.buckets)
+        w.add_decoder_start_token_id(p.decoder_start)
+        if vocab is not None:
+            add_vocab(w, vocab)
+        else:
+            add_no_vocab(w, p.vocab, {"eos_token_id": p.eos, "pad_token_id": p.pad})
+
+    return GGUFPlan("t5", set_parameters, tensors, vocab is not None, warnings)
+
+
 T5 = register(Architecture(
     name="t5",
     hf_architectures=("T5ForConditionalGeneration", "MT5ForConditionalGeneration"),
-    formats={"ct2": plan_ct2},
+    formats={"ct2": plan_ct2, "gguf": plan_gguf},
     default_format="ct2",
     model_types=("t5", "mt5"),
 ))

@@ -7,10 +7,12 @@ for it), the token list padded to the embedding size, token types, merges and sp
 
 from __future__ import annotations
 
+import base64
 import logging
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import gguf
 
@@ -34,6 +36,13 @@ class GGUFVocab:
     token_types: list[int]
     merges: list[str]
     special_ids: dict[str, int]
+    # SentencePiece unigram (llama.cpp's `t5` / UGM model) only:
+    scores: list[float] | None = None
+    charsmap: bytes | None = None  # the normalizer's precompiled_charsmap
+    add_space_prefix: bool | None = None
+    remove_extra_whitespaces: bool | None = None
+    add_eos: bool = False  # HF's T5 tokenizer appends </s>
+    warnings: list[str] = field(default_factory=list)
 
 
 def _pre_tokenizer_name(pre: Any, path: Path) -> str:
@@ -103,12 +112,20 @@ def add_vocab(writer: gguf.GGUFWriter, vocab: GGUFVocab) -> None:
     if vocab.pre:
         writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.token_types)
     if vocab.merges:
         writer.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.remove_extra_whitespaces is not None:
+        writer.add_remove_extra_whitespaces(vocab.remove_extra_whitespaces)
+    if vocab.charsmap:
+        writer.add_precompiled_charsmap(vocab.charsmap)
     add_special_ids(writer, vocab.special_ids)
     writer.add_add_bos_token(False)
-    writer.add_add_eos_token(False)
+    writer.add_add_eos_token(vocab.add_eos)
 
 
 def add_special_ids(writer: gguf.GGUFWriter, ids: dict[str, int]) -> None:
@@ -199,3 +216,244 @@ def t5_vocabulary(folder: Path, vocab_size: int, special: dict[str, int]) -> Tok
     if len({t for t in tokens if t is not None}) != sum(t is not None for t in tokens):
         raise UnsupportedModelError(f"{source}: duplicate token strings; ids would be ambiguous")
     return TokenList(_placeholders(tokens), source, unk, warnings)
+
+
+# -- SentencePiece unigram (T5 family) as llama.cpp's `t5` (UGM) tokenizer ---------------
+
+UNUSED_SCORE = -1e9  # padding ids: llama.cpp's matcher sees them, so they must never win
+METASPACE = "\u2581"
+# SentencePiece piece types (sentencepiece_model.proto) have the same numbers as gguf.TokenType.
+SPM_TYPES = {int(t) for t in gguf.TokenType}
+SPM_UNIGRAM = 1
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of one protobuf message: varints as int, the rest as bytes."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            yield key >> 3, value
+            continue
+        if wire == 2:
+            n, pos = _varint(buf, pos)
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos + n > len(buf):
+            raise ValueError("truncated field")
+        yield key >> 3, buf[pos : pos + n]
+        pos += n
+
+
+@dataclass
+class SpmModel:
+    """What llama.cpp needs from a `spiece.model` (a sentencepiece ModelProto)."""
+
+    pieces: list[tuple[str, float, int]]  # piece, score, type
+    model_type: int
+    charsmap: bytes
+    add_dummy_prefix: bool
+    remove_extra_whitespaces: bool
+    escape_whitespaces: bool
+
+
+def read_spm_model(path: Path) -> SpmModel:
+    """Parse the fields of a SentencePiece model file that tokenization depends on.
+
+    The protobuf wire format is read directly (no sentencepiece/protobuf dependency);
+    proto2 defaults apply to absent fields."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UnsupportedModelError(f"{path}: cannot read: {e.strerror or e}") from None
+    pieces: list[tuple[str, float, int]] = []
+    model_type, charsmap = SPM_UNIGRAM, b""
+    flags = {3: True, 4: True, 5: True}  # add_dummy_prefix, remove_extra_whitespaces, escape_whitespaces
+    try:
+        for num, value in _proto_fields(data):
+            if num == 1 and isinstance(value, bytes):  # repeated SentencePiece
+                piece, score, kind = "", 0.0, 1
+                for f, v in _proto_fields(value):
+                    if f == 1 and isinstance(v, bytes):
+                        piece = v.decode("utf-8")
+                    elif f == 2 and isinstance(v, bytes):
+                        score = struct.unpack("<f", v)[0]
+                    elif f == 3 and isinstance(v, int):
+                        kind = v
+                pieces.append((piece, score, kind))
+            elif num == 2 and isinstance(value, bytes):  # TrainerSpec
+                model_type = next((v for f, v in _proto_fields(value) if f == 3 and isinstance(v, int)), SPM_UNIGRAM)
+            elif num == 3 and isinstance(value, bytes):  # NormalizerSpec
+                for f, v in _proto_fields(value):
+                    if f == 2 and isinstance(v, bytes):
+                        charsmap = v
+                    elif f in flags and isinstance(v, int):
+                        flags[f] = bool(v)
+    except (ValueError, UnicodeDecodeError, struct.error) as e:
+        raise UnsupportedModelError(f"{path}: not a SentencePiece model ({e})") from None
+    if not pieces:
+        raise UnsupportedModelError(f"{path}: not a SentencePiece model (no pieces)")
+    return SpmModel(pieces, model_type, charsmap, flags[3], flags[4], flags[5])
+
+
+def _normalizer_steps(node: Any) -> list[dict[str, Any]]:
+    if not isinstance(node, dict):
+        return []
+    if node.get("type") == "Sequence":
+        return [s for n in node.get("normalizers") or node.get("pretokenizers") or [] for s in _normalizer_steps(n)]
+    return [node]
+
+
+def _unigram_settings(data: dict[str, Any], path: Path) -> tuple[bytes, bool, bool, list[str]]:
+    """(precompiled charsmap, add space prefix, merge spaces, warnings) of a T5 tokenizer.json,
+    or an error for a normalizer or pre-tokenizer llama.cpp's UGM tokenizer does not have."""
+    charsmap, merge, split, warnings = b"", False, False, []
+    for step in _normalizer_steps(data.get("normalizer")):
+        kind = step.get("type")
+        if kind == "Precompiled":
+            charsmap = base64.b64decode(step.get("precompiled_charsmap") or "")
+        elif kind == "Replace" and (step.get("pattern") or {}).get("Regex") == " {2,}" and step.get("content") == " ":
+            merge = True
+        elif kind == "Strip":
+            continue  # subsumed by merging spaces (SentencePiece strips and merges together)
+        else:
+            raise UnsupportedModelError(
+                f"{path}: normalizer {kind!r} is not one llama.cpp's SentencePiece tokenizer reproduces "
+                "(remove tokenizer.json to convert for token-id input only)"
+            )
+    prefix = None
+    for step in _normalizer_steps(data.get("pre_tokenizer")):
+        kind = step.get("type")
+        if kind == "WhitespaceSplit":
+            merge = split = True
+        elif kind == "Metaspace" and step.get("replacement", METASPACE) == METASPACE:
+            scheme = step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
+            prefix = scheme != "never"
+            if scheme == "first":
+                warnings.append(
+                    f"{path}: Metaspace prepend_scheme 'first'; llama.cpp prefixes a space to text after "
+                    "special tokens too, so ids can differ right after a special token with no space before the text"
+                )
+        else:
+            raise UnsupportedModelError(f"{path}: pre-tokenizer {kind!r} is not one llama.cpp's SentencePiece tokenizer reproduces")
+    if prefix is None:
+        raise UnsupportedModelError(f"{path}: a SentencePiece tokenizer.json without a Metaspace pre-tokenizer")
+    if merge and not split:
+        warnings.append(
+            f"{path}: this tokenizer.json turns a trailing space (also one before a special token) into a "
+            "'\u2581' token; llama.cpp, like sentencepiece itself, drops it, so such inputs get one id fewer"
+        )
+    return charsmap, prefix, merge, warnings
+
+
+def _appends_eos(data: dict[str, Any], eos: int, path: Path) -> bool:
+    """Whether the post-processor appends </s> to a single sequence (T5's template: A </s>)."""
+    post = data.get("post_processor")
+    if not post:
+        return False
+    single = post.get("single") if post.get("type") == "TemplateProcessing" else None
+    if single is None:
+        raise UnsupportedModelError(f"{path}: post-processor {post.get('type')!r} is not reproduced by llama.cpp")
+    kinds = ["A" if "Sequence" in s else (s.get("SpecialToken") or {}).get("id") for s in single]
+    ids = {k: v.get("ids") for k, v in (post.get("special_tokens") or {}).items()}
+    if kinds == ["A"]:
+        return False
+    if len(kinds) == 2 and kinds[0] == "A" and ids.get(kinds[1]) == [eos]:
+        return True
+    raise UnsupportedModelError(f"{path}: post-processor template {kinds} is not one llama.cpp reproduces (only 'A </s>')")
+
+
+def _unigram_entries(model: dict[str, Any], added_tokens: list[Any]) -> dict[int, tuple[str, float, int]]:
+    """id -> (piece, score, token type) of a tokenizer.json Unigram model and its added tokens."""
+    unk = model.get("unk_id")
+    entries: dict[int, tuple[str, float, int]] = {}
+    for i, (piece, score) in enumerate(model["vocab"]):
+        kind = gguf.TokenType.UNKNOWN if i == unk else gguf.TokenType.NORMAL
+        entries[i] = (str(piece), float(score), int(kind))
+    for added in added_tokens:
+        i = int(added["id"])
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        score = entries[i][1] if i in entries else 0.0
+        entries[i] = (str(added["content"]), score, int(gguf.TokenType.UNKNOWN if i == unk else kind))
+    return entries
+
+
+def read_t5_tokenizer(folder: Path, vocab_size: int, special: dict[str, int]) -> GGUFVocab | None:
+    """A T5-family SentencePiece unigram tokenizer as llama.cpp's `t5` (UGM) tokenizer keys.
+
+    From tokenizer.json (preferred) or spiece.model; None when the folder has neither. Ids
+    past the tokenizer (vocab_size 32128 vs 32100 pieces) are unused placeholders; </s> is
+    appended to every input, as Hugging Face's T5 tokenizer does.
+    """
+    tokenizer_json, spiece = folder / "tokenizer.json", folder / "spiece.model"
+    entries: dict[int, tuple[str, float, int]] = {}
+    warnings: list[str] = []
+    if tokenizer_json.is_file():
+        data = read_json(tokenizer_json)
+        model = data.get("model") or {}
+        if model.get("type") != "Unigram" or not isinstance(model.get("vocab"), list):
+            raise UnsupportedModelError(f"{tokenizer_json}: expected a Unigram (SentencePiece) tokenizer, found {model.get('type')!r}")
+        if model.get("byte_fallback"):
+            raise UnsupportedModelError(f"{tokenizer_json}: byte_fallback is not supported by llama.cpp's unigram tokenizer")
+        try:
+            entries = _unigram_entries(model, data.get("added_tokens") or [])
+            charsmap, prefix, merge, warnings = _unigram_settings(data, tokenizer_json)
+            add_eos = _appends_eos(data, special.get("eos", 1), tokenizer_json)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise UnsupportedModelError(f"{tokenizer_json}: malformed tokenizer ({type(e).__name__}: {e})") from None
+        source = tokenizer_json
+    elif spiece.is_file():
+        spm = read_spm_model(spiece)
+        if spm.model_type != SPM_UNIGRAM:
+            raise UnsupportedModelError(f"{spiece}: SentencePiece model type {spm.model_type} is not unigram")
+        if not spm.escape_whitespaces:
+            raise UnsupportedModelError(f"{spiece}: escape_whitespaces=false is not supported")
+        if any(kind == gguf.TokenType.BYTE for _, _, kind in spm.pieces):
+            raise UnsupportedModelError(f"{spiece}: byte-fallback pieces are not supported by llama.cpp's unigram tokenizer")
+        for i, (piece, score, kind) in enumerate(spm.pieces):
+            entries[i] = (piece, score, kind if kind in SPM_TYPES else int(gguf.TokenType.NORMAL))
+        # Hugging Face's T5 tokenizer numbers its 100 sentinels after the pieces, <extra_id_0> last.
+        n_extra = max(0, min(T5_EXTRA_IDS, vocab_size - len(spm.pieces)))
+        for j in range(n_extra):
+            entries[len(spm.pieces) + j] = (f"<extra_id_{n_extra - 1 - j}>", 0.0, int(gguf.TokenType.CONTROL))
+        charsmap, prefix, merge, add_eos = spm.charsmap, spm.add_dummy_prefix, spm.remove_extra_whitespaces, True
+        source = spiece
+    else:
+        return None
+
+    bad = [i for i in entries if not 0 <= i < vocab_size]
+    if bad:
+        raise UnsupportedModelError(f"{source}: token id {bad[0]} is outside the embedding ({vocab_size} rows)")
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        tok, score, kind = entries.get(i, (f"[PAD{i}]", UNUSED_SCORE, int(gguf.TokenType.UNUSED)))
+        tokens.append(tok)
+        scores.append(score)
+        types.append(kind)
+    if len(set(tokens)) != len(tokens):
+        raise UnsupportedModelError(f"{source}: duplicate token strings; llama.cpp requires unique tokens")
+    ids = {k: v for k, v in special.items() if k in SPECIAL_ID_KEYS and 0 <= v < vocab_size}
+    unk_ids = [i for i, k in enumerate(types) if k == gguf.TokenType.UNKNOWN]
+    if unk_ids:
+        ids["unk"] = unk_ids[0]
+    return GGUFVocab(
+        "t5", None, tokens, types, [], ids, scores=scores, charsmap=charsmap or None,
+        add_space_prefix=prefix, remove_extra_whitespaces=merge, add_eos=add_eos, warnings=warnings,
+    )
