@@ -11,7 +11,7 @@ from typing import Any
 from convert.errors import ModelLoadError
 
 from .model import Model
-from .platform import ModelFacts, choose, detect_facts
+from .platform import ENCODER_DECODER, ModelFacts, choose, detect_facts
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,11 @@ def load(
             path, device=choice.device, threads=choice.threads, compute_type=compute_type or choice.compute_type or "default",
             n_ctx=n_ctx, reasons=reasons, **backend_options,
         )
-    from .backends.llama_cpp import LlamaCppModel
-
-    return LlamaCppModel(
+    if facts.architecture in ENCODER_DECODER:
+        from .backends.llama_seq2seq import LlamaSeq2SeqModel as GGUFModel
+    else:
+        from .backends.llama_cpp import LlamaCppModel as GGUFModel
+    return GGUFModel(
         path, n_gpu_layers=choice.n_gpu_layers, device=choice.device, threads=choice.threads,
         n_ctx=n_ctx, reasons=reasons, **backend_options,
     )

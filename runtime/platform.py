@@ -15,7 +15,11 @@ The decision table:
   CT2        CPU                                      ctranslate2, cpu, int8 for int8 models
                                                       (else float32), if the build supports it
   HF folder  BLOOM                                    converted to GGUF q4_k_m, then as GGUF
-  HF folder  T5 family                                converted to CT2 int8, then as CT2
+  HF folder  T5 family, Apple Silicon + Metal build   converted to GGUF q8_0 (Metal is llama.cpp only)
+  HF folder  T5 family, CUDA visible to CTranslate2   converted to CT2 int8
+  HF folder  T5 family, CPU                           converted to GGUF q8_0: llama.cpp's t5 graph
+                                                      decodes faster than CTranslate2 on CPU
+                                                      (benchmarks/README.md)
 Threads: one per physical core, never more than the CPUs this process may use.
 """
 
@@ -34,9 +38,12 @@ DEVICES = ("auto", "cpu", "metal", "cuda")
 BACKENDS = {"llama.cpp": "gguf", "ctranslate2": "ct2"}
 BACKEND_ALIASES = {"llama.cpp": "llama.cpp", "llama": "llama.cpp", "llamacpp": "llama.cpp", "gguf": "llama.cpp",
                    "ctranslate2": "ctranslate2", "ct2": "ctranslate2"}
-# Which formats each source architecture converts to, first = default.
-CONVERSION_TARGETS = {"bloom": ("gguf",), "t5": ("ct2",)}
-DEFAULT_QUANT = {"gguf": "q4_k_m", "ct2": "int8"}
+# Which formats each source architecture converts to.
+CONVERSION_TARGETS = {"bloom": ("gguf",), "t5": ("ct2", "gguf")}
+# Default quant per (architecture, format): BLOOMZ is memory-bound (q4_k_m); small T5s lose
+# more to 4-bit rounding and gain less from it, so they keep 8 bits.
+DEFAULT_QUANT = {("bloom", "gguf"): "q4_k_m", ("t5", "gguf"): "q8_0", ("t5", "ct2"): "int8"}
+ENCODER_DECODER = {"t5"}
 GIB = 2**30
 
 
@@ -93,8 +100,8 @@ def choose(
     fmt, quant = model.format, model.quant
     reasons: list[str] = []
     if fmt == "hf":
-        fmt = _conversion_target(model.architecture, wanted, reasons)
-        quant = quant or DEFAULT_QUANT[fmt]
+        fmt = _conversion_target(model.architecture, wanted, facts, reasons)
+        quant = quant or DEFAULT_QUANT[(model.architecture, fmt)]
         reasons.append(f"convert the checkpoint to {fmt} {quant} on first use (cached)")
     elif wanted and BACKENDS[wanted] != fmt:
         raise ModelLoadError(f"backend {wanted} cannot run a {fmt} model (it runs {BACKENDS[wanted]})")
@@ -123,7 +130,12 @@ def _backend_name(backend: str | None) -> str | None:
         raise ModelLoadError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}") from None
 
 
-def _conversion_target(architecture: str, backend: str | None, reasons: list[str]) -> str:
+def _conversion_target(architecture: str, backend: str | None, facts: PlatformFacts, reasons: list[str]) -> str:
+    """The format a checkpoint is converted to: what its fastest engine here runs.
+
+    Seq2seq models convert to both. Metal exists only in llama.cpp (GGUF); on CUDA,
+    CTranslate2's kernels win; on CPU, llama.cpp's t5 graph decoded flan-t5-small and
+    mt0-large shapes faster than CTranslate2 (benchmarks/README.md, speed table)."""
     targets = CONVERSION_TARGETS.get(architecture)
     if not targets:
         raise ModelLoadError(f"no converter for architecture {architecture!r}")
@@ -132,7 +144,16 @@ def _conversion_target(architecture: str, backend: str | None, reasons: list[str
         if fmt not in targets:
             raise ModelLoadError(f"{architecture} models cannot be converted for {backend} (only {', '.join(targets)})")
         return fmt
-    return targets[0]
+    if len(targets) == 1:
+        return targets[0]
+    if facts.llama_gpu == "metal" and facts.apple_silicon:
+        reasons.append("seq2seq on Apple Silicon: GGUF, the only format with a Metal engine")
+        return "gguf"
+    if facts.ct2_cuda_devices:
+        reasons.append("seq2seq with a CUDA device: CTranslate2")
+        return "ct2"
+    reasons.append("seq2seq on CPU: GGUF, llama.cpp decoded faster than CTranslate2 in benchmarks/")
+    return "gguf"
 
 
 def _choose_llama(facts: PlatformFacts, device: str, threads: int, reasons: list[str]) -> Choice:

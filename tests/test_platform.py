@@ -97,10 +97,22 @@ def test_low_ram_warns():
 def test_checkpoint_folders_pick_a_conversion():
     bloom = choose(ModelFacts("hf", "bloom", None, 1 * GIB), machine())
     assert (bloom.format, bloom.quant, bloom.backend) == ("gguf", "q4_k_m", "llama.cpp")
-    t5 = choose(ModelFacts("hf", "t5", None, 300 << 20), machine())
-    assert (t5.format, t5.quant, t5.backend, t5.compute_type) == ("ct2", "int8", "ctranslate2", "int8")
-    assert choose(ModelFacts("hf", "t5", "float32", 1), machine()).compute_type == "float32"
-    assert any("convert the checkpoint" in r for r in t5.reasons)
+    t5 = ModelFacts("hf", "t5", None, 300 << 20)
+    cpu = choose(t5, machine())
+    assert (cpu.format, cpu.quant, cpu.backend) == ("gguf", "q8_0", "llama.cpp")
+    assert any("convert the checkpoint" in r for r in cpu.reasons) and any("seq2seq on CPU" in r for r in cpu.reasons)
+    mac = choose(t5, MAC_M2)
+    assert (mac.format, mac.device) == ("gguf", "metal")
+    cuda = choose(t5, CUDA_ONLY_CT2)
+    assert (cuda.format, cuda.quant, cuda.device, cuda.compute_type) == ("ct2", "int8", "cuda", "int8_bfloat16")
+    forced = choose(t5, machine(), backend="ctranslate2")
+    assert (forced.format, forced.quant, forced.compute_type) == ("ct2", "int8", "int8")
+    assert choose(ModelFacts("hf", "t5", "float32", 1), machine(), backend="ct2").compute_type == "float32"
+
+
+def test_gguf_t5_runs_on_llama_cpp_like_any_gguf():
+    c = choose(ModelFacts("gguf", "t5", "q8_0", 80 << 20), MAC_M2)
+    assert (c.backend, c.device) == ("llama.cpp", "metal")
 
 
 def test_overrides():
