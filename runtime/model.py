@@ -290,9 +290,13 @@ class StepModel(Model):
     def _end_ids(self) -> list[int]:
         """Every id that ends a sequence (masked before min_new_tokens)."""
 
+    def _penalty_history(self, ids: list[int]) -> list[int]:
+        """The tokens a repetition penalty starts from: the prompt, for a causal model."""
+        return list(ids)
+
     def _generate_ids(self, ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
         sampler = Sampler(params)
-        seen = list(ids)
+        seen = self._penalty_history(ids)
         logits = self._prefill(ids)
         ends = self._end_ids() if params.min_new_tokens else []
         for i in range(max_new):
@@ -301,3 +305,30 @@ class StepModel(Model):
             seen.append(token)
             if i + 1 < max_new and not self._is_end(token):
                 logits = self._step(token)
+
+
+class Seq2Seq:
+    """What encoder-decoder backends share: logits over (source, decoder ids), scoring of
+    answers as decoder targets, and decoding lengths independent of the source's.
+
+    A backend mixing this in sets `_start` (the decoder start token)."""
+
+    _start: int
+    info: ModelInfo
+
+    def _decoder_ids(self, input_ids: Sequence[int], decoder_input_ids: Sequence[int] | None) -> tuple[list[int], list[int]]:
+        src = [int(t) for t in input_ids]
+        dec = [self._start] if decoder_input_ids is None else [int(t) for t in decoder_input_ids]
+        if not src or not dec or dec[0] != self._start:
+            raise GenerationError(f"decoder_input_ids must start with the decoder start token {self._start}")
+        return src, dec
+
+    def _continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
+        return self.logits(context, [self._start, *continuation])[: len(continuation)]  # type: ignore[attr-defined]
+
+    def _budget(self, n_prompt: int, max_new_tokens: int) -> int:
+        return min(max_new_tokens, self.info.n_ctx)
+
+    def _penalty_history(self, ids: list[int]) -> list[int]:
+        # transformers penalises what the decoder has seen (start token and output), not the source
+        return [self._start]

@@ -46,7 +46,7 @@ def test_stream_never_splits_a_character(model):
         for event in events:
             if event.token_id is None:
                 continue
-            data = model._token_bytes(event.token_id)
+            data = model._s.piece(event.token_id)
             try:
                 data.decode("utf-8")
             except UnicodeDecodeError:

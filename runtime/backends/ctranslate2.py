@@ -16,16 +16,15 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from convert import engine
-from convert.errors import GenerationError, ModelLoadError
+from convert.errors import ModelLoadError
 
-from ..model import GenerationResult, Model, ModelInfo, _params
+from ..model import GenerationResult, Model, ModelInfo, Seq2Seq, _params
 from ..sampling import Sampler, SamplingParams
 from ..tokenizer import IncrementalDecoder, load_tokenizer, require
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_INPUT = 1024
-MAX_DECODING = 1024
 
 
 def read_folder_metadata(folder: Path) -> dict[str, Any]:
@@ -40,7 +39,7 @@ def read_folder_metadata(folder: Path) -> dict[str, Any]:
     return {"format": "ctranslate2", "architecture": "unknown", "quant": "unknown", "ct2_config": config}
 
 
-class CT2Seq2SeqModel(Model):
+class CT2Seq2SeqModel(Seq2Seq, Model):
     def __init__(
         self,
         folder: Path,
@@ -96,18 +95,12 @@ class CT2Seq2SeqModel(Model):
     def _strings(self, ids: Sequence[int]) -> list[str]:
         return [self._vocab[i] for i in ids]
 
-    def _budget(self, n_prompt: int, max_new_tokens: int) -> int:
-        return min(max_new_tokens, MAX_DECODING)  # the decoder's length does not depend on the input's
-
     # -- evaluation -----------------------------------------------------------------------
     def logits(self, input_ids: Sequence[int], decoder_input_ids: Sequence[int] | None = None) -> np.ndarray:
         """float32 [len(decoder_input_ids), vocab]: next-token logits at each decoder position.
 
         `decoder_input_ids` starts with the decoder start token (default: just that token)."""
-        src = [int(t) for t in input_ids]
-        dec = [self._start] if decoder_input_ids is None else [int(t) for t in decoder_input_ids]
-        if not src or not dec or dec[0] != self._start:
-            raise GenerationError(f"decoder_input_ids must start with the decoder start token {self._start}")
+        src, dec = self._decoder_ids(input_ids, decoder_input_ids)
         with self._lock:
             return self._logits_unlocked(src, dec)
 
@@ -118,9 +111,6 @@ class CT2Seq2SeqModel(Model):
             max_input_length=0, return_scores=False,
         )[0]
         return np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in result.logits[0]])
-
-    def _continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
-        return self.logits(context, [self._start, *continuation])[: len(continuation)]
 
     def _generate_seeded(self, ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
         """Seeded sampling, token by token with PocketLM's sampler.

@@ -1,0 +1,176 @@
+"""One loaded llama.cpp model and context, through llama-cpp-python's C API.
+
+Both GGUF backends (causal and encoder-decoder) own one `LlamaSession`: it loads the file,
+creates the context (an f32 model gets an f32 KV cache and no flash attention: it is asked
+for exactness), and runs token batches asking for exactly the logits rows needed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from convert import engine
+from convert.errors import GenerationError, ModelLoadError
+from convert.gguf_target import FILE_TYPE_NAMES
+
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+CTX_STEP = 256  # llama.cpp rounds n_ctx up to a multiple of this
+
+
+class LlamaSession:
+    def __init__(self, path: Path, n_gpu_layers: int, threads: int, n_ctx: int | None, max_ctx: int,
+                 n_batch: int | None = None, kv_type: str | None = None):
+        """`n_batch=None` makes the batch as large as the context (an encoder needs the
+        whole source in one batch)."""
+        self.path = path
+        self.llama = llama = engine.llama_cpp()
+        self.model = self.ctx = self.batch = None
+        mparams = llama.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        with engine.quiet_c_output():
+            self.model = llama.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise ModelLoadError(f"{path}: llama.cpp could not load this model: {engine.recent_log()}")
+        self.vocab = llama.llama_model_get_vocab(self.model)
+        self.architecture = self.meta("general.architecture") or "unknown"
+        file_type = self.meta("general.file_type")
+        self.quant = self.meta("pocketlm.quant") or FILE_TYPE_NAMES.get(int(file_type or -1), "unknown")
+        n_ctx = n_ctx or min(llama.llama_model_n_ctx_train(self.model), max_ctx) or max_ctx
+        n_ctx = -(-n_ctx // CTX_STEP) * CTX_STEP
+        exact = (kv_type or ("f32" if self.quant == "f32" else "f16")) == "f32"
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = min(n_batch or n_ctx, n_ctx)
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.type_k = cparams.type_v = GGML_TYPE_F32 if exact else GGML_TYPE_F16
+        cparams.no_perf = True
+        if exact:  # flash attention rounds through f16 on CPU
+            cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        with engine.quiet_c_output():
+            self.ctx = llama.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            self.close()
+            raise ModelLoadError(f"{path}: llama.cpp could not create a context: {engine.recent_log()}")
+        self.n_ctx = llama.llama_n_ctx(self.ctx)
+        self.n_batch = llama.llama_n_ubatch(self.ctx)
+        self.batch = llama.llama_batch_init(self.n_batch, 0, 1)
+        self.memory = llama.llama_get_memory(self.ctx)
+        self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
+        self.has_vocab = llama.llama_vocab_type(self.vocab) != llama.LLAMA_VOCAB_TYPE_NONE
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    @property
+    def has_encoder(self) -> bool:
+        return bool(self.llama.llama_model_has_encoder(self.model))
+
+    # -- metadata and vocabulary ---------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(512)
+        n = self.llama.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def special(self, name: str, from_vocab: Any, default: int | None) -> int | None:
+        """A special id: llama.cpp's when it has a tokenizer, else the one the converter recorded."""
+        if self.has_vocab:
+            value = from_vocab(self.vocab)
+            if value >= 0:
+                return int(value)
+        meta = self.meta(f"tokenizer.ggml.{name}_token_id")
+        return int(meta) if meta is not None else default
+
+    def require_vocab(self) -> None:
+        if not self.has_vocab:
+            raise GenerationError(
+                f"{self.path} has no tokenizer (converted without tokenizer files); pass token ids instead of text"
+            )
+
+    def tokenize(self, text: str) -> list[int]:
+        """add_special: only what the GGUF asks for (BLOOM nothing, T5 </s>); parse_special:
+        text such as "</s>" becomes its special id, as the Hugging Face tokenizer does."""
+        self.require_vocab()
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        for _ in range(2):  # a too-small buffer returns the needed size, negated
+            buf = (self.llama.llama_token * cap)()
+            n = self.llama.llama_tokenize(self.vocab, data, len(data), buf, cap, True, True)
+            if n >= 0:
+                return list(buf[:n])
+            cap = -n
+        raise GenerationError("llama.cpp could not tokenize the text")
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token as it appears inside a text."""
+        if not self.has_vocab:
+            return b""
+        n = self.llama.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        if n < 0:
+            self._piece_buf = ctypes.create_string_buffer(-n)
+            n = self.llama.llama_token_to_piece(self.vocab, token, self._piece_buf, -n, 0, False)
+        return self._piece_buf.raw[:n]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """llama.cpp's own detokenizer (which drops a SentencePiece text's first space, as HF does)."""
+        self.require_vocab()
+        if not ids:
+            return ""
+        tokens = (self.llama.llama_token * len(ids))(*ids)
+        cap = 16 * len(ids) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(cap)
+            n = self.llama.llama_detokenize(self.vocab, tokens, len(ids), buf, cap, False, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            cap = -n
+        raise GenerationError("llama.cpp could not detokenize the ids")
+
+    # -- evaluation ------------------------------------------------------------------------
+    def clear(self, keep: int = 0) -> None:
+        """Forget the KV cache from position `keep` on (all of it by default)."""
+        if keep == 0:
+            self.llama.llama_memory_clear(self.memory, True)
+        else:
+            self.llama.llama_memory_seq_rm(self.memory, 0, keep, -1)
+
+    def run(self, ids: Sequence[int], start: int, all_logits: bool, encode: bool = False) -> np.ndarray | None:
+        """Evaluate `ids` at positions start.. (decoder, or encoder with `encode`); return the
+        logits of every token, of the last one, or nothing (encoding)."""
+        out = []
+        b = self.batch
+        step = self.n_batch
+        for lo in range(0, len(ids), step):
+            chunk = ids[lo : lo + step]
+            last_chunk = lo + step >= len(ids)
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = start + lo + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = encode or all_logits or (last_chunk and i == len(chunk) - 1)
+            b.n_tokens = len(chunk)
+            rc = (self.llama.llama_encode if encode else self.llama.llama_decode)(self.ctx, b)
+            if rc != 0:
+                self.clear()
+                raise GenerationError(f"llama.cpp {'encode' if encode else 'decode'} failed (code {rc}): {engine.recent_log()}")
+            rows = 0 if encode else len(chunk) if all_logits else int(last_chunk)
+            if rows:
+                ptr = self.llama.llama_get_logits(self.ctx)
+                out.append(np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab)).copy())
+        if encode:
+            return None
+        return np.concatenate(out) if all_logits else out[-1][0]
+
+    def close(self) -> None:
+        llama = self.llama
+        if self.batch is not None:
+            llama.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            llama.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            llama.llama_model_free(self.model)
+            self.model = None
