@@ -34,9 +34,10 @@ class HFTokenizer:
 
 
 class SentencePieceT5Tokenizer:
-    """`spiece.model` plus T5's conventions: sentinels after the pieces, </s> appended."""
+    """`spiece.model` plus T5's conventions: sentinels after the pieces, </s> appended, and
+    special tokens written in the text (<extra_id_N>, </s>, <unk>, <pad>) read as their ids."""
 
-    SENTINEL = re.compile(r"<extra_id_(\d+)>")
+    SPECIAL = re.compile(r"<extra_id_\d+>|</s>|<unk>|<pad>")
 
     def __init__(self, path: Path, vocab: list[str], eos: int):
         try:
@@ -51,7 +52,7 @@ class SentencePieceT5Tokenizer:
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
         pos = 0
-        for m in self.SENTINEL.finditer(text):
+        for m in self.SPECIAL.finditer(text):
             ids += self._sp.encode(text[pos : m.start()]) if text[pos : m.start()].strip() else []
             ids.append(self._ids.get(m.group(0), self._sp.unk_id()))
             pos = m.end()

@@ -222,3 +222,33 @@ def hf_seq2seq_greedy(model: Any, input_ids: list[int], n: int, **kwargs: Any) -
             torch.tensor([input_ids]), max_new_tokens=n, do_sample=False, num_beams=1, use_cache=False, **kwargs,
         )
     return out[0, 1:].tolist()  # drop the decoder start token
+
+
+T5_CORPUS = [
+    "Translate to English: Je t'aime. I love you.",
+    "一个传奇的开端，一个不灭的神话，这不仅仅是一部电影。",
+    "Die Katze sitzt auf der Matte. Où est la bibliothèque ? Ça va très bien, merci !",
+    "def add(a, b):\n    return a + b  # 🙂 emojis, tabs\tand   runs of spaces",
+    "नमस्ते दुनिया। مرحبا بالعالم، كيف حالك؟ Привет, мир! こんにちは世界。",
+    "Translate English to German: The house is wonderful.",
+    "Question: What is the capital of France? Answer: Paris.",
+    "Größenwahn, naïve café, façade, smørrebrød, Dvořák, São Paulo.",
+    "機械学習は人工知能の一分野です。深層学習と自然言語処理。",
+    "Review: this movie was great! Is this review positive or negative?",
+]
+T5_PROBES = [
+    "Translate to English: Je t'aime.",
+    "summarize: The quick brown fox jumps over the lazy dog.",
+    "Größe über alles — très bien !",
+    "東京都。北京市，上海市",
+    "emoji 🙂 and unseen ǅʬ letters",
+    "multiple   spaces\tand\nnewlines",
+    "  leading and trailing  ",
+    "The <extra_id_0> walks in <extra_id_1> park.",
+    "<extra_id_0>word a<extra_id_1>b </s> inside <unk>",
+    "ﬁ ligature ① ｆｕｌｌ\u3000ｗｉｄｔｈ, nbsp\u00a0here, ÅÅÅ, e\u0301",
+    "नमस्ते दुनिया। مرحبا بالعالم Привет, мир! 한국어",
+    "x",
+    "",
+]
+T5_PIECES = 180

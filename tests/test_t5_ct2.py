@@ -11,7 +11,7 @@ import runtime
 from convert import convert
 from convert.ct2_target import QUANT_TYPES, read_model_bin
 from convert.errors import GenerationError
-from reference import hf_seq2seq_greedy, hf_seq2seq_logits, make_t5
+from reference import hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids
 
 CONFIGS = {
     "t5-original-relu-tied-scaled": dict(ff="relu", head="tied-scaled"),
@@ -26,8 +26,6 @@ CONFIGS = {
 }
 
 
-def _rand(n, vocab, seed, low=3):
-    return [int(x) for x in np.random.default_rng(seed).integers(low, vocab, n)]
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS), ids=list(CONFIGS))
@@ -44,8 +42,8 @@ def test_float32_logits_match_transformers(t5):
     ref, model = t5
     vocab = ref.config.vocab_size
     for seed in range(3):
-        src = _rand(45, vocab, seed) + [1]  # longer than max_distance in one config
-        dec = [0] + _rand(30, vocab, seed + 10)
+        src = random_ids(45, vocab, seed) + [1]  # longer than max_distance in one config
+        dec = [0] + random_ids(30, vocab, seed + 10)
         expected = hf_seq2seq_logits(ref, src, dec)
         got = model.logits(src, dec)
         assert got.shape == expected.shape == (len(dec), vocab) and got.dtype == np.float32
@@ -56,21 +54,21 @@ def test_float32_logits_match_transformers(t5):
 def test_float32_greedy_equals_transformers(t5):
     ref, model = t5
     for seed in range(3):
-        src = _rand(10, ref.config.vocab_size, seed + 20) + [1]
+        src = random_ids(10, ref.config.vocab_size, seed + 20) + [1]
         expected = hf_seq2seq_greedy(ref, src, 24)
         assert model.generate(src, max_new_tokens=24).token_ids == expected
 
 
 def test_batch_generation_equals_one_by_one(t5):
     _, model = t5
-    prompts = [_rand(n, model.info.vocab_size, n) + [1] for n in (4, 9, 15)]
+    prompts = [random_ids(n, model.info.vocab_size, n) + [1] for n in (4, 9, 15)]
     batch = model.generate(prompts, max_new_tokens=12)
     assert [r.token_ids for r in batch] == [model.generate(p, max_new_tokens=12).token_ids for p in prompts]
 
 
 def test_score_is_the_target_log_likelihood(t5):
     ref, model = t5
-    src = _rand(8, ref.config.vocab_size, 30) + [1]
+    src = random_ids(8, ref.config.vocab_size, 30) + [1]
     cands = [[5, 6, 1], [7, 1]]
     scores = model.score(src, cands)
     for cand, score in zip(cands, scores):
@@ -96,8 +94,8 @@ def wide_t5(tmp_path_factory):
 def _agreement(ref, model, n=12):
     agree, greedy = [], []
     for seed in range(n):
-        src = _rand(12, 256, seed) + [1]
-        dec = [0] + _rand(15, 256, seed + 100)
+        src = random_ids(12, 256, seed) + [1]
+        dec = [0] + random_ids(15, 256, seed + 100)
         agree.append(float((hf_seq2seq_logits(ref, src, dec).argmax(-1) == model.logits(src, dec).argmax(-1)).mean()))
         expected = hf_seq2seq_greedy(ref, src, 10)
         got = model.generate(src, max_new_tokens=10).token_ids
@@ -133,9 +131,9 @@ def test_every_quant_type_converts_loads_and_runs(wide_t5, quant):
     head_dtype = variables["decoder/projection/weight"][0]
     assert head_dtype == {"int16": "int16", "float16": "float16", "bfloat16": "bfloat16"}.get(quant, "int8")
     with runtime.load(summary.output) as model:
-        src = _rand(12, 256, 7) + [1]
+        src = random_ids(12, 256, 7) + [1]
         assert len(model.generate(src, max_new_tokens=6).token_ids) == 6
-        dec = [0] + _rand(15, 256, 8)
+        dec = [0] + random_ids(15, 256, 8)
         agree = float((hf_seq2seq_logits(ref, src, dec).argmax(-1) == model.logits(src, dec).argmax(-1)).mean())
     assert agree >= 0.75, f"{quant}: top-1 agreement {agree:.2f}"
 

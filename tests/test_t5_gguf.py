@@ -14,8 +14,7 @@ import pytest
 from convert import convert
 from convert.errors import GenerationError, UnsupportedModelError
 from convert.gguf_file import read_header
-from convert.synthetic import SAMPLE_TEXT
-from reference import hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, make_t5_tokenizer
+from reference import T5_CORPUS, T5_PIECES, T5_PROBES, hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids
 from runtime.backends.llama_seq2seq import LlamaSeq2SeqModel
 
 CONFIGS = {
@@ -30,8 +29,6 @@ CONFIGS = {
 }
 
 
-def _rand(n, vocab, seed, low=3):
-    return [int(x) for x in np.random.default_rng(seed).integers(low, vocab, n)]
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS), ids=list(CONFIGS))
@@ -49,8 +46,8 @@ def test_f32_logits_match_transformers(t5):
     vocab = ref.config.vocab_size
     worst = 0.0
     for seed in range(3):
-        src = _rand(45, vocab, seed) + [1]
-        dec = [0] + _rand(30, vocab, seed + 10)
+        src = random_ids(45, vocab, seed) + [1]
+        dec = [0] + random_ids(30, vocab, seed + 10)
         expected = hf_seq2seq_logits(ref, src, dec)
         got = model.logits(src, dec)
         assert got.shape == expected.shape == (len(dec), vocab) and got.dtype == np.float32
@@ -62,7 +59,7 @@ def test_f32_logits_match_transformers(t5):
 def test_f32_greedy_equals_transformers(t5):
     ref, model = t5
     for seed in range(2):
-        src = _rand(10, ref.config.vocab_size, seed + 20) + [1]
+        src = random_ids(10, ref.config.vocab_size, seed + 20) + [1]
         assert model.generate(src, max_new_tokens=24).token_ids == hf_seq2seq_greedy(ref, src, 24)
     # A strong repetition penalty walks through many tokens; it applies to decoder tokens only.
     expected = hf_seq2seq_greedy(ref, src, 24, repetition_penalty=5.0)
@@ -72,7 +69,7 @@ def test_f32_greedy_equals_transformers(t5):
 
 def test_score_is_the_target_log_likelihood(t5):
     ref, model = t5
-    src = _rand(8, ref.config.vocab_size, 30) + [1]
+    src = random_ids(8, ref.config.vocab_size, 30) + [1]
     cands = [[5, 6, 1], [7, 1]]
     for cand, score in zip(cands, model.score(src, cands)):
         logits = hf_seq2seq_logits(ref, src, [0] + cand).astype(np.float64)[: len(cand)]
@@ -140,7 +137,7 @@ def wide_t5(tmp_path_factory):
     ref = make_t5(folder / "hf", d_model=256, d_kv=64, n_heads=4, d_ff=512, vocab=256, head="untied")
     cases = []
     for seed in range(12):
-        src, dec = _rand(12, 256, seed) + [1], [0] + _rand(15, 256, seed + 100)
+        src, dec = random_ids(12, 256, seed) + [1], [0] + random_ids(15, 256, seed + 100)
         cases.append((src, dec, hf_seq2seq_logits(ref, src, dec).argmax(-1), hf_seq2seq_greedy(ref, src, 10)))
     return folder, cases
 
@@ -164,45 +161,12 @@ def test_quantized_top1_agreement(wide_t5, quant):
 
 # -- tokenizer ---------------------------------------------------------------------------
 
-CORPUS = SAMPLE_TEXT + [
-    "Translate English to German: The house is wonderful.",
-    "Question: What is the capital of France? Answer: Paris.",
-    "Größenwahn, naïve café, façade, smørrebrød, Dvořák, São Paulo.",
-    "機械学習は人工知能の一分野です。深層学習と自然言語処理。",
-    "Review: this movie was great! Is this review positive or negative?",
-]
-PROBES = [
-    "Translate to English: Je t'aime.",
-    "Größe über alles — très bien !",
-    "東京都。北京市，上海市",
-    "emoji 🙂 and unseen ǅʬ letters",
-    "multiple   spaces\tand\nnewlines",
-    "  leading and trailing  ",
-    "The <extra_id_0> walks in <extra_id_1> park.",
-    "<extra_id_0>word a<extra_id_1>b </s> inside <unk>",
-    "ﬁ ligature ① ｆｕｌｌ\u3000ｗｉｄｔｈ, nbsp\u00a0here, ÅÅÅ, e\u0301",
-    "नमस्ते दुनिया। مرحبا بالعالم Привет, мир! 한국어",
-    "x",
-    "",
-]
+CORPUS, PROBES, PIECES = T5_CORPUS, T5_PROBES, T5_PIECES
 # Where Hugging Face's tokenizers library and sentencepiece itself disagree, llama.cpp's UGM
 # tokenizer follows sentencepiece: tokenizers normalizes whole grapheme clusters (a combining
 # mark that composes with nothing vanishes with its base), and its WhitespaceSplit treats
 # U+0085 as whitespace where sentencepiece's NMT-NFKC map leaves it (then <unk>).
 SENTENCEPIECE_ONLY = ["\u0085 next line", "Ａ\u0301", "x \u2581\u0301a"]
-PIECES = 180
-
-
-@pytest.fixture(scope="module")
-def tokenizer_files(tmp_path_factory):
-    return make_t5_tokenizer(tmp_path_factory.mktemp("spm"), CORPUS, pieces=PIECES)
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(tokenizer_files):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_files["tokenizer.json"]))
 
 
 def _hub_style(path, out):
@@ -216,10 +180,10 @@ def _hub_style(path, out):
 
 
 @pytest.fixture(scope="module", params=["tokenizer.json", "hub-tokenizer.json", "spiece.model"])
-def tok_model(request, tmp_path_factory, tokenizer_files):
+def tok_model(request, tmp_path_factory, t5_tokenizer_files):
     folder = tmp_path_factory.mktemp(request.param.replace(".", "-"))
     name = "spiece.model" if request.param == "spiece.model" else "tokenizer.json"
-    source = tokenizer_files[name]
+    source = t5_tokenizer_files[name]
     if request.param == "hub-tokenizer.json":
         source = _hub_style(source, folder / "hub.json")
     make_t5(folder / "hf", vocab=PIECES + 100 + 20, tokenizer_files={name: source})  # padded past the sentinels
@@ -229,38 +193,38 @@ def tok_model(request, tmp_path_factory, tokenizer_files):
         yield model
 
 
-def test_ids_and_text_match_hf_tokenizer(tok_model, hf_tokenizer):
+def test_ids_and_text_match_hf_t5_tokenizer(tok_model, hf_t5_tokenizer):
     assert tok_model.info.has_tokenizer
     for text in PROBES + CORPUS:
-        ids = hf_tokenizer(text)["input_ids"]
+        ids = hf_t5_tokenizer(text)["input_ids"]
         assert tok_model.tokenize(text) == ids, text
-        assert tok_model.detokenize(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True), text
+        assert tok_model.detokenize(ids) == hf_t5_tokenizer.decode(ids, skip_special_tokens=True), text
 
 
-def test_llama_cpp_tokenizes_like_sentencepiece_where_hf_differs(tok_model, hf_tokenizer, tokenizer_files):
+def test_llama_cpp_tokenizes_like_sentencepiece_where_hf_differs(tok_model, hf_t5_tokenizer, t5_tokenizer_files):
     import sentencepiece
 
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_files["spiece.model"]))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(t5_tokenizer_files["spiece.model"]))
     for text in SENTENCEPIECE_ONLY:
         ids = tok_model.tokenize(text)
         assert ids == sp.encode(text) + [1], text
-        assert ids != hf_tokenizer(text)["input_ids"], f"{text!r}: the documented difference is gone"
+        assert ids != hf_t5_tokenizer(text)["input_ids"], f"{text!r}: the documented difference is gone"
 
 
-def test_replace_style_tokenizer_json_warns_about_trailing_spaces(tmp_path, tokenizer_files):
+def test_replace_style_tokenizer_json_warns_about_trailing_spaces(tmp_path, t5_tokenizer_files):
     """tokenizer.json files that merge spaces with a Replace normalizer (no WhitespaceSplit) keep
     a trailing space as a '\u2581' token; llama.cpp, like sentencepiece, drops it: converted
     with a warning saying so."""
     import sentencepiece
     from transformers import PreTrainedTokenizerFast
 
-    data = json.loads(tokenizer_files["tokenizer.json"].read_text())
+    data = json.loads(t5_tokenizer_files["tokenizer.json"].read_text())
     data["normalizer"] = {"type": "Sequence", "normalizers": [
         data["normalizer"], {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]}
     data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True}
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_files["spiece.model"]))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(t5_tokenizer_files["spiece.model"]))
     make_t5(tmp_path / "hf", vocab=PIECES + 100, tokenizer_files={"tokenizer.json": tmp_path / "tokenizer.json"})
     summary = convert(tmp_path / "hf", tmp_path / "m.gguf", format="gguf", quant="f32")
     assert any("trailing space" in w for w in summary.warnings)
@@ -271,10 +235,10 @@ def test_replace_style_tokenizer_json_warns_about_trailing_spaces(tmp_path, toke
         assert model.tokenize(text) == sp.encode(text) + [1] == hf(text)["input_ids"][:-2] + [1]
 
 
-def test_sentinels_and_padding_ids(tok_model, hf_tokenizer):
+def test_sentinels_and_padding_ids(tok_model, hf_t5_tokenizer):
     for i in (0, 50, 99):
         token = f"<extra_id_{i}>"
-        assert tok_model.tokenize(token) == [hf_tokenizer.convert_tokens_to_ids(token), 1] == [PIECES + 99 - i, 1]
+        assert tok_model.tokenize(token) == [hf_t5_tokenizer.convert_tokens_to_ids(token), 1] == [PIECES + 99 - i, 1]
     assert tok_model.detokenize([PIECES + 100 + 5, 2, 0, 1]) == ""  # padding ids, <unk> and specials
 
 
@@ -286,12 +250,12 @@ def test_streamed_text_equals_generated_text(tok_model):
     assert len(result.token_ids) > 5 and result.text
 
 
-def test_stream_keeps_sentencepiece_spaces(tok_model, hf_tokenizer):
+def test_stream_keeps_sentencepiece_spaces(tok_model, hf_t5_tokenizer):
     """Streaming ids one by one gives HF's decode of the whole sequence (spaces included)."""
-    ids = hf_tokenizer("The <extra_id_0> house is wonderful. Größenwahn!")["input_ids"]
+    ids = hf_t5_tokenizer("The <extra_id_0> house is wonderful. Größenwahn!")["input_ids"]
     detok = tok_model._detokenizer()
     streamed = b"".join(detok.push(t) for t in ids) + detok.flush()
-    assert streamed.decode() == hf_tokenizer.decode(ids, skip_special_tokens=True)
+    assert streamed.decode() == hf_t5_tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_no_tokenizer_runs_on_ids(tmp_path):
@@ -302,7 +266,7 @@ def test_no_tokenizer_runs_on_ids(tmp_path):
         assert not model.info.has_tokenizer and model.info.vocab_size == 160
         with pytest.raises(GenerationError, match="m.gguf has no tokenizer"):
             model.tokenize("hello")
-        src = _rand(10, 160, 1) + [1]
+        src = random_ids(10, 160, 1) + [1]
         result = model.generate(src, max_new_tokens=12)
         assert result.token_ids == hf_seq2seq_greedy(ref, src, 12) and result.text == ""
         assert model._is_end(1) and not model._is_end(0)

@@ -174,3 +174,18 @@ class LlamaSession:
         if self.model:
             llama.llama_model_free(self.model)
             self.model = None
+
+
+class OwnsSession:
+    """close() and the finaliser of a model that holds its LlamaSession in `_s`."""
+
+    def close(self) -> None:
+        session = getattr(self, "_s", None)
+        if session is not None:
+            session.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may already be gone
+            pass

@@ -16,12 +16,12 @@ import numpy as np
 from convert.errors import GenerationError, ModelLoadError
 
 from ..model import BytePieces, ModelInfo, StepModel
-from .llama_common import LlamaSession
+from .llama_common import LlamaSession, OwnsSession
 
 DEFAULT_MAX_CTX = 2048
 
 
-class LlamaCppModel(StepModel):
+class LlamaCppModel(OwnsSession, StepModel):
     """A causal (decoder-only) GGUF model such as BLOOMZ."""
 
     def __init__(
@@ -113,14 +113,3 @@ class LlamaCppModel(StepModel):
         if len(full) > self.info.n_ctx:
             raise GenerationError(f"prompt + candidate ({len(full)} tokens) exceed the context of {self.info.n_ctx}")
         return self.logits(full)[len(context) - 1 : -1]
-
-    def close(self) -> None:
-        session = getattr(self, "_s", None)
-        if session is not None:
-            session.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass

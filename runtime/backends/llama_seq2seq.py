@@ -17,7 +17,7 @@ from convert.errors import GenerationError, ModelLoadError
 
 from ..model import BytePieces, ModelInfo, Seq2Seq, StepModel
 from ..tokenizer import IncrementalDecoder
-from .llama_common import LlamaSession
+from .llama_common import LlamaSession, OwnsSession
 
 DEFAULT_MAX_CTX = 1024  # source tokens and decoder tokens; capped by the model's training length
 
@@ -29,7 +29,7 @@ class _LlamaText:
         self.encode, self.decode = model.tokenize, model.detokenize
 
 
-class LlamaSeq2SeqModel(Seq2Seq, StepModel):
+class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
     """An encoder-decoder GGUF model. `logits()` takes source ids and decoder ids, like the
     CTranslate2 backend; the decoder's length does not depend on the source's."""
 
@@ -122,14 +122,3 @@ class LlamaSeq2SeqModel(Seq2Seq, StepModel):
         with self._lock:
             self._encode(src)
             return self._decode(dec, all_logits=True)
-
-    def close(self) -> None:
-        session = getattr(self, "_s", None)
-        if session is not None:
-            session.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
