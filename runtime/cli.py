@@ -295,10 +295,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .server import serve
 
+    logging.getLogger("pocketlm.server").setLevel(logging.INFO)  # one line per request
     with _load(args) as model:
         serve(
             model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("POCKETLM_API_KEY"),
-            max_queue=args.max_queue, max_tokens_limit=args.max_tokens,
+            max_queue=args.max_queue, max_tokens_limit=args.max_tokens, model_name=args.model,
         )
     return 0
 

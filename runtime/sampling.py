@@ -6,6 +6,7 @@ temperature, then top-k, then top-p; temperature 0 means greedy. A seed makes it
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -24,8 +25,12 @@ class SamplingParams:
     min_new_tokens: int = 0  # end-of-sequence is not allowed before this many new tokens
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise GenerationError(f"temperature must be a number >= 0, got {self.temperature}")
+        if not math.isfinite(self.top_p) or not math.isfinite(self.repetition_penalty):
+            raise GenerationError("top_p and repetition_penalty must be finite numbers")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise GenerationError(f"seed must be an integer in [0, 2**63), got {self.seed}")
         if self.top_k < 0:
             raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -58,7 +63,8 @@ class Sampler:
             logits = penalize_repetition(logits, seen, p.repetition_penalty)
         if p.greedy:
             return int(np.argmax(logits))
-        scaled = logits.astype(np.float64) / p.temperature
+        # shift before scaling: a tiny temperature must not overflow to inf (then NaN)
+        scaled = (logits.astype(np.float64) - np.max(logits)) / p.temperature
         candidates = np.arange(scaled.size)
         if 0 < p.top_k < scaled.size:
             candidates = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]

@@ -55,7 +55,10 @@ def test_greedy_and_seeds():
     assert len(set(a)) == 1  # a fresh sampler with the same seed draws the same token
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0), dict(top_p=1.5), dict(repetition_penalty=0)])
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=-1), dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_k=-1), dict(top_p=0),
+    dict(top_p=1.5), dict(repetition_penalty=0), dict(repetition_penalty=float("inf")), dict(seed=-1), dict(seed=2**64),
+])
 def test_invalid_parameters(kwargs):
     with pytest.raises(GenerationError):
         SamplingParams(**kwargs)
@@ -66,3 +69,8 @@ def test_banned_ids_are_never_drawn_even_when_most_likely():
     assert Sampler(SamplingParams())(logits, banned=[1]) == 2
     sampler = Sampler(SamplingParams(temperature=1.0, seed=0))
     assert 1 not in {sampler(logits, banned=[1]) for _ in range(200)}
+
+
+def test_tiny_temperature_is_nearly_greedy_not_nan():
+    logits = np.array([1.0, 3.0, 2.0], dtype=np.float32)
+    assert Sampler(SamplingParams(temperature=1e-320, seed=0))(logits) == 1

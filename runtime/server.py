@@ -1,0 +1,539 @@
+"""An OpenAI-compatible HTTP server over one loaded model, on the standard library alone.
+
+    server = make_server(runtime.load("bloomz-560m-q4_k_m.gguf"), port=8000)
+    server.serve_forever()   # or serve(model): blocking, Ctrl-C stops it
+
+Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions` and
+`POST /v1/chat/completions`, whole or streamed as server-sent events (`"stream": true`).
+Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+
+Sampling follows OpenAI's API, not PocketLM's CLI: `temperature` defaults to 1.0 (send 0 for
+greedy decoding); `max_tokens` defaults to 16 for completions and to the server's limit for
+chat. `top_k` and `repetition_penalty` are accepted as extras. Fields PocketLM cannot honour
+(`n`, `best_of`, `echo`, `logprobs`, penalties, `logit_bias`, ...) are refused unless they
+hold their neutral value. Unknown fields are ignored.
+
+Chat prompts: these are instruction models without a chat template. A lone user message
+(after optional system messages) is sent as `system + "\\n\\n" + user`, or the bare user text;
+longer conversations become a transcript `"{system}\\n\\nUser: ...\\nAssistant: ...\\nUser:
+...\\nAssistant:"`.
+
+Load: `max_concurrent` generations run at once, `max_queue` more wait, further requests get
+429 with `Retry-After: 1`. A client that goes away mid-stream frees its slot at the next token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import json
+import logging
+import secrets
+import socket
+import socketserver
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+from convert import __version__
+from convert.errors import PocketLMError
+
+from .model import GenerationResult, Model, StreamEvent
+from .sampling import SamplingParams
+
+log = logging.getLogger("pocketlm.server")
+
+REQUEST_TIMEOUT = 30.0  # seconds a client may stay silent (or not read) before it is dropped
+DRAIN_SECONDS = 30.0  # how long shutdown waits for running generations to stop
+# OpenAI fields PocketLM cannot honour: accepted only with their neutral value.
+NEUTRAL: dict[str, Any] = {
+    "n": 1, "best_of": 1, "echo": False, "logprobs": False, "top_logprobs": 0, "suffix": "",
+    "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "tools": [],
+}
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "an array", dict: "an object"}
+
+
+class ApiError(Exception):
+    """An error response: HTTP status and OpenAI's error fields."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+        code: str | None = None, headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# -- requests ---------------------------------------------------------------------------
+@dataclass
+class GenerationRequest:
+    prompt: str | list[int]
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of Model.stream_tokens
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _field(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    """body[name] checked against a JSON type (null counts as absent)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ApiError(400, f"'{name}' must be {TYPE_NAMES[kind]}", param=name)
+    return value
+
+
+def _check_neutral(body: dict[str, Any]) -> None:
+    for name, neutral in NEUTRAL.items():
+        value = body.get(name)
+        if value is not None and not (value == neutral and isinstance(value, bool) == isinstance(neutral, bool)):
+            raise ApiError(400, f"'{name}' is not supported by this server (only {json.dumps(neutral)})",
+                           param=name, code="unsupported_value")
+
+
+def _stop(body: dict[str, Any]) -> list[str] | None:
+    stop = body.get("stop")
+    if stop is None or isinstance(stop, str):
+        return [stop] if stop else None
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return stop
+    raise ApiError(400, "'stop' must be a string or an array of strings", param="stop")
+
+
+def _completion_prompt(body: dict[str, Any]) -> str | list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt  # token ids
+    if prompt is None:
+        raise ApiError(400, "'prompt' is required", param="prompt")
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        raise ApiError(400, "one prompt per request is supported", param="prompt", code="unsupported_value")
+    raise ApiError(400, "'prompt' must be a string or an array of token ids", param="prompt")
+
+
+def _content(content: Any, i: int) -> str:
+    """A message's text: a string, or text parts; null for assistant turns that made tool calls."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts", param="messages")
+
+
+def chat_prompt(messages: Any) -> str:
+    """The prompt for a conversation (the template is in the module docstring)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    system, turns = [], []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", param="messages")
+        role, text = message.get("role"), _content(message.get("content"), i)
+        if role in ("system", "developer"):
+            system.append(text)
+        elif role in ("user", "assistant"):
+            turns.append((role, text))
+        else:
+            raise ApiError(400, f"messages[{i}].role must be system, user or assistant", param="messages")
+    if not turns:
+        raise ApiError(400, "'messages' holds no user message", param="messages")
+    preamble = "\n\n".join(system)
+    if len(turns) == 1 and turns[0][0] == "user":
+        body = turns[0][1]
+    else:
+        body = "\n".join(f"{role.capitalize()}: {text}" for role, text in turns) + "\nAssistant:"
+    return f"{preamble}\n\n{body}" if preamble else body
+
+
+def parse_request(body: dict[str, Any], chat: bool, max_tokens_limit: int) -> GenerationRequest:
+    """Check a completion or chat request and turn it into Model.stream_tokens arguments."""
+    _check_neutral(body)
+    _field(body, "model", str)
+    prompt = chat_prompt(body.get("messages")) if chat else _completion_prompt(body)
+    name = "max_tokens"
+    max_tokens = _field(body, "max_tokens", int, 16 if not chat else max_tokens_limit)
+    if chat and body.get("max_completion_tokens") is not None:
+        name, max_tokens = "max_completion_tokens", _field(body, "max_completion_tokens", int)
+    if not 1 <= max_tokens <= max_tokens_limit:
+        raise ApiError(400, f"'{name}' must be between 1 and {max_tokens_limit}, got {max_tokens}", param=name)
+    seed = _field(body, "seed", int)
+    if seed is not None and seed < 0:
+        raise ApiError(400, "'seed' must be >= 0", param="seed")
+    sampling = dict(
+        temperature=_field(body, "temperature", float, 1.0), top_k=_field(body, "top_k", int, 0),
+        top_p=_field(body, "top_p", float, 1.0), repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
+        seed=seed,
+    )
+    try:
+        SamplingParams(**sampling)
+    except PocketLMError as e:
+        raise ApiError(400, str(e)) from None
+    stream_options = _field(body, "stream_options", dict, {})
+    return GenerationRequest(
+        prompt, dict(max_new_tokens=max_tokens, stop=_stop(body), **sampling),
+        stream=_field(body, "stream", bool, False),
+        include_usage=bool(_field(stream_options, "include_usage", bool, False)),
+    )
+
+
+# -- responses --------------------------------------------------------------------------
+class Reply:
+    """The JSON objects of one response: completion or chat, whole or streamed."""
+
+    def __init__(self, chat: bool, model: str):
+        self.chat, self.model = chat, model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    def _wrap(self, kind: str, choice: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+        choices = [{"index": 0, **choice, "logprobs": None}] if choice else []
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices, **extra}
+
+    def whole(self, text: str, result: GenerationResult) -> dict[str, Any]:
+        if self.chat:
+            choice = {"message": {"role": "assistant", "content": text}, "finish_reason": result.finish_reason}
+            return self._wrap("chat.completion", choice, usage=usage(result))
+        return self._wrap("text_completion", {"text": text, "finish_reason": result.finish_reason}, usage=usage(result))
+
+    def chunk(self, text: str | None = None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+        if not self.chat:
+            return self._wrap("text_completion", {"text": text or "", "finish_reason": finish})
+        delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+        return self._wrap("chat.completion.chunk", {"delta": delta, "finish_reason": finish})
+
+    def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
+        return self._wrap("chat.completion.chunk" if self.chat else "text_completion", None, usage=usage(result))
+
+
+def usage(result: GenerationResult) -> dict[str, int]:
+    n = len(result.token_ids)
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
+
+
+# -- the server -------------------------------------------------------------------------
+class Slots:
+    """Admission control: `running` generations at once, `waiting` more queued, others refused."""
+
+    def __init__(self, running: int, waiting: int):
+        if running < 1 or waiting < 0:
+            raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
+        self._free = threading.Semaphore(running)
+        self._changed = threading.Condition()
+        self._capacity = running + waiting
+        self.admitted = 0
+
+    def enter(self) -> bool:
+        """Wait for a slot; False at once when the queue is full."""
+        with self._changed:
+            if self.admitted >= self._capacity:
+                return False
+            self.admitted += 1
+        self._free.acquire()
+        return True
+
+    def leave(self) -> None:
+        self._free.release()
+        with self._changed:
+            self.admitted -= 1
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.admitted == 0, timeout)
+
+
+class Server(ThreadingHTTPServer):
+    """One model behind the OpenAI API. Use `make_server()`."""
+
+    daemon_threads = True
+    request_queue_size = 128  # listen backlog (the default, 5, drops bursts of connections)
+
+    def __init__(self, model: Model, host: str, port: int, api_key: str | None, max_concurrent: int,
+                 max_queue: int, max_tokens_limit: int, max_body_bytes: int, model_name: str | None):
+        self.model, self.api_key = model, api_key
+        self.model_name = model_name or default_name(model)
+        self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
+        self.slots = Slots(max_concurrent, max_queue)
+        self.stopping = threading.Event()
+        self.created = int(time.time())
+        self._serving = False
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), Handler)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # skips HTTPServer's reverse DNS lookup
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = str(self.server_address[0])
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._serving = True
+        super().serve_forever(poll_interval)
+
+    def shutdown(self) -> None:
+        """Stop accepting requests, let running generations stop (at their next token), close."""
+        self.stopping.set()
+        if self._serving:
+            super().shutdown()
+        if not self.slots.wait_idle(DRAIN_SECONDS):
+            log.warning("generations still running after %.0f s; closing anyway", DRAIN_SECONDS)
+        self.server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            log.debug("%s went away", client_address[0])
+        else:
+            log.exception("unexpected error serving %s", client_address[0])
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+    protocol_version = "HTTP/1.1"
+    server_version = f"pocketlm/{__version__}"
+    sys_version = ""
+    timeout = REQUEST_TIMEOUT
+    _body_pending = False  # a request body not read yet: the connection cannot be reused
+    _status = 0
+
+    ROUTES = {
+        "/health": {"GET": "health"}, "/v1/models": {"GET": "models"},
+        "/v1/completions": {"POST": "completions"}, "/v1/chat/completions": {"POST": "chat"},
+    }
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = do_GET
+
+    def _dispatch(self) -> None:
+        started, self._status, note = time.perf_counter(), 0, ""
+        self._body_pending = "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
+        path = _printable(urlsplit(self.path).path.rstrip("/") or "/")
+        try:
+            route = self.ROUTES.get(path)
+            if route is None:
+                raise ApiError(404, f"no such endpoint: {self.command} {path}", code="not_found")
+            if path != "/health" and not self._authorized():
+                raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            if self.command not in route:
+                raise ApiError(405, f"{path} accepts {', '.join(route)}", code="method_not_allowed",
+                               headers={"Allow": ", ".join(route)})
+            note = getattr(self, "_" + route[self.command])() or ""
+        except ApiError as e:
+            note = e.message
+            self._send(e.status, e.body(), e.headers)
+        except (ConnectionError, TimeoutError):
+            note, self.close_connection = "client went away", True
+        except Exception:
+            log.exception("error handling %s %s", self.command, path)
+            self.close_connection = True
+            if not self._status:
+                self._send(500, ApiError(500, "internal server error", type="server_error").body())
+        finally:
+            log.info('%s "%s %s" %s %.2fs %s', self.client_address[0], self.command, path, self._status or "-",
+                     time.perf_counter() - started, note)
+
+    # -- endpoints ------------------------------------------------------------------------
+    def _health(self) -> None:
+        self._send(200, {"status": "ok", "model": self.server.model_name})
+
+    def _models(self) -> None:
+        card = {"id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "pocketlm"}
+        self._send(200, {"object": "list", "data": [card]})
+
+    def _completions(self) -> str:
+        return self._generate(self._read_json(), chat=False)
+
+    def _chat(self) -> str:
+        return self._generate(self._read_json(), chat=True)
+
+    def _generate(self, body: dict[str, Any], chat: bool) -> str:
+        server = self.server
+        request = parse_request(body, chat, server.max_tokens_limit)
+        if not server.slots.enter():
+            raise ApiError(429, "the server is busy; retry shortly", type="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        try:
+            if server.stopping.is_set():
+                raise ApiError(503, "the server is shutting down", type="server_error")
+            result = GenerationResult("", [], "length", 0)
+            events = server.model.stream_tokens(request.prompt, _result=result, **request.options)
+            try:
+                pieces = self._pieces(events)
+                reply = Reply(chat, server.model_name)
+                if request.stream:
+                    self._stream(reply, pieces, result, request.include_usage)
+                else:
+                    self._send(200, reply.whole("".join(pieces), result))
+            finally:
+                events.close()  # releases the model at once if the client went away
+        finally:
+            server.slots.leave()
+        return f"{result.prompt_tokens}+{len(result.token_ids)} tokens, {result.finish_reason}"
+
+    def _pieces(self, events: Iterator[StreamEvent]) -> Iterator[str]:
+        """The text pieces of a generation. The first event is computed now, so that prompt
+        errors (too long, empty) are still a 400 rather than a broken stream."""
+        try:
+            first = next(events, None)
+        except (PocketLMError, UnicodeError) as e:  # UnicodeError: lone surrogates in the JSON
+            raise ApiError(400, str(e), param="prompt") from None
+        return self._texts(itertools.chain([first] if first else [], events))
+
+    def _texts(self, events: Iterator[StreamEvent]) -> Iterator[str]:
+        stopping = self.server.stopping
+        for event in events:
+            if event.text:
+                yield event.text
+            if stopping.is_set():  # shutting down: end at this token
+                return
+
+    def _stream(self, reply: Reply, pieces: Iterator[str], result: GenerationResult, include_usage: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # no length: the end of the stream is the end of the body
+        self.end_headers()
+        self._status = 200
+        if reply.chat:
+            self._event(reply.chunk(role=True))
+        try:
+            for piece in pieces:
+                self._event(reply.chunk(piece))
+        except (ConnectionError, TimeoutError):
+            raise
+        except Exception as e:  # headers are sent: report it in the stream
+            if not isinstance(e, PocketLMError):
+                log.exception("generation failed")
+            self._event(ApiError(500, str(e) or "generation failed", type="server_error").body())
+            return
+        self._event(reply.chunk(finish=result.finish_reason))
+        if include_usage:
+            self._event(reply.usage_chunk(result))
+        self._event("[DONE]")
+
+    # -- HTTP plumbing --------------------------------------------------------------------
+    def _authorized(self) -> bool:
+        key = self.server.api_key
+        if not key:
+            return True
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+    def _read_json(self) -> dict[str, Any]:
+        if "Transfer-Encoding" in self.headers or "Content-Length" not in self.headers:
+            raise ApiError(411, "send the request body with a Content-Length (chunked bodies are not supported)")
+        try:
+            length = int(self.headers["Content-Length"])
+        except ValueError:
+            raise ApiError(400, "invalid Content-Length") from None
+        if not 0 <= length <= self.server.max_body_bytes:
+            raise ApiError(413, f"the request body exceeds {self.server.max_body_bytes} bytes")
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise ConnectionResetError("the client closed before sending its body")
+        self._body_pending = False
+
+        def no_constants(name: str) -> Any:
+            raise ValueError(f"{name} is not JSON")
+
+        try:
+            body = json.loads(data, parse_constant=no_constants)
+        except (ValueError, RecursionError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self._body_pending or self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self._status = status
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _event(self, payload: dict[str, Any] | str) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        self.wfile.write(f"data: {data}\n\n".encode())
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors http.server finds itself (malformed request line or headers): JSON as well."""
+        self.close_connection = True
+        message = message or HTTPStatus(code).phrase
+        log.info('%s "%s" %d %s', self.client_address[0], _printable(self.requestline or "")[:80], code, _printable(message))
+        try:
+            self._send(code, ApiError(code, message).body())
+        except OSError:
+            pass
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass  # _dispatch logs one line per request, when it is done
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.client_address[0], format % args)
+
+
+def _printable(text: str) -> str:
+    """Text safe to log: control and non-ASCII characters escaped."""
+    return ascii(text)[1:-1]
+
+
+def default_name(model: Model) -> str:
+    """The model's file or folder name; PocketLM's cache calls every file "model", so then
+    architecture and quant."""
+    path = Path(model.info.path)
+    name = path.stem if path.suffix == ".gguf" else path.name
+    return name if name and name != "model" else f"{model.info.architecture}-{model.info.quant}"
+
+
+def make_server(
+    model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+    max_concurrent: int = 1, max_queue: int = 64, max_tokens_limit: int = 2048,
+    max_body_bytes: int = 1_000_000, model_name: str | None = None,
+) -> Server:
+    """A bound server (port 0 picks a free one: see `.port`, `.url`); call `.serve_forever()`."""
+    return Server(model, host, port, api_key, max_concurrent, max_queue, max_tokens_limit, max_body_bytes, model_name)
+
+
+def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, **kw: Any) -> None:
+    """Serve until Ctrl-C (then let running generations stop and return)."""
+    server = make_server(model, host, port, api_key, **kw)
+    print(f"serving {server.model_name} on {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
