@@ -64,7 +64,8 @@ class Sampler:
         if p.greedy:
             return int(np.argmax(logits))
         # shift before scaling: a tiny temperature must not overflow to inf (then NaN)
-        scaled = (logits.astype(np.float64) - np.max(logits)) / p.temperature
+        with np.errstate(over="ignore"):  # a tiny temperature sends the others to -inf: fine
+            scaled = (logits.astype(np.float64) - np.max(logits)) / p.temperature
         candidates = np.arange(scaled.size)
         if 0 < p.top_k < scaled.size:
             candidates = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
