@@ -5,13 +5,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test setup setup-test clean
+.PHONY: run test bench fidelity setup setup-test clean
 
 run: $(VENV)/.installed
 	$(PY) -m runtime.demo $(MODEL)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Speed/memory and fidelity figures (benchmarks/README.md is regenerated from the results).
+# On an idle machine: `make bench` takes 30-60 minutes, `make fidelity` about 10.
+bench: $(VENV)/.installed-bench
+	$(PY) benchmarks/convert_bench.py
+	$(PY) benchmarks/speed_bench.py $(BENCH_ARGS)
+
+fidelity: $(VENV)/.installed-bench
+	$(PY) benchmarks/fidelity_bench.py $(BENCH_ARGS)
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
@@ -28,6 +37,10 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PIP) install -e '.[test]'
+	touch $(VENV)/.installed $@
+
+$(VENV)/.installed-bench: pyproject.toml | $(PY)
+	$(PIP) install -e '.[bench]'
 	touch $(VENV)/.installed $@
 
 clean:

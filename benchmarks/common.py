@@ -133,12 +133,22 @@ def t5_checkpoint(name: str) -> Path:
     cfg = config(name)
     rng = np.random.default_rng(0)
 
+    d, d_kv = cfg["d_model"], cfg["d_kv"]
+
+    def std(tensor: str, shape: tuple[int, ...]) -> float:
+        """transformers' T5 initialisation: T5 does not scale attention scores, so queries
+        start (d_model * d_kv)**-0.5 small; embeddings and the head start at 1."""
+        if tensor in ("shared.weight", "lm_head.weight"):
+            return 1.0
+        if tensor.endswith(".q.weight"):
+            return (d * d_kv) ** -0.5
+        return shape[-1] ** -0.5  # k, v, o, wi, wo, relative bias: fan-in
+
     def make(tensor: str) -> np.ndarray:
         shape = shapes[tensor]
         if tensor.endswith("layer_norm.weight"):
             return np.ones(shape, np.float32)
-        fan_in = shape[-1]
-        return rng.standard_normal(shape, dtype=np.float32) * np.float32(fan_in**-0.5)
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(std(tensor, shape))
 
     shapes = t5_shapes(cfg)
     t5_tokenizer_json(cfg["vocab_size"], folder / "tokenizer.json")
