@@ -122,7 +122,7 @@ class SafetensorsFile:
             self._tensors[name] = (info, begin, end)
             spans.append((begin, end, name))
         spans.sort()
-        for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise CheckpointError(f"{self.path}: tensors {n0} and {n1} overlap")
 

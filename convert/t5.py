@@ -19,7 +19,6 @@ scaling when present, else scaling follows `tie_word_embeddings` (never for mT5)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gguf
