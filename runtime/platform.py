@@ -17,9 +17,10 @@ The decision table:
   HF folder  BLOOM                                    converted to GGUF q4_k_m, then as GGUF
   HF folder  T5 family, Apple Silicon + Metal build   converted to GGUF q8_0 (Metal is llama.cpp only)
   HF folder  T5 family, CUDA visible to CTranslate2   converted to CT2 int8
-  HF folder  T5 family, CPU                           converted to GGUF q8_0: llama.cpp's t5 graph
-                                                      decodes faster than CTranslate2 on CPU
-                                                      (benchmarks/README.md)
+  HF folder  T5 family, CPU                           converted to CT2 int8: llama.cpp's t5 graph
+                                                      recomputes cross-attention per token and
+                                                      decoded mt0-large at half CTranslate2's
+                                                      speed (benchmarks/README.md)
 Threads: one per physical core, never more than the CPUs this process may use.
 """
 
@@ -133,9 +134,11 @@ def _backend_name(backend: str | None) -> str | None:
 def _conversion_target(architecture: str, backend: str | None, facts: PlatformFacts, reasons: list[str]) -> str:
     """The format a checkpoint is converted to: what its fastest engine here runs.
 
-    Seq2seq models convert to both. Metal exists only in llama.cpp (GGUF); on CUDA,
-    CTranslate2's kernels win; on CPU, llama.cpp's t5 graph decoded flan-t5-small and
-    mt0-large shapes faster than CTranslate2 (benchmarks/README.md, speed table)."""
+    Seq2seq models convert to both. Metal exists only in llama.cpp (GGUF). Elsewhere
+    CTranslate2 wins: it caches the encoder's cross-attention keys and values while llama.cpp's
+    t5 graph recomputes them for every generated token, so with a 128-token input it decoded
+    mt0-large at about twice llama.cpp's speed on CPU (flan-t5-small: even), and it batches
+    (benchmarks/README.md)."""
     targets = CONVERSION_TARGETS.get(architecture)
     if not targets:
         raise ModelLoadError(f"no converter for architecture {architecture!r}")
@@ -152,8 +155,9 @@ def _conversion_target(architecture: str, backend: str | None, facts: PlatformFa
     if facts.ct2_cuda_devices:
         reasons.append("seq2seq with a CUDA device: CTranslate2")
         return "ct2"
-    reasons.append("seq2seq on CPU: GGUF, llama.cpp decoded faster than CTranslate2 in benchmarks/")
-    return "gguf"
+    reasons.append("seq2seq on CPU: CTranslate2, which caches cross-attention and batches "
+                   "(faster than llama.cpp's t5 graph in benchmarks/)")
+    return "ct2"
 
 
 def _choose_llama(facts: PlatformFacts, device: str, threads: int, reasons: list[str]) -> Choice:

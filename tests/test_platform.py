@@ -99,14 +99,14 @@ def test_checkpoint_folders_pick_a_conversion():
     assert (bloom.format, bloom.quant, bloom.backend) == ("gguf", "q4_k_m", "llama.cpp")
     t5 = ModelFacts("hf", "t5", None, 300 << 20)
     cpu = choose(t5, machine())
-    assert (cpu.format, cpu.quant, cpu.backend) == ("gguf", "q8_0", "llama.cpp")
+    assert (cpu.format, cpu.quant, cpu.backend, cpu.compute_type) == ("ct2", "int8", "ctranslate2", "int8")
     assert any("convert the checkpoint" in r for r in cpu.reasons) and any("seq2seq on CPU" in r for r in cpu.reasons)
     mac = choose(t5, MAC_M2)
     assert (mac.format, mac.device) == ("gguf", "metal")
     cuda = choose(t5, CUDA_ONLY_CT2)
     assert (cuda.format, cuda.quant, cuda.device, cuda.compute_type) == ("ct2", "int8", "cuda", "int8_bfloat16")
-    forced = choose(t5, machine(), backend="ctranslate2")
-    assert (forced.format, forced.quant, forced.compute_type) == ("ct2", "int8", "int8")
+    forced = choose(t5, machine(), backend="llama.cpp")
+    assert (forced.format, forced.quant, forced.backend) == ("gguf", "q8_0", "llama.cpp")
     assert choose(ModelFacts("hf", "t5", "float32", 1), machine(), backend="ct2").compute_type == "float32"
 
 

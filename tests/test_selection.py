@@ -63,11 +63,11 @@ def test_changed_checkpoint_is_converted_again(tmp_path, cache):
 def test_t5_checkpoint_folder_converts_for_the_faster_engine(tmp_path, cache):
     make_t5(tmp_path / "hf", head="untied")
     with runtime.load(tmp_path / "hf", progress=False) as model:  # this machine: CPU only
-        assert (model.info.backend, model.info.format, model.info.quant) == ("llama.cpp", "gguf", "q8_0")
+        assert (model.info.backend, model.info.format, model.info.quant) == ("ctranslate2", "ct2", "int8")
         assert len(model.generate([5, 6, 7, 1], max_new_tokens=4).token_ids) >= 1
         assert any("seq2seq on CPU" in r for r in model.info.reasons)
-    with runtime.load(tmp_path / "hf", backend="ctranslate2", progress=False) as model:
-        assert (model.info.backend, model.info.quant) == ("ctranslate2", "int8")
+    with runtime.load(tmp_path / "hf", backend="llama.cpp", progress=False) as model:
+        assert (model.info.backend, model.info.format, model.info.quant) == ("llama.cpp", "gguf", "q8_0")
         assert len(model.generate([5, 6, 7, 1], max_new_tokens=4).token_ids) >= 1
     assert len(list((cache / "converted").glob("*/manifest.json"))) == 2
 
