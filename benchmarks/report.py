@@ -79,8 +79,9 @@ def machine(speed: dict[str, Any] | None, fidelity: dict[str, Any] | None) -> li
         for model, date in speed.get("kept", {}).items():
             lines.append(f"- {model}: speed results kept from an earlier run ({date}, `--keep-others`)")
     if fidelity:
+        took = f", {fidelity['wall_s'] / 60:.0f} min" if "wall_s" in fidelity else ""
         lines.append(f"- Fidelity measured {fidelity.get('date', '?')} in {fidelity['mode']} mode "
-                     f"({fidelity['positions']} scored positions per model)")
+                     f"({fidelity['positions']} scored positions per model{took})")
     return lines + [""]
 
 
@@ -92,12 +93,13 @@ def reproduce(speed: dict[str, Any] | None, fidelity: dict[str, Any] | None) -> 
         "make fidelity    # .venv/bin/python benchmarks/fidelity_bench.py (needs matplotlib for the plot)",
         ".venv/bin/python benchmarks/convert_bench.py     # conversion time and memory",
         ".venv/bin/python benchmarks/speed_bench.py --quick --models flan-t5-small   # a few minutes, noisy",
+        ".venv/bin/python benchmarks/speed_bench.py --targets-only   # re-judge the last run's figures, measuring nothing",
         ".venv/bin/python benchmarks/report.py            # this file, from benchmarks/results/*.json",
         "```", "",
         "Checkpoints (random weights, published shapes) and converted models are cached in "
         "`benchmarks/results/cache/` (about 25 GB when everything is built; `--rebuild` converts again after "
-        "converter changes). Estimated durations on 2 cores (not measured end to end): full `make bench` 30-60 min, "
-        "`make fidelity` about 10 min, plus about 10 min of conversions the first time; quick modes a few minutes each. "
+        "converter changes). The full runs' durations on this machine are in Machine above (conversions excluded: "
+        "about 10 min more the first time); quick modes take a few minutes each. "
         "Run on an otherwise idle machine: shared cores slow the engines' spinning worker threads (OpenMP in torch, "
         "llama.cpp's threadpool) by up to 100x, far more than the share of CPU they lose. A child process that runs "
         "longer than the mode's limit is stopped and its variant reported as timed out.",
