@@ -268,7 +268,7 @@ class DirectCT2:
     def generate(self, ids: list[int], n: int) -> Timing:
         started = time.perf_counter()
         first, count = 0.0, 0
-        for step in self.translator.generate_tokens([self.vocab[i] for i in ids], **self._options(n)):
+        for _ in self.translator.generate_tokens([self.vocab[i] for i in ids], **self._options(n)):
             count += 1
             if count == 1:
                 first = time.perf_counter() - started

@@ -163,7 +163,7 @@ def speed_tables(speed: dict[str, Any] | None) -> list[str]:
         out += table(header, body) + [""]
         auto = next((r for r in rows if r["variant"]["format"] == "hf" and r["variant"]["engine"] == "pocketlm" and "info" in r), None)
         if auto:
-            out += [f"`runtime.load(checkpoint folder)` (threads=2, nothing else given) on this machine: "
+            out += [f"`runtime.load(checkpoint folder)` (threads={speed['threads']}, nothing else given) on this machine: "
                     + "; ".join(auto["info"]["reasons"]) + ".", ""]
     batched = [(m, r) for m, rows in speed["models"].items() for r in rows if "batch" in r or "batch_error" in r]
     if batched:
