@@ -17,6 +17,8 @@ from convert import engine
 from convert.errors import GenerationError, ModelLoadError
 from convert.gguf_target import FILE_TYPE_NAMES
 
+from ..model import ModelInfo
+
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 CTX_STEP = 256  # llama.cpp rounds n_ctx up to a multiple of this
 
@@ -66,6 +68,14 @@ class LlamaSession:
     @property
     def has_encoder(self) -> bool:
         return bool(self.llama.llama_model_has_encoder(self.model))
+
+    def model_info(self, device: str, threads: int, reasons: Sequence[str]) -> ModelInfo:
+        """The `info` of a model running on this session."""
+        return ModelInfo(
+            path=str(self.path), format="gguf", backend="llama.cpp", device=device,
+            architecture=self.architecture, quant=self.quant, n_ctx=self.n_ctx,
+            vocab_size=self.n_vocab, threads=threads, has_tokenizer=self.has_vocab, reasons=list(reasons),
+        )
 
     # -- metadata and vocabulary ---------------------------------------------------------
     def meta(self, key: str) -> str | None:

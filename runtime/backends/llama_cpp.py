@@ -15,7 +15,7 @@ import numpy as np
 
 from convert.errors import GenerationError, ModelLoadError
 
-from ..model import BytePieces, ModelInfo, StepModel
+from ..model import BytePieces, StepModel
 from .llama_common import LlamaSession, OwnsSession
 
 DEFAULT_MAX_CTX = 2048
@@ -45,11 +45,7 @@ class LlamaCppModel(OwnsSession, StepModel):
         self._eos_without_vocab = {eos} if eos is not None else set()
         self._cached: list[int] = []  # tokens whose keys/values are in the KV cache
         self.warn_unterminated_prompts = s.architecture == "bloom"
-        self.info = ModelInfo(
-            path=str(path), format="gguf", backend="llama.cpp", device=device,
-            architecture=s.architecture, quant=s.quant, n_ctx=s.n_ctx,
-            vocab_size=s.n_vocab, threads=threads, has_tokenizer=s.has_vocab, reasons=list(reasons),
-        )
+        self.info = s.model_info(device, threads, reasons)
 
     # -- tokens ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from convert.errors import GenerationError, ModelLoadError
 
-from ..model import BytePieces, ModelInfo, Seq2Seq, StepModel
+from ..model import BytePieces, Seq2Seq, StepModel
 from ..tokenizer import IncrementalDecoder
 from .llama_common import LlamaSession, OwnsSession
 
@@ -52,11 +52,7 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
         start = s.llama.llama_model_decoder_start_token(s.model)
         self._start = start if start >= 0 else s.special("pad", s.llama.llama_vocab_pad, 0)
         self._n_decoded = 0  # decoder tokens in the KV cache
-        self.info = ModelInfo(
-            path=str(path), format="gguf", backend="llama.cpp", device=device,
-            architecture=s.architecture, quant=s.quant, n_ctx=s.n_ctx,
-            vocab_size=s.n_vocab, threads=threads, has_tokenizer=s.has_vocab, reasons=list(reasons),
-        )
+        self.info = s.model_info(device, threads, reasons)
 
     # -- tokens ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
