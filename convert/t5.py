@@ -34,18 +34,19 @@ from .vocab import add_no_vocab, add_vocab, read_t5_tokenizer, t5_vocabulary
 # CTranslate2 slot (under encoder/layer_{i} or decoder/layer_{i}) -> HF tensors (under
 # encoder.block.{i}. or decoder.block.{i}.), rows concatenated when several (fused q|k|v).
 ATTN = "layer.0.SelfAttention"
-ENCODER_LAYER = {
+SELF_ATTENTION = {
     "self_attention/layer_norm/gamma": ["layer.0.layer_norm.weight"],
     "self_attention/linear_0/weight": [f"{ATTN}.q.weight", f"{ATTN}.k.weight", f"{ATTN}.v.weight"],
     "self_attention/linear_1/weight": [f"{ATTN}.o.weight"],
+}
+ENCODER_LAYER = {
+    **SELF_ATTENTION,
     "ffn/layer_norm/gamma": ["layer.1.layer_norm.weight"],
     "ffn/linear_1/weight": ["layer.1.DenseReluDense.wo.weight"],
 }
 CROSS = "layer.1.EncDecAttention"
 DECODER_LAYER = {
-    "self_attention/layer_norm/gamma": ["layer.0.layer_norm.weight"],
-    "self_attention/linear_0/weight": [f"{ATTN}.q.weight", f"{ATTN}.k.weight", f"{ATTN}.v.weight"],
-    "self_attention/linear_1/weight": [f"{ATTN}.o.weight"],
+    **SELF_ATTENTION,
     "attention/layer_norm/gamma": ["layer.1.layer_norm.weight"],
     "attention/linear_0/weight": [f"{CROSS}.q.weight"],
     "attention/linear_1/weight": [f"{CROSS}.k.weight", f"{CROSS}.v.weight"],
