@@ -51,6 +51,15 @@ entries = st.fixed_dictionaries(
 headers = st.dictionaries(st.text(min_size=1, max_size=8), st.one_of(entries, numbers, st.text(max_size=4), st.none()), max_size=4)
 
 
+def _damaged(data: bytes, cut: int, flips: list[tuple[int, int]]) -> bytes:
+    """`data` cut to `cut` bytes, then with the (position, value) overwrites that still fit."""
+    out = bytearray(data[:cut])
+    for pos, value in flips:
+        if pos < len(out):
+            out[pos] = value
+    return bytes(out)
+
+
 def _safetensors_bytes(header: object, data: bytes) -> bytes:
     blob = json.dumps(header, allow_nan=True).encode()
     return struct.pack("<Q", len(blob)) + blob + data
@@ -83,12 +92,8 @@ def valid_safetensors(tmp_path_factory):
 @FUZZ
 @given(cut=st.integers(min_value=0, max_value=400), flips=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6))
 def test_safetensors_truncated_and_corrupted(tmp_path, valid_safetensors, cut, flips):
-    data = bytearray(valid_safetensors[: max(cut, 0)] if cut < len(valid_safetensors) else valid_safetensors)
-    for pos, value in flips:
-        if pos < len(data):
-            data[pos] = value
     path = tmp_path / "x.safetensors"
-    path.write_bytes(bytes(data))
+    path.write_bytes(_damaged(valid_safetensors, cut, flips))
     try:
         _read_all(SafetensorsFile(path))
     except CheckpointError:
@@ -144,12 +149,8 @@ def valid_pickle():
 @FUZZ
 @given(flips=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)), min_size=1, max_size=8), cut=st.integers(0, 300))
 def test_pickle_bytes_corrupted(tmp_path, valid_pickle, flips, cut):
-    data = bytearray(valid_pickle[:cut] if cut < len(valid_pickle) else valid_pickle)
-    for pos, value in flips:
-        if pos < len(data):
-            data[pos] = value
     path = tmp_path / "x.bin"
-    path.write_bytes(_torch_zip(payload=bytes(data)))
+    path.write_bytes(_torch_zip(payload=_damaged(valid_pickle, cut, flips)))
     try:
         f = TorchZipFile(path)
         for name in f.tensors:
@@ -257,12 +258,9 @@ def valid_gguf(tmp_path_factory, bloom_dir):
 @FUZZ
 @given(cut=st.integers(0, 200_000), flips=st.lists(st.tuples(st.integers(0, 60_000), st.integers(0, 255)), max_size=8))
 def test_gguf_truncated_and_corrupted(tmp_path, valid_gguf, cut, flips):
-    data = bytearray(valid_gguf[:cut])
-    for pos, value in flips:
-        if pos < len(data):
-            data[pos] = value
+    data = _damaged(valid_gguf, cut, flips)
     path = tmp_path / "x.gguf"
-    path.write_bytes(bytes(data))
+    path.write_bytes(data)
     try:
         header = read_header(path)
     except ModelLoadError:

@@ -29,8 +29,6 @@ CONFIGS = {
 }
 
 
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS), ids=list(CONFIGS))
 def t5(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
