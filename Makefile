@@ -5,6 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
+# llama-cpp-python compiles llama.cpp from source. Build only what PocketLM calls: the llama and
+# ggml libraries, not the multimodal (mtmd/llava) library. Native CPU flags stay on; Apple
+# builds get Metal by themselves; `make setup GPU=cuda` (or your own CMAKE_ARGS) adds CUDA.
+GPU ?=
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF $(if $(filter cuda,$(GPU)),-DGGML_CUDA=ON) $(if $(filter metal,$(GPU)),-DGGML_METAL=ON)
+export CMAKE_ARGS := $(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS)
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
+
 .PHONY: run test bench fidelity setup setup-test clean
 
 run: $(VENV)/.installed
@@ -29,7 +37,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 
-# llama-cpp-python compiles from source (~5 min on 2 cores): done once per venv, and pip's
+# llama-cpp-python compiles from source (~3 min on 2 cores): done once per venv, and pip's
 # wheel cache makes a rebuilt venv fast. Stamps re-run the install only when pyproject changes.
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -e .

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from harness import THREADS
+from runtime.backends.llama_common import extra_buffer_types
 
 
 @dataclass
@@ -173,6 +174,7 @@ class RawLlama:
         self.llama = llama
         llama.llama_backend_init()
         mparams = llama.llama_model_default_params()
+        mparams.use_extra_bufts = extra_buffer_types()  # as the runtime does (AMX faults here)
         self.model = llama.llama_model_load_from_file(str(path).encode(), mparams)
         cparams = llama.llama_context_default_params()
         cparams.n_ctx = n_ctx

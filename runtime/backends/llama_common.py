@@ -8,6 +8,7 @@ for exactness), and runs token batches asking for exactly the logits rows needed
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +24,23 @@ GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 CTX_STEP = 256  # llama.cpp rounds n_ctx up to a multiple of this
 
 
+def extra_buffer_types() -> bool:
+    """Whether llama.cpp may use its extra CPU weight layouts (repacking, AMX tiles).
+
+    Off on CPUs that report AMX: llama.cpp then runs its AMX kernels, and where a hypervisor
+    does not virtualise the AMX tile state they fault (seen here: SIGSEGV on `ldtilecfg` in
+    `ggml_backend_amx_mul_mat`), killing the process. POCKETLM_LLAMA_AMX=1 turns them back on.
+    """
+    if os.environ.get("POCKETLM_LLAMA_AMX", "").strip() == "1":
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return "amx_tile" not in flags.split()
+
+
 class LlamaSession:
     def __init__(self, path: Path, n_gpu_layers: int, threads: int, n_ctx: int | None, max_ctx: int,
                  n_batch: int | None = None, kv_type: str | None = None):
@@ -33,6 +51,7 @@ class LlamaSession:
         self.model = self.ctx = self.batch = None
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        mparams.use_extra_bufts = extra_buffer_types()
         with engine.quiet_c_output():
             self.model = llama.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
