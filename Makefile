@@ -43,8 +43,13 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 
+# The network fault tests also run against the lowest huggingface_hub pyproject allows.
+HUB_MIN := $(shell sed -n 's/.*"huggingface_hub>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PIP) install -e '.[test]'
+	rm -rf $(VENV)/hub-min
+	$(PIP) install --no-deps --target $(VENV)/hub-min 'huggingface_hub==$(HUB_MIN)'
 	touch $(VENV)/.installed $@
 
 $(VENV)/.installed-bench: pyproject.toml | $(PY)

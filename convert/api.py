@@ -11,7 +11,7 @@ import gguf
 
 from . import __version__
 from .architectures import resolve
-from .checkpoint import Checkpoint, sha256_file, source_identity
+from .checkpoint import Checkpoint, read_json, sha256_file, source_identity
 from .ct2_target import DEFAULT_QUANT as CT2_DEFAULT_QUANT
 from .ct2_target import QUANT_TYPES as CT2_QUANT_TYPES
 from .ct2_target import source_float_dtype, write_ct2
@@ -87,6 +87,8 @@ def convert(
     """
     started = time.perf_counter()
     src = Path(src)
+    if (src / "config.json").is_file():  # an unsupported architecture is the first thing to say
+        resolve(read_json(src / "config.json"), str(src / "config.json"))
     with Checkpoint(src) as ckpt:
         arch = resolve(ckpt.config, str(src / "config.json"))
         fmt = FORMAT_NAMES.get((format or arch.default_format).lower(), (format or "").lower())

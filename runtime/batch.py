@@ -33,6 +33,8 @@ def read_prompts(path: Path) -> Iterator[tuple[Any, str | list[int]]]:
     """(key, prompt) per non-empty input line; a malformed line is an error naming it."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise GenerationError(f"{path}: not UTF-8 text (byte {e.start}): expected JSONL") from None
     except OSError as e:
         raise GenerationError(f"{path}: cannot read: {e.strerror or e}") from None
     for number, line in enumerate(lines, 1):
@@ -71,6 +73,10 @@ def answered_keys(path: Path) -> set[str]:
 def run_jsonl(
     model: Model, input_path: Path, output_path: Path, batch_size: int = 16, progress: bool = False, **gen: Any,
 ) -> BatchStats:
+    if batch_size < 1:
+        raise GenerationError(f"batch size {batch_size}: must be at least 1")
+    if output_path.is_dir():
+        raise GenerationError(f"{output_path}: is a folder; --output needs a JSONL file")
     prompts = list(read_prompts(input_path))
     done = answered_keys(output_path)
     todo = [(key, p) for key, p in prompts if json.dumps(key) not in done]

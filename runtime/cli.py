@@ -10,15 +10,25 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 from convert.errors import PocketLMError
 
+EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE
 EPILOG = """examples:
   pocketlm convert ./bloomz-560m -o bloomz-560m-q4_k_m.gguf --quant q4_k_m
   pocketlm run bloomz-560m-q4_k_m.gguf "Translate to English: Je t'aime."
   pocketlm info bloomz-560m-q4_k_m.gguf --json
+
+exit status: 0 done, 1 error (one line on stderr), 2 bad command line, 70 internal error
+(a bug: -v shows the traceback), 130 interrupted.
+
+network: hub ids use huggingface_hub (HF_HOME, HF_TOKEN, HF_ENDPOINT; HF_HUB_OFFLINE=1 makes
+no request). Metadata calls give up after POCKETLM_HUB_TIMEOUT seconds (else
+HF_HUB_ETAG_TIMEOUT, else 10) and the cached snapshot is used; a download that receives
+nothing for HF_HUB_DOWNLOAD_TIMEOUT seconds (10) is retried, then given up: re-run to resume.
 """
 
 
@@ -43,6 +53,14 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compute-type", default=None, help="CTranslate2 compute type (default: chosen for the machine)")
 
 
+def _parser_with(*parents: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    class SubParser(argparse.ArgumentParser):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(parents=[*kwargs.pop("parents", []), *parents], **kwargs)
+
+    return SubParser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pocketlm",
@@ -52,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs (including llama.cpp's)")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # -v also after the subcommand (`pocketlm run -v ...`), where users put it
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show debug logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_with(verbose))
 
     p = sub.add_parser(
         "convert", help="convert a Hugging Face checkpoint folder",
@@ -293,8 +314,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from .server import serve
+    from .server import check_address, serve
 
+    if args.max_queue < 0:
+        raise PocketLMError(f"--max-queue {args.max_queue}: must be 0 or more")
+    check_address(args.host, args.port)  # now, not after loading the model (that can take minutes)
     logging.getLogger("pocketlm.server").setLevel(logging.INFO)  # one line per request
     with _load(args) as model:
         serve(
@@ -335,6 +359,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # a bug in PocketLM: one line, the traceback with -v
+        if args.verbose:
+            traceback.print_exc()
+        where = "" if args.verbose else "; run with -v to see the traceback"
+        print(f"pocketlm: internal error: {type(e).__name__}: {_first_line(e)} (a bug in PocketLM{where})", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
 
 
 def run(argv: Any = None) -> None:

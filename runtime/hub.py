@@ -5,19 +5,32 @@ format (safetensors preferred, never both), or, for repos of ready-made GGUF fil
 file of the wanted quant type. Everything goes through huggingface_hub and its cache, so
 HF_HOME, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE mean what they always mean; with
 HF_HUB_OFFLINE=1 no request is made at all and only cached files are used.
+
+The network is allowed to fail in every way it does on planes, behind captive portals and
+firewalls: any fault (no DNS, refused, no answer, reset, TLS, HTTP 5xx/429, an HTML page
+instead of the API) means "the Hub is not reachable", and the cached snapshot is used if
+there is one. Metadata calls give up after `metadata_timeout()` seconds (10 by default;
+POCKETLM_HUB_TIMEOUT, else HF_HUB_ETAG_TIMEOUT); a download that receives nothing for
+HF_HUB_DOWNLOAD_TIMEOUT seconds is resumed by huggingface_hub (5 tries, with Range), then
+given up in one line. huggingface_hub 2.x deletes a partial file when it gives up, so a new
+command starts that file again (over Xet, its chunk cache keeps what arrived).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
+import socket
+import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
-from convert.errors import ModelLoadError
+from convert.errors import ModelLoadError, PocketLMError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +40,8 @@ CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.json", "toke
 SAFETENSORS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 PYTORCH = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
 # Without --quant, the first of these a GGUF repo offers: a good size/quality balance first.
+DEFAULT_TIMEOUT = 10.0
+T = TypeVar("T")
 GGUF_PREFERENCE = ["q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q4_0", "q5_0", "q6_k", "q8_0", "f16", "bf16", "f32"]
 
 
@@ -45,6 +60,113 @@ def parse_ref(text: str) -> HubRef | None:
         return None
     m = REPO_REF.match(text)
     return HubRef(m["repo"], m["revision"]) if m else None
+
+
+class HubUnreachable(Exception):
+    """A network fault talking to the Hub, described for one line of output."""
+
+
+def metadata_timeout() -> float:
+    """Seconds a metadata call may take: POCKETLM_HUB_TIMEOUT, else HF_HUB_ETAG_TIMEOUT, else 10."""
+    for name in ("POCKETLM_HUB_TIMEOUT", "HF_HUB_ETAG_TIMEOUT"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise PocketLMError(f"{name}={value!r}: not a number of seconds") from None
+            if not seconds > 0:
+                raise PocketLMError(f"{name}={value!r}: must be more than 0 seconds")
+            return seconds
+    return DEFAULT_TIMEOUT
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def network_fault(error: BaseException) -> str | None:
+    """What went wrong on the way to the Hub, or None if `error` is not a network fault.
+
+    huggingface_hub 2.x talks through httpx2, whose transport errors are not OSError; its own
+    HTTP errors are. The causes are unwrapped to name the fault a user can act on."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    where = endpoint()
+    if isinstance(error, HubUnreachable):
+        return str(error)
+    if isinstance(error, OfflineModeIsEnabled):
+        return "offline mode is on"
+    if isinstance(error, LocalEntryNotFoundError):  # huggingface_hub's own "unreachable, not cached"
+        cause = error.__cause__ or error.__context__
+        return (network_fault(cause) if cause is not None else None) or f"{where} could not be reached"
+    if isinstance(error, HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else None
+        if status is None:
+            return f"{where}: {str(error).splitlines()[0]}"
+        if status == 429:
+            return f"{where} answered HTTP 429 (too many requests: rate limited)"
+        kind = "an HTML page" if "html" in error.response.headers.get("content-type", "") else f"HTTP {status}"
+        return f"{where} answered {kind}" + (" (a proxy or captive portal?)" if kind == "an HTML page" else "")
+    if isinstance(error, (httpx2.TransportError, OSError)):
+        chain, cause = [], error
+        while cause is not None and len(chain) < 8:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(error, httpx2.TimeoutException) or any(isinstance(c, (socket.timeout, TimeoutError)) for c in chain):
+            return f"no answer from {where} in time"
+        if any(isinstance(c, socket.gaierror) for c in chain):
+            return f"cannot resolve the host of {where} (no DNS: offline?)"
+        if any(isinstance(c, ConnectionRefusedError) for c in chain):
+            return f"{where} refused the connection"
+        if any(isinstance(c, ssl.SSLError) for c in chain) or "SSL" in str(error):
+            return f"TLS with {where} failed ({_first_line(error)})"
+        if any(isinstance(c, ConnectionResetError) for c in chain):
+            return f"{where} reset the connection"
+        if isinstance(error, httpx2.ProxyError):
+            return f"the proxy failed ({_first_line(error)})"
+        return f"{where}: {_first_line(error) or type(error).__name__}"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _bounded_session(seconds: float) -> None:
+    """Give huggingface_hub's shared HTTP client a default timeout: it has none, and its
+    repo_info/list calls pass none, so a silent server would hold them forever."""
+    import httpx2
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    if session.timeout.read is None and session.timeout.connect is None:
+        session.timeout = httpx2.Timeout(seconds)
+
+
+def _within(seconds: float, call: Callable[[], T]) -> T:
+    """`call()`, or HubUnreachable once `seconds` pass. DNS lookups and servers that trickle
+    bytes are not bounded by socket timeouts; the abandoned call ends in a daemon thread."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=target, name="pocketlm-hub", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise HubUnreachable(f"no answer from {endpoint()} within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def offline() -> bool:
@@ -114,13 +236,33 @@ def local_snapshot(ref: HubRef) -> Path:
 
 
 def _from_folder(folder: Path, ref: HubRef, quant: str | None) -> Path:
-    """A cached snapshot as PocketLM uses it: a GGUF file or a checkpoint folder."""
+    """A cached snapshot as PocketLM uses it: a GGUF file or a complete checkpoint folder."""
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
     if ggufs and not (folder / "config.json").is_file():
         return folder / pick_gguf(ggufs, quant, ref)
-    if not (folder / "config.json").is_file():
-        raise _missing(ref, f"the cached snapshot {folder} is incomplete")
+    missing = _missing_files(folder)
+    if missing:
+        raise _missing(ref, f"the cached snapshot {folder} lacks {missing} (an interrupted download? "
+                            f"`pocketlm pull {ref}` resumes it)")
     return folder
+
+
+def _missing_files(folder: Path) -> str | None:
+    """What a downloaded checkpoint folder still lacks (config, or any weight shard), if anything."""
+    if not (folder / "config.json").is_file():
+        return "config.json"
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            except (OSError, ValueError, AttributeError):
+                return f"a readable {index_name}"
+            absent = sorted(str(s) for s in shards if not (folder / str(s)).is_file())
+            return ", ".join(absent) if absent else None
+    if any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir()):
+        return None
+    return "weights (model.safetensors or pytorch_model.bin)"
 
 
 def _safe_name(name: object) -> bool:
@@ -129,23 +271,35 @@ def _safe_name(name: object) -> bool:
 
 
 def pull(ref: HubRef, quant: str | None = None, progress: bool = True) -> Path:
-    """Download (or find in the cache) what PocketLM needs of a hub repo; return its local path."""
+    """Download (or find in the cache) what PocketLM needs of a hub repo; return its local path.
+
+    Any network fault falls back to the cached snapshot with a warning, or, without one,
+    raises a one-line ModelLoadError saying how to get the model onto this machine."""
     try:
         from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
     except ImportError:
         raise ModelLoadError("hub ids need huggingface_hub: pip install huggingface_hub") from None
     if offline():
         return _from_folder(local_snapshot(ref), ref, quant)
+    seconds = metadata_timeout()
     try:
-        info = HfApi().model_info(ref.repo, revision=ref.revision)
+        _bounded_session(seconds)
+        info = _within(seconds, lambda: HfApi().model_info(ref.repo, revision=ref.revision, timeout=seconds))
     except RevisionNotFoundError:
         raise ModelLoadError(f"{ref}: no such revision on the Hub") from None
+    except GatedRepoError:
+        raise ModelLoadError(f"{ref.repo} is gated: accept its terms on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
         raise ModelLoadError(f"{ref.repo}: no such model on the Hub (or it is private: set HF_TOKEN)") from None
-    except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
-        log.warning("the Hub is not reachable (%s); using the local cache", type(e).__name__)
-        return _from_folder(local_snapshot(ref), ref, quant)
+    except (ValueError, KeyError, TypeError) as e:  # 200 with a body that is not the API's JSON
+        return _fall_back(ref, quant, f"{endpoint()} answered with something that is not the Hub API "
+                                      f"(a proxy or captive portal?): {type(e).__name__}")
+    except Exception as e:
+        reason = network_fault(e)
+        if reason is None:
+            raise
+        return _fall_back(ref, quant, reason)
     files = [s.rfilename for s in info.siblings or [] if _safe_name(s.rfilename)]
     ggufs = [f for f in files if f.endswith(".gguf")]
     weights = any(f.endswith((".safetensors", ".bin")) for f in files)
@@ -153,10 +307,38 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True) -> Path:
         raise ModelLoadError(f"{ref}: the repo holds no weights PocketLM can convert (no .safetensors, .bin or .gguf)")
     # By the name asked for (not info.sha), so the cache records the branch -> commit ref that
     # offline use resolves later.
-    with _progress_bars(progress):
-        if ggufs and not weights:
-            return Path(hf_hub_download(ref.repo, pick_gguf(ggufs, quant, ref), revision=ref.revision))
-        return Path(snapshot_download(ref.repo, revision=ref.revision, allow_patterns=checkpoint_patterns(files)))
+    try:
+        with _progress_bars(progress):
+            if ggufs and not weights:
+                name = pick_gguf(ggufs, quant, ref)
+                return Path(hf_hub_download(ref.repo, name, revision=ref.revision, etag_timeout=seconds))
+            folder = Path(snapshot_download(ref.repo, revision=ref.revision, allow_patterns=checkpoint_patterns(files),
+                                            etag_timeout=seconds))
+    except Exception as e:
+        reason = network_fault(e)
+        if reason is None:
+            raise
+        failed = ModelLoadError(f"downloading {ref} failed ({reason}); run the same command again to retry")
+        try:
+            cached = _from_folder(local_snapshot(ref), ref, quant)
+        except ModelLoadError:
+            raise failed from None
+        log.warning("%s; using the cached %s", failed, cached)
+        return cached
+    missing = _missing_files(folder)
+    if missing:
+        raise ModelLoadError(f"downloading {ref} left {folder} without {missing}: run the same command again to retry")
+    return folder
+
+
+def _fall_back(ref: HubRef, quant: str | None, reason: str) -> Path:
+    """The cached snapshot when the Hub cannot be reached; the one-line error without one."""
+    try:
+        folder = local_snapshot(ref)
+    except ModelLoadError:
+        raise _missing(ref, f"the Hub is not reachable: {reason}; nothing cached") from None
+    log.warning("the Hub is not reachable (%s); using the cached %s", reason, folder)
+    return _from_folder(folder, ref, quant)
 
 
 @contextlib.contextmanager

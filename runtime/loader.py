@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from convert.errors import ModelLoadError
+from convert.errors import ModelLoadError, PocketLMError
 
 from .model import Model
 from .platform import ENCODER_DECODER, ModelFacts, choose, detect_facts
@@ -35,8 +35,11 @@ def detect_format(path: Path) -> str:
     """'gguf' (a file whose header and tensor table check out), 'ct2' (a CTranslate2 folder)
     or 'hf' (a Hugging Face checkpoint folder); anything else is explained in the error."""
     if path.is_file():
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ModelLoadError(f"{path}: cannot read: {e.strerror or e}") from None
         if magic != GGUF_MAGIC:
             raise ModelLoadError(f"{path}: not a GGUF file (bad magic); is it a model file?")
         from convert.gguf_file import read_header
@@ -110,14 +113,20 @@ def load(
     input tokens (CTranslate2); CTranslate2's `compute_type` is chosen for the machine unless
     given (env POCKETLM_COMPUTE_TYPE). `model.info.reasons` says why each choice was made.
     """
+    env = os.environ
+    if threads is None and env.get("POCKETLM_THREADS", "").strip():
+        if not env["POCKETLM_THREADS"].strip().isdigit():
+            raise PocketLMError(f"POCKETLM_THREADS={env['POCKETLM_THREADS']!r}: not a number of threads")
+        threads = int(env["POCKETLM_THREADS"])
+    if threads is not None and threads < 1:
+        raise PocketLMError(f"threads={threads}: needs at least 1 thread")
+    if n_ctx is not None and n_ctx < 1:
+        raise PocketLMError(f"n_ctx={n_ctx}: the context must hold at least 1 token")
     path = resolve_path(model, quant, progress)
     facts = inspect_model(path, quant)
-    env = os.environ
     if device == "auto":
         device = env.get("POCKETLM_DEVICE", device)
     backend = backend or env.get("POCKETLM_BACKEND")
-    if threads is None and env.get("POCKETLM_THREADS", "").isdigit():
-        threads = int(env["POCKETLM_THREADS"])
     compute_type = compute_type or env.get("POCKETLM_COMPUTE_TYPE")
     choice = choose(facts, detect_facts(), backend, device, threads)
     for warning in choice.warnings:

@@ -24,6 +24,7 @@ Load: `max_concurrent` generations run at once, `max_queue` more wait, further r
 
 from __future__ import annotations
 
+import errno
 import hmac
 import itertools
 import json
@@ -227,12 +228,35 @@ def usage(result: GenerationResult) -> dict[str, int]:
 
 
 # -- the server -------------------------------------------------------------------------
+def check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise PocketLMError(f"port {port}: must be 0-65535 (0 picks a free one)")
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse a bad or taken address before the model is loaded."""
+    check_port(port)
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise _cannot_listen(host, port, e) from None
+
+
+def _cannot_listen(host: str, port: int, e: OSError) -> PocketLMError:
+    hint = " (another program listens there: choose another --port)" if e.errno == errno.EADDRINUSE else ""
+    return PocketLMError(f"cannot listen on {host} port {port}: {e.strerror or e}{hint}")
+
+
 class Slots:
     """Admission control: `running` generations at once, `waiting` more queued, others refused."""
 
     def __init__(self, running: int, waiting: int):
         if running < 1 or waiting < 0:
-            raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
+            raise PocketLMError(f"the server needs max_concurrent >= 1 and max_queue >= 0 (got {running} and {waiting})")
         self._free = threading.Semaphore(running)
         self._changed = threading.Condition()
         self._capacity = running + waiting
@@ -275,7 +299,11 @@ class Server(ThreadingHTTPServer):
         self._serving = False
         if ":" in host:
             self.address_family = socket.AF_INET6
-        super().__init__((host, port), Handler)
+        check_port(port)
+        try:
+            super().__init__((host, port), Handler)
+        except OSError as e:
+            raise _cannot_listen(host, port, e) from None
 
     def server_bind(self) -> None:
         socketserver.TCPServer.server_bind(self)  # skips HTTPServer's reverse DNS lookup

@@ -3,6 +3,11 @@
 Repos are dicts of files per revision; every request is recorded so tests can assert what
 was (and was not) fetched. One file can be made "flaky": its first download is cut off
 1 MB before its end, to test that the download resumes with a Range request.
+
+It also fails the ways networks do: `fault` applies to every request ("hang": accept and
+never answer; "status:503" etc.; "html": a captive portal's 200 page), `file_faults` to the
+downloads of single files ("reset" mid-file, "stall" mid-file). `closed_port()` gives a port
+that refuses connections; an https:// URL to this plain-HTTP server is a TLS failure.
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
+import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -44,6 +52,9 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.flaky: set[str] = set()  # "repo/path" cut off once, 1 MB before the end
+        self.fault: str | None = None  # for every request: "hang", "html", "status:<code>"
+        self.file_faults: dict[str, str] = {}  # "repo/path" -> "reset" | "stall", at half the file
+        self._release = threading.Event()  # ends hanging and stalled answers at shutdown
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -68,6 +79,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._release.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -103,8 +115,21 @@ class FakeHub:
                 self._route(head=False)
 
             def _route(self, head: bool) -> None:
-                path = unquote(urlparse(self.path).path)
+                url = urlparse(self.path)
+                path = unquote(url.path)
                 hub.requests.append(("HEAD" if head else "GET", path, self.headers.get("Range")))
+                self.blobs = "blobs=true" in url.query.lower()
+                if hub.fault == "hang":
+                    hub._release.wait(120)
+                    self.close_connection = True
+                    return
+                if hub.fault == "html":
+                    page = b"<!doctype html><html><body><h1>Welcome to Airport Wi-Fi</h1>Please log in.</body></html>"
+                    return self._send(200, page, {"Content-Type": "text/html; charset=utf-8"}, head)
+                if hub.fault and hub.fault.startswith("status:"):
+                    status = int(hub.fault.split(":")[1])
+                    extra = {"Retry-After": "1"} if status == 429 else {}
+                    return self._send(status, b"upstream unavailable", {"Content-Type": "text/plain", **extra}, head)
                 m = re.match(r"^/api/models/([^/]+/[^/]+)(?:/revision/(.+))?$", path)
                 if m:
                     return self._info(m[1], m[2] or "main")
@@ -132,7 +157,8 @@ class FakeHub:
                 if found:
                     sha, files = found
                     self._json({"id": repo, "modelId": repo, "sha": sha, "private": False,
-                                "siblings": [{"rfilename": f} for f in files]})
+                                "siblings": [{"rfilename": f, **({"size": len(b)} if self.blobs else {})}
+                                             for f, b in files.items()]})
 
             def _tree(self, repo: str, revision: str) -> None:
                 found = self._repo(repo, revision)
@@ -158,6 +184,9 @@ class FakeHub:
                     headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
                 headers["Content-Length"] = str(len(data) - start)
                 key = f"{repo}/{name}"
+                fault = hub.file_faults.get(key) if not head else None
+                if fault:
+                    return self._broken(headers, data[start:], fault)
                 if key in hub.flaky and not head:
                     hub.flaky.discard(key)  # cut this download off near its end, once
                     self.send_response(200)
@@ -170,4 +199,27 @@ class FakeHub:
                     return
                 self._send(206 if start else 200, data[start:], headers, head)
 
+            def _broken(self, headers: dict[str, str], body: bytes, fault: str) -> None:
+                """Half of the body, then a reset connection or silence."""
+                self.send_response(206 if "Content-Range" in headers else 200)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                if fault == "stall":
+                    hub._release.wait(120)
+                else:  # an RST instead of a FIN, once the client has read what was sent
+                    time.sleep(0.5)
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+
         return Handler
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connections to it are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
