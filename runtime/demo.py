@@ -1,9 +1,11 @@
 """The main job (`make run`): BLOOMZ-560m -> q4_k_m GGUF -> an answer, end to end.
 
-Uses bigscience/bloomz-560m when it is on this machine (a folder given as argument or in
-POCKETLM_BLOOMZ_DIR, or the Hugging Face cache). Nothing is downloaded. Without it, the
-same pipeline (convert -> quantize -> load -> generate) runs on a small random BLOOM built
-on the spot, and every line it prints says the answer is synthetic.
+Uses bigscience/bloomz-560m from this machine if it is here (a folder given as argument or
+in POCKETLM_BLOOMZ_DIR, or the Hugging Face cache); else, unless HF_HUB_OFFLINE=1, downloads
+it (config, tokenizer, safetensors: what `pocketlm pull` takes, about 1.1 GB). If the Hub
+cannot be reached within the metadata bound (10 s), it says so in one line and runs the
+same pipeline (convert -> quantize -> load -> generate) on a small random BLOOM built on the
+spot, every line of which says the answer is synthetic.
 """
 
 from __future__ import annotations
@@ -24,13 +26,31 @@ def find_local_bloomz(arg: str | None) -> Path | None:
         if candidate and (Path(candidate) / "config.json").is_file():
             return Path(candidate)
     from convert.errors import PocketLMError
-    from runtime.hub import HubRef, local_snapshot
+    from runtime.hub import HubRef, _from_folder, local_snapshot
 
     try:
-        folder = local_snapshot(HubRef(REPO_ID))
+        return _from_folder(local_snapshot(HubRef(REPO_ID)), HubRef(REPO_ID), None)
     except PocketLMError:
         return None
-    return folder if (folder / "config.json").is_file() else None
+
+
+def download_bloomz() -> tuple[Path | None, str]:
+    """bloomz-560m from the Hub, or None and the one-line reason it could not be had."""
+    from convert.errors import PocketLMError
+    from runtime.hub import HubRef, endpoint, offline, pull
+
+    if offline():
+        return None, "HF_HUB_OFFLINE=1, so nothing is downloaded"
+
+    def announce(files: list[str], size: int | None) -> None:
+        about = f"about {size / 1e9:.1f} GB" if size and size >= 1e8 else f"{size / 1e6:.1f} MB" if size else "size unknown"
+        print(f"downloading {REPO_ID} from {endpoint()} ({about}: {', '.join(files)}); "
+              "interrupt and run again to retry", flush=True)
+
+    try:
+        return pull(HubRef(REPO_ID), progress=sys.stderr.isatty(), before_download=announce), ""
+    except PocketLMError as e:
+        return None, getattr(e, "reason", str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cache = cache_root()
     source = find_local_bloomz(argv[0] if argv else None)
+    why = f"{argv[0]} holds no config.json" if argv else ""
+    if source is None and not argv:
+        source, why = download_bloomz()
     workdir = Path(tempfile.mkdtemp(prefix="pocketlm-demo-"))
     try:
         if source is not None:
@@ -55,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             label = "[synthetic] "
             print(f"{label}{REPO_ID} is not on this machine (folder, POCKETLM_BLOOMZ_DIR or Hugging Face "
-                  "cache) and nothing is downloaded: running the same pipeline on a small random BLOOM; "
+                  f"cache) and cannot be had: {why}. Running the same pipeline on a small random BLOOM; "
                   "its answer is noise")
             source = build_random_bloom(workdir / "random-bloom")
             out = workdir / "random-bloom-q4_k_m.gguf"

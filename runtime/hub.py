@@ -19,6 +19,7 @@ command starts that file again (over Xet, its chunk cache keeps what arrived).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -213,10 +214,12 @@ def checkpoint_patterns(files: list[str]) -> list[str]:
 def _missing(ref: HubRef, why: str) -> ModelLoadError:
     cache = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
     folder = "models--" + ref.repo.replace("/", "--")
-    return ModelLoadError(
+    error = ModelLoadError(
         f"{ref} is not available here ({why}); on a connected machine run `pocketlm pull {ref}` and copy "
         f"{cache}/{folder} into this machine's {cache}, or pass a local folder instead"
     )
+    error.reason = why  # type: ignore[attr-defined]  # the part in parentheses, for callers' own lines
+    return error
 
 
 def local_snapshot(ref: HubRef) -> Path:
@@ -270,11 +273,14 @@ def _safe_name(name: object) -> bool:
     return isinstance(name, str) and bool(name) and not name.startswith(("/", "\\")) and ".." not in Path(name).parts
 
 
-def pull(ref: HubRef, quant: str | None = None, progress: bool = True) -> Path:
+def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
+         before_download: Callable[[list[str], int | None], None] | None = None) -> Path:
     """Download (or find in the cache) what PocketLM needs of a hub repo; return its local path.
 
     Any network fault falls back to the cached snapshot with a warning, or, without one,
-    raises a one-line ModelLoadError saying how to get the model onto this machine."""
+    raises a one-line ModelLoadError saying how to get the model onto this machine.
+    `before_download(files, total_bytes)` hears what is about to be fetched (sizes asked of
+    the Hub only then; None if it does not say)."""
     try:
         from huggingface_hub import HfApi, hf_hub_download, snapshot_download
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
@@ -285,7 +291,8 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True) -> Path:
     seconds = metadata_timeout()
     try:
         _bounded_session(seconds)
-        info = _within(seconds, lambda: HfApi().model_info(ref.repo, revision=ref.revision, timeout=seconds))
+        info = _within(seconds, lambda: HfApi().model_info(ref.repo, revision=ref.revision, timeout=seconds,
+                                                           files_metadata=before_download is not None))
     except RevisionNotFoundError:
         raise ModelLoadError(f"{ref}: no such revision on the Hub") from None
     except GatedRepoError:
@@ -307,12 +314,17 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True) -> Path:
         raise ModelLoadError(f"{ref}: the repo holds no weights PocketLM can convert (no .safetensors, .bin or .gguf)")
     # By the name asked for (not info.sha), so the cache records the branch -> commit ref that
     # offline use resolves later.
+    patterns = [pick_gguf(ggufs, quant, ref)] if ggufs and not weights else checkpoint_patterns(files)
+    if before_download is not None:
+        wanted = [s for s in info.siblings or [] if s.rfilename in files and any(fnmatch.fnmatch(s.rfilename, p) for p in patterns)]
+        sizes = [s.size for s in wanted]
+        before_download([s.rfilename for s in wanted], None if None in sizes else sum(sizes))
     try:
         with _progress_bars(progress):
             if ggufs and not weights:
-                name = pick_gguf(ggufs, quant, ref)
+                name = patterns[0]
                 return Path(hf_hub_download(ref.repo, name, revision=ref.revision, etag_timeout=seconds))
-            folder = Path(snapshot_download(ref.repo, revision=ref.revision, allow_patterns=checkpoint_patterns(files),
+            folder = Path(snapshot_download(ref.repo, revision=ref.revision, allow_patterns=patterns,
                                             etag_timeout=seconds))
     except Exception as e:
         reason = network_fault(e)

@@ -187,3 +187,36 @@ def test_hub_min_is_the_lowest_version_pyproject_allows():
     from huggingface_hub import __version__
 
     assert int(__version__.split(".")[0]) < int(high)
+
+
+def test_main_job_downloads_bloomz_then_reuses_it(tmp_path, bloom_files):
+    """`make run` on a connected machine: a small BLOOM served as bigscience/bloomz-560m is
+    announced with its size, downloaded (config, tokenizer, safetensors only), converted and
+    answered; the next run finds it in the cache and downloads nothing."""
+    with FakeHub() as hub:
+        hub.add("bigscience/bloomz-560m", {**bloom_files, "pytorch_model.bin": b"never fetched", "flax_model.msgpack": b"no"})
+        e = env(tmp_path, hub.url, POCKETLM_CACHE=str(tmp_path / "cache"))
+        run = lambda: subprocess.run([sys.executable, "-m", "runtime.demo"], capture_output=True, text=True, env=e, timeout=600)
+        first = run()
+        assert first.returncode == 0, first.stderr
+        size = sum(len(bloom_files[f]) for f in ("config.json", "tokenizer.json", "model.safetensors"))
+        assert f"downloading bigscience/bloomz-560m from {hub.url} ({size / 1e6:.1f} MB: " in first.stdout, first.stdout
+        assert "[synthetic]" not in first.stdout and "answer: " in first.stdout and "q4_k_m" in first.stdout
+        assert set(hub.downloads("bigscience/bloomz-560m")) == {"config.json", "tokenizer.json", "model.safetensors"}
+        before = len(hub.requests)
+        second = run()
+        assert second.returncode == 0 and "using bigscience/bloomz-560m from" in second.stdout, second.stderr
+        assert "downloading" not in second.stdout and "reusing" in second.stdout and len(hub.requests) == before
+
+
+@pytest.mark.parametrize("fault", ["refused", "no-answer"])
+def test_main_job_without_the_hub_says_so_in_one_line_and_runs_the_synthetic_pipeline(tmp_path, hub, fault):
+    make, says = FAULTS[fault]
+    endpoint, mode = make(hub)
+    hub.fault = mode
+    proc = subprocess.run([sys.executable, "-m", "runtime.demo"], capture_output=True, text=True, timeout=600,
+                          env=env(tmp_path, endpoint, POCKETLM_CACHE=str(tmp_path / "cache")))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    first, *rest = proc.stdout.splitlines()
+    assert first.startswith("[synthetic] bigscience/bloomz-560m is not on this machine") and re.search(says, first), first
+    assert "the Hub is not reachable" in first and all(line.startswith("[synthetic]") for line in rest), proc.stdout
