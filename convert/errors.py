@@ -40,3 +40,9 @@ class ModelLoadError(PocketLMError):
 
 class GenerationError(PocketLMError):
     """A request cannot be served as asked (prompt too long, no tokenizer for text...)."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line of output (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from convert.errors import PocketLMError
+from convert.errors import PocketLMError, first_line
 
 EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE
 EPILOG = """examples:
@@ -363,13 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         where = "" if args.verbose else "; run with -v to see the traceback"
-        print(f"pocketlm: internal error: {type(e).__name__}: {_first_line(e)} (a bug in PocketLM{where})", file=sys.stderr)
+        print(f"pocketlm: internal error: {type(e).__name__}: {first_line(e)} (a bug in PocketLM{where})", file=sys.stderr)
         return EXIT_INTERNAL
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else "(no message)"
 
 
 def run(argv: Any = None) -> None:

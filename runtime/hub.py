@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from convert.errors import ModelLoadError, PocketLMError
+from convert.errors import ModelLoadError, PocketLMError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,11 @@ def network_fault(error: BaseException) -> str | None:
     if isinstance(error, HfHubHTTPError):
         status = error.response.status_code if error.response is not None else None
         if status is None:
-            return f"{where}: {str(error).splitlines()[0]}"
+            return f"{where}: {first_line(error)}"
         if status == 429:
             return f"{where} answered HTTP 429 (too many requests: rate limited)"
-        kind = "an HTML page" if "html" in error.response.headers.get("content-type", "") else f"HTTP {status}"
-        return f"{where} answered {kind}" + (" (a proxy or captive portal?)" if kind == "an HTML page" else "")
+        portal = "html" in error.response.headers.get("content-type", "")
+        return f"{where} answered HTTP {status}" + (" with an HTML page (a proxy or captive portal?)" if portal else "")
     if isinstance(error, (httpx2.TransportError, OSError)):
         chain, cause = [], error
         while cause is not None and len(chain) < 8:
@@ -124,18 +124,13 @@ def network_fault(error: BaseException) -> str | None:
         if any(isinstance(c, ConnectionRefusedError) for c in chain):
             return f"{where} refused the connection"
         if any(isinstance(c, ssl.SSLError) for c in chain) or "SSL" in str(error):
-            return f"TLS with {where} failed ({_first_line(error)})"
+            return f"TLS with {where} failed ({first_line(error)})"
         if any(isinstance(c, ConnectionResetError) for c in chain):
             return f"{where} reset the connection"
         if isinstance(error, httpx2.ProxyError):
-            return f"the proxy failed ({_first_line(error)})"
-        return f"{where}: {_first_line(error) or type(error).__name__}"
+            return f"the proxy failed ({first_line(error)})"
+        return f"{where}: {first_line(error)}"
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _bounded_session(seconds: float) -> None:

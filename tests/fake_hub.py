@@ -5,7 +5,8 @@ was (and was not) fetched. One file can be made "flaky": its first download is c
 1 MB before its end, to test that the download resumes with a Range request.
 
 It also fails the ways networks do: `fault` applies to every request ("hang": accept and
-never answer; "status:503" etc.; "html": a captive portal's 200 page), `file_faults` to the
+never answer; "status:503" etc.; "html": a captive portal's 200 page, "html:403" a proxy's
+refusal page), `file_faults` to the
 downloads of single files ("reset" mid-file, "stall" mid-file). `closed_port()` gives a port
 that refuses connections; an https:// URL to this plain-HTTP server is a TLS failure.
 """
@@ -123,9 +124,10 @@ class FakeHub:
                     hub._release.wait(120)
                     self.close_connection = True
                     return
-                if hub.fault == "html":
+                if hub.fault and hub.fault.startswith("html"):  # "html" (200) or "html:<status>"
                     page = b"<!doctype html><html><body><h1>Welcome to Airport Wi-Fi</h1>Please log in.</body></html>"
-                    return self._send(200, page, {"Content-Type": "text/html; charset=utf-8"}, head)
+                    status = int(hub.fault.split(":")[1]) if ":" in hub.fault else 200
+                    return self._send(status, page, {"Content-Type": "text/html; charset=utf-8"}, head)
                 if hub.fault and hub.fault.startswith("status:"):
                     status = int(hub.fault.split(":")[1])
                     extra = {"Retry-After": "1"} if status == 429 else {}

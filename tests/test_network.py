@@ -76,6 +76,7 @@ FAULTS = {
     "http-429": (lambda hub: (hub.url, "status:429"), "answered HTTP 429 \\(too many requests"),
     "tls": (lambda hub: (hub.url.replace("http://", "https://"), None), "TLS with https://127.0.0.1:\\d+ failed"),
     "html-portal": (lambda hub: (hub.url, "html"), "answered with something that is not the Hub API \\(a proxy or captive portal"),
+    "html-proxy-403": (lambda hub: (hub.url, "html:403"), "answered HTTP 403 with an HTML page \\(a proxy or captive portal"),
 }
 
 
