@@ -11,15 +11,15 @@ firewalls: any fault (no DNS, refused, no answer, reset, TLS, HTTP 5xx/429, an H
 instead of the API) means "the Hub is not reachable", and the cached snapshot is used if
 there is one. Metadata calls give up after `metadata_timeout()` seconds (10 by default;
 POCKETLM_HUB_TIMEOUT, else HF_HUB_ETAG_TIMEOUT); a download that receives nothing for
-HF_HUB_DOWNLOAD_TIMEOUT seconds is resumed by huggingface_hub (5 tries, with Range), then
-given up in one line. huggingface_hub 2.x deletes a partial file when it gives up, so a new
-command starts that file again (over Xet, its chunk cache keeps what arrived).
+HF_HUB_DOWNLOAD_TIMEOUT seconds is resumed (5 times, with Range requests), then given up in
+one line; what arrived stays, and the next command continues it (`_fetch_blob`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +27,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -42,6 +43,8 @@ SAFETENSORS = ["model.safetensors", "model-*.safetensors", "model.safetensors.in
 PYTORCH = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
 # Without --quant, the first of these a GGUF repo offers: a good size/quality balance first.
 DEFAULT_TIMEOUT = 10.0
+DOWNLOAD_TRIES = 6  # as huggingface_hub: the first try and 5 resumptions
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 T = TypeVar("T")
 GGUF_PREFERENCE = ["q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q4_0", "q5_0", "q6_k", "q8_0", "f16", "bf16", "f32"]
 
@@ -315,6 +318,9 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
         sizes = [s.size for s in wanted]
         before_download([s.rfilename for s in wanted], None if None in sizes else sum(sizes))
     try:
+        for name in files:
+            if name.endswith(WEIGHT_SUFFIXES) and any(fnmatch.fnmatch(name, p) for p in patterns):
+                _fetch_blob(ref, name, info.sha, seconds, progress)
         with _progress_bars(progress):
             if ggufs and not weights:
                 name = patterns[0]
@@ -325,7 +331,8 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
         reason = network_fault(e)
         if reason is None:
             raise
-        failed = ModelLoadError(f"downloading {ref} failed ({reason}); run the same command again to retry")
+        failed = ModelLoadError(f"downloading {ref} failed ({reason}); what arrived is kept: run the same command "
+                                "again to resume")
         try:
             cached = _from_folder(local_snapshot(ref), ref, quant)
         except ModelLoadError:
@@ -336,6 +343,71 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
     if missing:
         raise ModelLoadError(f"downloading {ref} left {folder} without {missing}: run the same command again to retry")
     return folder
+
+
+def _fetch_blob(ref: HubRef, name: str, commit: str | None, seconds: float, progress: bool) -> None:
+    """Download one weight file into the cache's blobs/ folder, resumable across runs.
+
+    huggingface_hub 2.x deletes a partial file when it gives up, so a new command would start
+    a 1 GB file again. Here what arrives stays in blobs/<etag>.pocketlm-partial and the next
+    try continues it with a Range request; once whole (size, and sha256 for LFS files) it
+    becomes blobs/<etag>, which snapshot_download/hf_hub_download then only link. Files stored
+    on Xet are left to huggingface_hub: Xet's chunk cache keeps what arrived."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    from tqdm import tqdm
+
+    meta = get_hf_file_metadata(hf_hub_url(ref.repo, name, revision=commit or ref.revision), timeout=seconds)
+    if not meta.etag or (meta.xet_file_data is not None and not constants.HF_HUB_DISABLE_XET):
+        return
+    blobs = Path(constants.HF_HUB_CACHE) / ("models--" + ref.repo.replace("/", "--")) / "blobs"
+    blob = blobs / meta.etag
+    if blob.exists() or not _safe_name(meta.etag) or "/" in meta.etag:
+        return
+    blobs.mkdir(parents=True, exist_ok=True)
+    partial = blobs / (meta.etag + ".pocketlm-partial")
+    bar = tqdm(total=meta.size, unit="B", unit_scale=True, desc=name, disable=not progress, leave=False)
+    try:
+        for attempt in range(DOWNLOAD_TRIES):
+            have = partial.stat().st_size if partial.exists() else 0
+            if meta.size is not None and have >= meta.size:
+                break
+            bar.reset(meta.size)
+            bar.update(have)
+            headers = build_hf_headers() | ({"Range": f"bytes={have}-"} if have else {})
+            try:
+                with get_session().stream("GET", meta.location, headers=headers, follow_redirects=True,
+                                          timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+                    hf_raise_for_status(response)
+                    resumed = have and response.status_code == 206
+                    with open(partial, "ab" if resumed else "wb") as f:
+                        for chunk in response.iter_bytes(1 << 20):
+                            f.write(chunk)
+                            bar.update(len(chunk))
+            except Exception as e:
+                reason = network_fault(e)
+                if reason is None or attempt == DOWNLOAD_TRIES - 1:
+                    raise
+                got = partial.stat().st_size if partial.exists() else 0
+                log.warning("download of %s interrupted (%s); resuming at %.1f MB", name, reason, got / 1e6)
+                time.sleep(1)
+    finally:
+        bar.close()
+    size = partial.stat().st_size if partial.exists() else 0
+    if meta.size is not None and size != meta.size:
+        raise HubUnreachable(f"{name} stopped at {size} of {meta.size} bytes")
+    if re.fullmatch(r"[0-9a-f]{64}", meta.etag) and _sha256(partial) != meta.etag:
+        partial.unlink()
+        raise ModelLoadError(f"downloading {ref} gave a {name} whose sha256 differs from the Hub's: run the same command again")
+    os.replace(partial, blob)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fall_back(ref: HubRef, quant: str | None, reason: str) -> Path:

@@ -147,10 +147,10 @@ def test_hf_etag_timeout_and_pocketlm_setting_change_the_bound(tmp_path, hub):
 
 
 @pytest.mark.parametrize("fault", ["reset", "stall"])
-def test_broken_download_gives_up_in_one_line_and_the_next_try_completes(tmp_path, hub, fault):
-    """Half the file, then a reset connection or silence, on every try: huggingface_hub
-    resumes (Range) until it gives up; PocketLM says so in one line; once the network is
-    back, the same command completes with intact bytes."""
+def test_broken_download_gives_up_in_one_line_and_resumes_next_time(tmp_path, hub, fault):
+    """Half of what is asked for, then a reset connection or silence, on every try: the
+    download resumes (Range) until it gives up in one line; what arrived stays, and once the
+    network is back the same command asks only for the rest and ends with intact bytes."""
     data = os.urandom(24 << 20)
     hub.add("tiny/big", {"config.json": b"{}", "model.safetensors": data})
     hub.file_faults["tiny/big/model.safetensors"] = fault
@@ -160,11 +160,16 @@ def test_broken_download_gives_up_in_one_line_and_the_next_try_completes(tmp_pat
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert len(errors) == 1 and errors[0].startswith("pocketlm: error: downloading tiny/big failed ("), proc.stderr
     assert ("reset the connection" if fault == "reset" else "no answer from") in errors[0], errors[0]
-    assert "run the same command again to retry" in errors[0]
+    assert "what arrived is kept: run the same command again to resume" in errors[0]
+    assert proc.stderr.count("interrupted") == 5 and "resuming at" in proc.stderr  # the 5 resumptions
     assert seconds < 6 * (1 + 1) + SLACK  # 6 tries of HF_HUB_DOWNLOAD_TIMEOUT=1 s and 1 s pauses
     hub.file_faults.clear()
+    before = len(hub.requests)
     proc, _ = pocketlm(e, "pull", "tiny/big")
     assert proc.returncode == 0, proc.stderr
+    ranges = [r for m, p, r in hub.requests[before:] if m == "GET" and p.endswith("model.safetensors")]
+    assert len(ranges) == 1 and ranges[0] and ranges[0].startswith("bytes="), ranges
+    assert int(ranges[0][6:].rstrip("-")) > len(data) // 2, ranges  # more than half had arrived
     assert (Path(proc.stdout.strip().splitlines()[-1]) / "model.safetensors").read_bytes() == data
 
 
