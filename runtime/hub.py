@@ -310,17 +310,17 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
     weights = any(f.endswith((".safetensors", ".bin")) for f in files)
     if not ggufs and not weights:
         raise ModelLoadError(f"{ref}: the repo holds no weights PocketLM can convert (no .safetensors, .bin or .gguf)")
-    # By the name asked for (not info.sha), so the cache records the branch -> commit ref that
-    # offline use resolves later.
     patterns = [pick_gguf(ggufs, quant, ref)] if ggufs and not weights else checkpoint_patterns(files)
+    wanted = [f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)]
     if before_download is not None:
-        wanted = [s for s in info.siblings or [] if s.rfilename in files and any(fnmatch.fnmatch(s.rfilename, p) for p in patterns)]
-        sizes = [s.size for s in wanted]
-        before_download([s.rfilename for s in wanted], None if None in sizes else sum(sizes))
+        sizes = [s.size for s in info.siblings or [] if s.rfilename in wanted]
+        before_download(wanted, None if None in sizes else sum(sizes))
     try:
-        for name in files:
-            if name.endswith(WEIGHT_SUFFIXES) and any(fnmatch.fnmatch(name, p) for p in patterns):
+        for name in wanted:
+            if name.endswith(WEIGHT_SUFFIXES):
                 _fetch_blob(ref, name, info.sha, seconds, progress)
+        # By the name asked for (not info.sha), so the cache records the branch -> commit ref
+        # that offline use resolves later; the weights are in blobs/ already, only linked here.
         with _progress_bars(progress):
             if ggufs and not weights:
                 name = patterns[0]
