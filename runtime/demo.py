@@ -26,10 +26,10 @@ def find_local_bloomz(arg: str | None) -> Path | None:
         if candidate and (Path(candidate) / "config.json").is_file():
             return Path(candidate)
     from convert.errors import PocketLMError
-    from runtime.hub import HubRef, _from_folder, local_snapshot
+    from runtime.hub import HubRef, cached
 
     try:
-        return _from_folder(local_snapshot(HubRef(REPO_ID)), HubRef(REPO_ID), None)
+        return cached(HubRef(REPO_ID))
     except PocketLMError:
         return None
 
@@ -45,7 +45,7 @@ def download_bloomz() -> tuple[Path | None, str]:
     def announce(files: list[str], size: int | None) -> None:
         about = f"about {size / 1e9:.1f} GB" if size and size >= 1e8 else f"{size / 1e6:.1f} MB" if size else "size unknown"
         print(f"downloading {REPO_ID} from {endpoint()} ({about}: {', '.join(files)}); "
-              "interrupt and run again to retry", flush=True)
+              "interrupt and run again to resume", flush=True)
 
     try:
         return pull(HubRef(REPO_ID), progress=sys.stderr.isatty(), before_download=announce), ""

@@ -236,6 +236,11 @@ def local_snapshot(ref: HubRef) -> Path:
     return storage / "snapshots" / commit
 
 
+def cached(ref: HubRef, quant: str | None = None) -> Path:
+    """What PocketLM uses of a ref's complete cached snapshot, found without any request."""
+    return _from_folder(local_snapshot(ref), ref, quant)
+
+
 def _from_folder(folder: Path, ref: HubRef, quant: str | None) -> Path:
     """A cached snapshot as PocketLM uses it: a GGUF file or a complete checkpoint folder."""
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
@@ -285,7 +290,7 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
     except ImportError:
         raise ModelLoadError("hub ids need huggingface_hub: pip install huggingface_hub") from None
     if offline():
-        return _from_folder(local_snapshot(ref), ref, quant)
+        return cached(ref, quant)
     seconds = metadata_timeout()
     try:
         _bounded_session(seconds)
@@ -334,11 +339,11 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
         failed = ModelLoadError(f"downloading {ref} failed ({reason}); what arrived is kept: run the same command "
                                 "again to resume")
         try:
-            cached = _from_folder(local_snapshot(ref), ref, quant)
+            older = cached(ref, quant)
         except ModelLoadError:
             raise failed from None
-        log.warning("%s; using the cached %s", failed, cached)
-        return cached
+        log.warning("%s; using the cached %s", failed, older)
+        return older
     missing = _missing_files(folder)
     if missing:
         raise ModelLoadError(f"downloading {ref} left {folder} without {missing}: run the same command again to retry")
