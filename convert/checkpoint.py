@@ -241,6 +241,30 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
+def find_weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder (its index's shards, or the single file), all
+    present; a CheckpointError names what is missing. Nothing is opened but the index."""
+    for index_name, single_name in WEIGHT_LAYOUTS:
+        index_path = folder / index_name
+        if index_path.is_file():
+            index = read_json(index_path)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: no weight_map")
+            files = sorted({_safe_member(folder, n, index_path) for n in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{f}: shard listed in {index_path.name} is missing")
+            return files
+        single = folder / single_name
+        if single.is_file():
+            return [single]
+    raise CheckpointError(
+        f"{folder}: no weights found (expected model.safetensors, "
+        "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)"
+    )
+
+
 class Checkpoint:
     """The config and weights of a Hugging Face model folder, read lazily.
 
@@ -257,7 +281,7 @@ class Checkpoint:
         self.config: dict[str, Any] = read_json(config_path)
         if not isinstance(self.config, dict):
             raise CheckpointError(f"{config_path}: expected a JSON object")
-        self.weight_files = self._find_weight_files()
+        self.weight_files = find_weight_files(self.folder)
         self._files: dict[Path, _File] = {}
         self._where: dict[str, Path] = {}
         for path in self.weight_files:
@@ -266,27 +290,6 @@ class Checkpoint:
                 self._where[name] = path
         if not self._where:
             raise CheckpointError(f"{self.folder}: the weight files hold no tensors")
-
-    def _find_weight_files(self) -> list[Path]:
-        for index_name, single_name in WEIGHT_LAYOUTS:
-            index_path = self.folder / index_name
-            if index_path.is_file():
-                index = read_json(index_path)
-                weight_map = index.get("weight_map") if isinstance(index, dict) else None
-                if not isinstance(weight_map, dict) or not weight_map:
-                    raise CheckpointError(f"{index_path}: no weight_map")
-                files = sorted({_safe_member(self.folder, n, index_path) for n in weight_map.values()})
-                for f in files:
-                    if not f.is_file():
-                        raise CheckpointError(f"{f}: shard listed in {index_path.name} is missing")
-                return files
-            single = self.folder / single_name
-            if single.is_file():
-                return [single]
-        raise CheckpointError(
-            f"{self.folder}: no weights found (expected model.safetensors, "
-            "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)"
-        )
 
     def _open(self, path: Path) -> _File:
         handle = self._files.get(path)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
-import json
 import logging
 import os
 import re
@@ -32,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from convert.errors import ModelLoadError, PocketLMError, first_line
+from convert.checkpoint import find_weight_files, sha256_file
+from convert.errors import CheckpointError, ModelLoadError, PocketLMError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -220,13 +219,18 @@ def _missing(ref: HubRef, why: str) -> ModelLoadError:
     return error
 
 
+def _storage(ref: HubRef) -> Path:
+    """The repo's folder in the Hugging Face cache (models--org--name)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + ref.repo.replace("/", "--"))
+
+
 def local_snapshot(ref: HubRef) -> Path:
     """The cached snapshot folder for a ref, found without any request (the cache's layout:
     refs/<branch> holds a commit, snapshots/<commit>/ the files). huggingface_hub's own
     offline lookup insists on every file of the repo, and PocketLM fetches only some."""
-    from huggingface_hub import constants
-
-    storage = Path(constants.HF_HUB_CACHE) / ("models--" + ref.repo.replace("/", "--"))
+    storage = _storage(ref)
     revision = ref.revision or "main"
     commit = revision if (storage / "snapshots" / revision).is_dir() else None
     if commit is None and (storage / "refs" / revision).is_file():
@@ -246,29 +250,22 @@ def _from_folder(folder: Path, ref: HubRef, quant: str | None) -> Path:
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
     if ggufs and not (folder / "config.json").is_file():
         return folder / pick_gguf(ggufs, quant, ref)
-    missing = _missing_files(folder)
-    if missing:
-        raise _missing(ref, f"the cached snapshot {folder} lacks {missing} (an interrupted download? "
+    incomplete = _incomplete(folder)
+    if incomplete:
+        raise _missing(ref, f"the cached snapshot is incomplete: {incomplete} (an interrupted download? "
                             f"`pocketlm pull {ref}` resumes it)")
     return folder
 
 
-def _missing_files(folder: Path) -> str | None:
-    """What a downloaded checkpoint folder still lacks (config, or any weight shard), if anything."""
+def _incomplete(folder: Path) -> str | None:
+    """What a downloaded checkpoint folder still lacks (config.json, a weight shard), if anything."""
     if not (folder / "config.json").is_file():
-        return "config.json"
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.is_file():
-            try:
-                shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-            except (OSError, ValueError, AttributeError):
-                return f"a readable {index_name}"
-            absent = sorted(str(s) for s in shards if not (folder / str(s)).is_file())
-            return ", ".join(absent) if absent else None
-    if any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir()):
-        return None
-    return "weights (model.safetensors or pytorch_model.bin)"
+        return f"{folder / 'config.json'} is missing"
+    try:
+        find_weight_files(folder)
+    except CheckpointError as e:
+        return str(e)
+    return None
 
 
 def _safe_name(name: object) -> bool:
@@ -344,9 +341,9 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
             raise failed from None
         log.warning("%s; using the cached %s", failed, older)
         return older
-    missing = _missing_files(folder)
-    if missing:
-        raise ModelLoadError(f"downloading {ref} left {folder} without {missing}: run the same command again to retry")
+    incomplete = _incomplete(folder)
+    if incomplete:
+        raise ModelLoadError(f"downloading {ref} left it incomplete ({incomplete}): run the same command again to retry")
     return folder
 
 
@@ -365,7 +362,7 @@ def _fetch_blob(ref: HubRef, name: str, commit: str | None, seconds: float, prog
     meta = get_hf_file_metadata(hf_hub_url(ref.repo, name, revision=commit or ref.revision), timeout=seconds)
     if not meta.etag or (meta.xet_file_data is not None and not constants.HF_HUB_DISABLE_XET):
         return
-    blobs = Path(constants.HF_HUB_CACHE) / ("models--" + ref.repo.replace("/", "--")) / "blobs"
+    blobs = _storage(ref) / "blobs"
     blob = blobs / meta.etag
     if blob.exists() or not _safe_name(meta.etag) or "/" in meta.etag:
         return
@@ -401,18 +398,10 @@ def _fetch_blob(ref: HubRef, name: str, commit: str | None, seconds: float, prog
     size = partial.stat().st_size if partial.exists() else 0
     if meta.size is not None and size != meta.size:
         raise HubUnreachable(f"{name} stopped at {size} of {meta.size} bytes")
-    if re.fullmatch(r"[0-9a-f]{64}", meta.etag) and _sha256(partial) != meta.etag:
+    if re.fullmatch(r"[0-9a-f]{64}", meta.etag) and sha256_file(partial) != meta.etag:
         partial.unlink()
         raise ModelLoadError(f"downloading {ref} gave a {name} whose sha256 differs from the Hub's: run the same command again")
     os.replace(partial, blob)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fall_back(ref: HubRef, quant: str | None, reason: str) -> Path:
