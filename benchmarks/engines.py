@@ -341,7 +341,7 @@ def hf_decode_weight_bytes(folder: Path, seq2seq: bool, bytes_per_element: float
 
 def gguf_decode_weight_bytes(path: Path) -> int:
     """Weight bytes one decode step reads from a GGUF file (its real quantized sizes)."""
-    from convert.gguf_file import read_header
+    from convert.core.gguf_file import read_header
 
     header = read_header(path)
     tensors = {t.name: t for t in header.tensors}

@@ -9,9 +9,8 @@ modules load on first use, so importing this package (and the runtime) stays fas
 
 from typing import Any
 
-from .errors import PocketLMError
-
-__version__ = "0.1.0"
+from .core import __version__
+from .core.errors import PocketLMError
 __all__ = ["convert", "ConversionSummary", "PocketLMError", "__version__"]
 
 

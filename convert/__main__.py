@@ -1,7 +1,7 @@
-"""`python -m convert SRC ...` is `pocketlm convert SRC ...`."""
+"""`python -m convert SRC ...`: the converter alone (the runtime is not imported)."""
 
 import sys
 
-from runtime.cli import run
+from .cli import main
 
-run(["convert", *sys.argv[1:]])
+sys.exit(main())

@@ -9,21 +9,15 @@ from typing import Any, Callable
 
 import gguf
 
-from . import __version__
 from .architectures import resolve
 from .checkpoint import Checkpoint, read_json, sha256_file, source_identity
-from .ct2_target import DEFAULT_QUANT as CT2_DEFAULT_QUANT
-from .ct2_target import QUANT_TYPES as CT2_QUANT_TYPES
+from .core import __version__
+from .core.formats import gguf_quant_type
 from .ct2_target import source_float_dtype, write_ct2
-from .errors import UnsupportedModelError
-from .gguf_target import DEFAULT_QUANT as GGUF_DEFAULT_QUANT
-from .gguf_target import convert_gguf, describe_types, fallbacks, quant_type
+from .gguf_target import convert_gguf, describe_types, fallbacks
 from .output import ConversionSummary, Fallback, atomic_output
 
 log = logging.getLogger(__name__)
-
-DEFAULT_QUANTS = {"gguf": GGUF_DEFAULT_QUANT, "ct2": CT2_DEFAULT_QUANT}
-FORMAT_NAMES = {"gguf": "gguf", "ct2": "ct2", "ctranslate2": "ct2"}
 
 
 def default_output(src: Path, fmt: str, quant: str) -> Path:
@@ -81,8 +75,9 @@ def convert(
 ) -> ConversionSummary:
     """Convert the Hugging Face checkpoint folder `src` and return what was written.
 
-    `format` defaults to the architecture's native target (GGUF for BLOOM, CTranslate2 for
-    the T5 family); `quant` to the format's default (q4_k_m for GGUF, int8 for CTranslate2).
+    `format` defaults to the architecture's first target (GGUF for BLOOM, CTranslate2 for the
+    T5 family); `quant` to the architecture's default for that format (`pocketlm convert
+    --help` lists them: BLOOM GGUF q4_k_m, T5 CTranslate2 int8, T5 GGUF q8_0).
     The output appears only once complete and verified.
     """
     started = time.perf_counter()
@@ -91,23 +86,16 @@ def convert(
         resolve(read_json(src / "config.json"), str(src / "config.json"))
     with Checkpoint(src) as ckpt:
         arch = resolve(ckpt.config, str(src / "config.json"))
-        fmt = FORMAT_NAMES.get((format or arch.default_format).lower(), (format or "").lower())
-        if fmt not in arch.formats:
-            raise UnsupportedModelError(f"{arch.name} models convert to {', '.join(arch.formats)}, not {format}")
-        quant_name = (quant or DEFAULT_QUANTS[fmt]).lower()
-        if fmt == "ct2" and quant_name not in CT2_QUANT_TYPES:
-            raise UnsupportedModelError(
-                f"unknown CTranslate2 quant type {quant_name!r}; choose one of: {', '.join(CT2_QUANT_TYPES)}"
-            )
-        if fmt == "gguf":
-            quant_type(quant_name)
+        found, target = arch.target(format)
+        fmt = found.name
+        quant_name = arch.quant(fmt, quant)
         dest = Path(output) if output is not None else default_output(src, fmt, quant_name)
-        plan = arch.formats[fmt](ckpt)  # validates every tensor before anything is written
+        plan = target.plan(ckpt)  # validates every tensor before anything is written
         prov = provenance(ckpt, quant_name)
         fallback_list: list[Fallback] = []
         with atomic_output(dest, force) as tmp:
             if fmt == "gguf":
-                qt = quant_type(quant_name)
+                qt = gguf_quant_type(quant_name)
                 source_dtypes = {ckpt.info(s).dtype for t in plan.tensors for s in t.sources}
                 found = convert_gguf(plan, tmp, qt, _gguf_metadata(prov), ckpt.release, source_dtypes, progress, threads)
                 types = describe_types(found)

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from .errors import CheckpointError
+from .core.errors import CheckpointError
 from .torch_pickle import TorchZipFile
 
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {

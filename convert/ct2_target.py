@@ -21,31 +21,18 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from . import engine
-from .architectures import TensorPlan
+from .core import engine
+from .plan import CT2Plan, TensorPlan
 from .checkpoint import iter_rows
-from .errors import PocketLMError, UnsupportedModelError
+from .core.ct2_file import BINARY_VERSION, DTYPE_IDS, ITEMSIZE, read_model_bin
+from .core.formats import FORMATS
+from .core.errors import PocketLMError, UnsupportedModelError
 from .output import fsync_file
 
 log = logging.getLogger(__name__)
 
-BINARY_VERSION = 6
-DTYPE_IDS = {"float32": 0, "int8": 1, "int16": 2, "int32": 3, "float16": 4, "bfloat16": 5}
-ITEMSIZE = {"float32": 4, "int8": 1, "int16": 2, "int32": 4, "float16": 2, "bfloat16": 2}
-QUANT_TYPES = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
-DEFAULT_QUANT = "int8"
 CHUNK_BYTES = 32 << 20
 SOURCE_FLOAT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float32"}
-
-
-@dataclass
-class CT2Plan:
-    spec: Any  # a ctranslate2.specs ModelSpec whose weights are TensorPlans
-    vocabulary: list[str]
-    config: dict[str, Any]  # written over the spec's config.json defaults
-    files: dict[str, Path]  # extra files copied into the model folder (tokenizer)
-    runtime: dict[str, Any]  # what PocketLM's runtime needs, stored in pocketlm.json
-    warnings: list[str] = field(default_factory=list)
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -213,45 +200,6 @@ def write_model_bin(path: Path, spec: Any, variables: list[_Variable], aliases: 
     fsync_file(path)
 
 
-def read_model_bin(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
-    """The variables (dtype, shape) and aliases of a model.bin, checked against its size."""
-    names = {v: k for k, v in DTYPE_IDS.items()}
-    size = path.stat().st_size
-    variables: dict[str, tuple[str, tuple[int, ...]]] = {}
-    aliases: dict[str, str] = {}
-    with open(path, "rb") as f:
-
-        def take(fmt: str) -> Any:
-            raw = f.read(struct.calcsize(fmt))
-            if len(raw) != struct.calcsize(fmt):
-                raise PocketLMError(f"{path}: truncated model.bin")
-            return struct.unpack(fmt, raw)[0]
-
-        def string() -> str:
-            n = take("<H")
-            return f.read(n)[:-1].decode("utf-8", "replace")
-
-        if take("<I") != BINARY_VERSION:
-            raise PocketLMError(f"{path}: unsupported CTranslate2 binary version")
-        string()
-        take("<I")
-        for _ in range(take("<I")):
-            name = string()
-            shape = tuple(take("<I") for _ in range(take("<B")))
-            dtype = names.get(take("<B"))
-            nbytes = take("<I")
-            if dtype is None or nbytes != int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype] or f.tell() + nbytes > size:
-                raise PocketLMError(f"{path}: variable {name} is malformed or truncated")
-            f.seek(nbytes, 1)
-            variables[name] = (dtype, shape)
-        for _ in range(take("<I")):
-            alias = string()
-            aliases[alias] = string()
-        if f.tell() != size:
-            raise PocketLMError(f"{path}: trailing bytes after the aliases")
-    return variables, aliases
-
-
 def write_ct2(
     plan: CT2Plan,
     folder: Path,
@@ -262,8 +210,7 @@ def write_ct2(
     progress: bool,
 ) -> dict[str, int]:
     """Write the whole model folder into `folder` (created) and verify it; returns dtype counts."""
-    if quant not in QUANT_TYPES:
-        raise UnsupportedModelError(f"unknown CTranslate2 quant type {quant!r}; choose one of: {', '.join(QUANT_TYPES)}")
+    quant = FORMATS["ct2"].quant(quant)
     folder.mkdir()
     variables, aliases = collect(plan, quant, source_dtype, release)
     write_model_bin(folder / "model.bin", plan.spec, variables, aliases, progress)

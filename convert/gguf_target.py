@@ -11,7 +11,6 @@ import ctypes
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,70 +18,18 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from . import engine
-from .architectures import GGUFPlan, TensorPlan
+from .core import engine
+from .plan import GGUFPlan, TensorPlan
 from .checkpoint import iter_rows
-from .errors import CheckpointError, ModelLoadError, PocketLMError, UnsupportedModelError
-from .gguf_file import read_header
+from .core.formats import FT, Q, QuantType
+from .core.errors import CheckpointError, ModelLoadError, PocketLMError, UnsupportedModelError
+from .core.gguf_file import read_header
 from .output import Fallback, fsync_file, partial_sibling, remove
 
 log = logging.getLogger(__name__)
 
-Q = gguf.GGMLQuantizationType
-FT = gguf.LlamaFileType
 CHUNK_BYTES = 32 << 20  # float32 bytes per row block: bounds memory on huge embeddings
 QUANTIZE_BUF_BYTES = 64 << 20  # llama.cpp's quantizer slab (its default, 8 GiB, holds whole tensors)
-
-
-@dataclass(frozen=True)
-class QuantType:
-    """A `--quant` choice: written directly (`direct`) or by llama.cpp (`file_type` only)."""
-
-    name: str
-    file_type: FT
-    direct: Q | None = None
-
-    @property
-    def block(self) -> int:
-        """Row length the main tensor type needs; narrower rows fall back."""
-        if self.direct is not None:
-            return gguf.GGML_QUANT_SIZES[self.direct][0]
-        return 256 if "_K" in self.file_type.name else 32
-
-
-QUANT_TYPES: dict[str, QuantType] = {
-    q.name: q
-    for q in (
-        QuantType("f32", FT.ALL_F32, Q.F32),
-        QuantType("f16", FT.MOSTLY_F16, Q.F16),
-        QuantType("bf16", FT.MOSTLY_BF16, Q.BF16),
-        QuantType("q8_0", FT.MOSTLY_Q8_0, Q.Q8_0),
-        QuantType("q4_0", FT.MOSTLY_Q4_0),
-        QuantType("q4_1", FT.MOSTLY_Q4_1),
-        QuantType("q5_0", FT.MOSTLY_Q5_0),
-        QuantType("q5_1", FT.MOSTLY_Q5_1),
-        QuantType("q2_k", FT.MOSTLY_Q2_K),
-        QuantType("q3_k_s", FT.MOSTLY_Q3_K_S),
-        QuantType("q3_k_m", FT.MOSTLY_Q3_K_M),
-        QuantType("q3_k_l", FT.MOSTLY_Q3_K_L),
-        QuantType("q4_k_s", FT.MOSTLY_Q4_K_S),
-        QuantType("q4_k_m", FT.MOSTLY_Q4_K_M),
-        QuantType("q5_k_s", FT.MOSTLY_Q5_K_S),
-        QuantType("q5_k_m", FT.MOSTLY_Q5_K_M),
-        QuantType("q6_k", FT.MOSTLY_Q6_K),
-    )
-}
-DEFAULT_QUANT = "q4_k_m"
-FILE_TYPE_NAMES = {int(q.file_type): q.name for q in QUANT_TYPES.values()}  # general.file_type -> name
-
-
-def quant_type(name: str) -> QuantType:
-    try:
-        return QUANT_TYPES[name.lower()]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"unknown GGUF quant type {name!r}; choose one of: {', '.join(QUANT_TYPES)}"
-        ) from None
 
 
 def _tensor_type(t: TensorPlan, want: Q) -> Q:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import OutputError, OutputExistsError
+from .core.errors import OutputError, OutputExistsError
 
 PARTIAL_SUFFIX = ".partial"
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError, UnsafePickleError
+from .core.errors import CheckpointError, UnsafePickleError
 
 log = logging.getLogger(__name__)
 

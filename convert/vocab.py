@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import gguf
 
 from .checkpoint import read_json
-from .errors import UnsupportedModelError
+from .core.errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
 

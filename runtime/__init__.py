@@ -7,10 +7,12 @@
 Engines are imported only when a model is loaded; torch and transformers never are.
 """
 
-from convert import __version__
-from convert.errors import PocketLMError
+from convert.core import __version__
+from convert.core.errors import PocketLMError
 
+from .generation import GenerationOptions, GenerationResult, StreamEvent, TokenStream
 from .loader import load
-from .model import GenerationResult, Model, ModelInfo, StreamEvent
+from .model import Model, ModelInfo
 
-__all__ = ["load", "Model", "ModelInfo", "GenerationResult", "StreamEvent", "PocketLMError", "__version__"]
+__all__ = ["load", "Model", "ModelInfo", "GenerationOptions", "GenerationResult", "StreamEvent", "TokenStream",
+           "PocketLMError", "__version__"]

@@ -17,8 +17,9 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from convert.errors import GenerationError
+from convert.core.errors import GenerationError
 
+from .generation import GenerationOptions
 from .model import Model
 
 
@@ -71,7 +72,8 @@ def answered_keys(path: Path) -> set[str]:
 
 
 def run_jsonl(
-    model: Model, input_path: Path, output_path: Path, batch_size: int = 16, progress: bool = False, **gen: Any,
+    model: Model, input_path: Path, output_path: Path, batch_size: int = 16, progress: bool = False,
+    options: GenerationOptions | None = None,
 ) -> BatchStats:
     if batch_size < 1:
         raise GenerationError(f"batch size {batch_size}: must be at least 1")
@@ -85,7 +87,7 @@ def run_jsonl(
     with open(output_path, "a", encoding="utf-8") as out:
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
-            results = model.generate_batch([p for _, p in chunk], **gen)
+            results = model.generate_batch([p for _, p in chunk], options)
             for (key, prompt), r in zip(chunk, results):
                 record = {
                     "id": key, "prompt": prompt, "text": r.text, "finish_reason": r.finish_reason,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from convert import __version__
+from convert.core import __version__
 
 try:
     import fcntl

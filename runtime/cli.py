@@ -1,7 +1,8 @@
-"""The `pocketlm` command line: a thin layer over `convert.convert` and `runtime.load`.
+"""The `pocketlm` command line: a thin layer over `convert.cli` and `runtime.load`.
 
-Each subcommand imports what it needs when it runs, so `pocketlm --help` is instant.
-User errors print one line and exit 1; Ctrl-C exits 130.
+Only the subcommand being run gets its options built (their choices come from the backend
+and architecture registries) and each imports what it needs when it runs, so `pocketlm
+--help` is instant. User errors print one line and exit 1; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -10,20 +11,19 @@ import argparse
 import json
 import logging
 import sys
-import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from convert.errors import PocketLMError, first_line
+from convert.core.cli import EXIT_INTERNAL, EXIT_STATUS, guarded, setup_logging
+from convert.core.errors import PocketLMError
 
-EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE
-EPILOG = """examples:
+__all__ = ["main", "run", "build_parser", "EXIT_INTERNAL"]
+EPILOG = f"""examples:
   pocketlm convert ./bloomz-560m -o bloomz-560m-q4_k_m.gguf --quant q4_k_m
   pocketlm run bloomz-560m-q4_k_m.gguf "Translate to English: Je t'aime."
   pocketlm info bloomz-560m-q4_k_m.gguf --json
 
-exit status: 0 done, 1 error (one line on stderr), 2 bad command line, 70 internal error
-(a bug: -v shows the traceback), 130 interrupted.
+{EXIT_STATUS}
 
 network: hub ids use huggingface_hub (HF_HOME, HF_TOKEN, HF_ENDPOINT; HF_HUB_OFFLINE=1 makes
 no request). Metadata calls give up after POCKETLM_HUB_TIMEOUT seconds (else
@@ -44,9 +44,14 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
+    from .backends import backends, devices
+
+    names = ["auto"] + [n for b in backends() for n in (b.name, *b.aliases)]
+    listed = ", ".join(f"{b.name} ({'/'.join(b.formats)})" for b in backends())
     g = p.add_argument_group("engine")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "metal", "cuda"], help="where to run (default: best available)")
-    g.add_argument("--backend", default=None, choices=["auto", "llama.cpp", "ctranslate2"], help="engine (default: chosen for the model and machine)")
+    g.add_argument("--device", default="auto", choices=devices(), help="where to run (default: best available)")
+    g.add_argument("--backend", default=None, choices=names, metavar="BACKEND",
+                   help=f"engine: auto (default: chosen for the model and machine), {listed}")
     g.add_argument("--quant", dest="load_quant", default=None, help="for a checkpoint folder: the quant type to convert it to on first use")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     g.add_argument("--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: model's, at most 2048)")
@@ -61,7 +66,95 @@ def _parser_with(*parents: argparse.ArgumentParser) -> type[argparse.ArgumentPar
     return SubParser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _convert(p: argparse.ArgumentParser) -> None:
+    from convert.cli import DESCRIPTION, add_convert_arguments, convert_epilog
+
+    p.description, p.epilog = DESCRIPTION, convert_epilog()
+    add_convert_arguments(p)
+
+
+def _quantize(p: argparse.ArgumentParser) -> None:
+    from convert.cli import add_quantize_arguments
+
+    p.description = "Quantize an f32/f16/bf16 GGUF file to another type with llama.cpp's quantizer."
+    add_quantize_arguments(p)
+
+
+def _run(p: argparse.ArgumentParser) -> None:
+    p.description = "Complete a prompt with a converted model, streaming the answer."
+    p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder (converted once, cached)")
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text; '-' or omitted reads stdin")
+    p.add_argument("--ids", default=None, help="comma-separated token ids instead of a text prompt")
+    p.add_argument("--input", default=None, metavar="JSONL", help='answer every prompt of a JSONL file (lines: {"id": .., "prompt": ..} or "text")')
+    p.add_argument("--output", default=None, metavar="JSONL", help="where --input answers go; re-running skips prompts already answered")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together with --input (CTranslate2)")
+    p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
+    p.add_argument("--json", action="store_true", help="print the result (text, ids, finish reason, speed) as JSON")
+    _add_generation_options(p)
+    _add_load_options(p)
+
+
+def _info(p: argparse.ArgumentParser) -> None:
+    p.description = ("Show a model's architecture, quantization, provenance (source repo, converter, sha256 of "
+                     "source files) and the backend/device PocketLM would choose.")
+    p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    _add_load_options(p)
+
+
+def _pull(p: argparse.ArgumentParser) -> None:
+    p.description = ("Download what PocketLM needs of a Hub repo into the Hugging Face cache: config, tokenizer and "
+                     "one storage format's weights (safetensors preferred), or one GGUF file of a GGUF repo. "
+                     "Honours HF_HOME, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE.")
+    p.add_argument("repo", help="org/name, optionally @revision (branch, tag or commit)")
+    p.add_argument("--quant", default=None, help="for GGUF repos: the quant type's file (default: q4_k_m if offered)")
+    p.add_argument("--convert", action="store_true", help="also convert it now (otherwise on first use)")
+
+
+def _list(p: argparse.ArgumentParser) -> None:
+    p.description = "List the conversions in PocketLM's cache, with source, quant and size."
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def _rm(p: argparse.ArgumentParser) -> None:
+    p.description = "Remove cached conversions by key (or key prefix, see `pocketlm list`) or source repo id."
+    p.add_argument("selector", nargs="+", help="key, key prefix, or org/name")
+
+
+def _doctor(p: argparse.ArgumentParser) -> None:
+    p.description = ("Show the machine, the installed engines and their GPU support, the backends, what PocketLM "
+                     "would choose for each kind of model, and what to install for a better choice.")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def _serve(p: argparse.ArgumentParser) -> None:
+    p.description = ("Serve one model at /v1/completions, /v1/chat/completions and /v1/models (OpenAI-compatible, "
+                     "with streaming), plus /health. Binds to localhost unless --host says otherwise.")
+    p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (env POCKETLM_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 429 (default 64)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask (default 2048)")
+    _add_load_options(p)
+
+
+# name -> (one-line help, what builds its options, the function that runs it)
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
+    "convert": ("convert a Hugging Face checkpoint folder", _convert, "cmd_convert"),
+    "quantize": ("re-quantize a GGUF file with llama.cpp", _quantize, "cmd_quantize"),
+    "run": ("generate text from a prompt", _run, "cmd_run"),
+    "info": ("show what a model file holds and how it would run", _info, "cmd_info"),
+    "pull": ("download a model from the Hugging Face Hub", _pull, "cmd_pull"),
+    "list": ("list converted models in the cache", _list, "cmd_list"),
+    "rm": ("remove converted models from the cache", _rm, "cmd_rm"),
+    "doctor": ("check this machine and its engines", _doctor, "cmd_doctor"),
+    "serve": ("serve a model over an OpenAI-compatible HTTP API", _serve, "cmd_serve"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, the other subcommands are listed but their options not built."""
     parser = argparse.ArgumentParser(
         prog="pocketlm",
         description="Convert and run BLOOMZ and T5-family instruction models offline, without PyTorch.",
@@ -74,126 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show debug logs and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_with(verbose))
-
-    p = sub.add_parser(
-        "convert", help="convert a Hugging Face checkpoint folder",
-        description="Convert a Hugging Face checkpoint folder (safetensors or pytorch_model.bin, "
-        "single or sharded) into a model PocketLM runs: BLOOM/BLOOMZ become a GGUF file; "
-        "T5, Flan-T5, mT5/mT0 and T0 a CTranslate2 model folder.",
-        epilog="quant types\n"
-        "  GGUF:        f32 f16 bf16 q8_0 (written directly); q4_0 q4_1 q5_0 q5_1 q2_k q3_k_s\n"
-        "               q3_k_m q3_k_l q4_k_s q4_k_m (default) q5_k_s q5_k_m q6_k (llama.cpp's\n"
-        "               quantizer). Tensors whose rows do not fit a type's block keep a wider\n"
-        "               type; the summary lists them.\n"
-        "  CTranslate2: int8 (default) int8_float32 int8_float16 int8_bfloat16 int16 float16\n"
-        "               bfloat16 float32",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("src", help="checkpoint folder (with config.json)")
-    p.add_argument("-o", "--output", help="output file or folder (default: ./<folder>-<quant>.gguf or ./<folder>-ct2-<quant>)")
-    p.add_argument("-q", "--quant", default=None, help="quant type (default: q4_k_m for GGUF, int8 for CTranslate2)")
-    p.add_argument("--format", default=None, choices=["gguf", "ct2"], help="output format (default: GGUF for BLOOM, ct2 for the T5 family)")
-    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
-    p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-    p = sub.add_parser(
-        "quantize", help="re-quantize a GGUF file with llama.cpp",
-        description="Quantize an f32/f16/bf16 GGUF file to another type with llama.cpp's quantizer.",
-    )
-    p.add_argument("input", help="GGUF file to read")
-    p.add_argument("output", help="GGUF file to write")
-    p.add_argument("-q", "--quant", default="q4_k_m", help="quant type (default q4_k_m)")
-    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
-    p.add_argument("--threads", type=int, default=None, help="quantizer threads")
-
-    p = sub.add_parser(
-        "run", help="generate text from a prompt",
-        description="Complete a prompt with a converted model, streaming the answer.",
-    )
-    p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder (converted once, cached)")
-    p.add_argument("prompt", nargs="?", default=None, help="prompt text; '-' or omitted reads stdin")
-    p.add_argument("--ids", default=None, help="comma-separated token ids instead of a text prompt")
-    p.add_argument("--input", default=None, metavar="JSONL", help='answer every prompt of a JSONL file (lines: {"id": .., "prompt": ..} or "text")')
-    p.add_argument("--output", default=None, metavar="JSONL", help="where --input answers go; re-running skips prompts already answered")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together with --input (CTranslate2)")
-    p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
-    p.add_argument("--json", action="store_true", help="print the result (text, ids, finish reason, speed) as JSON")
-    _add_generation_options(p)
-    _add_load_options(p)
-
-    p = sub.add_parser(
-        "info", help="show what a model file holds and how it would run",
-        description="Show a model's architecture, quantization, provenance (source repo, "
-        "converter, sha256 of source files) and the backend/device PocketLM would choose.",
-    )
-    p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder")
-    p.add_argument("--json", action="store_true", help="print as JSON")
-    _add_load_options(p)
-
-    p = sub.add_parser(
-        "pull", help="download a model from the Hugging Face Hub",
-        description="Download what PocketLM needs of a Hub repo into the Hugging Face cache: config, "
-        "tokenizer and one storage format's weights (safetensors preferred), or one GGUF file of a "
-        "GGUF repo. Honours HF_HOME, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE.",
-    )
-    p.add_argument("repo", help="org/name, optionally @revision (branch, tag or commit)")
-    p.add_argument("--quant", default=None, help="for GGUF repos: the quant type's file (default: q4_k_m if offered)")
-    p.add_argument("--convert", action="store_true", help="also convert it now (otherwise on first use)")
-
-    p = sub.add_parser("list", help="list converted models in the cache",
-                       description="List the conversions in PocketLM's cache, with source, quant and size.")
-    p.add_argument("--json", action="store_true", help="print as JSON")
-
-    p = sub.add_parser("rm", help="remove converted models from the cache",
-                       description="Remove cached conversions by key (or key prefix, see `pocketlm list`) or source repo id.")
-    p.add_argument("selector", nargs="+", help="key, key prefix, or org/name")
-
-    p = sub.add_parser(
-        "doctor", help="check this machine and its engines",
-        description="Show the machine, the installed engines and their GPU support, what PocketLM would "
-        "choose for each kind of model, and what to install for a better choice.",
-    )
-    p.add_argument("--json", action="store_true", help="print as JSON")
-
-    p = sub.add_parser(
-        "serve", help="serve a model over an OpenAI-compatible HTTP API",
-        description="Serve one model at /v1/completions, /v1/chat/completions and /v1/models "
-        "(OpenAI-compatible, with streaming), plus /health. Binds to localhost unless --host says otherwise.",
-    )
-    p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (env POCKETLM_API_KEY)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 429 (default 64)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask (default 2048)")
-    _add_load_options(p)
+    for name, (summary, build, _) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if only is None or only == name:
+            build(p)
     return parser
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from convert import convert
-
-    summary = convert(
-        args.src, args.output, quant=args.quant, format=args.format, force=args.force,
-        progress=sys.stderr.isatty() and not args.json, threads=args.threads,
-    )
-    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.describe())
-    return 0
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from convert.gguf_target import llama_quantize, quant_type
-    from convert.output import atomic_output
-
-    from .loader import detect_format
-
-    detect_format(Path(args.input))
-    qt = quant_type(args.quant)
-    with atomic_output(Path(args.output), args.force) as tmp:
-        llama_quantize(Path(args.input), tmp, qt.file_type, args.threads)
-    print(f"wrote {args.output} ({qt.name})")
-    return 0
 
 
 def _prompt(args: argparse.Namespace) -> str | list[int]:
@@ -217,9 +195,11 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    gen = dict(
+    from .generation import GenerationOptions
+
+    gen = GenerationOptions(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()), seed=args.seed,
     )
     if args.input or args.output:
         if not (args.input and args.output):
@@ -227,13 +207,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .batch import run_jsonl
 
         with _load(args) as model:
-            stats = run_jsonl(model, Path(args.input), Path(args.output), args.batch_size, sys.stderr.isatty(), **gen)
+            stats = run_jsonl(model, Path(args.input), Path(args.output), args.batch_size, sys.stderr.isatty(), gen)
         print(f"answered {stats.answered} prompts ({stats.skipped} already answered) -> {stats.output}")
         return 0
     prompt = _prompt(args)
     with _load(args) as model:
         if args.json or args.no_stream:
-            result = model.generate(prompt, **gen)
+            result = model.generate(prompt, gen)
             if args.json:
                 out = {
                     "text": result.text, "token_ids": result.token_ids,
@@ -244,7 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             else:
                 print(result.text)
             return 0
-        for piece in model.stream(prompt, **gen):
+        for piece in model.stream(prompt, gen):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -269,10 +249,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     print(path)
     if args.convert and path.is_dir():
         from .cache import converted
-        from .loader import inspect_model
-        from .platform import choose, detect_facts
+        from .loader import decide
+        from .source import inspect
 
-        choice = choose(inspect_model(path, args.quant), detect_facts())
+        choice = decide(inspect(path, args.quant))
         print(converted(path, choice.format, choice.quant or "", progress=sys.stderr.isatty()))
     return 0
 
@@ -328,43 +308,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {
-    "convert": cmd_convert, "quantize": cmd_quantize, "run": cmd_run, "info": cmd_info,
-    "doctor": cmd_doctor, "serve": cmd_serve, "pull": cmd_pull, "list": cmd_list, "rm": cmd_rm,
-}
+def cmd_convert(args: argparse.Namespace) -> int:
+    from convert.cli import cmd_convert
+
+    return cmd_convert(args)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from convert.cli import cmd_quantize
+
+    return cmd_quantize(args)
+
+
+COMMANDS = {name: globals()[runner] for name, (_, _, runner) in SUBCOMMANDS.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
     if args.version:
-        from convert import __version__
+        from convert.core import __version__
 
         print(f"pocketlm {__version__}")
         return 0
     if not args.command:
         parser.print_help()
         return 2
-    try:
-        return COMMANDS[args.command](args)
-    except PocketLMError as e:
-        print(f"pocketlm: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("pocketlm: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
-    except Exception as e:  # a bug in PocketLM: one line, the traceback with -v
-        if args.verbose:
-            traceback.print_exc()
-        where = "" if args.verbose else "; run with -v to see the traceback"
-        print(f"pocketlm: internal error: {type(e).__name__}: {first_line(e)} (a bug in PocketLM{where})", file=sys.stderr)
-        return EXIT_INTERNAL
+    return guarded(COMMANDS[args.command], args)
 
 
 def run(argv: Any = None) -> None:

@@ -25,7 +25,7 @@ def find_local_bloomz(arg: str | None) -> Path | None:
     for candidate in (arg, os.environ.get("POCKETLM_BLOOMZ_DIR")):
         if candidate and (Path(candidate) / "config.json").is_file():
             return Path(candidate)
-    from convert.errors import PocketLMError
+    from convert.core.errors import PocketLMError
     from runtime.hub import HubRef, cached
 
     try:
@@ -36,7 +36,7 @@ def find_local_bloomz(arg: str | None) -> Path | None:
 
 def download_bloomz() -> tuple[Path | None, str]:
     """bloomz-560m from the Hub, or None and the one-line reason it could not be had."""
-    from convert.errors import PocketLMError
+    from convert.core.errors import PocketLMError
     from runtime.hub import HubRef, endpoint, offline, pull
 
     if offline():
@@ -55,12 +55,11 @@ def download_bloomz() -> tuple[Path | None, str]:
 
 def main(argv: list[str] | None = None) -> int:
     from convert import convert
-    from convert.errors import PocketLMError
+    from convert.core.errors import PocketLMError
     from convert.synthetic import build_random_bloom
     from runtime.cache import cache_root
 
     import runtime
-    from runtime.model import GenerationResult
 
     argv = sys.argv[1:] if argv is None else argv
     cache = cache_root()
@@ -95,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}prompt: {PROMPT}")
             sys.stdout.write(f"{label}answer: ")
             sys.stdout.flush()
-            result = GenerationResult("", [], "length", 0)
-            for event in model.stream_tokens(PROMPT, max_new_tokens=32, _result=result):
-                sys.stdout.write(event.text)
+            stream = model.stream_tokens(PROMPT, max_new_tokens=32)
+            for piece in stream.texts():
+                sys.stdout.write(piece)
                 sys.stdout.flush()
+            result = stream.result
             print(f"\n{label}{len(result.token_ids)} tokens, finish_reason={result.finish_reason}, "
                   f"{result.tokens_per_second:.1f} tokens/s")
         return 0

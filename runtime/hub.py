@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from convert.checkpoint import find_weight_files, sha256_file
-from convert.errors import CheckpointError, ModelLoadError, PocketLMError, first_line
+from convert.core.errors import CheckpointError, ModelLoadError, PocketLMError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,14 @@
 """The Model every backend returns, and the generation loop they share.
 
-A backend implements a handful of primitives (tokenize, token bytes, prefill, step, logits);
-`Model` builds `generate`, `stream` and `score` on them, so sampling, stop sequences, UTF-8
-safe streaming and finish reasons mean the same thing whatever engine runs underneath.
+A backend implements a handful of primitives (tokenize, token bytes, and either a token
+source or the step primitives of `StepModel`); `Model` builds `generate`, `stream` and `score`
+on them, so sampling, stop sequences, UTF-8 safe streaming and finish reasons mean the same
+thing whatever engine runs underneath.
+
+Everything about one sequence being generated lives in its `Decoding` (prompt, options,
+sampler, text, result, and the engine's handle on its cache), not in the model, and the step
+primitives take a list of sequences: a scheduler that decodes many sequences together drives
+the same primitives.
 """
 
 from __future__ import annotations
@@ -13,16 +19,24 @@ import time
 import unicodedata
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, Protocol, Sequence, Union, overload
 
 import numpy as np
 
-from convert.errors import GenerationError
+from convert.core.errors import GenerationError
 
-from .sampling import Sampler, SamplingParams
+from .generation import GenerationOptions, GenerationResult, StreamEvent, TokenStream
+from .sampling import Sampler
 from .text import TextStream
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .generation import GenerationKwargs
+
 log = logging.getLogger(__name__)
+
+Prompt = Union[str, Sequence[int]]  # text, or token ids
 
 
 @dataclass
@@ -45,29 +59,6 @@ class ModelInfo:
         return asdict(self)
 
 
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]  # new tokens only (an end-of-sequence token included when produced)
-    finish_reason: str  # "stop" (end of sequence or stop string) | "length"
-    prompt_tokens: int
-    seconds: float = 0.0
-    first_token_seconds: float = 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        decode = self.seconds - self.first_token_seconds
-        return (len(self.token_ids) - 1) / decode if len(self.token_ids) > 1 and decode > 0 else 0.0
-
-
-@dataclass
-class StreamEvent:
-    """One generated token and the text it made showable (often "", for partial characters)."""
-
-    token_id: int | None  # None for the final flush of held-back text
-    text: str
-
-
 class Detokenizer(Protocol):
     """Incremental decoding: the bytes each new token adds, and what is held at the end."""
 
@@ -83,6 +74,47 @@ class BytePieces:
 
     def flush(self) -> bytes:
         return b""
+
+
+class Decoding:
+    """One sequence being generated: its prompt and options, its sampler and the tokens it has
+    seen, its text so far (stop strings, UTF-8), its result, and `slot`, the engine's handle on
+    its cache (set by the backend when the sequence starts)."""
+
+    def __init__(self, ids: list[int], options: GenerationOptions, detokenizer: Detokenizer, history: list[int]):
+        self.ids, self.options = ids, options
+        self.sampler = Sampler(options)
+        self.seen = history  # what the repetition penalty looks at
+        self.result = GenerationResult("", [], "length", len(ids))
+        self.started = time.perf_counter()
+        self.slot: Any = None
+        self.position = 0  # tokens of this sequence in the engine's cache
+        self.done = False
+        self._text = TextStream(list(options.stop))
+        self._detok = detokenizer
+
+    def push(self, token: int, is_end: bool) -> StreamEvent | None:
+        """Record a generated token; its event, or None when it ends the sequence."""
+        result = self.result
+        result.token_ids.append(token)
+        if len(result.token_ids) == 1:
+            result.first_token_seconds = time.perf_counter() - self.started
+        if is_end:
+            result.finish_reason, self.done = "stop", True
+            return None
+        event = StreamEvent(token, self._text.push(self._detok.push(token)))
+        if self._text.stopped:
+            result.finish_reason, self.done = "stop", True
+        return event
+
+    def finish(self) -> StreamEvent | None:
+        """Release the text held back (the final event, if any) and complete the result."""
+        self.done = True
+        self._text.push(self._detok.flush())
+        tail = self._text.finish()
+        self.result.text = self._text.released
+        self.result.seconds = time.perf_counter() - self.started
+        return StreamEvent(None, tail) if tail else None
 
 
 class Model(ABC):
@@ -107,8 +139,8 @@ class Model(ABC):
         """Text of token ids (special tokens omitted)."""
 
     @abstractmethod
-    def _generate_ids(self, ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
-        """Yield generated token ids (an end-of-sequence token last, when produced)."""
+    def _generate_ids(self, seq: Decoding, max_new: int) -> Iterator[int]:
+        """Yield the token ids generated for `seq` (an end-of-sequence token last, when produced)."""
 
     @abstractmethod
     def _detokenizer(self) -> Detokenizer:
@@ -125,6 +157,10 @@ class Model(ABC):
     def _budget(self, n_prompt: int, max_new_tokens: int) -> int:
         """How many tokens may be generated after a prompt of n_prompt tokens."""
         return min(max_new_tokens, self.info.n_ctx - n_prompt)
+
+    def _penalty_history(self, ids: list[int]) -> list[int]:
+        """The tokens a repetition penalty starts from: the prompt, for a causal model."""
+        return list(ids)
 
     def close(self) -> None:
         """Free the engine's memory. The model cannot be used afterwards."""
@@ -157,82 +193,76 @@ class Model(ABC):
             )
         return ids
 
-    def stream_tokens(
-        self,
-        prompt: str | Sequence[int],
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        min_new_tokens: int = 0,
-        _result: GenerationResult | None = None,
-    ) -> Iterator[StreamEvent]:
-        """Generate token by token, yielding each token with the text it releases."""
-        params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, min_new_tokens)
+    def _decoding(self, prompt: Prompt, options: GenerationOptions) -> Decoding:
+        """A new sequence for `prompt` (checked now: errors come from the call, not the stream)."""
         ids = self._prompt_ids(prompt)
-        result = _result or GenerationResult("", [], "length", len(ids))
-        result.prompt_tokens = len(ids)
-        started = time.perf_counter()
+        return Decoding(ids, options, self._detokenizer(), self._penalty_history(ids))
+
+    def stream_tokens(
+        self, prompt: Prompt, options: GenerationOptions | None = None, /, **kwargs: "Unpack[GenerationKwargs]",
+    ) -> TokenStream:
+        """Generate token by token: a stream of each token with the text it releases, whose
+        `.result` is the whole GenerationResult once the stream is exhausted."""
+        seq = self._decoding(prompt, GenerationOptions.of(options, **kwargs))
+        return TokenStream(self._events(seq), seq.result)
+
+    def _events(self, seq: Decoding) -> Generator[StreamEvent, None, None]:
         with self._lock:
-            budget = self._budget(len(ids), max_new_tokens)
-            tokens = self._generate_ids(ids, params, budget) if budget > 0 else iter(())
+            seq.started = time.perf_counter()
+            budget = self._budget(len(seq.ids), seq.options.max_new_tokens)
+            tokens = self._generate_ids(seq, budget) if budget > 0 else iter(())
             try:
-                yield from self._render(tokens, stop, result, started)
+                yield from self._render(seq, tokens)
             finally:
                 close = getattr(tokens, "close", None)
                 if close:
                     close()
-        result.seconds = time.perf_counter() - started
 
-    def _render(
-        self, tokens: Iterable[int], stop: str | Sequence[str] | None, result: GenerationResult, started: float,
-    ) -> Iterator[StreamEvent]:
+    def _render(self, seq: Decoding, tokens: Iterable[int]) -> Iterator[StreamEvent]:
         """Turn generated ids into text events: end tokens, stop strings, UTF-8 safety."""
-        text = TextStream([stop] if isinstance(stop, str) else list(stop or []))
-        detok = self._detokenizer()
         for token in tokens:
-            result.token_ids.append(token)
-            if len(result.token_ids) == 1:
-                result.first_token_seconds = time.perf_counter() - started
-            if self._is_end(token):
-                result.finish_reason = "stop"
+            event = seq.push(token, self._is_end(token))
+            if event is not None:
+                yield event
+            if seq.done:
                 break
-            yield StreamEvent(token, text.push(detok.push(token)))
-            if text.stopped:
-                result.finish_reason = "stop"
-                break
-        text.push(detok.flush())
-        tail = text.finish()
-        if tail:
-            yield StreamEvent(None, tail)
-        result.text = text.released
+        tail = seq.finish()
+        if tail is not None:
+            yield tail
 
-    def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[str]:
-        """Yield text increments; they never split a character and join to `generate().text`."""
-        for event in self.stream_tokens(prompt, **kwargs):
-            if event.text:
-                yield event.text
+    def stream(self, prompt: Prompt, options: GenerationOptions | None = None, /,
+               **kwargs: "Unpack[GenerationKwargs]") -> Iterator[str]:
+        """Text increments; they never split a character and join to `generate().text`."""
+        return self.stream_tokens(prompt, options, **kwargs).texts()
 
-    def generate(self, prompt: str | Sequence[int] | Sequence[str | Sequence[int]], **kwargs: Any) -> Any:
+    @overload
+    def generate(self, prompt: Prompt, options: GenerationOptions | None = None, /,
+                 **kwargs: "Unpack[GenerationKwargs]") -> GenerationResult: ...
+
+    @overload
+    def generate(self, prompt: list[str] | list[Sequence[int]], options: GenerationOptions | None = None, /,
+                 **kwargs: "Unpack[GenerationKwargs]") -> list[GenerationResult]: ...
+
+    def generate(self, prompt: Any, options: GenerationOptions | None = None, /, **kwargs: Any) -> Any:
         """Complete `prompt` (a string or token ids), or each prompt of a list of them.
 
-        Keyword arguments: max_new_tokens=64, temperature=0.0 (greedy), top_k=0, top_p=1.0,
-        repetition_penalty=1.0, stop=None, seed=None, min_new_tokens=0 (end of sequence is
-        not allowed earlier; benchmarks use it to decode a fixed length). Returns a
-        GenerationResult, or a list of them for a list of prompts."""
+        Options (a GenerationOptions, or its fields as keywords): max_new_tokens=64,
+        temperature=0.0 (greedy), top_k=0, top_p=1.0, repetition_penalty=1.0, stop=None,
+        seed=None, min_new_tokens=0 (end of sequence is not allowed earlier; benchmarks use it
+        to decode a fixed length). Returns a GenerationResult, or a list for a list of prompts."""
+        opts = GenerationOptions.of(options, **kwargs)
         if _is_batch(prompt):
-            return self.generate_batch(list(prompt), **kwargs)
-        result = GenerationResult("", [], "length", 0)
-        for _ in self.stream_tokens(prompt, _result=result, **kwargs):  # type: ignore[arg-type]
+            return self.generate_batch(list(prompt), opts)
+        stream = self.stream_tokens(prompt, opts)
+        for _ in stream:
             pass
-        return result
+        return stream.result
 
-    def generate_batch(self, prompts: list[str | Sequence[int]], **kwargs: Any) -> list[GenerationResult]:
+    def generate_batch(self, prompts: list[Prompt], options: GenerationOptions | None = None, /,
+                       **kwargs: "Unpack[GenerationKwargs]") -> list[GenerationResult]:
         """Complete several prompts; engines that batch (CTranslate2) run them together."""
-        return [self.generate(p, **kwargs) for p in prompts]
+        opts = GenerationOptions.of(options, **kwargs)
+        return [self.generate(p, opts) for p in prompts]
 
     def score(self, prompt: str | Sequence[int], candidates: Sequence[str | Sequence[int]]) -> list[float]:
         """Log-likelihood of each candidate answer to `prompt` (zero-shot choice tasks).
@@ -266,69 +296,68 @@ def _is_batch(prompt: Any) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], (str, list, tuple))
 
 
-def _params(
-    max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
-    seed: int | None, min_new_tokens: int = 0,
-) -> SamplingParams:
-    if max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    return SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, min_new_tokens)
-
-
 class StepModel(Model):
-    """A model whose engine evaluates one step at a time: PocketLM samples each token itself."""
+    """A model whose engine evaluates one step at a time: PocketLM samples each token itself.
+
+    The step primitives are per sequence: `_start` puts a new sequence's prompt in the cache
+    (in a slot of its own), `_advance` appends one token to each of several sequences in one
+    engine call, `_release` frees a slot. `parallel_sequences` says how many sequences the
+    engine can hold at once (the generation loop here runs one at a time)."""
+
+    parallel_sequences = 1
 
     @abstractmethod
-    def _prefill(self, ids: list[int]) -> np.ndarray:
-        """Evaluate a prompt; return the logits for the token after it."""
+    def _start(self, seq: Decoding) -> np.ndarray:
+        """Evaluate the prompt of a new sequence; return the logits for the token after it."""
 
     @abstractmethod
-    def _step(self, token: int) -> np.ndarray:
-        """Append one token; return the logits for the next one."""
+    def _advance(self, seqs: list[Decoding], tokens: list[int]) -> list[np.ndarray]:
+        """Append tokens[i] to seqs[i] (one engine call); return each one's next-token logits."""
+
+    def _release(self, seq: Decoding) -> None:
+        """The sequence is done: its slot may be reused (its cache may be kept for reuse)."""
 
     @abstractmethod
     def _end_ids(self) -> list[int]:
         """Every id that ends a sequence (masked before min_new_tokens)."""
 
-    def _penalty_history(self, ids: list[int]) -> list[int]:
-        """The tokens a repetition penalty starts from: the prompt, for a causal model."""
-        return list(ids)
-
-    def _generate_ids(self, ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
-        sampler = Sampler(params)
-        seen = self._penalty_history(ids)
-        logits = self._prefill(ids)
-        ends = self._end_ids() if params.min_new_tokens else []
-        for i in range(max_new):
-            token = sampler(logits, seen, ends if i < params.min_new_tokens else ())
-            yield token
-            seen.append(token)
-            if i + 1 < max_new and not self._is_end(token):
-                logits = self._step(token)
+    def _generate_ids(self, seq: Decoding, max_new: int) -> Iterator[int]:
+        options = seq.options
+        ends = self._end_ids() if options.min_new_tokens else []
+        logits = self._start(seq)
+        try:
+            for i in range(max_new):
+                token = seq.sampler(logits, seq.seen, ends if i < options.min_new_tokens else ())
+                yield token
+                seq.seen.append(token)
+                if i + 1 < max_new and not self._is_end(token):
+                    logits = self._advance([seq], [token])[0]
+        finally:
+            self._release(seq)
 
 
 class Seq2Seq:
     """What encoder-decoder backends share: logits over (source, decoder ids), scoring of
     answers as decoder targets, and decoding lengths independent of the source's.
 
-    A backend mixing this in sets `_start` (the decoder start token)."""
+    A backend mixing this in sets `_start_token` (the decoder start token)."""
 
-    _start: int
+    _start_token: int
     info: ModelInfo
 
     def _decoder_ids(self, input_ids: Sequence[int], decoder_input_ids: Sequence[int] | None) -> tuple[list[int], list[int]]:
         src = [int(t) for t in input_ids]
-        dec = [self._start] if decoder_input_ids is None else [int(t) for t in decoder_input_ids]
-        if not src or not dec or dec[0] != self._start:
-            raise GenerationError(f"decoder_input_ids must start with the decoder start token {self._start}")
+        dec = [self._start_token] if decoder_input_ids is None else [int(t) for t in decoder_input_ids]
+        if not src or not dec or dec[0] != self._start_token:
+            raise GenerationError(f"decoder_input_ids must start with the decoder start token {self._start_token}")
         return src, dec
 
     def _continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
-        return self.logits(context, [self._start, *continuation])[: len(continuation)]  # type: ignore[attr-defined]
+        return self.logits(context, [self._start_token, *continuation])[: len(continuation)]  # type: ignore[attr-defined]
 
     def _budget(self, n_prompt: int, max_new_tokens: int) -> int:
         return min(max_new_tokens, self.info.n_ctx)
 
     def _penalty_history(self, ids: list[int]) -> list[int]:
         # transformers penalises what the decoder has seen (start token and output), not the source
-        return [self._start]
+        return [self._start_token]

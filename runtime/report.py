@@ -2,90 +2,42 @@
 
 from __future__ import annotations
 
-import math
-from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from convert.errors import ModelLoadError, PocketLMError
-from convert.gguf_file import read_header
-
-from .loader import describe_choice, detect_format, inspect_model, resolve_path
+from .loader import decide, resolve_path
+from .source import HF, ModelSource, inspect
 
 
-def _gguf_report(path: Path) -> dict[str, Any]:
-    header = read_header(path)
-    meta = dict(header.metadata)
-    meta.update({k: f"[{n} entries]" for k, n in header.array_lengths.items()})
-    arch = header.architecture
-    types = Counter(t.type.name.lower() for t in header.tensors)
-    params = sum(math.prod(t.shape) for t in header.tensors)
-    source = {
-        "repo": meta.get("pocketlm.source.repo"),
-        "revision": meta.get("pocketlm.source.revision"),
-        "files": dict(zip(meta.get("pocketlm.source.files", []), meta.get("pocketlm.source.sha256", []))),
-    }
+def _checkpoint_report(source: ModelSource) -> dict[str, Any]:
+    folder = source.path
     return {
-        "architecture": arch,
-        "quant": meta.get("pocketlm.quant"),
-        "parameters": params,
-        "tensors": len(header.tensors),
-        "tensor_types": dict(types.most_common()),
-        "context_length": meta.get(f"{arch}.context_length"),
-        "tokenizer": meta.get("tokenizer.ggml.model", "none"),
-        "converter": {"name": meta.get("pocketlm.converter"), "version": meta.get("pocketlm.converter_version")},
-        "source": source,
-        "metadata": meta,
-    }
-
-
-def _ct2_report(folder: Path) -> dict[str, Any]:
-    from convert.ct2_target import read_model_bin
-
-    from .backends.ctranslate2 import read_folder_metadata
-
-    meta = read_folder_metadata(folder)
-    try:
-        variables, aliases = read_model_bin(folder / "model.bin")
-    except PocketLMError as e:
-        raise ModelLoadError(str(e)) from None
-    types = Counter(dtype for dtype, _ in variables.values())
-    source = meta.get("source") or {}
-    return {
-        "architecture": meta.get("architecture", "unknown"),
-        "quant": meta.get("quant"),
-        "parameters": sum(math.prod(shape) for name, (_, shape) in variables.items() if not name.endswith("_scale")),
-        "tensors": len(variables),
-        "tensor_types": dict(types.most_common()),
-        "context_length": None,
-        "tokenizer": meta.get("tokenizer") or "none",
-        "converter": {"name": meta.get("converter"), "version": meta.get("converter_version")},
-        "source": {"repo": source.get("repo"), "revision": source.get("revision"), "files": source.get("files", {})},
-        "metadata": {**meta, "aliases": len(aliases)},
-    }
-
-
-def _hf_report(folder: Path) -> dict[str, Any]:
-    from convert.checkpoint import read_json
-
-    config = read_json(folder / "config.json")
-    facts = inspect_model(folder)
-    return {
-        "architecture": facts.architecture, "quant": None, "parameters": None, "tensors": None,
-        "tensor_types": {}, "context_length": None,
+        "parameters": None, "tensors": None, "tensor_types": {}, "context_length": None,
         "tokenizer": next((n for n in ("tokenizer.json", "spiece.model") if (folder / n).is_file()), "none"),
         "converter": {"name": None, "version": None}, "source": {"repo": None, "revision": None, "files": {}},
-        "metadata": {"config": config},
+        "metadata": {"config": source.metadata},
     }
 
 
 def model_report(model: str, device: str = "auto", threads: int | None = None, backend: str | None = None) -> dict[str, Any]:
-    path = resolve_path(model)
-    fmt = detect_format(path)
+    """Everything `pocketlm info` shows: what the model holds (its headers, read once) and how
+    this machine would run it."""
+    from .backends import runners
+
+    source = inspect(resolve_path(model))
+    path = source.path
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
-    report: dict[str, Any] = {"path": str(path), "format": fmt, "size_bytes": size}
-    report.update({"gguf": _gguf_report, "ct2": _ct2_report, "hf": _hf_report}[fmt](path))
-    report["would_run_on"] = describe_choice(path, device, threads, backend)
+    report: dict[str, Any] = {"path": str(path), "format": source.format, "size_bytes": size,
+                              "architecture": source.architecture, "quant": source.quant if source.format != HF else None}
+    if source.format == HF:
+        report.update(_checkpoint_report(source))
+    else:
+        report.update(runners(source.format)[0].describe(source))
+    choice = decide(source, device, threads, backend)
+    report["would_run_on"] = {
+        "backend": choice.backend, "device": choice.device, "threads": choice.threads,
+        "format": choice.format, "quant": choice.quant, "compute_type": choice.compute_type,
+        "reasons": choice.reasons, "warnings": choice.warnings,
+    }
     return report
 
 

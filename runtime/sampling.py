@@ -2,53 +2,23 @@
 
 The order and definitions follow transformers' `generate`: repetition penalty, then
 temperature, then top-k, then top-p; temperature 0 means greedy. A seed makes it repeatable.
+The options are a `GenerationOptions` (runtime/generation.py), validated where it was made.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from convert.errors import GenerationError
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0
-    top_k: int = 0  # 0 = no limit
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    min_new_tokens: int = 0  # end-of-sequence is not allowed before this many new tokens
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise GenerationError(f"temperature must be a number >= 0, got {self.temperature}")
-        if not math.isfinite(self.top_p) or not math.isfinite(self.repetition_penalty):
-            raise GenerationError("top_p and repetition_penalty must be finite numbers")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise GenerationError(f"seed must be an integer in [0, 2**63), got {self.seed}")
-        if self.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_new_tokens < 0:
-            raise GenerationError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
-        if self.repetition_penalty <= 0:
-            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+if TYPE_CHECKING:
+    from .generation import GenerationOptions
 
 
 class Sampler:
     """Stateful per generation: owns the random stream so a seed reproduces the output."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: "GenerationOptions"):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 

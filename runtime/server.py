@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-from convert import __version__
-from convert.errors import PocketLMError
+from convert.core import __version__
+from convert.core.errors import PocketLMError
 
-from .model import GenerationResult, Model, StreamEvent
-from .sampling import SamplingParams
+from .generation import GenerationOptions, GenerationResult, StreamEvent, TokenStream
+from .model import Model
 
 log = logging.getLogger("pocketlm.server")
 
@@ -79,7 +79,7 @@ class ApiError(Exception):
 @dataclass
 class GenerationRequest:
     prompt: str | list[int]
-    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of Model.stream_tokens
+    options: GenerationOptions = field(default_factory=GenerationOptions)
     stream: bool = False
     include_usage: bool = False
 
@@ -163,7 +163,7 @@ def chat_prompt(messages: Any) -> str:
 
 
 def parse_request(body: dict[str, Any], chat: bool, max_tokens_limit: int) -> GenerationRequest:
-    """Check a completion or chat request and turn it into Model.stream_tokens arguments."""
+    """Check a completion or chat request: its prompt and GenerationOptions."""
     _check_neutral(body)
     _field(body, "model", str)
     prompt = chat_prompt(body.get("messages")) if chat else _completion_prompt(body)
@@ -176,18 +176,17 @@ def parse_request(body: dict[str, Any], chat: bool, max_tokens_limit: int) -> Ge
     seed = _field(body, "seed", int)
     if seed is not None and seed < 0:
         raise ApiError(400, "'seed' must be >= 0", param="seed")
-    sampling = dict(
-        temperature=_field(body, "temperature", float, 1.0), top_k=_field(body, "top_k", int, 0),
-        top_p=_field(body, "top_p", float, 1.0), repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
-        seed=seed,
-    )
     try:
-        SamplingParams(**sampling)
+        options = GenerationOptions(
+            max_new_tokens=max_tokens, stop=tuple(_stop(body) or ()), seed=seed,
+            temperature=_field(body, "temperature", float, 1.0), top_k=_field(body, "top_k", int, 0),
+            top_p=_field(body, "top_p", float, 1.0), repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
+        )
     except PocketLMError as e:
         raise ApiError(400, str(e)) from None
     stream_options = _field(body, "stream_options", dict, {})
     return GenerationRequest(
-        prompt, dict(max_new_tokens=max_tokens, stop=_stop(body), **sampling),
+        prompt, options,
         stream=_field(body, "stream", bool, False),
         include_usage=bool(_field(stream_options, "include_usage", bool, False)),
     )
@@ -409,27 +408,28 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if server.stopping.is_set():
                 raise ApiError(503, "the server is shutting down", type="server_error")
-            result = GenerationResult("", [], "length", 0)
-            events = server.model.stream_tokens(request.prompt, _result=result, **request.options)
             try:
+                events = server.model.stream_tokens(request.prompt, request.options)
+            except (PocketLMError, UnicodeError) as e:  # UnicodeError: lone surrogates in the JSON
+                raise ApiError(400, str(e), param="prompt") from None
+            with events:  # closing releases the model at once if the client went away
                 pieces = self._pieces(events)
                 reply = Reply(chat, server.model_name)
                 if request.stream:
-                    self._stream(reply, pieces, result, request.include_usage)
+                    self._stream(reply, pieces, events.result, request.include_usage)
                 else:
-                    self._send(200, reply.whole("".join(pieces), result))
-            finally:
-                events.close()  # releases the model at once if the client went away
+                    self._send(200, reply.whole("".join(pieces), events.result))
         finally:
             server.slots.leave()
+        result = events.result
         return f"{result.prompt_tokens}+{len(result.token_ids)} tokens, {result.finish_reason}"
 
-    def _pieces(self, events: Iterator[StreamEvent]) -> Iterator[str]:
-        """The text pieces of a generation. The first event is computed now, so that prompt
-        errors (too long, empty) are still a 400 rather than a broken stream."""
+    def _pieces(self, events: TokenStream) -> Iterator[str]:
+        """The text pieces of a generation. The first event is computed now, so that errors
+        of the first step are still an error response rather than a broken stream."""
         try:
             first = next(events, None)
-        except (PocketLMError, UnicodeError) as e:  # UnicodeError: lone surrogates in the JSON
+        except (PocketLMError, UnicodeError) as e:
             raise ApiError(400, str(e), param="prompt") from None
         return self._texts(itertools.chain([first] if first else [], events))
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from convert.errors import GenerationError, ModelLoadError
+from convert.core.errors import GenerationError, ModelLoadError
 
 
 class Tokenizer(Protocol):

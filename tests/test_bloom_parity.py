@@ -7,7 +7,7 @@ import pytest
 
 import runtime
 from convert import convert
-from convert.gguf_target import QUANT_TYPES
+from convert.core.formats import GGUF_QUANTS as QUANT_TYPES
 from reference import hf_greedy, hf_logits, make_bloom, random_ids
 
 # (name, make_bloom kwargs): odd widths, 5 heads, eps 1e-6, every storage layout and dtype.

@@ -15,7 +15,7 @@ import torch
 
 from convert import convert
 from convert.checkpoint import Checkpoint, write_safetensors
-from convert.errors import CheckpointError, UnsafePickleError, UnsupportedModelError
+from convert.core.errors import CheckpointError, UnsafePickleError, UnsupportedModelError
 from convert.torch_pickle import TorchZipFile
 from reference import STORAGES, make_bloom, save
 

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convert.checkpoint import Checkpoint, SafetensorsFile, write_safetensors
-from convert.errors import CheckpointError, ModelLoadError, PocketLMError, UnsafePickleError
-from convert.gguf_file import read_header
+from convert.core.errors import CheckpointError, ModelLoadError, PocketLMError, UnsafePickleError
+from convert.core.gguf_file import read_header
 from convert.torch_pickle import TorchZipFile
 
 # POCKETLM_FUZZ_EXAMPLES=5000 for a longer hunt than the suite's default

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from convert.errors import ModelLoadError
-from runtime.platform import ModelFacts, PlatformFacts, choose, llama_gpu_backend
+from convert.core.errors import ModelLoadError
+from runtime.backends.ctranslate2 import CT2Facts
+from runtime.backends.llama_cpp import LlamaFacts
+from runtime.backends.llama_cpp import gpu_backend as llama_gpu_backend
+from runtime.platform import ModelFacts, PlatformFacts, choose
 
 GIB = 2**30
 BLOOM_GGUF = ModelFacts("gguf", "bloom", "q4_k_m", 400 << 20)
@@ -13,14 +16,15 @@ T5_INT8 = ModelFacts("ct2", "t5", "int8", 80 << 20)
 T5_F32 = ModelFacts("ct2", "t5", "float32", 300 << 20)
 
 
-def machine(**kw):
+def machine(llama_gpu=None, ct2_cuda_devices=0, ct2_cpu_compute=frozenset({"int8", "int8_float32", "float32"}), **kw):
+    """A machine; the engines' facts are what each backend's probe would report."""
     base = dict(
         system="Linux", machine="x86_64", physical_cores=8, usable_cpus=16, ram_bytes=32 * GIB,
-        cpu_features=frozenset({"avx2", "fma"}), llama_gpu=None, ct2_cuda_devices=0,
-        ct2_cpu_compute=frozenset({"int8", "int8_float32", "float32"}),
+        cpu_features=frozenset({"avx2", "fma"}), nvidia_gpu=bool(ct2_cuda_devices) or llama_gpu == "cuda",
     )
     base.update(kw)
-    return PlatformFacts(**base)
+    engines = {"llama.cpp": LlamaFacts(llama_gpu), "ctranslate2": CT2Facts(ct2_cuda_devices, ct2_cpu_compute)}
+    return PlatformFacts(**base, engines=engines)
 
 
 MAC_M2 = machine(system="Darwin", machine="arm64", llama_gpu="metal", cpu_features=frozenset({"neon"}))
@@ -62,7 +66,7 @@ def test_cuda_build_of_llama_cpp_uses_the_gpu():
 
 def test_cuda_visible_to_ctranslate2_but_not_to_llama_cpp():
     gguf = choose(BLOOM_GGUF, CUDA_ONLY_CT2)
-    assert gguf.device == "cpu" and any("CTranslate2 sees it" in r for r in gguf.reasons)
+    assert gguf.device == "cpu" and any("NVIDIA GPU is present" in r for r in gguf.reasons)
     ct2 = choose(T5_INT8, CUDA_ONLY_CT2)
     assert (ct2.backend, ct2.device, ct2.compute_type) == ("ctranslate2", "cuda", "int8_bfloat16")
 

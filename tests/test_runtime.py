@@ -7,7 +7,7 @@ import pytest
 
 import runtime
 from convert import convert
-from convert.errors import GenerationError
+from convert.core.errors import GenerationError
 from convert.synthetic import build_random_bloom
 
 PROMPTS = ["Translate to English: Je t'aime.", "一个传奇的开端，", "def add(a, b):", "Привет, мир! 🙂"]

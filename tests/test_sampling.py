@@ -9,8 +9,9 @@ from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
 )
 
-from convert.errors import GenerationError
-from runtime.sampling import Sampler, SamplingParams, penalize_repetition
+from convert.core.errors import GenerationError
+from runtime.generation import GenerationOptions
+from runtime.sampling import Sampler, penalize_repetition
 
 
 def _hf_support(logits, temperature, top_k, top_p):
@@ -26,7 +27,7 @@ def _hf_support(logits, temperature, top_k, top_p):
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.9), (0.7, 20, 1.0), (1.3, 10, 0.5), (0.5, 0, 0.3)])
 def test_candidate_set_matches_transformers(temperature, top_k, top_p):
     logits = np.random.default_rng(0).standard_normal(200).astype(np.float32) * 3
-    sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed=0))
+    sampler = Sampler(GenerationOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=0))
     drawn = {sampler(logits) for _ in range(3000)}
     support = _hf_support(logits, temperature, top_k, top_p)
     assert drawn <= support
@@ -35,7 +36,7 @@ def test_candidate_set_matches_transformers(temperature, top_k, top_p):
 
 def test_frequencies_follow_softmax_of_scaled_logits():
     logits = np.array([2.0, 1.0, 0.5, -1.0], dtype=np.float32)
-    sampler = Sampler(SamplingParams(temperature=0.8, seed=1))
+    sampler = Sampler(GenerationOptions(temperature=0.8, seed=1))
     counts = np.bincount([sampler(logits) for _ in range(20000)], minlength=4) / 20000
     probs = np.exp(logits / 0.8) / np.exp(logits / 0.8).sum()
     np.testing.assert_allclose(counts, probs, atol=0.015)
@@ -50,8 +51,8 @@ def test_repetition_penalty_matches_transformers():
 
 def test_greedy_and_seeds():
     logits = np.random.default_rng(3).standard_normal(100).astype(np.float32)
-    assert Sampler(SamplingParams())(logits) == int(np.argmax(logits))
-    a = [Sampler(SamplingParams(1.0, seed=5))(logits) for _ in range(3)]
+    assert Sampler(GenerationOptions())(logits) == int(np.argmax(logits))
+    a = [Sampler(GenerationOptions(temperature=1.0, seed=5))(logits) for _ in range(3)]
     assert len(set(a)) == 1  # a fresh sampler with the same seed draws the same token
 
 
@@ -61,16 +62,16 @@ def test_greedy_and_seeds():
 ])
 def test_invalid_parameters(kwargs):
     with pytest.raises(GenerationError):
-        SamplingParams(**kwargs)
+        GenerationOptions(**kwargs)
 
 
 def test_banned_ids_are_never_drawn_even_when_most_likely():
     logits = np.array([0.0, 9.0, 1.0, 0.5], dtype=np.float32)
-    assert Sampler(SamplingParams())(logits, banned=[1]) == 2
-    sampler = Sampler(SamplingParams(temperature=1.0, seed=0))
+    assert Sampler(GenerationOptions())(logits, banned=[1]) == 2
+    sampler = Sampler(GenerationOptions(temperature=1.0, seed=0))
     assert 1 not in {sampler(logits, banned=[1]) for _ in range(200)}
 
 
 def test_tiny_temperature_is_nearly_greedy_not_nan():
     logits = np.array([1.0, 3.0, 2.0], dtype=np.float32)
-    assert Sampler(SamplingParams(temperature=1e-320, seed=0))(logits) == 1
+    assert Sampler(GenerationOptions(temperature=1e-320, seed=0))(logits) == 1

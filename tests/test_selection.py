@@ -12,10 +12,12 @@ import pytest
 
 import runtime
 from convert import convert
-from convert.errors import ModelLoadError
+from convert.core.errors import ModelLoadError
 from convert.synthetic import build_random_bloom
 from reference import make_t5
 from runtime.doctor import recommendations
+from runtime.backends.ctranslate2 import CT2Facts
+from runtime.backends.llama_cpp import LlamaFacts
 from runtime.platform import PlatformFacts
 
 
@@ -132,24 +134,24 @@ def test_batch_input_errors_name_the_line(bloom_folder, tmp_path):
     assert proc.returncode == 1 and "bad.jsonl:2: not valid JSON" in proc.stderr
 
 
-def _facts(**kw):
+def _facts(installed=True, **kw):
     base = dict(system="Linux", machine="x86_64", physical_cores=4, usable_cpus=4, ram_bytes=16 << 30,
                 cpu_features=frozenset({"avx2"}))
     base.update(kw)
-    return PlatformFacts(**base)
+    engines = {"llama.cpp": LlamaFacts(), "ctranslate2": CT2Facts()} if installed else {}
+    return PlatformFacts(**base, engines=engines)
 
 
 def test_doctor_recommendations():
-    engines = {"llama-cpp-python": "0.3.36", "ctranslate2": "4.8.5"}
-    assert "nothing to improve" in recommendations(_facts(), engines, nvidia_gpu=False)[0]
-    mac = recommendations(_facts(system="Darwin", machine="arm64"), engines, nvidia_gpu=False)
+    assert "nothing to improve" in recommendations(_facts())[0]
+    mac = recommendations(_facts(system="Darwin", machine="arm64"))
     assert any("GGML_METAL=on" in t for t in mac)
-    cuda = recommendations(_facts(), engines, nvidia_gpu=True)
+    cuda = recommendations(_facts(nvidia_gpu=True))
     assert any("GGML_CUDA=on" in t for t in cuda) and any("CTranslate2 sees none" in t for t in cuda)
-    missing = recommendations(_facts(), {"llama-cpp-python": None, "ctranslate2": None}, nvidia_gpu=False)
+    missing = recommendations(_facts(installed=False))
     assert any("pip install llama-cpp-python" in t for t in missing) and any("pip install ctranslate2" in t for t in missing)
-    assert any("AVX2" in t for t in recommendations(_facts(cpu_features=frozenset({"avx"})), engines, False))
-    assert any("RAM" in t for t in recommendations(_facts(ram_bytes=2 << 30), engines, False))
+    assert any("AVX2" in t for t in recommendations(_facts(cpu_features=frozenset({"avx"}))))
+    assert any("RAM" in t for t in recommendations(_facts(ram_bytes=2 << 30)))
 
 
 def test_doctor_command_json():
@@ -157,19 +159,19 @@ def test_doctor_command_json():
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["machine"]["physical_cores"] >= 1 and report["engines"]["llama-cpp-python"]
-    assert report["would_choose"]["T5-family CTranslate2 (int8)"]["backend"] == "ctranslate2"
+    assert report["would_choose"]["t5 CTranslate2 (int8)"]["backend"] == "ctranslate2"
 
 
 def test_ctranslate2_sampling_means_what_the_sampler_means(tmp_path):
     """CTranslate2 samples inside the engine; its first-token frequencies must follow the same
     temperature/top-k/top-p distribution PocketLM's own sampler draws from."""
-    from runtime.sampling import SamplingParams
+    from runtime.generation import GenerationOptions
 
     make_t5(tmp_path / "hf", vocab=140, head="untied")
     model = runtime.load(convert(tmp_path / "hf", tmp_path / "ct2", quant="float32").output)
     src = [5, 9, 12, 1]
     logits = model.logits(src)[0].astype(np.float64)
-    params = SamplingParams(temperature=0.7, top_k=8, top_p=0.9)
+    params = GenerationOptions(temperature=0.7, top_k=8, top_p=0.9)
     # the distribution PocketLM's sampler defines (scaled, top-k, then top-p renormalised)
     scaled = logits / params.temperature
     order = np.argsort(-scaled)[: params.top_k]

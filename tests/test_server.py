@@ -21,6 +21,7 @@ import pytest
 import runtime
 from convert import convert
 from convert.synthetic import build_random_bloom
+from runtime.generation import TokenStream
 from runtime.server import Server, chat_prompt, make_server, serve
 
 PROMPT = "Translate to English: Je t'aime."
@@ -90,11 +91,16 @@ class SlowModel:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
-    def stream_tokens(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        with contextlib.closing(self._model.stream_tokens(*args, **kwargs)) as events:
-            for event in events:
-                time.sleep(self._delay)
-                yield event
+    def stream_tokens(self, *args: Any, **kwargs: Any) -> TokenStream:
+        inner = self._model.stream_tokens(*args, **kwargs)
+
+        def slowly() -> Iterator[Any]:
+            with contextlib.closing(inner):
+                for event in inner:
+                    time.sleep(self._delay)
+                    yield event
+
+        return TokenStream(slowly(), inner.result)
 
 
 # -- results --------------------------------------------------------------------------------

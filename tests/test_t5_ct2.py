@@ -9,8 +9,9 @@ import pytest
 
 import runtime
 from convert import convert
-from convert.ct2_target import QUANT_TYPES, read_model_bin
-from convert.errors import GenerationError
+from convert.core.ct2_file import read_model_bin
+from convert.core.formats import CT2_QUANTS as QUANT_TYPES
+from convert.core.errors import GenerationError
 from reference import hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids
 
 CONFIGS = {

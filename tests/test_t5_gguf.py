@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from convert import convert
-from convert.errors import GenerationError, UnsupportedModelError
-from convert.gguf_file import read_header
+from convert.core.errors import GenerationError, UnsupportedModelError
+from convert.core.gguf_file import read_header
 from reference import T5_CORPUS, T5_PIECES, T5_PROBES, hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids
 from runtime.backends.llama_seq2seq import LlamaSeq2SeqModel
 

@@ -1,42 +1,39 @@
-"""Encoder-decoder models (T5 family) on CTranslate2.
+"""The CTranslate2 backend: encoder-decoder models (T5 family) in CTranslate2 folders.
 
 CTranslate2 takes token strings; the converter wrote one unique string per id, so ids map
 to strings and back exactly. Decoding runs inside CTranslate2 (`generate_tokens` streams
 it); teacher-forced logits come from `translate_batch(..., return_logits_vocab=True)`.
+
+Decision table (`decide`):
+  CUDA device visible to CTranslate2   cuda, int8_bfloat16 / bfloat16 (T5 overflows in float16)
+  CPU                                  int8 for int8 models (else float32), if the build has it
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from convert import engine
-from convert.errors import ModelLoadError
+from convert.core import engine
+from convert.core.ct2_file import is_ct2_folder, read_folder_metadata, read_model_bin
+from convert.core.errors import ModelLoadError, PocketLMError
 
-from ..model import GenerationResult, Model, ModelInfo, Seq2Seq, _params
-from ..sampling import Sampler, SamplingParams
+from . import Backend, register
+from ..generation import GenerationOptions, GenerationResult
+from ..model import Decoding, Model, ModelInfo, Prompt, Seq2Seq
 from ..tokenizer import IncrementalDecoder, load_tokenizer, require
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_INPUT = 1024
-
-
-def read_folder_metadata(folder: Path) -> dict[str, Any]:
-    """pocketlm.json when PocketLM made the folder; else what CTranslate2's config says."""
-    meta_path = folder / "pocketlm.json"
-    try:
-        if meta_path.is_file():
-            return json.loads(meta_path.read_text())
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{folder}: unreadable model metadata ({e})") from None
-    return {"format": "ctranslate2", "architecture": "unknown", "quant": "unknown", "ct2_config": config}
 
 
 class CT2Seq2SeqModel(Seq2Seq, Model):
@@ -60,7 +57,7 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
             raise ModelLoadError(f"{vocab_path}: unreadable vocabulary ({e})") from None
         self._index = {tok: i for i, tok in enumerate(self._vocab)}
         config = meta.get("ct2_config") or {}
-        self._start = int(meta.get("decoder_start_token_id", self._index.get(config.get("decoder_start_token", "<pad>"), 0)))
+        self._start_token = int(meta.get("decoder_start_token_id", self._index.get(config.get("decoder_start_token", "<pad>"), 0)))
         self._eos = int(meta.get("eos_token_id", self._index.get(config.get("eos_token", "</s>"), 1)))
         try:
             self._translator = ct2.Translator(
@@ -112,84 +109,68 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
         )[0]
         return np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in result.logits[0]])
 
-    def _generate_seeded(self, ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
+    def _generate_seeded(self, seq: Decoding, max_new: int) -> Iterator[int]:
         """Seeded sampling, token by token with PocketLM's sampler.
 
         CTranslate2 seeds each worker thread's generator once, on first use, so a seed
         passed later changes nothing; for reproducible output the next-token logits are
         recomputed for each step (the prefix re-decoded: slower, but exactly repeatable)."""
-        sampler = Sampler(params)
-        decoded = [self._start]
+        decoded = [self._start_token]
         for i in range(max_new):
-            banned = [self._eos] if i < params.min_new_tokens else []
-            token = sampler(self._logits_unlocked(ids, decoded)[-1], decoded, banned)
+            banned = [self._eos] if i < seq.options.min_new_tokens else []
+            token = seq.sampler(self._logits_unlocked(seq.ids, decoded)[-1], decoded, banned)
             yield token
             if token == self._eos:
                 return
             decoded.append(token)
 
-    def _decoding_options(self, params: SamplingParams, max_new: int) -> dict[str, Any]:
-        options: dict[str, Any] = dict(
-            max_decoding_length=max_new, min_decoding_length=params.min_new_tokens, max_input_length=0,
-            repetition_penalty=params.repetition_penalty,
+    def _decoding_options(self, options: GenerationOptions, max_new: int) -> dict[str, Any]:
+        """CTranslate2's names for the options (it samples inside the engine)."""
+        decoding: dict[str, Any] = dict(
+            max_decoding_length=max_new, min_decoding_length=options.min_new_tokens, max_input_length=0,
+            repetition_penalty=options.repetition_penalty,
         )
-        if params.greedy:
-            options.update(sampling_topk=1)
+        if options.greedy:
+            decoding.update(sampling_topk=1)
         else:
-            options.update(sampling_topk=params.top_k, sampling_topp=params.top_p, sampling_temperature=params.temperature)
-        return options
+            decoding.update(sampling_topk=options.top_k, sampling_topp=options.top_p,
+                            sampling_temperature=options.temperature)
+        return decoding
 
-    def _generate_ids(self, ids: list[int], params: SamplingParams, max_new: int) -> Iterator[int]:
-        if params.seed is not None and not params.greedy:
-            yield from self._generate_seeded(ids, params, max_new)
+    def _generate_ids(self, seq: Decoding, max_new: int) -> Iterator[int]:
+        if seq.options.seed is not None and not seq.options.greedy:
+            yield from self._generate_seeded(seq, max_new)
             return
-        options = self._decoding_options(params, max_new)
         produced = 0
-        for step in self._translator.generate_tokens(self._strings(ids), **options):
+        for step in self._translator.generate_tokens(self._strings(seq.ids), **self._decoding_options(seq.options, max_new)):
             produced += 1
             yield step.token_id
         if produced < max_new:  # stopped on end of sequence, which CTranslate2 does not yield
             yield self._eos
 
-    def generate_batch(
-        self,
-        prompts: list[str | Sequence[int]],
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        min_new_tokens: int = 0,
-    ) -> list[GenerationResult]:
+    def generate_batch(self, prompts: list[Prompt], options: GenerationOptions | None = None, /,
+                       **kwargs: Any) -> list[GenerationResult]:
         """All prompts decoded together by CTranslate2 (one batch), same options as generate()."""
-        params = _params(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, min_new_tokens)
-        if seed is not None and not params.greedy:  # seeded sampling is token by token (see above)
-            return super().generate_batch(
-                prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                repetition_penalty=repetition_penalty, stop=stop, seed=seed, min_new_tokens=min_new_tokens,
-            )
-        sources = [self._prompt_ids(p) for p in prompts]
-        started = time.perf_counter()
-        budget = self._budget(0, max_new_tokens)
+        opts = GenerationOptions.of(options, **kwargs)
+        if opts.seed is not None and not opts.greedy:  # seeded sampling is token by token (see above)
+            return super().generate_batch(prompts, opts)
+        seqs = [self._decoding(p, opts) for p in prompts]
+        budget = self._budget(0, opts.max_new_tokens)
         with self._lock:
+            started = time.perf_counter()
             if budget <= 0:
-                outputs: list[list[int]] = [[] for _ in sources]
+                outputs: list[list[int]] = [[] for _ in seqs]
             else:
-                options = self._decoding_options(params, budget)
                 batch = self._translator.translate_batch(
-                    [self._strings(ids) for ids in sources], beam_size=1, return_end_token=True, **options,
+                    [self._strings(seq.ids) for seq in seqs], beam_size=1, return_end_token=True,
+                    **self._decoding_options(opts, budget),
                 )
                 outputs = [[self._index[t] for t in r.hypotheses[0]] for r in batch]
-        seconds = time.perf_counter() - started
-        results = []
-        for ids, out in zip(sources, outputs):
-            result = GenerationResult("", [], "length", len(ids), seconds=seconds)
-            for _ in self._render(out, stop, result, started):
+        for seq, out in zip(seqs, outputs):
+            seq.started = started
+            for _ in self._render(seq, out):
                 pass
-            results.append(result)
-        return results
+        return [seq.result for seq in seqs]
 
     def close(self) -> None:
         translator = getattr(self, "_translator", None)
@@ -204,3 +185,110 @@ class _Silent:
 
     def flush(self) -> bytes:
         return b""
+
+
+@dataclass(frozen=True)
+class CT2Facts:
+    cuda_devices: int = 0  # CUDA devices CTranslate2 can use
+    cpu_compute: frozenset[str] = frozenset({"int8", "int8_float32", "float32"})  # its CPU build's types
+
+
+@register
+class CTranslate2(Backend):
+    name = "ctranslate2"
+    aliases = ("ct2",)
+    formats = ("ct2",)
+    devices = ("cpu", "cuda")
+    package = "ctranslate2"
+    priority = 20
+
+    # -- models -----------------------------------------------------------------------------
+    def inspect(self, path: Path) -> Any:
+        from ..source import ModelSource
+
+        if not (path.is_dir() and is_ct2_folder(path)):
+            return None
+        meta = read_folder_metadata(path)
+        return ModelSource(path, "ct2", meta.get("architecture", "t5"), meta.get("quant"),
+                           (path / "model.bin").stat().st_size, metadata=meta)
+
+    def describe(self, source: Any) -> dict[str, Any]:
+        meta = source.metadata
+        try:
+            variables, aliases = read_model_bin(source.path / "model.bin")
+        except PocketLMError as e:
+            raise ModelLoadError(str(e)) from None
+        origin = meta.get("source") or {}
+        return {
+            "parameters": sum(math.prod(shape) for name, (_, shape) in variables.items() if not name.endswith("_scale")),
+            "tensors": len(variables),
+            "tensor_types": dict(Counter(dtype for dtype, _ in variables.values()).most_common()),
+            "context_length": None,
+            "tokenizer": meta.get("tokenizer") or "none",
+            "converter": {"name": meta.get("converter"), "version": meta.get("converter_version")},
+            "source": {"repo": origin.get("repo"), "revision": origin.get("revision"), "files": origin.get("files", {})},
+            "metadata": {**meta, "aliases": len(aliases)},
+        }
+
+    def open(self, source: Any, choice: Any, n_ctx: int | None, **options: Any) -> Model:
+        return CT2Seq2SeqModel(source.path, device=choice.device, threads=choice.threads,
+                               compute_type=choice.compute_type or "default", n_ctx=n_ctx, reasons=choice.reasons,
+                               **options)
+
+    # -- the machine ------------------------------------------------------------------------
+    def probe(self) -> CT2Facts | None:
+        try:
+            ct2 = engine.ctranslate2()
+        except ModelLoadError:
+            return None
+        try:
+            return CT2Facts(int(ct2.get_cuda_device_count()), frozenset(ct2.get_supported_compute_types("cpu")))
+        except RuntimeError:
+            return CT2Facts(0, frozenset({"float32"}))
+
+    def decide(self, model: Any, facts: Any, device: str, threads: int, reasons: list[str]) -> Any:
+        from ..platform import Choice
+
+        ct2 = facts.engine(self.name) or CT2Facts(0, frozenset({"float32"}))
+        quant = model.quant or ""
+        if device == "metal":
+            raise ModelLoadError("CTranslate2 has no Metal backend; convert the model to GGUF to use the Mac's GPU")
+        if device == "cuda" and not ct2.cuda_devices:
+            raise ModelLoadError("device 'cuda' requested but CTranslate2 sees no CUDA device (pip install ctranslate2 "
+                                 "ships CUDA support; check the NVIDIA driver and CUDA 12 libraries)")
+        if device == "auto":
+            device = "cuda" if ct2.cuda_devices else "cpu"
+            reasons.append(f"CTranslate2 sees {ct2.cuda_devices} CUDA device(s): {device}")
+        else:
+            reasons.append(f"device {device} (given)")
+        int8 = quant.startswith("int8")
+        if device == "cuda":  # T5 overflows in float16 on GPU (a known CTranslate2 issue)
+            compute = "int8_bfloat16" if int8 else "bfloat16"
+            reasons.append(f"compute {compute}: T5 activations overflow float16")
+            return Choice(self.name, device, threads, "ct2", compute_type=compute, reasons=reasons)
+        wanted = "int8" if int8 else "int16" if quant == "int16" else "float32"
+        compute = wanted if wanted in ct2.cpu_compute else "float32"
+        note = f" ({wanted} is not supported by this CPU build)" if compute != wanted else ""
+        if compute == "int8" and facts.machine in ("x86_64", "AMD64") and facts.cpu_features and "avx2" not in facts.cpu_features:
+            note = " (this CPU lacks AVX2: int8 kernels are slow, but keep 4x less memory)"
+        reasons.append(f"compute {compute} on CPU for a {quant or 'unknown'} model{note}")
+        return Choice(self.name, device, threads, "ct2", compute_type=compute, reasons=reasons)
+
+    def memory_needed(self, model: Any, choice: Any) -> int:
+        quant = choice.quant or model.quant or ""
+        if choice.compute_type == "float32" and quant.startswith(("int8", "int16", "float16", "bfloat16")):
+            return model.size_bytes * (4 if quant.startswith("int8") else 2)  # weights expand to float32
+        return model.size_bytes
+
+    def report(self, facts: CT2Facts | None) -> dict[str, Any]:
+        return {"ctranslate2 CUDA devices": facts.cuda_devices if facts else 0,
+                "ctranslate2 CPU compute types": sorted(facts.cpu_compute) if facts else []}
+
+    def advice(self, facts: Any) -> list[str]:
+        ct2 = facts.engine(self.name)
+        if ct2 is None:
+            return ["CTranslate2 is missing (T5-family models cannot run): pip install ctranslate2"]
+        if facts.nvidia_gpu and not ct2.cuda_devices:
+            return ["an NVIDIA GPU is present but CTranslate2 sees none: install the NVIDIA driver and CUDA 12 "
+                    "libraries (pip install nvidia-cublas-cu12 nvidia-cudnn-cu12)"]
+        return []

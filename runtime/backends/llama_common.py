@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from convert import engine
-from convert.errors import GenerationError, ModelLoadError
-from convert.gguf_target import FILE_TYPE_NAMES
+from convert.core import engine
+from convert.core.errors import GenerationError, ModelLoadError
+from convert.core.formats import gguf_quant_name
 
 from ..model import ModelInfo
 
@@ -59,7 +59,8 @@ class LlamaSession:
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.architecture = self.meta("general.architecture") or "unknown"
         file_type = self.meta("general.file_type")
-        self.quant = self.meta("pocketlm.quant") or FILE_TYPE_NAMES.get(int(file_type or -1), "unknown")
+        self.quant = gguf_quant_name({"pocketlm.quant": self.meta("pocketlm.quant"),
+                                      "general.file_type": int(file_type) if file_type else None})
         n_ctx = n_ctx or min(llama.llama_model_n_ctx_train(self.model), max_ctx) or max_ctx
         n_ctx = -(-n_ctx // CTX_STEP) * CTX_STEP
         exact = (kv_type or ("f32" if self.quant == "f32" else "f16")) == "f32"
@@ -191,6 +192,21 @@ class LlamaSession:
         if encode:
             return None
         return np.concatenate(out) if all_logits else out[-1][0]
+
+    def step(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]) -> np.ndarray:
+        """One decoder token for each of several sequences (tokens[i] at positions[i] of
+        sequence seq_ids[i]) in one batch: float32 [len(tokens), vocab], their next-token logits."""
+        b = self.batch
+        for i, (tok, pos, seq) in enumerate(zip(tokens, positions, seq_ids)):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, True
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(tokens)
+        rc = self.llama.llama_decode(self.ctx, b)
+        if rc != 0:
+            self.clear()
+            raise GenerationError(f"llama.cpp decode failed (code {rc}): {engine.recent_log()}")
+        ptr = self.llama.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(len(tokens), self.n_vocab)).copy()
 
     def close(self) -> None:
         llama = self.llama

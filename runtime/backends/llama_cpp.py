@@ -1,111 +1,154 @@
-"""Causal GGUF models (BLOOMZ) on llama.cpp, through llama-cpp-python's C API.
+"""The llama.cpp backend: GGUF files, causal (BLOOMZ) and encoder-decoder (T5 family).
 
-The high-level `Llama` class either computes logits for every prompt token (slow: BLOOM's
-output layer is half the model) or only the last; this backend asks for exactly the rows it
-needs per call, samples with PocketLM's own sampler, and keeps the KV cache of the previous
-call so a prompt that extends the last one only evaluates its new tokens.
+Decision table (`decide`):
+  Apple Silicon + Metal build of llama.cpp   metal, all layers offloaded
+  Metal build on an Intel Mac                cpu (its GPU is slower than the CPU here)
+  CUDA build of llama.cpp                    cuda, all layers offloaded
+  anything else                              cpu (saying which build would use the GPU)
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
-import numpy as np
+from convert.core import engine
+from convert.core.errors import ModelLoadError
+from convert.core.formats import gguf_quant_name
+from convert.core.gguf_file import MAGIC, read_header
 
-from convert.errors import GenerationError, ModelLoadError
+from . import Backend, register
 
-from ..model import BytePieces, StepModel
-from .llama_common import LlamaSession, OwnsSession
-
-DEFAULT_MAX_CTX = 2048
+REINSTALL = "CMAKE_ARGS='-D{flag}=on' pip install --force-reinstall --no-cache-dir llama-cpp-python"
 
 
-class LlamaCppModel(OwnsSession, StepModel):
-    """A causal (decoder-only) GGUF model such as BLOOMZ."""
+@dataclass(frozen=True)
+class LlamaFacts:
+    gpu: str | None = None  # the GPU backend compiled into llama.cpp: metal, cuda, ... or None
 
-    def __init__(
-        self,
-        path: Path,
-        n_gpu_layers: int = 0,
-        device: str = "cpu",
-        threads: int = 1,
-        n_ctx: int | None = None,
-        n_batch: int = 512,
-        kv_type: str | None = None,
-        reasons: Sequence[str] = (),
-    ):
-        super().__init__()
-        self._s = s = LlamaSession(path, n_gpu_layers, threads, n_ctx, DEFAULT_MAX_CTX, n_batch, kv_type)
-        if s.has_encoder:
-            s.close()
-            raise ModelLoadError(f"{path}: an encoder-decoder model (it runs on the seq2seq backend)")
-        # Without tokenizer tables llama.cpp knows no special ids, but the converter recorded eos.
-        eos = None if s.has_vocab else s.special("eos", None, None)
-        self._eos_without_vocab = {eos} if eos is not None else set()
-        self._cached: list[int] = []  # tokens whose keys/values are in the KV cache
-        self.warn_unterminated_prompts = s.architecture == "bloom"
-        self.info = s.model_info(device, threads, reasons)
 
-    # -- tokens ---------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        return self._s.tokenize(text)
+def gpu_backend(system_info: str, offload: bool) -> str | None:
+    """The GPU backend named in llama.cpp's system info, if the build can offload at all."""
+    if not offload:
+        return None
+    names = {m.lower() for m in re.findall(r"(\w+) :", system_info)}
+    for backend, markers in (("metal", {"metal", "mtl"}), ("cuda", {"cuda"}), ("vulkan", {"vulkan"})):
+        if names & markers:
+            return backend
+    return "gpu"
 
-    def detokenize(self, ids: Sequence[int]) -> str:
-        self._s.require_vocab()
-        return b"".join(self._s.piece(int(t)) for t in ids).decode("utf-8", "replace")
 
-    def _detokenizer(self) -> BytePieces:
-        return BytePieces(self._s.piece)  # byte-level pieces; TextStream reassembles split UTF-8
+@register
+class LlamaCpp(Backend):
+    name = "llama.cpp"
+    aliases = ("llama", "llamacpp", "gguf")
+    formats = ("gguf",)
+    devices = ("cpu", "metal", "cuda")
+    package = "llama-cpp-python"
+    priority = 10
 
-    def _end_ids(self) -> list[int]:
-        s = self._s
-        if not s.has_vocab:
-            return sorted(self._eos_without_vocab)
-        return sorted(t for t in {s.llama.llama_vocab_eos(s.vocab), s.llama.llama_vocab_eot(s.vocab)} if t >= 0)
+    # -- models -----------------------------------------------------------------------------
+    def inspect(self, path: Path) -> Any:
+        from ..source import ModelSource
 
-    def _is_end(self, token: int) -> bool:
-        if self._s.has_vocab:
-            return bool(self._s.llama.llama_vocab_is_eog(self._s.vocab, token))
-        return token in self._eos_without_vocab
+        if not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            if f.read(4) != MAGIC:
+                return None
+        header = read_header(path)  # refuses truncated/corrupt files before llama.cpp sees them
+        meta = header.metadata
+        return ModelSource(path, "gguf", header.architecture, gguf_quant_name(meta), path.stat().st_size,
+                           metadata=meta, header=header)
 
-    # -- evaluation -----------------------------------------------------------------------
-    def _forget(self, keep: int = 0) -> None:
-        self._s.clear(keep)
-        self._cached = self._cached[:keep]
+    def describe(self, source: Any) -> dict[str, Any]:
+        header = source.header
+        meta = dict(header.metadata)
+        meta.update({k: f"[{n} entries]" for k, n in header.array_lengths.items()})
+        arch = header.architecture
+        return {
+            "parameters": sum(math.prod(t.shape) for t in header.tensors),
+            "tensors": len(header.tensors),
+            "tensor_types": dict(Counter(t.type.name.lower() for t in header.tensors).most_common()),
+            "context_length": meta.get(f"{arch}.context_length"),
+            "tokenizer": meta.get("tokenizer.ggml.model", "none"),
+            "converter": {"name": meta.get("pocketlm.converter"), "version": meta.get("pocketlm.converter_version")},
+            "source": {
+                "repo": meta.get("pocketlm.source.repo"),
+                "revision": meta.get("pocketlm.source.revision"),
+                "files": dict(zip(meta.get("pocketlm.source.files", []), meta.get("pocketlm.source.sha256", []))),
+            },
+            "metadata": meta,
+        }
 
-    def _prefill(self, ids: list[int]) -> np.ndarray:
-        # Reuse the cached prefix; always re-evaluate at least the last token for its logits.
-        keep = 0
-        for a, b in zip(self._cached, ids[:-1]):
-            if a != b:
-                break
-            keep += 1
-        self._forget(keep)
-        logits = self._s.run(ids[keep:], keep, all_logits=False)
-        self._cached = list(ids)
-        return logits
+    def open(self, source: Any, choice: Any, n_ctx: int | None, **options: Any) -> Any:
+        from convert.architectures import get as get_architecture
 
-    def _step(self, token: int) -> np.ndarray:
-        logits = self._s.run([token], len(self._cached), all_logits=False)
-        self._cached.append(token)
-        return logits
+        arch = get_architecture(source.architecture)
+        if arch is not None and arch.encoder_decoder:
+            from .llama_seq2seq import LlamaSeq2SeqModel as GGUFModel
+        else:
+            from .llama_causal import LlamaCppModel as GGUFModel  # type: ignore[assignment]
+        return GGUFModel(source.path, n_gpu_layers=choice.n_gpu_layers, device=choice.device,
+                         threads=choice.threads, n_ctx=n_ctx, reasons=choice.reasons, **options)
 
-    def logits(self, input_ids: Sequence[int]) -> np.ndarray:
-        """float32 [len(input_ids), vocab]: next-token logits at every position."""
-        ids = [int(t) for t in input_ids]
-        if not ids:
-            return np.zeros((0, self.info.vocab_size), dtype=np.float32)
-        if len(ids) > self.info.n_ctx:
-            raise GenerationError(f"{len(ids)} tokens exceed the context of {self.info.n_ctx}")
-        with self._lock:
-            self._forget()
-            out = self._s.run(ids, 0, all_logits=True)
-            self._cached = list(ids)
-            return out
+    # -- the machine ------------------------------------------------------------------------
+    def probe(self) -> LlamaFacts | None:
+        try:
+            llama = engine.llama_cpp()
+        except ModelLoadError:
+            return None
+        info = llama.llama_print_system_info().decode("utf-8", "replace")
+        return LlamaFacts(gpu_backend(info, bool(llama.llama_supports_gpu_offload())))
 
-    def _continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
-        full = context + continuation
-        if len(full) > self.info.n_ctx:
-            raise GenerationError(f"prompt + candidate ({len(full)} tokens) exceed the context of {self.info.n_ctx}")
-        return self.logits(full)[len(context) - 1 : -1]
+    def decide(self, model: Any, facts: Any, device: str, threads: int, reasons: list[str]) -> Any:
+        from ..platform import Choice
+
+        gpu = (facts.engine(self.name) or LlamaFacts()).gpu
+        if device == "auto":
+            if gpu == "metal" and facts.apple_silicon:
+                device = "metal"
+                reasons.append("Apple Silicon with a Metal build of llama.cpp: all layers on the GPU")
+            elif gpu == "metal":
+                device = "cpu"
+                reasons.append("llama.cpp has Metal but this Mac is not Apple Silicon: the CPU is faster")
+            elif gpu == "cuda":
+                device = "cuda"
+                reasons.append("llama.cpp was built with CUDA: all layers on the GPU")
+            else:
+                device = "cpu"
+                if facts.apple_silicon:
+                    reasons.append("this llama.cpp build has no Metal: CPU (a Metal build would use the GPU)")
+                elif facts.nvidia_gpu:
+                    reasons.append("an NVIDIA GPU is present but this llama.cpp build has no CUDA: CPU")
+                else:
+                    reasons.append("no GPU backend in this llama.cpp build: CPU")
+        elif device != "cpu":
+            if gpu != device:
+                flag = "GGML_METAL" if device == "metal" else "GGML_CUDA"
+                raise ModelLoadError(
+                    f"device {device!r} requested but this llama.cpp build has {gpu or 'no GPU'} support; reinstall it: "
+                    + REINSTALL.format(flag=flag)
+                )
+            reasons.append(f"device {device} (given)")
+        else:
+            reasons.append("device cpu (given)")
+        return Choice(self.name, device, threads, "gguf", n_gpu_layers=-1 if device != "cpu" else 0, reasons=reasons)
+
+    def report(self, facts: LlamaFacts | None) -> dict[str, Any]:
+        return {"llama.cpp GPU backend": (facts.gpu if facts else None) or "none (CPU only)"}
+
+    def advice(self, facts: Any) -> list[str]:
+        if facts.engine(self.name) is None:
+            return ["llama.cpp is missing (GGUF models cannot run): pip install llama-cpp-python"]
+        gpu = (facts.engine(self.name) or LlamaFacts()).gpu
+        tips = []
+        if facts.apple_silicon and gpu != "metal":
+            tips.append("this Mac's GPU is unused: rebuild llama.cpp with Metal: " + REINSTALL.format(flag="GGML_METAL"))
+        if facts.nvidia_gpu and gpu != "cuda":
+            tips.append("an NVIDIA GPU is present but llama.cpp runs on CPU: " + REINSTALL.format(flag="GGML_CUDA"))
+        return tips

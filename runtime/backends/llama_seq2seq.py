@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from convert.errors import GenerationError, ModelLoadError
+from convert.core.errors import GenerationError, ModelLoadError
 
-from ..model import BytePieces, Seq2Seq, StepModel
+from ..model import BytePieces, Decoding, Seq2Seq, StepModel
 from ..tokenizer import IncrementalDecoder
 from .llama_common import LlamaSession, OwnsSession
 
@@ -50,7 +50,7 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
             raise ModelLoadError(f"{path}: not an encoder-decoder model (load it with the causal llama.cpp backend)")
         self._eos = s.special("eos", s.llama.llama_vocab_eos, 1)
         start = s.llama.llama_model_decoder_start_token(s.model)
-        self._start = start if start >= 0 else s.special("pad", s.llama.llama_vocab_pad, 0)
+        self._start_token = start if start >= 0 else s.special("pad", s.llama.llama_vocab_pad, 0)
         self._n_decoded = 0  # decoder tokens in the KV cache
         self.info = s.model_info(device, threads, reasons)
 
@@ -103,12 +103,16 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
         finally:
             self._n_decoded += len(ids)
 
-    def _prefill(self, ids: list[int]) -> np.ndarray:
-        self._encode(ids)
-        return self._decode([self._start], all_logits=False)
+    def _start(self, seq: Decoding) -> np.ndarray:
+        # llama.cpp cross-attends to the last encoder output only: one sequence at a time.
+        self._encode(seq.ids)
+        seq.slot = 0
+        return self._decode([self._start_token], all_logits=False)
 
-    def _step(self, token: int) -> np.ndarray:
-        return self._decode([token], all_logits=False)
+    def _advance(self, seqs: list[Decoding], tokens: list[int]) -> list[np.ndarray]:
+        if len(seqs) != 1:
+            raise GenerationError("llama.cpp's encoder-decoder graph decodes one sequence at a time")
+        return [self._decode(tokens, all_logits=False)]
 
     def logits(self, input_ids: Sequence[int], decoder_input_ids: Sequence[int] | None = None) -> np.ndarray:
         """float32 [len(decoder_input_ids), vocab]: next-token logits at each decoder position.

@@ -1,21 +1,22 @@
-"""The registry of source architectures and the plan types they produce.
+"""Plans: what an architecture module makes of a checkpoint, and what a format's writer consumes.
 
-An architecture module (`bloom.py`, ...) registers itself under the Hugging Face
-`architectures` names it handles and turns a `Checkpoint` into a plan: metadata plus an
-ordered list of output tensors, each knowing how to load its data lazily. Target writers
-(`gguf_target.py`, ...) consume plans and know nothing about the source model.
+A plan is metadata plus an ordered list of output tensors, each knowing how to load its data
+lazily. Writers (`gguf_target.py`, `ct2_target.py`) know nothing about the source model;
+architecture modules (`architectures/<name>.py`) know nothing about file layouts. The
+helpers below check a checkpoint against its config with messages that name the file.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
 from .checkpoint import Bf16Array, Checkpoint
-from .errors import CheckpointError, UnsupportedModelError
+from .core.errors import CheckpointError, UnsupportedModelError
 
 if TYPE_CHECKING:
     import gguf
@@ -46,53 +47,14 @@ class GGUFPlan:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """A source architecture and the targets it converts to."""
-
-    name: str
-    hf_architectures: tuple[str, ...]
-    formats: dict[str, Callable[..., Any]]  # format name -> plan builder
-    default_format: str
-    model_types: tuple[str, ...] = ()  # config.json model_type values, when architectures is absent
-
-
-ARCHITECTURES: dict[str, Architecture] = {}
-
-
-def register(arch: Architecture) -> Architecture:
-    for hf_name in arch.hf_architectures:
-        ARCHITECTURES[hf_name] = arch
-    return arch
-
-
-BUILTIN_MODULES = ("bloom", "t5")
-
-
-def _register_builtins() -> None:
-    import importlib
-
-    for module in BUILTIN_MODULES:
-        importlib.import_module(f"{__package__}.{module}")
-
-
-def resolve(config: dict[str, Any], where: str) -> Architecture:
-    """The registered architecture for a config, or an error listing what is supported."""
-    _register_builtins()
-    names = config.get("architectures") or []
-    names = [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
-    for name in names:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
-    model_type = config.get("model_type")
-    for arch in ARCHITECTURES.values():
-        if model_type in arch.model_types:
-            return arch
-    found = ", ".join(map(str, names)) or (f"model_type {model_type!r}" if model_type else "none")
-    supported = ", ".join(sorted(ARCHITECTURES))
-    raise UnsupportedModelError(
-        f"{where}: unsupported architecture ({found}); supported: {supported}"
-    )
+@dataclass
+class CT2Plan:
+    spec: Any  # a ctranslate2.specs ModelSpec whose weights are TensorPlans
+    vocabulary: list[str]
+    config: dict[str, Any]  # written over the spec's config.json defaults
+    files: dict[str, Path]  # extra files copied into the model folder (tokenizer)
+    runtime: dict[str, Any]  # what PocketLM's runtime needs, stored in pocketlm.json
+    warnings: list[str] = field(default_factory=list)
 
 
 def config_int(config: dict[str, Any], where: str, *keys: str, default: int | None = None) -> int:

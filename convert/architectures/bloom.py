@@ -12,12 +12,11 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .architectures import (
-    Architecture, GGUFPlan, TensorPlan, check_all_used, config_float, config_int, expect, register,
-)
-from .checkpoint import Checkpoint
-from .errors import UnsupportedModelError
-from .vocab import add_no_vocab, add_vocab, read_bpe_tokenizer
+from ..plan import GGUFPlan, TensorPlan, check_all_used, config_float, config_int, expect
+from . import Architecture, Target, register
+from ..checkpoint import Checkpoint
+from ..core.errors import UnsupportedModelError
+from ..vocab import add_no_vocab, add_vocab, read_bpe_tokenizer
 
 DEFAULT_CONTEXT = 2048  # BLOOM's training length; its config does not record it
 
@@ -130,7 +129,8 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
 BLOOM = register(Architecture(
     name="bloom",
     hf_architectures=("BloomForCausalLM", "BloomModel"),
-    formats={"gguf": plan_gguf},
-    default_format="gguf",
     model_types=("bloom",),
+    family="BLOOM, BLOOMZ",
+    # memory-bound decoding: 4-bit K-quants are the best speed/quality point (benchmarks/)
+    targets={"gguf": Target(plan_gguf, default_quant="q4_k_m")},
 ))

@@ -24,12 +24,12 @@ from typing import Any
 import gguf
 import numpy as np
 
-from . import engine
-from .architectures import Architecture, GGUFPlan, TensorPlan, check_all_used, config_float, config_int, expect, register
-from .checkpoint import Checkpoint
-from .ct2_target import CT2Plan
-from .errors import UnsupportedModelError
-from .vocab import add_no_vocab, add_vocab, read_t5_tokenizer, t5_vocabulary
+from ..core import engine
+from ..plan import CT2Plan, GGUFPlan, TensorPlan, check_all_used, config_float, config_int, expect
+from . import Architecture, Target, register
+from ..checkpoint import Checkpoint
+from ..core.errors import UnsupportedModelError
+from ..vocab import add_no_vocab, add_vocab, read_t5_tokenizer, t5_vocabulary
 
 # CTranslate2 slot (under encoder/layer_{i} or decoder/layer_{i}) -> HF tensors (under
 # encoder.block.{i}. or decoder.block.{i}.), rows concatenated when several (fused q|k|v).
@@ -364,7 +364,16 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
 T5 = register(Architecture(
     name="t5",
     hf_architectures=("T5ForConditionalGeneration", "MT5ForConditionalGeneration"),
-    formats={"ct2": plan_ct2, "gguf": plan_gguf},
-    default_format="ct2",
     model_types=("t5", "mt5"),
+    encoder_decoder=True,
+    family="T5, Flan-T5, mT5/mT0, T0",
+    targets={
+        # CTranslate2 caches the encoder's cross-attention keys and values while llama.cpp's t5
+        # graph recomputes them for every token: with a 128-token input it decoded mt0-large at
+        # about twice llama.cpp's speed on CPU (flan-t5-small: even), and it batches.
+        "ct2": Target(plan_ct2, default_quant="int8", why="CTranslate2 caches cross-attention and batches "
+                      "(faster than llama.cpp's t5 graph in benchmarks/)"),
+        # Small T5s lose more to 4-bit rounding and gain less from it: 8 bits by default.
+        "gguf": Target(plan_gguf, default_quant="q8_0", why="the only format with a Metal engine"),
+    },
 ))

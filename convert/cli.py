@@ -1,0 +1,99 @@
+"""The converter's command line: `python -m convert SRC ...`, also `pocketlm convert` and
+`pocketlm quantize`. Help texts are built from the architecture registry and format table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .core.cli import EXIT_STATUS, guarded, setup_logging
+
+DESCRIPTION = ("Convert a Hugging Face checkpoint folder (safetensors or pytorch_model.bin, single or sharded) "
+               "into a model PocketLM runs.")
+
+
+def convert_epilog() -> str:
+    """The architectures, their formats with default quants, and every quant type."""
+    from .architectures import architectures
+    from .core.formats import FORMATS
+
+    lines = ["architectures (formats, the first is the default; default quant types)"]
+    for arch in architectures():
+        targets = ", ".join(f"{FORMATS[f].title} {arch.quant(f)}" for f in arch.targets)
+        lines.append(f"  {arch.name:<8}{arch.family}: {targets}")
+    lines.append("quant types")
+    for fmt in FORMATS.values():
+        lines.append(f"  {fmt.title + ':':<13}{' '.join(fmt.quants)}")
+        lines.append(f"  {'':<13}({fmt.quant_help})")
+    lines.append("GGUF tensors whose rows do not fit a type's block keep a wider type; the summary lists them.")
+    return "\n".join(lines)
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    from .core.formats import FORMATS
+
+    names = sorted({a for f in FORMATS.values() for a in (f.name, *f.aliases)})
+    p.add_argument("src", help="checkpoint folder (with config.json)")
+    p.add_argument("-o", "--output", help="output file or folder (default: ./<folder>-<quant>.gguf or ./<folder>-ct2-<quant>)")
+    p.add_argument("-q", "--quant", default=None, help="quant type (default: the architecture's, listed below)")
+    p.add_argument("--format", default=None, choices=names, help="output format (default: the architecture's first, listed below)")
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="GGUF file to read")
+    p.add_argument("output", help="GGUF file to write")
+    p.add_argument("-q", "--quant", default="q4_k_m", help="quant type (default q4_k_m)")
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument("--threads", type=int, default=None, help="quantizer threads")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .api import convert
+
+    summary = convert(
+        args.src, args.output, quant=args.quant, format=args.format, force=args.force,
+        progress=sys.stderr.isatty() and not args.json, threads=args.threads,
+    )
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.describe())
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .core.errors import ModelLoadError
+    from .core.formats import gguf_quant_type
+    from .core.gguf_file import read_header
+    from .gguf_target import llama_quantize
+    from .output import atomic_output
+
+    src = Path(args.input)
+    if src.is_dir():
+        raise ModelLoadError(f"{src}: a folder; quantize takes a GGUF file")
+    if not src.exists():
+        raise ModelLoadError(f"{src}: no such file or folder")
+    read_header(src)  # a clear error for what is not a (complete) GGUF file
+    qt = gguf_quant_type(args.quant)
+    with atomic_output(Path(args.output), args.force) as tmp:
+        llama_quantize(src, tmp, qt.file_type, args.threads)
+    print(f"wrote {args.output} ({qt.name})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m convert", description=DESCRIPTION,
+                                     epilog=convert_epilog() + "\n\n" + EXIT_STATUS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and tracebacks")
+    add_convert_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return guarded(cmd_convert, args)

@@ -1,0 +1,116 @@
+"""Causal GGUF models (BLOOMZ) on llama.cpp, through llama-cpp-python's C API.
+
+The high-level `Llama` class either computes logits for every prompt token (slow: BLOOM's
+output layer is half the model) or only the last; this backend asks for exactly the rows it
+needs per call, samples with PocketLM's own sampler, and keeps the KV cache of the previous
+call so a prompt that extends the last one only evaluates its new tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from convert.core.errors import GenerationError, ModelLoadError
+
+from ..model import BytePieces, Decoding, StepModel
+from .llama_common import LlamaSession, OwnsSession
+
+DEFAULT_MAX_CTX = 2048
+
+
+class LlamaCppModel(OwnsSession, StepModel):
+    """A causal (decoder-only) GGUF model such as BLOOMZ."""
+
+    def __init__(
+        self,
+        path: Path,
+        n_gpu_layers: int = 0,
+        device: str = "cpu",
+        threads: int = 1,
+        n_ctx: int | None = None,
+        n_batch: int = 512,
+        kv_type: str | None = None,
+        reasons: Sequence[str] = (),
+    ):
+        super().__init__()
+        self._s = s = LlamaSession(path, n_gpu_layers, threads, n_ctx, DEFAULT_MAX_CTX, n_batch, kv_type)
+        if s.has_encoder:
+            s.close()
+            raise ModelLoadError(f"{path}: an encoder-decoder model (it runs on the seq2seq backend)")
+        # Without tokenizer tables llama.cpp knows no special ids, but the converter recorded eos.
+        eos = None if s.has_vocab else s.special("eos", None, None)
+        self._eos_without_vocab = {eos} if eos is not None else set()
+        self._cached: list[int] = []  # tokens whose keys/values are in the KV cache
+        self.warn_unterminated_prompts = s.architecture == "bloom"
+        self.info = s.model_info(device, threads, reasons)
+
+    # -- tokens ---------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self._s.tokenize(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        self._s.require_vocab()
+        return b"".join(self._s.piece(int(t)) for t in ids).decode("utf-8", "replace")
+
+    def _detokenizer(self) -> BytePieces:
+        return BytePieces(self._s.piece)  # byte-level pieces; TextStream reassembles split UTF-8
+
+    def _end_ids(self) -> list[int]:
+        s = self._s
+        if not s.has_vocab:
+            return sorted(self._eos_without_vocab)
+        return sorted(t for t in {s.llama.llama_vocab_eos(s.vocab), s.llama.llama_vocab_eot(s.vocab)} if t >= 0)
+
+    def _is_end(self, token: int) -> bool:
+        if self._s.has_vocab:
+            return bool(self._s.llama.llama_vocab_is_eog(self._s.vocab, token))
+        return token in self._eos_without_vocab
+
+    # -- evaluation -----------------------------------------------------------------------
+    def _forget(self, keep: int = 0) -> None:
+        self._s.clear(keep)
+        self._cached = self._cached[:keep]
+
+    def _start(self, seq: Decoding) -> np.ndarray:
+        # One slot (sequence 0). Reuse its cached prefix; always re-evaluate at least the last
+        # token for its logits.
+        ids = seq.ids
+        keep = 0
+        for a, b in zip(self._cached, ids[:-1]):
+            if a != b:
+                break
+            keep += 1
+        self._forget(keep)
+        logits = self._s.run(ids[keep:], keep, all_logits=False)
+        self._cached = list(ids)
+        seq.slot, seq.position = 0, len(ids)
+        return logits
+
+    def _advance(self, seqs: list[Decoding], tokens: list[int]) -> list[np.ndarray]:
+        rows = self._s.step(tokens, [seq.position for seq in seqs], [seq.slot for seq in seqs])
+        for seq, token in zip(seqs, tokens):
+            seq.position += 1
+            self._cached.append(token)
+        return list(rows)
+
+    def logits(self, input_ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(input_ids), vocab]: next-token logits at every position."""
+        ids = [int(t) for t in input_ids]
+        if not ids:
+            return np.zeros((0, self.info.vocab_size), dtype=np.float32)
+        if len(ids) > self.info.n_ctx:
+            raise GenerationError(f"{len(ids)} tokens exceed the context of {self.info.n_ctx}")
+        with self._lock:
+            self._forget()
+            out = self._s.run(ids, 0, all_logits=True)
+            self._cached = list(ids)
+            return out
+
+    def _continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
+        full = context + continuation
+        if len(full) > self.info.n_ctx:
+            raise GenerationError(f"prompt + candidate ({len(full)} tokens) exceed the context of {self.info.n_ctx}")
+        return self.logits(full)[len(context) - 1 : -1]

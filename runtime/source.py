@@ -1,0 +1,81 @@
+"""What a model path holds: the one place a file or folder's format is told and its metadata read.
+
+`inspect()` asks every backend whether the path is in one of its formats (a GGUF file, a
+CTranslate2 folder, ...); a folder with a config.json is a Hugging Face checkpoint, converted
+on first use. The result carries the metadata, so `load()`, `pocketlm info`, the hub and the
+cache read a header once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convert.core.errors import ModelLoadError
+
+from .platform import ModelFacts
+
+HF = "hf"  # a Hugging Face checkpoint folder: the input format, converted before it runs
+
+
+@dataclass
+class ModelSource:
+    """A model on disk, as its headers and metadata describe it."""
+
+    path: Path
+    format: str  # a backend's format (gguf, ct2, ...) or "hf"
+    architecture: str
+    quant: str | None
+    size_bytes: int
+    metadata: dict[str, Any] = field(default_factory=dict)  # the format's own: GGUF keys, pocketlm.json, config.json
+    header: Any = None  # the parsed header, when the format has one (GGUF)
+
+    @property
+    def facts(self) -> ModelFacts:
+        return ModelFacts(self.format, self.architecture, self.quant, self.size_bytes)
+
+
+def model_file(path: Path) -> Path:
+    """A folder holding exactly one GGUF and no checkpoint (PocketLM's conversion cache, a
+    snapshot of a GGUF repo) stands for that file."""
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+    return path
+
+
+def inspect(path: Path, quant: str | None = None) -> ModelSource:
+    """The model at `path`, or an error saying why it is none PocketLM can run.
+
+    `quant` is what a checkpoint folder is to be converted to (None: the default)."""
+    from .backends import backends
+
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    if path.is_file():
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise ModelLoadError(f"{path}: cannot read: {e.strerror or e}") from None
+    for backend in backends():
+        found = backend.inspect(path)
+        if found is not None:
+            return found
+    if path.is_dir() and (path / "config.json").is_file():
+        return _checkpoint(path, quant)
+    if path.is_file():
+        raise ModelLoadError(f"{path}: not a model file PocketLM runs (not a GGUF file: bad magic); is it a model file?")
+    raise ModelLoadError(f"{path}: this folder holds no model PocketLM can run")
+
+
+def _checkpoint(folder: Path, quant: str | None) -> ModelSource:
+    from convert.architectures import resolve
+    from convert.checkpoint import read_json
+
+    config = read_json(folder / "config.json")
+    arch = resolve(config, str(folder / "config.json"))
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return ModelSource(folder, HF, arch.name, quant, size, metadata=config)
