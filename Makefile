@@ -13,13 +13,22 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF $(if $(filter cuda,$(GPU)),-DGGML_CUDA=ON)
 export CMAKE_ARGS := $(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
 
-.PHONY: run test bench fidelity setup setup-test clean
+.PHONY: run test lint format bench fidelity setup setup-test clean
 
 run: $(VENV)/.installed
 	$(PY) -m runtime.demo $(MODEL)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff, configured in pyproject.toml: `make lint` checks, `make format` rewrites.
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.installed-test
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # Speed/memory and fidelity figures (benchmarks/README.md is regenerated from the results).
 # On an idle machine: `make bench` takes 30-60 minutes, `make fidelity` about 10.

@@ -176,7 +176,9 @@ def offline() -> bool:
 def gguf_quant(filename: str) -> str | None:
     """The quant type in a GGUF file name (e.g. bloomz-560m.Q4_K_M.gguf -> q4_k_m)."""
     name = filename.lower()
-    for quant in sorted(GGUF_PREFERENCE + ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_1", "q5_1"], key=len, reverse=True):
+    from convert.core.formats import FORMATS
+
+    for quant in sorted(FORMATS["gguf"].quants, key=len, reverse=True):
         if re.search(rf"(^|[^a-z0-9]){quant}([^a-z0-9]|$)", name):
             return quant
     return None
