@@ -12,7 +12,7 @@ import gguf
 from .architectures import resolve
 from .checkpoint import Checkpoint, read_json, sha256_file, source_identity
 from .core import __version__
-from .core.formats import gguf_quant_type
+from .core.formats import FORMATS, gguf_quant_type
 from .ct2_target import source_float_dtype, write_ct2
 from .gguf_target import convert_gguf, describe_types, fallbacks
 from .output import ConversionSummary, Fallback, atomic_output
@@ -21,8 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def default_output(src: Path, fmt: str, quant: str) -> Path:
-    name = src.resolve().name
-    return Path.cwd() / (f"{name}-{quant}.gguf" if fmt == "gguf" else f"{name}-ct2-{quant}")
+    return Path.cwd() / FORMATS[fmt].output_name(src.resolve().name, quant)
 
 
 def provenance(ckpt: Checkpoint, quant: str) -> dict[str, Any]:
@@ -60,6 +59,28 @@ def _gguf_metadata(prov: dict[str, Any]) -> Callable[[gguf.GGUFWriter], None]:
     return add
 
 
+Written = tuple[dict[str, int], list[Fallback]]  # tensors per stored type, tensors that kept a wider type
+
+
+def _write_gguf(plan: Any, tmp: Path, quant: str, ckpt: Checkpoint, prov: dict[str, Any], progress: bool,
+                threads: int | None) -> Written:
+    qt = gguf_quant_type(quant)
+    source_dtypes = {ckpt.info(s).dtype for t in plan.tensors for s in t.sources}
+    types = convert_gguf(plan, tmp, qt, _gguf_metadata(prov), ckpt.release, source_dtypes, progress, threads)
+    return describe_types(types), fallbacks(plan, types, qt)
+
+
+def _write_ct2(plan: Any, tmp: Path, quant: str, ckpt: Checkpoint, prov: dict[str, Any], progress: bool,
+               threads: int | None) -> Written:
+    def source_dtype(t: Any) -> str:
+        return source_float_dtype({ckpt.info(s).dtype for s in t.sources})
+
+    return write_ct2(plan, tmp, quant, source_dtype, ckpt.release, prov, progress), []
+
+
+WRITERS: dict[str, Callable[..., Written]] = {"gguf": _write_gguf, "ct2": _write_ct2}  # by format
+
+
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -86,27 +107,17 @@ def convert(
         resolve(read_json(src / "config.json"), str(src / "config.json"))
     with Checkpoint(src) as ckpt:
         arch = resolve(ckpt.config, str(src / "config.json"))
-        found, target = arch.target(format)
-        fmt = found.name
-        quant_name = arch.quant(fmt, quant)
-        dest = Path(output) if output is not None else default_output(src, fmt, quant_name)
+        fmt, target = arch.target(format)
+        quant_name = arch.quant(fmt.name, quant)
+        dest = Path(output) if output is not None else default_output(src, fmt.name, quant_name)
         plan = target.plan(ckpt)  # validates every tensor before anything is written
-        prov = provenance(ckpt, quant_name)
-        fallback_list: list[Fallback] = []
+        prov = {**provenance(ckpt, quant_name), "architecture": arch.name}
         with atomic_output(dest, force) as tmp:
-            if fmt == "gguf":
-                qt = gguf_quant_type(quant_name)
-                source_dtypes = {ckpt.info(s).dtype for t in plan.tensors for s in t.sources}
-                found = convert_gguf(plan, tmp, qt, _gguf_metadata(prov), ckpt.release, source_dtypes, progress, threads)
-                types = describe_types(found)
-                fallback_list = fallbacks(plan, found, qt)
-            else:
-                source_dtype = lambda t: source_float_dtype({ckpt.info(s).dtype for s in t.sources})
-                types = write_ct2(plan, tmp, quant_name, source_dtype, ckpt.release, {**prov, "architecture": arch.name}, progress)
+            types, fallback_list = WRITERS[fmt.name](plan, tmp, quant_name, ckpt, prov, progress, threads)
             size = _size(tmp)
     return ConversionSummary(
         output=str(dest),
-        format=fmt,
+        format=fmt.name,
         quant=quant_name,
         architecture=arch.name,
         tensors=sum(types.values()),

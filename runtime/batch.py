@@ -3,8 +3,8 @@
 Input lines are JSON objects with a "prompt" (text, or a list of token ids) and an optional
 "id", or bare JSON strings. Each answer is appended to the output as soon as its batch is
 done (and flushed to disk), keyed by the id (or the input line number); on a re-run,
-prompts already answered are skipped, so an interrupted run just continues. CTranslate2
-models decode each batch together; llama.cpp models go one by one.
+prompts already answered are skipped, so an interrupted run just continues. Models whose
+engine decodes prompts together (CTranslate2) get a batch at a time; the others go one by one.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def run_jsonl(
     prompts = list(read_prompts(input_path))
     done = answered_keys(output_path)
     todo = [(key, p) for key, p in prompts if json.dumps(key) not in done]
-    size = batch_size if model.info.backend == "ctranslate2" else 1
+    size = batch_size if model.batches_prompts else 1
     bar = tqdm(total=len(todo), desc="answering", unit="prompt", disable=not progress)
     with open(output_path, "a", encoding="utf-8") as out:
         for start in range(0, len(todo), size):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from convert.core import __version__
+from convert.core.formats import FORMATS
 
 try:
     import fcntl
@@ -142,7 +143,7 @@ def converted(folder: Path, fmt: str, quant: str, progress: bool = False) -> Pat
                 return output
             shutil.rmtree(entry, ignore_errors=True)
             entry.mkdir(parents=True)
-            output = entry / ("model.gguf" if fmt == "gguf" else "model")
+            output = entry / FORMATS[fmt].output_name("model")
             if progress:
                 print(f"converting {repo or folder} to {fmt} {quant} (first use; cached in {entry})", flush=True)
             summary = convert(folder, output, quant=quant, format=fmt, force=True, progress=progress)

@@ -70,6 +70,7 @@ def _convert(p: argparse.ArgumentParser) -> None:
     from convert.cli import DESCRIPTION, add_convert_arguments, convert_epilog
 
     p.description, p.epilog = DESCRIPTION, convert_epilog()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_convert_arguments(p)
 
 
@@ -128,8 +129,11 @@ def _doctor(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(p: argparse.ArgumentParser) -> None:
-    p.description = ("Serve one model at /v1/completions, /v1/chat/completions and /v1/models (OpenAI-compatible, "
-                     "with streaming), plus /health. Binds to localhost unless --host says otherwise.")
+    from .server import ENDPOINTS
+
+    routes = ", ".join(f"{'/'.join(methods)} {path}" for path, methods in ENDPOINTS.items())
+    p.description = (f"Serve one model over an OpenAI-compatible HTTP API (streaming with \"stream\": true): {routes}. "
+                     "Binds to localhost unless --host says otherwise.")
     p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -154,7 +158,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The parser; with `only`, the other subcommands are listed but their options not built."""
+    """The parser; with `only` (a subcommand, or "" for none), the other subcommands are listed
+    but their options not built."""
     parser = argparse.ArgumentParser(
         prog="pocketlm",
         description="Convert and run BLOOMZ and T5-family instruction models offline, without PyTorch.",
@@ -168,7 +173,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show debug logs and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_with(verbose))
     for name, (summary, build, _) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=summary)
         if only is None or only == name:
             build(p)
     return parser
@@ -326,7 +331,7 @@ COMMANDS = {name: globals()[runner] for name, (_, _, runner) in SUBCOMMANDS.item
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(only=command if command in SUBCOMMANDS else None)
+    parser = build_parser(only=command if command in SUBCOMMANDS else "")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     if args.version:

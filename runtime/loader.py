@@ -12,7 +12,7 @@ from convert.core.errors import PocketLMError
 
 from .model import Model
 from .platform import Choice, choose, detect_facts
-from .source import HF, ModelSource, inspect, model_file
+from .source import HF, ModelSource, inspect
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def resolve_path(model: str | os.PathLike, quant: str | None = None, progress: b
         ref = parse_ref(str(model))
         if ref is not None:
             path = pull(ref, quant=quant, progress=sys.stderr.isatty() if progress is None else progress)
-    return model_file(path)
+    return path
 
 
 def load(

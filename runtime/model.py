@@ -124,6 +124,7 @@ class Model(ABC):
     # BLOOMZ's model card: a prompt without a clear end (final punctuation) makes the model
     # continue the input instead of answering. Backends set this for such models.
     warn_unterminated_prompts = False
+    batches_prompts = False  # generate_batch decodes several prompts together (faster than one by one)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

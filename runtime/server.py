@@ -57,6 +57,15 @@ NEUTRAL: dict[str, Any] = {
     "n": 1, "best_of": 1, "echo": False, "logprobs": False, "top_logprobs": 0, "suffix": "",
     "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "tools": [],
 }
+# path -> {HTTP method: the Handler method `_<name>` that answers}. A new endpoint is a row here
+# and its method; routing, 404/405 answers, auth and `pocketlm serve --help` follow the table.
+ENDPOINTS: dict[str, dict[str, str]] = {
+    "/health": {"GET": "health"},
+    "/v1/models": {"GET": "models"},
+    "/v1/completions": {"POST": "completions"},
+    "/v1/chat/completions": {"POST": "chat"},
+}
+PUBLIC = {"/health"}  # answered without the API key
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "an array", dict: "an object"}
 
 
@@ -346,10 +355,7 @@ class Handler(BaseHTTPRequestHandler):
     _body_pending = False  # a request body not read yet: the connection cannot be reused
     _status = 0
 
-    ROUTES = {
-        "/health": {"GET": "health"}, "/v1/models": {"GET": "models"},
-        "/v1/completions": {"POST": "completions"}, "/v1/chat/completions": {"POST": "chat"},
-    }
+    ROUTES = ENDPOINTS
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -364,7 +370,7 @@ class Handler(BaseHTTPRequestHandler):
             route = self.ROUTES.get(path)
             if route is None:
                 raise ApiError(404, f"no such endpoint: {self.command} {path}", code="not_found")
-            if path != "/health" and not self._authorized():
+            if path not in PUBLIC and not self._authorized():
                 raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             if self.command not in route:

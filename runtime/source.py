@@ -36,16 +36,6 @@ class ModelSource:
         return ModelFacts(self.format, self.architecture, self.quant, self.size_bytes)
 
 
-def model_file(path: Path) -> Path:
-    """A folder holding exactly one GGUF and no checkpoint (PocketLM's conversion cache, a
-    snapshot of a GGUF repo) stands for that file."""
-    if path.is_dir() and not (path / "config.json").is_file():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ggufs[0]
-    return path
-
-
 def inspect(path: Path, quant: str | None = None) -> ModelSource:
     """The model at `path`, or an error saying why it is none PocketLM can run.
 

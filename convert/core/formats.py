@@ -69,6 +69,12 @@ class Format:
     quants: tuple[str, ...]
     default_quant: str
     quant_help: str  # how the quant types differ, for --help
+    extension: str  # of the output: ".gguf" for a file, "" for a folder
+    tag: str = ""  # in default output names, before the quant
+
+    def output_name(self, stem: str, quant: str | None = None) -> str:
+        """The name of an output: `<stem>[-tag][-quant]<extension>`."""
+        return f"{stem}{self.tag}{f'-{quant}' if quant else ''}{self.extension}"
 
     def quant(self, name: str | None, default: str | None = None) -> str:
         """A quant type of this format (lower-cased), or an error listing the choices."""
@@ -84,9 +90,9 @@ FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         Format("gguf", "GGUF", ("gguf",), tuple(GGUF_QUANTS), "q4_k_m",
-               "f32 f16 bf16 q8_0 are written directly, the others by llama.cpp's quantizer"),
+               "f32 f16 bf16 q8_0 are written directly, the others by llama.cpp's quantizer", ".gguf"),
         Format("ct2", "CTranslate2", ("ct2", "ctranslate2"), CT2_QUANTS, "int8",
-               "int8 types quantize the matrices (per row), the suffix is the type of the rest"),
+               "int8 types quantize the matrices (per row), the suffix is the type of the rest", "", "-ct2"),
     )
 }
 

@@ -37,6 +37,7 @@ DEFAULT_MAX_INPUT = 1024
 
 
 class CT2Seq2SeqModel(Seq2Seq, Model):
+    batches_prompts = True
     def __init__(
         self,
         folder: Path,

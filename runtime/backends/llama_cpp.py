@@ -55,6 +55,9 @@ class LlamaCpp(Backend):
     def inspect(self, path: Path) -> Any:
         from ..source import ModelSource
 
+        if path.is_dir() and not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))  # a folder of one GGUF (a cache entry, a repo snapshot)
+            path = ggufs[0] if len(ggufs) == 1 else path
         if not path.is_file():
             return None
         with open(path, "rb") as f:
