@@ -2,14 +2,18 @@
 
 The high-level `Llama` class either computes logits for every prompt token (slow: BLOOM's
 output layer is half the model) or only the last; this backend asks for exactly the rows it
-needs per call, samples with PocketLM's own sampler, and keeps the KV cache of the previous
-call so a prompt that extends the last one only evaluates its new tokens.
+needs per call, samples with PocketLM's own sampler, and keeps the KV cache of earlier
+sequences so a prompt that extends one only evaluates its new tokens.
+
+The KV cache holds `n_seq` sequences (slots; one unless asked), each knowing its tokens. A new
+sequence takes the free slot whose cached tokens share the longest prefix with its prompt;
+`_advance` decodes the next token of several sequences in one llama.cpp batch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -34,16 +38,21 @@ class LlamaCppModel(OwnsSession, StepModel):
         n_batch: int = 512,
         kv_type: str | None = None,
         reasons: Sequence[str] = (),
+        n_seq: int = 1,
     ):
         super().__init__()
-        self._s = s = LlamaSession(path, n_gpu_layers, threads, n_ctx, DEFAULT_MAX_CTX, n_batch, kv_type)
+        if n_seq < 1:
+            raise GenerationError(f"n_seq={n_seq}: the KV cache must hold at least 1 sequence")
+        self._s = s = LlamaSession(path, n_gpu_layers, threads, n_ctx, DEFAULT_MAX_CTX, n_batch, kv_type, n_seq)
         if s.has_encoder:
             s.close()
             raise ModelLoadError(f"{path}: an encoder-decoder model (it runs on the seq2seq backend)")
         # Without tokenizer tables llama.cpp knows no special ids, but the converter recorded eos.
         eos = None if s.has_vocab else s.special("eos", None, None)
         self._eos_without_vocab = {eos} if eos is not None else set()
-        self._cached: list[int] = []  # tokens whose keys/values are in the KV cache
+        self._slots: list[list[int]] = [[] for _ in range(n_seq)]  # tokens in each sequence's KV cache
+        self._busy: set[int] = set()
+        self.parallel_sequences = n_seq
         self.warn_unterminated_prompts = s.architecture == "bloom"
         self.info = s.model_info(device, threads, reasons)
 
@@ -70,31 +79,59 @@ class LlamaCppModel(OwnsSession, StepModel):
         return token in self._eos_without_vocab
 
     # -- evaluation -----------------------------------------------------------------------
-    def _forget(self, keep: int = 0) -> None:
-        self._s.clear(keep)
-        self._cached = self._cached[:keep]
+    def _engine(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except GenerationError:  # a failed batch clears the whole KV cache (LlamaSession)
+            for cached in self._slots:
+                cached.clear()
+            raise
+
+    def _forget(self, slot: int, keep: int = 0) -> None:
+        self._s.clear(keep, slot)
+        del self._slots[slot][keep:]
+
+    def _take_slot(self, ids: list[int]) -> tuple[int, int]:
+        """A free slot for a new sequence, and how many of its cached tokens are reusable
+        (always re-evaluating at least the prompt's last token, for its logits)."""
+        best, keep = -1, -1
+        for slot, cached in enumerate(self._slots):
+            if slot in self._busy:
+                continue
+            shared = 0
+            for a, b in zip(cached, ids[:-1]):
+                if a != b:
+                    break
+                shared += 1
+            if shared > keep:
+                best, keep = slot, shared
+        if best < 0:
+            raise GenerationError(f"all {len(self._slots)} sequences of the KV cache are in use")
+        return best, keep
 
     def _start(self, seq: Decoding) -> np.ndarray:
-        # One slot (sequence 0). Reuse its cached prefix; always re-evaluate at least the last
-        # token for its logits.
-        ids = seq.ids
-        keep = 0
-        for a, b in zip(self._cached, ids[:-1]):
-            if a != b:
-                break
-            keep += 1
-        self._forget(keep)
-        logits = self._s.run(ids[keep:], keep, all_logits=False)
-        self._cached = list(ids)
-        seq.slot, seq.position = 0, len(ids)
+        slot, keep = self._take_slot(seq.ids)
+        self._forget(slot, keep)
+        self._busy.add(slot)
+        seq.slot = slot
+        try:
+            logits = self._engine(self._s.run, seq.ids[keep:], keep, all_logits=False, seq=slot)
+        except BaseException:
+            self._release(seq)
+            raise
+        self._slots[slot] = list(seq.ids)
+        seq.position = len(seq.ids)
         return logits
 
     def _advance(self, seqs: list[Decoding], tokens: list[int]) -> list[np.ndarray]:
-        rows = self._s.step(tokens, [seq.position for seq in seqs], [seq.slot for seq in seqs])
+        rows = self._engine(self._s.step, tokens, [seq.position for seq in seqs], [seq.slot for seq in seqs])
         for seq, token in zip(seqs, tokens):
             seq.position += 1
-            self._cached.append(token)
+            self._slots[seq.slot].append(token)
         return list(rows)
+
+    def _release(self, seq: Decoding) -> None:
+        self._busy.discard(seq.slot)  # its cache stays: a later prompt may extend it
 
     def logits(self, input_ids: Sequence[int]) -> np.ndarray:
         """float32 [len(input_ids), vocab]: next-token logits at every position."""
@@ -104,9 +141,10 @@ class LlamaCppModel(OwnsSession, StepModel):
         if len(ids) > self.info.n_ctx:
             raise GenerationError(f"{len(ids)} tokens exceed the context of {self.info.n_ctx}")
         with self._lock:
-            self._forget()
-            out = self._s.run(ids, 0, all_logits=True)
-            self._cached = list(ids)
+            slot, _ = self._take_slot(ids)
+            self._forget(slot)
+            out = self._engine(self._s.run, ids, 0, all_logits=True, seq=slot)
+            self._slots[slot] = list(ids)
             return out
 
     def _continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:

@@ -43,9 +43,10 @@ def extra_buffer_types() -> bool:
 
 class LlamaSession:
     def __init__(self, path: Path, n_gpu_layers: int, threads: int, n_ctx: int | None, max_ctx: int,
-                 n_batch: int | None = None, kv_type: str | None = None):
+                 n_batch: int | None = None, kv_type: str | None = None, n_seq: int = 1):
         """`n_batch=None` makes the batch as large as the context (an encoder needs the
-        whole source in one batch)."""
+        whole source in one batch). `n_seq` sequences may be in the KV cache at once; they
+        share its `n_ctx` cells."""
         self.path = path
         self.llama = llama = engine.llama_cpp()
         self.model = self.ctx = self.batch = None
@@ -70,6 +71,8 @@ class LlamaSession:
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.type_k = cparams.type_v = GGML_TYPE_F32 if exact else GGML_TYPE_F16
         cparams.no_perf = True
+        if n_seq > 1:
+            cparams.n_seq_max, cparams.kv_unified = n_seq, True
         if exact:  # flash attention rounds through f16 on CPU
             cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         with engine.quiet_c_output():
@@ -79,6 +82,7 @@ class LlamaSession:
             raise ModelLoadError(f"{path}: llama.cpp could not create a context: {engine.recent_log()}")
         self.n_ctx = llama.llama_n_ctx(self.ctx)
         self.n_batch = llama.llama_n_ubatch(self.ctx)
+        self.n_seq = n_seq
         self.batch = llama.llama_batch_init(self.n_batch, 0, 1)
         self.memory = llama.llama_get_memory(self.ctx)
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
@@ -158,16 +162,17 @@ class LlamaSession:
         raise GenerationError("llama.cpp could not detokenize the ids")
 
     # -- evaluation ------------------------------------------------------------------------
-    def clear(self, keep: int = 0) -> None:
-        """Forget the KV cache from position `keep` on (all of it by default)."""
-        if keep == 0:
+    def clear(self, keep: int = 0, seq: int | None = None) -> None:
+        """Forget the KV cache of sequence `seq` (default: of every sequence) from position
+        `keep` on (default: all of it)."""
+        if keep == 0 and seq is None:
             self.llama.llama_memory_clear(self.memory, True)
         else:
-            self.llama.llama_memory_seq_rm(self.memory, 0, keep, -1)
+            self.llama.llama_memory_seq_rm(self.memory, -1 if seq is None else seq, keep, -1)
 
-    def run(self, ids: Sequence[int], start: int, all_logits: bool, encode: bool = False) -> np.ndarray | None:
-        """Evaluate `ids` at positions start.. (decoder, or encoder with `encode`); return the
-        logits of every token, of the last one, or nothing (encoding)."""
+    def run(self, ids: Sequence[int], start: int, all_logits: bool, encode: bool = False, seq: int = 0) -> np.ndarray | None:
+        """Evaluate `ids` at positions start.. of sequence `seq` (decoder, or encoder with
+        `encode`); return the logits of every token, of the last one, or nothing (encoding)."""
         out = []
         b = self.batch
         step = self.n_batch
@@ -178,7 +183,7 @@ class LlamaSession:
                 b.token[i] = tok
                 b.pos[i] = start + lo + i
                 b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
+                b.seq_id[i][0] = seq
                 b.logits[i] = encode or all_logits or (last_chunk and i == len(chunk) - 1)
             b.n_tokens = len(chunk)
             rc = (self.llama.llama_encode if encode else self.llama.llama_decode)(self.ctx, b)

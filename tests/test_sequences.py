@@ -1,0 +1,74 @@
+"""State is per sequence: sequences decoded together in one llama.cpp batch get the logits each
+gets alone, and a slot's cache is reused by a later prompt that extends it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import runtime
+from convert import convert
+from convert.core.errors import GenerationError
+from convert.synthetic import build_random_bloom
+from runtime.generation import GenerationOptions
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [100, 101, 102], [33, 34, 35, 36, 37, 38, 39, 40, 41]]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seq")
+    folder = build_random_bloom(root / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2)
+    return convert(folder, root / "m-f32.gguf", quant="f32").output
+
+
+def _greedy(model, seqs, steps):
+    """Start every sequence, then advance all of them together; each one's logits per step."""
+    rows = [[model._start(seq)] for seq in seqs]
+    for _ in range(steps):
+        tokens = [int(np.argmax(r[-1])) for r in rows]
+        for r, out in zip(rows, model._advance(seqs, tokens)):
+            r.append(out)
+    for seq in seqs:
+        model._release(seq)
+    return [np.stack(r) for r in rows]
+
+
+def test_sequences_decoded_together_match_each_alone(gguf):
+    options = GenerationOptions(max_new_tokens=STEPS)
+    with runtime.load(gguf, threads=2) as model:
+        alone = [_greedy(model, [model._decoding(p, options)], STEPS)[0] for p in PROMPTS]
+    with runtime.load(gguf, threads=2, n_seq=len(PROMPTS)) as model:
+        assert model.parallel_sequences == len(PROMPTS)
+        seqs = [model._decoding(p, options) for p in PROMPTS]
+        together = _greedy(model, seqs, STEPS)
+        assert sorted(seq.slot for seq in seqs) == list(range(len(PROMPTS)))
+    for a, b in zip(alone, together):
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+        assert (a.argmax(-1) == b.argmax(-1)).all()
+
+
+def test_a_free_slot_with_the_longest_shared_prefix_is_reused(gguf):
+    options = GenerationOptions(max_new_tokens=4)
+    with runtime.load(gguf, threads=2, n_seq=2) as model:
+        first = model.generate(PROMPTS[0], options)
+        model.generate(PROMPTS[1], options)  # fills the other slot
+        extended = PROMPTS[0] + first.token_ids[:2]
+        seq = model._decoding(extended, options)
+        logits = model._start(seq)
+        assert seq.slot == model._slots.index(extended) and model._slots[seq.slot] == extended
+        model._release(seq)
+        fresh = model.logits(extended)[-1]
+        assert np.abs(logits - fresh).max() <= 1e-4 * np.abs(fresh).max()
+
+
+def test_every_slot_busy_is_a_clear_error(gguf):
+    options = GenerationOptions(max_new_tokens=2)
+    with runtime.load(gguf, threads=2) as model:
+        held = model._decoding(PROMPTS[0], options)
+        model._start(held)
+        with pytest.raises(GenerationError, match="sequences of the KV cache are in use"):
+            model._start(model._decoding(PROMPTS[1], options))
+        model._release(held)
+        assert model.generate(PROMPTS[1], options).token_ids
