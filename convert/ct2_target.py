@@ -223,7 +223,7 @@ def write_ct2(
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "shared_vocabulary.json").write_text(json.dumps(plan.vocabulary, ensure_ascii=False) + "\n")
     for name, source in plan.files.items():
-        (folder / name).write_bytes(source.read_bytes())
+        (folder / name).write_bytes(source if isinstance(source, bytes) else source.read_bytes())
     info = {**metadata, **plan.runtime, "format": "ctranslate2", "quant": quant}
     (folder / "pocketlm.json").write_text(json.dumps(info, indent=2) + "\n")
     counts: dict[str, int] = {}

@@ -52,7 +52,7 @@ class CT2Plan:
     spec: Any  # a ctranslate2.specs ModelSpec whose weights are TensorPlans
     vocabulary: list[str]
     config: dict[str, Any]  # written over the spec's config.json defaults
-    files: dict[str, Path]  # extra files copied into the model folder (tokenizer)
+    files: dict[str, Path | bytes]  # extra files of the model folder (tokenizer): a file to copy, or the bytes
     runtime: dict[str, Any]  # what PocketLM's runtime needs, stored in pocketlm.json
     warnings: list[str] = field(default_factory=list)
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import base64
 import logging
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gguf
 
 from .checkpoint import read_json
 from .core.errors import UnsupportedModelError
+from .core.sentencepiece import (
+    METASPACE, SPM_UNIGRAM, SpmModel, read_spm_model, t5_sentinels, t5_tokenizer_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +144,14 @@ def add_no_vocab(writer: gguf.GGUFWriter, vocab_size: int, config: dict[str, Any
 
 @dataclass
 class TokenList:
-    """A vocabulary as one unique string per id, and the tokenizer file it came from."""
+    """A vocabulary as one unique string per id, the tokenizer file it came from, and the
+    tokenizer.json the runtime encodes text with: that file, or one built from spiece.model."""
 
     tokens: list[str]
     file: Path | None
     unk: int | None
     warnings: list[str]
+    tokenizer_json: Path | bytes | None = None
 
 
 def _placeholders(tokens: list[str | None]) -> list[str]:
@@ -164,30 +168,17 @@ def _placeholders(tokens: list[str | None]) -> list[str]:
     return out
 
 
-def _spm_pieces(path: Path) -> list[str]:
-    try:
-        import sentencepiece
-    except ImportError:
-        raise UnsupportedModelError(f"{path}: reading spiece.model needs: pip install sentencepiece") from None
-    try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError variants
-        raise UnsupportedModelError(f"{path}: not a SentencePiece model ({e})") from None
-    return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-
-
-T5_EXTRA_IDS = 100
-
-
 def t5_vocabulary(folder: Path, vocab_size: int, special: dict[str, int]) -> TokenList:
     """T5-family ids -> token strings from tokenizer.json (preferred) or spiece.model.
 
     With spiece.model only, the 100 sentinel tokens follow the pieces in reverse order
-    (<extra_id_0> is the last), as Hugging Face's T5 tokenizer numbers them.
+    (<extra_id_0> is the last), as Hugging Face's T5 tokenizer numbers them, and the
+    tokenizer.json transformers would make of it is built (no sentencepiece needed to run).
     """
     tokens: list[str | None] = [None] * vocab_size
     warnings: list[str] = []
     unk = None
+    spm: SpmModel | None = None
     tokenizer_json, spiece = folder / "tokenizer.json", folder / "spiece.model"
     if tokenizer_json.is_file():
         data = read_json(tokenizer_json)
@@ -199,11 +190,10 @@ def t5_vocabulary(folder: Path, vocab_size: int, special: dict[str, int]) -> Tok
         unk = model.get("unk_id")
         source: Path | None = tokenizer_json
     elif spiece.is_file():
-        pieces = _spm_pieces(spiece)
-        n_extra = max(0, min(T5_EXTRA_IDS, vocab_size - len(pieces)))
-        entries = list(enumerate(pieces))
-        entries += [(len(pieces) + j, f"<extra_id_{n_extra - 1 - j}>") for j in range(n_extra)]
-        unk = pieces.index("<unk>") if "<unk>" in pieces else None
+        spm = read_spm_model(spiece)
+        pieces = [piece for piece, _, _ in spm.pieces]
+        entries = list(enumerate(pieces + t5_sentinels(len(pieces), vocab_size)))
+        unk = spm.unk_id
         source = spiece
     else:
         warnings.append(f"{folder}: no tokenizer.json or spiece.model; the model will run on token ids only")
@@ -215,102 +205,15 @@ def t5_vocabulary(folder: Path, vocab_size: int, special: dict[str, int]) -> Tok
         tokens[i] = tok
     if len({t for t in tokens if t is not None}) != sum(t is not None for t in tokens):
         raise UnsupportedModelError(f"{source}: duplicate token strings; ids would be ambiguous")
-    return TokenList(_placeholders(tokens), source, unk, warnings)
+    runtime_tokenizer = t5_tokenizer_json(spm, vocab_size, str(spiece)) if spm is not None else source
+    return TokenList(_placeholders(tokens), source, unk, warnings, runtime_tokenizer)
 
 
 # -- SentencePiece unigram (T5 family) as llama.cpp's `t5` (UGM) tokenizer ---------------
 
 UNUSED_SCORE = -1e9  # padding ids: llama.cpp's matcher sees them, so they must never win
-METASPACE = "\u2581"
 # SentencePiece piece types (sentencepiece_model.proto) have the same numbers as gguf.TokenType.
 SPM_TYPES = {int(t) for t in gguf.TokenType}
-SPM_UNIGRAM = 1
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of one protobuf message: varints as int, the rest as bytes."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        wire = key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-            yield key >> 3, value
-            continue
-        if wire == 2:
-            n, pos = _varint(buf, pos)
-        elif wire in (1, 5):
-            n = 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos + n > len(buf):
-            raise ValueError("truncated field")
-        yield key >> 3, buf[pos : pos + n]
-        pos += n
-
-
-@dataclass
-class SpmModel:
-    """What llama.cpp needs from a `spiece.model` (a sentencepiece ModelProto)."""
-
-    pieces: list[tuple[str, float, int]]  # piece, score, type
-    model_type: int
-    charsmap: bytes
-    add_dummy_prefix: bool
-    remove_extra_whitespaces: bool
-    escape_whitespaces: bool
-
-
-def read_spm_model(path: Path) -> SpmModel:
-    """Parse the fields of a SentencePiece model file that tokenization depends on.
-
-    The protobuf wire format is read directly (no sentencepiece/protobuf dependency);
-    proto2 defaults apply to absent fields."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UnsupportedModelError(f"{path}: cannot read: {e.strerror or e}") from None
-    pieces: list[tuple[str, float, int]] = []
-    model_type, charsmap = SPM_UNIGRAM, b""
-    flags = {3: True, 4: True, 5: True}  # add_dummy_prefix, remove_extra_whitespaces, escape_whitespaces
-    try:
-        for num, value in _proto_fields(data):
-            if num == 1 and isinstance(value, bytes):  # repeated SentencePiece
-                piece, score, kind = "", 0.0, 1
-                for f, v in _proto_fields(value):
-                    if f == 1 and isinstance(v, bytes):
-                        piece = v.decode("utf-8")
-                    elif f == 2 and isinstance(v, bytes):
-                        score = struct.unpack("<f", v)[0]
-                    elif f == 3 and isinstance(v, int):
-                        kind = v
-                pieces.append((piece, score, kind))
-            elif num == 2 and isinstance(value, bytes):  # TrainerSpec
-                model_type = next((v for f, v in _proto_fields(value) if f == 3 and isinstance(v, int)), SPM_UNIGRAM)
-            elif num == 3 and isinstance(value, bytes):  # NormalizerSpec
-                for f, v in _proto_fields(value):
-                    if f == 2 and isinstance(v, bytes):
-                        charsmap = v
-                    elif f in flags and isinstance(v, int):
-                        flags[f] = bool(v)
-    except (ValueError, UnicodeDecodeError, struct.error) as e:
-        raise UnsupportedModelError(f"{path}: not a SentencePiece model ({e})") from None
-    if not pieces:
-        raise UnsupportedModelError(f"{path}: not a SentencePiece model (no pieces)")
-    return SpmModel(pieces, model_type, charsmap, flags[3], flags[4], flags[5])
 
 
 def _normalizer_steps(node: Any) -> list[dict[str, Any]]:
@@ -429,10 +332,8 @@ def read_t5_tokenizer(folder: Path, vocab_size: int, special: dict[str, int]) ->
             raise UnsupportedModelError(f"{spiece}: byte-fallback pieces are not supported by llama.cpp's unigram tokenizer")
         for i, (piece, score, kind) in enumerate(spm.pieces):
             entries[i] = (piece, score, kind if kind in SPM_TYPES else int(gguf.TokenType.NORMAL))
-        # Hugging Face's T5 tokenizer numbers its 100 sentinels after the pieces, <extra_id_0> last.
-        n_extra = max(0, min(T5_EXTRA_IDS, vocab_size - len(spm.pieces)))
-        for j in range(n_extra):
-            entries[len(spm.pieces) + j] = (f"<extra_id_{n_extra - 1 - j}>", 0.0, int(gguf.TokenType.CONTROL))
+        for j, sentinel in enumerate(t5_sentinels(len(spm.pieces), vocab_size)):
+            entries[len(spm.pieces) + j] = (sentinel, 0.0, int(gguf.TokenType.CONTROL))
         charsmap, prefix, merge, add_eos = spm.charsmap, spm.add_dummy_prefix, spm.remove_extra_whitespaces, True
         source = spiece
     else:

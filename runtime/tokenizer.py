@@ -1,13 +1,16 @@
 """Tokenizers for engines that take token ids from us (CTranslate2): HF tokenizer.json or
-a bare SentencePiece model, with the same ids as the Hugging Face tokenizer."""
+a bare T5 SentencePiece model, with the same ids as the Hugging Face tokenizer."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
-from convert.core.errors import GenerationError, ModelLoadError
+from convert.core.errors import GenerationError, ModelLoadError, UnsupportedModelError
+from convert.core.sentencepiece import read_spm_model, t5_tokenizer
+
+if TYPE_CHECKING:
+    import tokenizers
 
 
 class Tokenizer(Protocol):
@@ -16,54 +19,34 @@ class Tokenizer(Protocol):
 
 
 class HFTokenizer:
-    """A `tokenizer.json`, run by the `tokenizers` library (what transformers uses)."""
+    """A Hugging Face tokenizer run by the `tokenizers` library (what transformers uses):
+    a `tokenizer.json`, or the one transformers builds from a T5 `spiece.model`."""
 
-    def __init__(self, path: Path):
+    def __init__(self, tok: tokenizers.Tokenizer):
+        self._tok = tok
+
+    @classmethod
+    def from_file(cls, path: Path) -> HFTokenizer:
         from tokenizers import Tokenizer as _Tokenizer
 
         try:
-            self._tok = _Tokenizer.from_file(str(path))
+            return cls(_Tokenizer.from_file(str(path)))
         except Exception as e:  # tokenizers raises a bare Exception on bad files
             raise ModelLoadError(f"{path}: unreadable tokenizer ({e})") from None
+
+    @classmethod
+    def from_t5_spiece(cls, path: Path, vocab_size: int) -> HFTokenizer:
+        """For folders converted before tokenizer.json was built at conversion: the same build."""
+        try:
+            return cls(t5_tokenizer(read_spm_model(path), vocab_size, str(path)))
+        except UnsupportedModelError as e:
+            raise ModelLoadError(str(e)) from None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
-
-
-class SentencePieceT5Tokenizer:
-    """`spiece.model` plus T5's conventions: sentinels after the pieces, </s> appended, and
-    special tokens written in the text (<extra_id_N>, </s>, <unk>, <pad>) read as their ids."""
-
-    SPECIAL = re.compile(r"<extra_id_\d+>|</s>|<unk>|<pad>")
-
-    def __init__(self, path: Path, vocab: list[str], eos: int):
-        try:
-            import sentencepiece
-        except ImportError:
-            raise ModelLoadError("this model's tokenizer needs: pip install sentencepiece") from None
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        self._n = self._sp.get_piece_size()
-        self._ids = {tok: i for i, tok in enumerate(vocab)}
-        self._vocab, self._eos = vocab, eos
-
-    def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        pos = 0
-        for m in self.SPECIAL.finditer(text):
-            ids += self._sp.encode(text[pos : m.start()]) if text[pos : m.start()].strip() else []
-            ids.append(self._ids.get(m.group(0), self._sp.unk_id()))
-            pos = m.end()
-        if text[pos:] or not ids:
-            ids += self._sp.encode(text[pos:])
-        return ids + [self._eos]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        # special tokens (control pieces, <unk>, sentinels) are skipped, as the HF tokenizer does
-        pieces = [i for i in ids if i < self._n and not (self._sp.is_control(i) or self._sp.is_unknown(i))]
-        return self._sp.decode(pieces)
 
 
 class IncrementalDecoder:
@@ -95,7 +78,8 @@ class IncrementalDecoder:
         return b""
 
 
-def load_tokenizer(folder: Path, name: str | None, vocab: list[str], eos: int) -> Tokenizer | None:
+def load_tokenizer(folder: Path, name: str | None, vocab_size: int) -> Tokenizer | None:
+    """The tokenizer file pocketlm.json names (None when the model runs on ids only)."""
     if not name:
         return None
     if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
@@ -104,8 +88,8 @@ def load_tokenizer(folder: Path, name: str | None, vocab: list[str], eos: int) -
     if not path.is_file():
         raise ModelLoadError(f"{path}: tokenizer file listed in pocketlm.json is missing")
     if path.suffix == ".json":
-        return HFTokenizer(path)
-    return SentencePieceT5Tokenizer(path, vocab, eos)
+        return HFTokenizer.from_file(path)
+    return HFTokenizer.from_t5_spiece(path, vocab_size)
 
 
 def require(tok: Tokenizer | None, path: str) -> Tokenizer:

@@ -295,3 +295,24 @@ def test_pickle_memo_index_cannot_force_a_huge_allocation(tmp_path):
     assert f.tensors == {}
     assert time.perf_counter() - started < 1.0
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB
+
+
+# -- SentencePiece models -------------------------------------------------------------------
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), min_size=1, max_size=8),
+       cut=st.integers(0, 4000))
+def test_spiece_model_corrupted(tmp_path, t5_tokenizer_files, flips, cut):
+    """A damaged spiece.model is read or refused with PocketLM's error, and what is read
+    either builds a tokenizer or is refused the same way: never another exception."""
+    from convert.core.errors import UnsupportedModelError
+    from convert.core.sentencepiece import read_spm_model, t5_tokenizer
+
+    data = t5_tokenizer_files["spiece.model"].read_bytes()
+    path = tmp_path / "spiece.model"
+    path.write_bytes(_damaged(data, len(data) - cut % len(data) if cut else len(data), flips))
+    try:
+        spm = read_spm_model(path)
+        t5_tokenizer(spm, len(spm.pieces) + 100, str(path)).encode("Translate to English: Je t'aime.")
+    except UnsupportedModelError:
+        pass

@@ -1,4 +1,4 @@
-"""convert/ and runtime/ never import torch or transformers, even when they are installed."""
+"""convert/ and runtime/ never import torch or transformers (nor sentencepiece), even when they are installed."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ BLOCKER = textwrap.dedent(
     """
     import sys
 
+    FORBIDDEN = tuple(sys.argv[1:])  # top-level package names
+
     class Forbidden:
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "transformers"):
+            if name.split(".")[0] in FORBIDDEN:
                 raise ImportError(f"forbidden import: {name}")
 
     sys.meta_path.insert(0, Forbidden())
@@ -20,9 +22,9 @@ BLOCKER = textwrap.dedent(
 )
 
 
-def _run(code: str, tmp_path) -> subprocess.CompletedProcess:
+def _run(code: str, tmp_path, forbidden: tuple[str, ...] = ("torch", "transformers")) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(code), *forbidden],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )
 
@@ -101,3 +103,41 @@ def test_t5_ct2_path_never_imports_torch_even_when_installed(tmp_path):
     """
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_spiece_only_t5_without_sentencepiece(tmp_path, t5_tokenizer_files, hf_t5_tokenizer):
+    """A checkpoint whose only tokenizer file is spiece.model converts (CTranslate2 and GGUF) and
+    tokenizes like Hugging Face with sentencepiece (and torch, transformers) unimportable; so do
+    older CTranslate2 folders that name spiece.model as their tokenizer."""
+    from reference import make_t5
+    from test_t5_tokenizer import CORPUS, PIECES
+
+    make_t5(tmp_path / "hf", vocab=PIECES + 120, tokenizer_files={"spiece.model": t5_tokenizer_files["spiece.model"]})
+    expected = {text: hf_t5_tokenizer(text)["input_ids"] for text in CORPUS + ["The <extra_id_0> walks </s>"]}
+    code = f"""
+    import json, shutil
+    from pathlib import Path
+    from convert import convert
+    import runtime
+
+    root, expected = Path({str(tmp_path)!r}), {expected!r}
+    ct2 = Path(convert(root / "hf", root / "ct2", quant="int8").output)
+    info = json.loads((ct2 / "pocketlm.json").read_text())
+    assert info["tokenizer"] == "tokenizer.json"
+    old = shutil.copytree(ct2, root / "old")  # as converted before tokenizer.json was built
+    shutil.copy(root / "hf" / "spiece.model", old / "spiece.model")
+    (old / "tokenizer.json").unlink()
+    (old / "pocketlm.json").write_text(json.dumps({{**info, "tokenizer": "spiece.model"}}))
+    for folder in (ct2, old):
+        with runtime.load(folder) as model:
+            for text, ids in expected.items():
+                assert model.tokenize(text) == ids, (folder, text)
+            assert model.generate("Translate to English: Je t'aime.", max_new_tokens=3).token_ids
+    assert convert(root / "hf", root / "m.gguf", format="gguf", quant="q8_0").output
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
+    assert not leaked, leaked
+    print("OK")
+    """
+    proc = _run(code, tmp_path, forbidden=("torch", "transformers", "sentencepiece"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("OK")

@@ -236,15 +236,14 @@ def plan_ct2(ckpt: Checkpoint) -> CT2Plan:
         "add_source_eos": False,
         "layer_norm_epsilon": p.eps,
     }
+    files = {"tokenizer.json": vocab.tokenizer_json} if vocab.tokenizer_json is not None else {}
     runtime = {
         "decoder_start_token_id": p.decoder_start, "eos_token_id": p.eos, "pad_token_id": p.pad,
-        "vocab_size": p.vocab, "tokenizer": vocab.file.name if vocab.file else None,
+        "vocab_size": p.vocab, "tokenizer": "tokenizer.json" if files else None,
         "relative_attention_max_distance": p.max_distance,
     }
     return CT2Plan(
-        spec=spec, vocabulary=vocab.tokens, config=config,
-        files={vocab.file.name: vocab.file} if vocab.file else {},
-        runtime=runtime, warnings=vocab.warnings,
+        spec=spec, vocabulary=vocab.tokens, config=config, files=files, runtime=runtime, warnings=vocab.warnings,
     )
 
 

@@ -66,7 +66,7 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
             )
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(f"{folder}: CTranslate2 could not load this model: {e}") from None
-        self._tokenizer = load_tokenizer(folder, meta.get("tokenizer"), self._vocab, self._eos)
+        self._tokenizer = load_tokenizer(folder, meta.get("tokenizer"), len(self._vocab))
         self.info = ModelInfo(
             path=str(folder), format="ct2", backend="ctranslate2", device=device,
             architecture=meta.get("architecture", "unknown"), quant=meta.get("quant", "unknown"),
