@@ -16,8 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +62,9 @@ def config(name: str) -> dict[str, Any]:
     return json.loads((CONFIGS / f"{name}.json").read_text())
 
 
-def write_safetensors_streaming(path: Path, shapes: dict[str, tuple[int, ...]], make: Callable[[str], np.ndarray], dtype: str) -> None:
+def write_safetensors_streaming(
+    path: Path, shapes: dict[str, tuple[int, ...]], make: Callable[[str], np.ndarray], dtype: str
+) -> None:
     """A safetensors file whose tensors are generated one at a time as they are written."""
     item = {"F32": 4, "F16": 2}[dtype]
     header, offset = {}, 0
@@ -93,9 +96,12 @@ def t5_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
                 shapes[f"{prefix}.o.weight"] = (d, inner)
                 shapes[f"{p}{sub}.layer_norm.weight"] = (d,)
             if i == 0:
-                shapes[f"{p}0.SelfAttention.relative_attention_bias.weight"] = (cfg["relative_attention_num_buckets"], cfg["num_heads"])
+                shapes[f"{p}0.SelfAttention.relative_attention_bias.weight"] = (
+                    cfg["relative_attention_num_buckets"],
+                    cfg["num_heads"],
+                )
             f = f"{p}{2 if stack == 'decoder' else 1}"
-            for w in (("wi_0", "wi_1") if gated else ("wi",)):
+            for w in ("wi_0", "wi_1") if gated else ("wi",):
                 shapes[f"{f}.DenseReluDense.{w}.weight"] = (ff, d)
             shapes[f"{f}.DenseReluDense.wo.weight"] = (d, ff)
             shapes[f"{f}.layer_norm.weight"] = (d,)
@@ -120,7 +126,10 @@ def t5_tokenizer_json(vocab_size: int, path: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])
     tok.decoder = decoders.Metaspace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tok.add_special_tokens([AddedToken(t, special=True) for t, _ in pieces[:3]] + [AddedToken(t, special=True) for t, _ in pieces[-n_extra:]])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True) for t, _ in pieces[:3]]
+        + [AddedToken(t, special=True) for t, _ in pieces[-n_extra:]]
+    )
     tok.save(str(path))
 
 
@@ -168,12 +177,19 @@ def bloom_checkpoint(name: str = "bloomz-560m") -> Path:
     cfg = config(name)
     train_bloom_tokenizer(SAMPLE_TEXT, 1024).save(str(folder / "tokenizer.json"))
     weights = random_bloom_weights(cfg)
-    write_safetensors_streaming(folder / "model.safetensors", {k: v.shape for k, v in weights.items()}, weights.__getitem__, "F16")
+    write_safetensors_streaming(
+        folder / "model.safetensors", {k: v.shape for k, v in weights.items()}, weights.__getitem__, "F16"
+    )
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return folder
 
 
-BUILDERS = {"bloomz-560m": bloom_checkpoint, "flan-t5-small": t5_checkpoint, "mt0-large": t5_checkpoint, "T0pp": t5_checkpoint}
+BUILDERS = {
+    "bloomz-560m": bloom_checkpoint,
+    "flan-t5-small": t5_checkpoint,
+    "mt0-large": t5_checkpoint,
+    "T0pp": t5_checkpoint,
+}
 
 
 def ensure_checkpoint(name: str) -> Path:

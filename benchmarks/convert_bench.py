@@ -26,8 +26,18 @@ PLAN = {
 def command(tool: str, src: str, out: str, quant: str) -> list[str]:
     if tool == "pocketlm":
         return [sys.executable, "-m", "convert", src, "-o", out, "--quant", quant, "--force", "--json"]
-    return [sys.executable, "-m", "ctranslate2.converters.transformers", "--model", src,
-            "--output_dir", out, "--quantization", quant, "--force"]
+    return [
+        sys.executable,
+        "-m",
+        "ctranslate2.converters.transformers",
+        "--model",
+        src,
+        "--output_dir",
+        out,
+        "--quantization",
+        quant,
+        "--force",
+    ]
 
 
 def main(names: list[str]) -> int:
@@ -40,13 +50,19 @@ def main(names: list[str]) -> int:
             row = {"model": name, "tool": tool, "quant": quant, "checkpoint_mib": round(size / 2**20)}
             try:
                 seconds, rss, _ = peak_rss(command(tool, str(src), str(out), quant))
-                row.update(seconds=round(seconds, 1), peak_rss_mib=round(rss / 2**20), peak_rss_vs_checkpoint=round(rss / size, 2))
+                row.update(
+                    seconds=round(seconds, 1),
+                    peak_rss_mib=round(rss / 2**20),
+                    peak_rss_vs_checkpoint=round(rss / size, 2),
+                )
             except RuntimeError as e:
                 row["error"] = str(e).strip().splitlines()[-1][:200]
             rows.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-    path = write_result("convert", {"command": "python benchmarks/convert_bench.py " + " ".join(names), "results": rows})
+    path = write_result(
+        "convert", {"command": "python benchmarks/convert_bench.py " + " ".join(names), "results": rows}
+    )
     print(f"\nwrote {path}\n")
     print("| model | checkpoint (MiB) | converter | quant | time (s) | peak RSS (MiB) | RSS / checkpoint |")
     print("|---|---|---|---|---|---|---|")
@@ -54,7 +70,10 @@ def main(names: list[str]) -> int:
         if "error" in r:
             print(f"| {r['model']} | {r['checkpoint_mib']} | {r['tool']} | {r['quant']} | failed: {r['error']} | | |")
         else:
-            print(f"| {r['model']} | {r['checkpoint_mib']} | {r['tool']} | {r['quant']} | {r['seconds']} | {r['peak_rss_mib']} | {r['peak_rss_vs_checkpoint']} |")
+            print(
+                f"| {r['model']} | {r['checkpoint_mib']} | {r['tool']} | {r['quant']} | {r['seconds']} | "
+                f"{r['peak_rss_mib']} | {r['peak_rss_vs_checkpoint']} |"
+            )
     return 0
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from harness import THREADS
+
 from runtime.backends.llama_common import extra_buffer_types
 
 
@@ -46,6 +47,7 @@ class Timing:
 
 
 # -- transformers (the baseline) ----------------------------------------------------------
+
 
 class _FirstTokenTimer:
     """A transformers streamer that only notes when the first new token arrives (generate
@@ -94,7 +96,9 @@ class TransformersRunner:
         x = torch.tensor([ids])
         started = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=timer, **self._options(n))
+            out = self.model.generate(
+                input_ids=x, attention_mask=torch.ones_like(x), streamer=timer, **self._options(n)
+            )
         seconds = time.perf_counter() - started
         new = out.shape[1] - (1 if self.model.config.is_encoder_decoder else len(ids))
         return Timing((timer.first or time.perf_counter()) - started, seconds, len(ids), int(new))
@@ -125,6 +129,7 @@ def hf_logits(model: Any, ids: Sequence[int], decoder_ids: Sequence[int] | None 
 
 
 # -- PocketLM -------------------------------------------------------------------------------
+
 
 def load_pocketlm(path: Path, compute_type: str | None = None) -> Any:
     """runtime.load with THREADS threads; compute_type only when given (else the runtime picks)."""
@@ -162,6 +167,7 @@ def compute_type_of(model: Any) -> str | None:
 
 
 # -- the engines called directly (runtime overhead) -----------------------------------------
+
 
 class RawLlama:
     """The least Python one can put around llama.cpp's C API: the context parameters
@@ -232,8 +238,15 @@ class HighLevelLlama:
         from llama_cpp import Llama
 
         self.llm = Llama(
-            model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_ubatch=min(n_batch, n_ctx),
-            n_threads=threads, n_threads_batch=threads, logits_all=False, flash_attn=True, verbose=False,
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=min(n_batch, n_ctx),
+            n_ubatch=min(n_batch, n_ctx),
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=False,
+            flash_attn=True,
+            verbose=False,
         )
 
     def generate(self, ids: list[int], n: int) -> Timing:
@@ -259,13 +272,18 @@ class DirectCT2:
         import ctranslate2
 
         self.translator = ctranslate2.Translator(
-            str(folder), device="cpu", compute_type=compute_type, inter_threads=1, intra_threads=threads,
+            str(folder),
+            device="cpu",
+            compute_type=compute_type,
+            inter_threads=1,
+            intra_threads=threads,
         )
         self.vocab: list[str] = json.loads((folder / "shared_vocabulary.json").read_text())
 
     def _options(self, n: int) -> dict[str, Any]:
-        return dict(max_decoding_length=n, min_decoding_length=n, max_input_length=0, sampling_topk=1,
-                    repetition_penalty=1.0)
+        return dict(
+            max_decoding_length=n, min_decoding_length=n, max_input_length=0, sampling_topk=1, repetition_penalty=1.0
+        )
 
     def generate(self, ids: list[int], n: int) -> Timing:
         started = time.perf_counter()
@@ -279,7 +297,10 @@ class DirectCT2:
     def generate_batch(self, prompts: list[list[int]], n: int) -> tuple[float, int]:
         started = time.perf_counter()
         out = self.translator.translate_batch(
-            [[self.vocab[i] for i in p] for p in prompts], beam_size=1, return_end_token=True, **self._options(n),
+            [[self.vocab[i] for i in p] for p in prompts],
+            beam_size=1,
+            return_end_token=True,
+            **self._options(n),
         )
         return time.perf_counter() - started, sum(len(r.hypotheses[0]) for r in out)
 
@@ -306,6 +327,7 @@ class DirectCT2:
 # 4 bytes per element; CTranslate2 1 byte per element + a float32 scale per row for int8
 # compute types, 4 bytes under float32 compute. Vectors (norms, biases) are float32.
 
+
 def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(folder.glob("*.safetensors")):
@@ -320,9 +342,13 @@ def _hf_decode_tensors(shapes: dict[str, tuple[int, ...]], seq2seq: bool) -> tup
     """(tensors a decode step reads in full, width of the one embedding row it looks up)."""
     if not seq2seq:  # BLOOM: all of it, the tied embedding as the head
         return shapes, 0
-    read = {k: s for k, s in shapes.items()
-            if k.startswith("decoder.") and not k.startswith("decoder.embed_tokens")
-            and not k.endswith(("EncDecAttention.k.weight", "EncDecAttention.v.weight"))}
+    read = {
+        k: s
+        for k, s in shapes.items()
+        if k.startswith("decoder.")
+        and not k.startswith("decoder.embed_tokens")
+        and not k.endswith(("EncDecAttention.k.weight", "EncDecAttention.v.weight"))
+    }
     head = "lm_head.weight" if "lm_head.weight" in shapes else "shared.weight"
     read[head] = shapes[head]
     return read, shapes["shared.weight"][1]
@@ -354,8 +380,9 @@ def gguf_decode_weight_bytes(path: Path) -> int:
     return total - embd.nbytes + row if "output.weight" in tensors else total
 
 
-def cache_bytes(cfg: dict[str, Any], seq2seq: bool, position: float, source_len: int, element: int,
-                cross_cached: bool = True) -> int:
+def cache_bytes(
+    cfg: dict[str, Any], seq2seq: bool, position: float, source_len: int, element: int, cross_cached: bool = True
+) -> int:
     """Activation bytes a decode step reads at `position`: self-attention keys and values of
     every decoder layer, and for seq2seq either the cached cross-attention keys and values
     (`cross_cached`) or the float32 encoder output the k and v projections are applied to."""

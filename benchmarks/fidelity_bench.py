@@ -28,16 +28,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import harness
-from harness import CACHE, REAL_SHAPES, ArtifactError, artifact, child_main, error_line, is_seq2seq, path_bytes, run_child
+import numpy as np
+from harness import (
+    CACHE,
+    REAL_SHAPES,
+    ArtifactError,
+    artifact,
+    child_main,
+    error_line,
+    is_seq2seq,
+    path_bytes,
+    run_child,
+)
 
 SCRIPT = Path(__file__).resolve()
 PLOT = harness.common.RESULTS / "fidelity.png"
 
 # (label, format, quant, compute type): the reference first.
-CAUSAL = [("f32 (reference)", "gguf", "f32", None)] + [(q, "gguf", q, None) for q in ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0")]
+CAUSAL = [("f32 (reference)", "gguf", "f32", None)] + [
+    (q, "gguf", q, None) for q in ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0")
+]
 SEQ2SEQ = [
     ("ct2 float32 (reference)", "ct2", "float32", "float32"),
     ("ct2 float16 weights, float32 compute", "ct2", "float16", "float32"),
@@ -54,14 +65,27 @@ BUILT = {
     "small-bloom-peaked": ("bloom", {"std": 0.02, "head_gain": 1.6}, "small random BLOOM, output head x1.6 (peaked)"),
     "small-t5": ("t5", {"head_gain": 1.0}, "small random T5, transformers' initialisation"),
     "small-t5-peaked": ("t5", {"head_gain": 4.0}, "small random T5, output head x4 (peaked)"),
-    "flan-t5-small-hfinit": ("t5", {"head_gain": 1.0, "small": False}, "flan-t5-small shape, transformers' T5 initialisation"),
+    "flan-t5-small-hfinit": (
+        "t5",
+        {"head_gain": 1.0, "small": False},
+        "flan-t5-small shape, transformers' T5 initialisation",
+    ),
 }
 ALL_MODELS = list(BUILT) + list(REAL_SHAPES)
 SMALL_BLOOM = {"hidden": 256, "n_layer": 4, "n_head": 4, "vocab_size": 1024}
-SMALL_T5 = {"d_model": 256, "d_kv": 32, "num_heads": 8, "d_ff": 640, "num_layers": 4, "num_decoder_layers": 4, "vocab_size": 1024}
+SMALL_T5 = {
+    "d_model": 256,
+    "d_kv": 32,
+    "num_heads": 8,
+    "d_ff": 640,
+    "num_layers": 4,
+    "num_decoder_layers": 4,
+    "vocab_size": 1024,
+}
 
 
 # -- small random checkpoints -----------------------------------------------------------------
+
 
 def build_small(name: str) -> Path:
     """A small random checkpoint in results/cache/small/<name> (numpy only), built once."""
@@ -79,13 +103,18 @@ def _build_bloom(folder: Path, std: float, head_gain: float = 1.0) -> None:
     """convert.synthetic's random BLOOM; head_gain scales the (tied) embedding table, which
     scales the logits (the embedding layernorm undoes it on the input side)."""
     from common import write_safetensors_streaming
+
     from convert.synthetic import SAMPLE_TEXT, bloom_config, random_bloom_weights, train_bloom_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = bloom_config(SMALL_BLOOM["vocab_size"], SMALL_BLOOM["hidden"], SMALL_BLOOM["n_layer"], SMALL_BLOOM["n_head"])
     weights = random_bloom_weights(cfg, seed=0, std=std)
-    weights["word_embeddings.weight"] = (weights["word_embeddings.weight"].astype(np.float32) * head_gain).astype(np.float16)
-    write_safetensors_streaming(folder / "model.safetensors", {k: v.shape for k, v in weights.items()}, weights.__getitem__, "F16")
+    weights["word_embeddings.weight"] = (weights["word_embeddings.weight"].astype(np.float32) * head_gain).astype(
+        np.float16
+    )
+    write_safetensors_streaming(
+        folder / "model.safetensors", {k: v.shape for k, v in weights.items()}, weights.__getitem__, "F16"
+    )
     train_bloom_tokenizer(SAMPLE_TEXT, 1024).save(str(folder / "tokenizer.json"))
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
 
@@ -124,6 +153,7 @@ def _build_t5(folder: Path, head_gain: float, small: bool = True) -> None:
 
 
 # -- the child: logits and metrics ----------------------------------------------------------
+
 
 def sequences(model: str, positions: int) -> list[tuple[list[int], list[int] | None, list[int]]]:
     """(input ids, decoder input ids or None, target ids) whose logits rows predict the targets."""
@@ -173,7 +203,7 @@ class Scores:
             total += float(-(np.exp(lp) * lp).sum())
         return total / len(self.logp)
 
-    def compare(self, other: "Scores") -> dict[str, float]:
+    def compare(self, other: Scores) -> dict[str, float]:
         """KL(self || other) per position (mean, max), top-1 agreement, other's perplexity."""
         kl = []
         for lo in range(0, len(self.logp), self.ROWS):
@@ -181,7 +211,8 @@ class Scores:
             kl.append((np.exp(p) * (p - q)).sum(-1))
         kl_all = np.maximum(np.concatenate(kl), 0.0)
         return {
-            "kl_mean": float(kl_all.mean()), "kl_max": float(kl_all.max()),
+            "kl_mean": float(kl_all.mean()),
+            "kl_max": float(kl_all.max()),
             "top1_agreement": float((self.logp.argmax(-1) == other.logp.argmax(-1)).mean()),
             "perplexity": other.perplexity(),
         }
@@ -210,7 +241,9 @@ def job_fidelity(job: dict[str, Any]) -> dict[str, Any]:
     ref = score(model, entries[0], seqs)
     vocab = ref.logp.shape[1]
     out: dict[str, Any] = {
-        "positions": len(ref.targets), "vocab": vocab, "log_vocab": float(np.log(vocab)),
+        "positions": len(ref.targets),
+        "vocab": vocab,
+        "log_vocab": float(np.log(vocab)),
         "reference": {"label": entries[0]["label"], "perplexity": ref.perplexity(), "entropy": ref.entropy()},
         "rows": [],
     }
@@ -230,6 +263,7 @@ JOBS = {"fidelity": job_fidelity}
 
 # -- the parent -------------------------------------------------------------------------------
 
+
 def entries_for(model: str, rebuild: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(what the child scores, the reference first; variants that could not be converted)."""
     src = harness.source_folder(model) if model in REAL_SHAPES else build_small(model)
@@ -243,10 +277,28 @@ def entries_for(model: str, rebuild: bool) -> tuple[list[dict[str, Any]], list[d
                 raise
             failed.append({"label": label, "format": fmt, "quant": quant, "error": str(e)})
             continue
-        entries.append({"label": label, "engine": "pocketlm", "format": fmt, "quant": quant, "compute_type": compute,
-                        "path": str(path), "file_bytes": path_bytes(path)})
-    entries.insert(1, {"label": "transformers fp32 (reference check)", "engine": "transformers", "format": "hf",
-                       "quant": "fp32", "path": str(src), "file_bytes": harness.checkpoint_weight_bytes(src)})
+        entries.append(
+            {
+                "label": label,
+                "engine": "pocketlm",
+                "format": fmt,
+                "quant": quant,
+                "compute_type": compute,
+                "path": str(path),
+                "file_bytes": path_bytes(path),
+            }
+        )
+    entries.insert(
+        1,
+        {
+            "label": "transformers fp32 (reference check)",
+            "engine": "transformers",
+            "format": "hf",
+            "quant": "fp32",
+            "path": str(src),
+            "file_bytes": harness.checkpoint_weight_bytes(src),
+        },
+    )
     return entries, failed
 
 
@@ -257,8 +309,7 @@ def measure(model: str, s: harness.Settings, rebuild: bool) -> dict[str, Any]:
     by_label = {e["label"]: e for e in entries}
     for row in res["rows"]:
         e = by_label[row["label"]]
-        row.update(format=e["format"], quant=e["quant"], compute_type=e.get("compute_type"),
-                   file_bytes=e["file_bytes"])
+        row.update(format=e["format"], quant=e["quant"], compute_type=e.get("compute_type"), file_bytes=e["file_bytes"])
     res["rows"] += failed
     res["reference"]["file_bytes"] = entries[0]["file_bytes"]
     res["model"] = model
@@ -285,19 +336,26 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
         for r in points:
             color = "tab:blue" if r["format"] == "gguf" else "tab:orange"
             ax.scatter(r["file_bytes"] / harness.MIB, r["kl_mean"], color=color)
-            ax.annotate(r["label"].removeprefix("ct2 ").replace(" weights", "").split(" (")[0], (r["file_bytes"] / harness.MIB, r["kl_mean"]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                r["label"].removeprefix("ct2 ").replace(" weights", "").split(" (")[0],
+                (r["file_bytes"] / harness.MIB, r["kl_mean"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         # plain numbers for sizes; minor ticks labelled only when an axis spans few decades
         ax.xaxis.set_major_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-        ax.set_title(f"{res['model']} (H_ref {res['reference']['entropy']:.2f} / ln V {res['log_vocab']:.2f})", fontsize=9)
+        ax.set_title(
+            f"{res['model']} (H_ref {res['reference']['entropy']:.2f} / ln V {res['log_vocab']:.2f})", fontsize=9
+        )
         ax.set_xlabel("file size (MiB)", fontsize=8)
         ax.set_ylabel("mean KL(f32 || quant), nats", fontsize=8)
         ax.tick_params(which="both", labelsize=7)
         ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[len(results):]:
+    for ax in list(axes.flat)[len(results) :]:
         ax.axis("off")
     fig.suptitle("File size vs KL divergence from the float32 model (blue: GGUF, orange: CTranslate2)", fontsize=10)
     fig.tight_layout()
@@ -312,8 +370,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--models", nargs="*", default=ALL_MODELS, choices=ALL_MODELS)
     parser.add_argument("--rebuild", action="store_true", help="convert the models again (after converter changes)")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate benchmarks/README.md")
-    parser.add_argument("--keep-others", action="store_true",
-                        help="keep the other models' results from the last run in the same mode")
+    parser.add_argument(
+        "--keep-others", action="store_true", help="keep the other models' results from the last run in the same mode"
+    )
     args = parser.parse_args(argv)
     s = harness.settings(args.quick)
     started = time.perf_counter()
@@ -331,21 +390,33 @@ def main(argv: list[str]) -> int:
             continue
         results.append(res)
         ref = res["reference"]
-        print(f"  reference ppl {ref['perplexity']:.1f}, entropy {ref['entropy']:.3f} of ln V {res['log_vocab']:.3f}", flush=True)
+        print(
+            f"  reference ppl {ref['perplexity']:.1f}, entropy {ref['entropy']:.3f} of ln V {res['log_vocab']:.3f}",
+            flush=True,
+        )
         for r in res["rows"]:
             if "error" in r:
                 print(f"  {r['label']}: unavailable: {r['error']}", flush=True)
             else:
-                print(f"  {r['label']}: KL {r['kl_mean']:.3g}, top-1 {r['top1_agreement']:.3f}, ppl {r['perplexity']:.1f}", flush=True)
+                print(
+                    f"  {r['label']}: KL {r['kl_mean']:.3g}, top-1 {r['top1_agreement']:.3f}, ppl "
+                    f"{r['perplexity']:.1f}",
+                    flush=True,
+                )
     order = {m: i for i, m in enumerate(ALL_MODELS)}
     results = sorted(kept + results, key=lambda r: order.get(r["model"], len(order)))
     measured = [r for r in results if "error" not in r]
     image = plot(measured, PLOT) if measured else None
     payload = {
-        "mode": s.mode, "positions": s.fidelity_positions, "command": "python benchmarks/fidelity_bench.py " + " ".join(argv),
-        "text": str(harness.TEXT.relative_to(harness.ROOT)), "plot": image.name if image else None,
+        "mode": s.mode,
+        "positions": s.fidelity_positions,
+        "command": "python benchmarks/fidelity_bench.py " + " ".join(argv),
+        "text": str(harness.TEXT.relative_to(harness.ROOT)),
+        "plot": image.name if image else None,
         "built_models": {k: {"family": f, **o, "description": d} for k, (f, o, d) in BUILT.items()},
-        "small_shapes": {"bloom": SMALL_BLOOM, "t5": SMALL_T5}, "results": results, "wall_s": time.perf_counter() - started,
+        "small_shapes": {"bloom": SMALL_BLOOM, "t5": SMALL_T5},
+        "results": results,
+        "wall_s": time.perf_counter() - started,
     }
     path = harness.write_result("fidelity", payload)
     print(f"wrote {path}" + (f" and {image}" if image else ""), flush=True)

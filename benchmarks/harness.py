@@ -16,9 +16,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import common
 from common import CACHE, HERE, ROOT, config, ensure_checkpoint, peak_rss
@@ -37,6 +38,7 @@ def is_seq2seq(model: str) -> bool:
 
 
 # -- settings -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -63,12 +65,38 @@ class Settings:
         return "quick" if self.quick else "full"
 
 
-QUICK = Settings(True, prompt_tokens=32, new_tokens=16, warmup_new_tokens=4, batch_prompts=16, batch_new_tokens=8,
-                 batch_processes=1, batch_runs=1, processes=1, runs=1, overhead_runs=3, import_repeats=3, fidelity_positions=64,
-                 child_timeout_s=900)
-FULL = Settings(False, prompt_tokens=128, new_tokens=64, warmup_new_tokens=8, batch_prompts=16, batch_new_tokens=32,
-                batch_processes=1, batch_runs=3, processes=3, runs=2, overhead_runs=7, import_repeats=7, fidelity_positions=512,
-                child_timeout_s=2400)
+QUICK = Settings(
+    True,
+    prompt_tokens=32,
+    new_tokens=16,
+    warmup_new_tokens=4,
+    batch_prompts=16,
+    batch_new_tokens=8,
+    batch_processes=1,
+    batch_runs=1,
+    processes=1,
+    runs=1,
+    overhead_runs=3,
+    import_repeats=3,
+    fidelity_positions=64,
+    child_timeout_s=900,
+)
+FULL = Settings(
+    False,
+    prompt_tokens=128,
+    new_tokens=64,
+    warmup_new_tokens=8,
+    batch_prompts=16,
+    batch_new_tokens=32,
+    batch_processes=1,
+    batch_runs=3,
+    processes=3,
+    runs=2,
+    overhead_runs=7,
+    import_repeats=7,
+    fidelity_positions=512,
+    child_timeout_s=2400,
+)
 
 
 def settings(quick: bool) -> Settings:
@@ -76,6 +104,7 @@ def settings(quick: bool) -> Settings:
 
 
 # -- variants and the files they run --------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -112,7 +141,7 @@ class Variant:
         return {**asdict(self), "label": self.label}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Variant":
+    def from_dict(cls, d: dict[str, Any]) -> Variant:
         return cls(**{k: v for k, v in d.items() if k != "label"})
 
 
@@ -138,12 +167,26 @@ def artifact(model: str, fmt: str, quant: str, rebuild: bool = False) -> Path:
         return out
     src = source_folder(model)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "convert", str(src), "-o", str(out), "--format", fmt, "--quant", quant,
-           "--force", "--json", "--threads", str(THREADS)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "convert",
+        str(src),
+        "-o",
+        str(out),
+        "--format",
+        fmt,
+        "--quant",
+        quant,
+        "--force",
+        "--json",
+        "--threads",
+        str(THREADS),
+    ]
     print(f"  converting {model} -> {fmt} {quant}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=ROOT)
     if proc.returncode:
-        lines = [l for l in (proc.stderr + proc.stdout).strip().splitlines() if l.strip()]
+        lines = [line for line in (proc.stderr + proc.stdout).strip().splitlines() if line.strip()]
         raise ArtifactError(lines[-1][:300] if lines else f"convert exited with {proc.returncode}")
     return out
 
@@ -161,12 +204,18 @@ def checkpoint_weight_bytes(folder: Path) -> int:
 
 # -- child processes ----------------------------------------------------------------------
 
+
 def child_env() -> dict[str, str]:
     """The environment every child runs in: offline, quiet, the same threads, no home caches."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env.update(
-        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), POCKETLM_CACHE=str(CACHE / "pocketlm"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=str(THREADS),
+        MKL_NUM_THREADS=str(THREADS),
+        POCKETLM_CACHE=str(CACHE / "pocketlm"),
         # compiled bytecode kept out of the source tree, but kept: import times are warm
         PYTHONPYCACHEPREFIX=str(CACHE / "pycache"),
         PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), str(ROOT), env.get("PYTHONPATH")])),
@@ -181,7 +230,9 @@ class ChildResult:
     peak_rss: int
 
 
-def run_child(script: Path, job: dict[str, Any], env: dict[str, str] | None = None, timeout_s: int | None = None) -> ChildResult:
+def run_child(
+    script: Path, job: dict[str, Any], env: dict[str, str] | None = None, timeout_s: int | None = None
+) -> ChildResult:
     """Run one job in a fresh `python script --job JSON` (child_env() plus `env`); its peak
     RSS is measured by wait4. With `timeout_s` the child runs under coreutils `timeout`
     (wait4 still reports the child's peak: a process's rusage includes its reaped children)."""
@@ -194,7 +245,7 @@ def run_child(script: Path, job: dict[str, Any], env: dict[str, str] | None = No
         if f"failed ({124 << 8})" in str(e):
             raise RuntimeError(f"timed out after {timeout_s} s") from None
         raise
-    lines = [l for l in out.splitlines() if l.startswith("{")]
+    lines = [line for line in out.splitlines() if line.startswith("{")]
     if not lines:
         raise RuntimeError(f"job {job.get('kind')} printed no result:\n{out[-2000:]}")
     return ChildResult(json.loads(lines[-1]), seconds, rss)
@@ -214,13 +265,14 @@ def child_main(jobs: dict[str, Callable[[dict[str, Any]], dict[str, Any]]]) -> b
 def error_line(e: BaseException) -> str:
     """The last meaningful line of an error, for a table cell: no exception class prefix,
     file names instead of absolute paths."""
-    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     line = lines[-1] if lines else type(e).__name__
     line = re.sub(r"^[\w.]+(Error|Exception): ", "", line)
     return re.sub(r"/\S+/([^/\s]+)", r"\1", line)[:300]
 
 
 # -- the benchmark text -------------------------------------------------------------------
+
 
 def text_ids() -> list[int]:
     """Token ids of benchmarks/data/multilingual.txt, the same for every model.
@@ -259,6 +311,7 @@ def batch_prompts(ids: list[int], count: int, base: int, first: int, eos: int | 
 
 # -- statistics ---------------------------------------------------------------------------
 
+
 def median(values: Iterable[float]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -284,6 +337,7 @@ def model_config(model: str) -> dict[str, Any]:
 
 
 # -- results ------------------------------------------------------------------------------
+
 
 def machine_details() -> dict[str, Any]:
     """CPU model, cores and RAM, next to common.machine()'s platform line."""

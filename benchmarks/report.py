@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -50,6 +51,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 # -- sections -------------------------------------------------------------------------------
 
+
 def headline(speed: dict[str, Any] | None, fidelity: dict[str, Any] | None) -> list[str]:
     out = ["## Targets (issue 7)", ""]
     if not speed:
@@ -58,7 +60,9 @@ def headline(speed: dict[str, Any] | None, fidelity: dict[str, Any] | None) -> l
     rows = []
     for t in speed["targets"]:
         value = t["value"]
-        shown = (pct(value) if "overhead" in t["name"] else num(value, 3, " s") if "import" in t["name"] else times(value))
+        shown = (
+            pct(value) if "overhead" in t["name"] else num(value, 3, " s") if "import" in t["name"] else times(value)
+        )
         rows.append([t["name"], t["target"], shown, status[t["met"]], t["detail"]])
     return out + table(["target", "goal", "measured", "status", "numbers"], rows) + [""]
 
@@ -68,34 +72,48 @@ def machine(speed: dict[str, Any] | None, fidelity: dict[str, Any] | None) -> li
     if not src:
         return []
     m, d = src["machine"], src.get("machine_details", {})
-    lines = ["## Machine", "", f"- {d.get('cpu') or 'unknown CPU'}: {m['cpus']} CPUs ({d.get('usable_cpus', '?')} usable), "
-             f"{d.get('ram_gib', '?')} GiB RAM; {m['system']}; Python {m['python']}"]
+    lines = [
+        "## Machine",
+        "",
+        f"- {d.get('cpu') or 'unknown CPU'}: {m['cpus']} CPUs ({d.get('usable_cpus', '?')} usable), "
+        f"{d.get('ram_gib', '?')} GiB RAM; {m['system']}; Python {m['python']}",
+    ]
     if speed:
         bw = speed["bandwidth"]
-        lines.append(f"- Memory read bandwidth (numpy sum and max over 1 GiB, best of 5): {bw['gbps_1_thread']:.1f} GB/s with 1 thread, "
-                     f"{bw.get('gbps_2_threads', 0):.1f} GB/s with 2; the roofline uses the better, {bw['best_gbps']:.1f} GB/s")
-        lines.append(f"- Every engine runs with {speed['threads']} threads. Speed measured {speed.get('date', '?')} "
-                     f"in {speed['mode']} mode ({speed['wall_s'] / 60:.0f} min)")
+        lines.append(
+            f"- Memory read bandwidth (numpy sum and max over 1 GiB, best of 5): {bw['gbps_1_thread']:.1f} GB/s with "
+            "1 thread, "
+            f"{bw.get('gbps_2_threads', 0):.1f} GB/s with 2; the roofline uses the better, {bw['best_gbps']:.1f} GB/s"
+        )
+        lines.append(
+            f"- Every engine runs with {speed['threads']} threads. Speed measured {speed.get('date', '?')} "
+            f"in {speed['mode']} mode ({speed['wall_s'] / 60:.0f} min)"
+        )
         for model, date in speed.get("kept", {}).items():
             lines.append(f"- {model}: speed results kept from an earlier run ({date}, `--keep-others`)")
     if fidelity:
         took = f", {fidelity['wall_s'] / 60:.0f} min" if "wall_s" in fidelity else ""
-        lines.append(f"- Fidelity measured {fidelity.get('date', '?')} in {fidelity['mode']} mode "
-                     f"({fidelity['positions']} scored positions per model{took})")
+        lines.append(
+            f"- Fidelity measured {fidelity.get('date', '?')} in {fidelity['mode']} mode "
+            f"({fidelity['positions']} scored positions per model{took})"
+        )
     return lines + [""]
 
 
 def reproduce(speed: dict[str, Any] | None, fidelity: dict[str, Any] | None) -> list[str]:
     lines = [
-        "## Reproduce", "",
+        "## Reproduce",
+        "",
         "```sh",
         "make bench       # .venv/bin/python benchmarks/speed_bench.py    (then this README)",
         "make fidelity    # .venv/bin/python benchmarks/fidelity_bench.py (needs matplotlib for the plot)",
         ".venv/bin/python benchmarks/convert_bench.py     # conversion time and memory",
         ".venv/bin/python benchmarks/speed_bench.py --quick --models flan-t5-small   # a few minutes, noisy",
-        ".venv/bin/python benchmarks/speed_bench.py --targets-only   # re-judge the last run's figures, measuring nothing",
+        ".venv/bin/python benchmarks/speed_bench.py --targets-only   # re-judge the last run's figures, measuring "
+        "nothing",
         ".venv/bin/python benchmarks/report.py            # this file, from benchmarks/results/*.json",
-        "```", "",
+        "```",
+        "",
         "Checkpoints (random weights, published shapes) and converted models are cached in "
         "`benchmarks/results/cache/` (about 25 GB when everything is built; `--rebuild` converts again after "
         "converter changes). The full runs' durations on this machine are in Machine above (conversions excluded: "
@@ -114,9 +132,12 @@ def quick_banner(speed: dict[str, Any] | None, fidelity: dict[str, Any] | None) 
     quick = [n for n, r in (("speed", speed), ("fidelity", fidelity)) if r and r["mode"] == "quick"]
     if not quick:
         return []
-    return [f"> **Quick mode ({', '.join(quick)})**: one process, one short run per variant, on a possibly busy "
-            "machine. These numbers are for checking the scripts, not for quoting: run `make bench` / "
-            "`make fidelity` on an idle machine.", ""]
+    return [
+        f"> **Quick mode ({', '.join(quick)})**: one process, one short run per variant, on a possibly busy "
+        "machine. These numbers are for checking the scripts, not for quoting: run `make bench` / "
+        "`make fidelity` on an idle machine.",
+        "",
+    ]
 
 
 def variant_label(r: dict[str, Any]) -> str:
@@ -124,7 +145,11 @@ def variant_label(r: dict[str, Any]) -> str:
     label = r["variant"]["label"]
     info = r.get("info")
     if r["variant"]["format"] == "hf" and info:
-        return label + f": {info['format']} {info['quant']}" + (f", compute {r['compute_type']}" if r.get("compute_type") else "")
+        return (
+            label
+            + f": {info['format']} {info['quant']}"
+            + (f", compute {r['compute_type']}" if r.get("compute_type") else "")
+        )
     if r.get("compute_type") and r["variant"]["compute_type"] != r["compute_type"]:
         return label + f" (runs as {r['compute_type']})"
     return label
@@ -135,17 +160,32 @@ def speed_tables(speed: dict[str, Any] | None) -> list[str]:
         return []
     s = speed["settings"]
     out = [
-        "## Speed and memory", "",
-        f"Batch 1: a {s['prompt_tokens']}-token prompt, then exactly {s['new_tokens']} new tokens (greedy, end of sequence "
+        "## Speed and memory",
+        "",
+        f"Batch 1: a {s['prompt_tokens']}-token prompt, then exactly {s['new_tokens']} new tokens (greedy, end of "
+        "sequence "
         f"masked); median of {s['processes']} fresh process(es) x {s['runs']} run(s) after one warm-up generation per "
-        "process. Load time and peak RSS: median over the processes. `x tf` columns: ratio to transformers fp32 measured "
+        "process. Load time and peak RSS: median over the processes. `x tf` columns: ratio to transformers fp32 "
+        "measured "
         "in the same run, taking for each figure the better of its two runs (default OpenMP waiting, and "
-        "`OMP_WAIT_POLICY=PASSIVE`, which keeps torch fast when cores are shared); decode: higher is better, RSS: lower "
+        "`OMP_WAIT_POLICY=PASSIVE`, which keeps torch fast when cores are shared); decode: higher is better, RSS: "
+        "lower "
         "is better. Roofline: decode tok/s x bytes read per "
-        "token / measured bandwidth (see Method).", "",
+        "token / measured bandwidth (see Method).",
+        "",
     ]
-    header = ["variant", "file MiB", "load s", "peak RSS MiB", "RSS x tf", "TTFT s", "prompt tok/s", "decode tok/s",
-              "decode x tf", "roofline"]
+    header = [
+        "variant",
+        "file MiB",
+        "load s",
+        "peak RSS MiB",
+        "RSS x tf",
+        "TTFT s",
+        "prompt tok/s",
+        "decode tok/s",
+        "decode x tf",
+        "roofline",
+    ]
     for model, rows in speed["models"].items():
         out += [f"### {model}", ""]
         body = []
@@ -155,31 +195,64 @@ def speed_tables(speed: dict[str, Any] | None) -> list[str]:
                 body.append([label, "", "", "", "", "", "", "", "", f"unavailable: {r['error']}"])
                 continue
             b, vs = r["batch1"], r.get("vs_baseline", {})
-            body.append([
-                label, num(r["file_bytes"] / MIB, 0), num(b["load_s"], 2), num(b["peak_rss_mib"], 0), times(vs.get("peak_rss")),
-                num(b["ttft_s"], 3), num(b["prompt_tps"]), num(b["decode_tps"]), times(vs.get("decode")),
-                pct(r.get("roofline_fraction"), signed=False),
-            ])
+            body.append(
+                [
+                    label,
+                    num(r["file_bytes"] / MIB, 0),
+                    num(b["load_s"], 2),
+                    num(b["peak_rss_mib"], 0),
+                    times(vs.get("peak_rss")),
+                    num(b["ttft_s"], 3),
+                    num(b["prompt_tps"]),
+                    num(b["decode_tps"]),
+                    times(vs.get("decode")),
+                    pct(r.get("roofline_fraction"), signed=False),
+                ]
+            )
         out += table(header, body) + [""]
-        auto = next((r for r in rows if r["variant"]["format"] == "hf" and r["variant"]["engine"] == "pocketlm" and "info" in r), None)
+        auto = next(
+            (
+                r
+                for r in rows
+                if r["variant"]["format"] == "hf" and r["variant"]["engine"] == "pocketlm" and "info" in r
+            ),
+            None,
+        )
         if auto:
-            out += [f"`runtime.load(checkpoint folder)` (threads={speed['threads']}, nothing else given) on this machine: "
-                    + "; ".join(auto["info"]["reasons"]) + ".", ""]
+            out += [
+                f"`runtime.load(checkpoint folder)` (threads={speed['threads']}, nothing else given) on this machine: "
+                + "; ".join(auto["info"]["reasons"])
+                + ".",
+                "",
+            ]
     batched = [(m, r) for m, rows in speed["models"].items() for r in rows if "batch" in r or "batch_error" in r]
     if batched:
-        out += [f"### One batch of {s['batch_prompts']} prompts (T5 family)", "",
-                f"{s['batch_prompts']} prompts of {s['prompt_tokens'] // 2} to {s['prompt_tokens'] * 3 // 2} tokens, "
-                f"{s['batch_new_tokens']} new tokens each, median of {s.get('batch_processes', 1)} process(es) x "
-                f"{s.get('batch_runs', s['runs'])} run(s); PocketLM through `model.generate([...])` (CTranslate2: one "
-                "`translate_batch`; llama.cpp: one prompt after the other), transformers with padding and an attention mask.", ""]
+        out += [
+            f"### One batch of {s['batch_prompts']} prompts (T5 family)",
+            "",
+            f"{s['batch_prompts']} prompts of {s['prompt_tokens'] // 2} to {s['prompt_tokens'] * 3 // 2} tokens, "
+            f"{s['batch_new_tokens']} new tokens each, median of {s.get('batch_processes', 1)} process(es) x "
+            f"{s.get('batch_runs', s['runs'])} run(s); PocketLM through `model.generate([...])` (CTranslate2: one "
+            "`translate_batch`; llama.cpp: one prompt after the other), transformers with padding and an attention "
+            "mask.",
+            "",
+        ]
         body = []
         for model, r in batched:
             if "batch_error" in r:
                 body.append([model, variant_label(r), "", "", "", f"unavailable: {r['batch_error']}"])
                 continue
             vs = r.get("vs_baseline", {}).get("batch")
-            body.append([model, variant_label(r), num(r["batch"]["seconds"], 2), num(r["batch"]["tokens_per_s"]),
-                         times(vs), num(r["batch"]["peak_rss_mib"], 0)])
+            body.append(
+                [
+                    model,
+                    variant_label(r),
+                    num(r["batch"]["seconds"], 2),
+                    num(r["batch"]["tokens_per_s"]),
+                    times(vs),
+                    num(r["batch"]["peak_rss_mib"], 0),
+                ]
+            )
         out += table(["model", "variant", "batch s", "new tok/s", "x tf", "peak RSS MiB"], body) + [""]
     return out
 
@@ -188,11 +261,15 @@ def overhead_table(speed: dict[str, Any] | None) -> list[str]:
     if not speed or not speed.get("overhead"):
         return []
     s = speed["settings"]
-    out = ["## Runtime overhead", "",
-           f"PocketLM's `generate` next to the engine called directly with the same settings, in one process, "
-           f"alternating (order flipped each round), {s['overhead_runs']} rounds after a warm-up, medians; same prompt "
-           f"and {s['new_tokens']} tokens (batch: {s['batch_prompts']} prompts, {s['batch_new_tokens']} tokens). "
-           "Positive overhead: PocketLM is slower.", ""]
+    out = [
+        "## Runtime overhead",
+        "",
+        f"PocketLM's `generate` next to the engine called directly with the same settings, in one process, "
+        f"alternating (order flipped each round), {s['overhead_runs']} rounds after a warm-up, medians; same prompt "
+        f"and {s['new_tokens']} tokens (batch: {s['batch_prompts']} prompts, {s['batch_new_tokens']} tokens). "
+        "Positive overhead: PocketLM is slower.",
+        "",
+    ]
     body = []
     for o in speed["overhead"]:
         if "error" in o:
@@ -202,25 +279,57 @@ def overhead_table(speed: dict[str, Any] | None) -> list[str]:
         for name, st in o["batch1"].items():
             if name == "pocketlm":
                 continue
-            body.append([f"{o['model']} ({o['file']}{', ' + o['compute_type'] if o.get('compute_type') else ''})", name,
-                         f"{ours['generate_s']:.3f} / {st['generate_s']:.3f}", f"{ours['decode_tps']:.1f} / {st['decode_tps']:.1f}",
-                         pct(st["pocketlm_overhead"]), pct(st["pocketlm_decode_overhead"])])
+            body.append(
+                [
+                    f"{o['model']} ({o['file']}{', ' + o['compute_type'] if o.get('compute_type') else ''})",
+                    name,
+                    f"{ours['generate_s']:.3f} / {st['generate_s']:.3f}",
+                    f"{ours['decode_tps']:.1f} / {st['decode_tps']:.1f}",
+                    pct(st["pocketlm_overhead"]),
+                    pct(st["pocketlm_decode_overhead"]),
+                ]
+            )
         if "batch16" in o:
             secs = o["batch16"]["seconds"]
-            body.append([o["model"], f"Translator.translate_batch ({s['batch_prompts']} prompts)",
-                         f"{secs['pocketlm']:.3f} / {secs['Translator.translate_batch']:.3f}", "", pct(o["batch16"]["pocketlm_overhead"]), ""])
-    return out + table(["model", "called directly", "generate s (PocketLM / direct)", "decode tok/s (PocketLM / direct)",
-                        "overhead (time)", "overhead (decode)"], body) + [""]
+            body.append(
+                [
+                    o["model"],
+                    f"Translator.translate_batch ({s['batch_prompts']} prompts)",
+                    f"{secs['pocketlm']:.3f} / {secs['Translator.translate_batch']:.3f}",
+                    "",
+                    pct(o["batch16"]["pocketlm_overhead"]),
+                    "",
+                ]
+            )
+    return (
+        out
+        + table(
+            [
+                "model",
+                "called directly",
+                "generate s (PocketLM / direct)",
+                "decode tok/s (PocketLM / direct)",
+                "overhead (time)",
+                "overhead (decode)",
+            ],
+            body,
+        )
+        + [""]
+    )
 
 
 def roofline_table(speed: dict[str, Any] | None) -> list[str]:
     if not speed:
         return []
     bw = speed["bandwidth"]["best_gbps"]
-    out = ["## Roofline", "",
-           f"Decoding one token at batch 1 must stream every weight it multiplies from memory, so decode speed is bounded "
-           f"by bandwidth / bytes per token. Measured bandwidth: {bw:.1f} GB/s. Bytes per token (formula in Method) are "
-           "at the run's average position.", ""]
+    out = [
+        "## Roofline",
+        "",
+        f"Decoding one token at batch 1 must stream every weight it multiplies from memory, so decode speed is bounded "
+        f"by bandwidth / bytes per token. Measured bandwidth: {bw:.1f} GB/s. Bytes per token (formula in Method) are "
+        "at the run's average position.",
+        "",
+    ]
     body = []
     for model, rows in speed["models"].items():
         for r in rows:
@@ -228,19 +337,48 @@ def roofline_table(speed: dict[str, Any] | None) -> list[str]:
                 continue
             bpt = r["batch1"]["bytes_per_token"]
             achieved = r["batch1"]["decode_tps"] * bpt["total"] / 1e9
-            body.append([model, variant_label(r), num(bpt["weights"] / MIB), num(bpt["cache"] / MIB, 2),
-                         num(bw * 1e9 / bpt["total"]), num(r["batch1"]["decode_tps"]), num(achieved, 2), pct(r.get("roofline_fraction"), signed=False)])
-    return out + table(["model", "variant", "weights MiB/token", "cache MiB/token", "bound tok/s", "decode tok/s",
-                        "achieved GB/s", "of bandwidth"], body) + [""]
+            body.append(
+                [
+                    model,
+                    variant_label(r),
+                    num(bpt["weights"] / MIB),
+                    num(bpt["cache"] / MIB, 2),
+                    num(bw * 1e9 / bpt["total"]),
+                    num(r["batch1"]["decode_tps"]),
+                    num(achieved, 2),
+                    pct(r.get("roofline_fraction"), signed=False),
+                ]
+            )
+    return (
+        out
+        + table(
+            [
+                "model",
+                "variant",
+                "weights MiB/token",
+                "cache MiB/token",
+                "bound tok/s",
+                "decode tok/s",
+                "achieved GB/s",
+                "of bandwidth",
+            ],
+            body,
+        )
+        + [""]
+    )
 
 
 def import_section(speed: dict[str, Any] | None) -> list[str]:
     if not speed:
         return []
     imp = speed["import_runtime"]
-    return ["## `import runtime`", "",
-            f"{imp['seconds']:.3f} s, median of {len(imp['samples'])} fresh interpreters (bytecode already compiled; "
-            f"samples: {', '.join(f'{x:.3f}' for x in imp['samples'])}). Target < 0.3 s.", ""]
+    return [
+        "## `import runtime`",
+        "",
+        f"{imp['seconds']:.3f} s, median of {len(imp['samples'])} fresh interpreters (bytecode already compiled; "
+        f"samples: {', '.join(f'{x:.3f}' for x in imp['samples'])}). Target < 0.3 s.",
+        "",
+    ]
 
 
 def convert_section(convert: dict[str, Any] | None) -> list[str]:
@@ -253,9 +391,22 @@ def convert_section(convert: dict[str, Any] | None) -> list[str]:
         if "error" in r:
             body.append([r["model"], str(r["checkpoint_mib"]), r["tool"], r["quant"], f"failed: {r['error']}", "", ""])
         else:
-            body.append([r["model"], str(r["checkpoint_mib"]), r["tool"], r["quant"], str(r["seconds"]), str(r["peak_rss_mib"]),
-                         str(r["peak_rss_vs_checkpoint"])])
-    return out + table(["model", "checkpoint MiB", "converter", "quant", "time s", "peak RSS MiB", "RSS / checkpoint"], body) + [""]
+            body.append(
+                [
+                    r["model"],
+                    str(r["checkpoint_mib"]),
+                    r["tool"],
+                    r["quant"],
+                    str(r["seconds"]),
+                    str(r["peak_rss_mib"]),
+                    str(r["peak_rss_vs_checkpoint"]),
+                ]
+            )
+    return (
+        out
+        + table(["model", "checkpoint MiB", "converter", "quant", "time s", "peak RSS MiB", "RSS / checkpoint"], body)
+        + [""]
+    )
 
 
 def fidelity_section(fidelity: dict[str, Any] | None) -> list[str]:
@@ -263,17 +414,23 @@ def fidelity_section(fidelity: dict[str, Any] | None) -> list[str]:
     if not fidelity:
         return out + ["Not measured yet: `make fidelity`.", ""]
     out += [
-        f"Teacher-forced next-token distributions over `{fidelity['text']}` (paragraphs in several languages and scripts, "
+        f"Teacher-forced next-token distributions over `{fidelity['text']}` (paragraphs in several languages and "
+        "scripts, "
         "written for the project), against the float32 conversion (GGUF f32 for BLOOM, CTranslate2 float32 for the T5 "
-        "family), which `transformers fp32 (reference check)` confirms. KL = mean over positions of KL(f32 || variant) in nats; "
-        "top-1 = how often both pick the same most likely token; perplexity change relative to the reference.", "",
-        "**These are random models.** Their next-token distributions are nearly uniform (entropy close to ln V, shown per "
+        "family), which `transformers fp32 (reference check)` confirms. KL = mean over positions of KL(f32 || "
+        "variant) in nats; "
+        "top-1 = how often both pick the same most likely token; perplexity change relative to the reference.",
+        "",
+        "**These are random models.** Their next-token distributions are nearly uniform (entropy close to ln V, "
+        "shown per "
         "model), so top-1 agreement is decided between near-ties and perplexity is about the vocabulary size, whatever "
         "the quantization. The `-peaked` small models sharpen the output head so the reference is confident "
-        "(entropy well below ln V), which makes top-1 and KL more telling; no random model stands in for a trained one. "
+        "(entropy well below ln V), which makes top-1 and KL more telling; no random model stands in for a trained "
+        "one. "
         "The random BLOOMs mostly predict the token they are fed (the residual stream carries its embedding into the "
         "tied output head), which no quantization changes: their top-1 stays near 100%. The real-shape T5 checkpoints "
-        "amplify any rounding (see Method), so compare the T5 family on `flan-t5-small-hfinit` and the small T5s.", "",
+        "amplify any rounding (see Method), so compare the T5 family on `flan-t5-small-hfinit` and the small T5s.",
+        "",
     ]
     if fidelity.get("plot"):
         out += [f"![file size vs KL](results/{fidelity['plot']})", ""]
@@ -283,57 +440,86 @@ def fidelity_section(fidelity: dict[str, Any] | None) -> list[str]:
             continue
         ref = res["reference"]
         kind = res.get("description", "published shape, random weights")
-        out += [f"### {res['model']} ({kind})", "",
-                f"Reference {ref['label'].removesuffix(' (reference)')}: {num(ref['file_bytes'] / MIB)} MiB, perplexity {ref['perplexity']:.4g}, next-token entropy "
-                f"{ref['entropy']:.2f} nats of ln V = {res['log_vocab']:.2f}; {res['positions']} positions.", ""]
+        out += [
+            f"### {res['model']} ({kind})",
+            "",
+            f"Reference {ref['label'].removesuffix(' (reference)')}: {num(ref['file_bytes'] / MIB)} MiB, perplexity "
+            f"{ref['perplexity']:.4g}, next-token entropy "
+            f"{ref['entropy']:.2f} nats of ln V = {res['log_vocab']:.2f}; {res['positions']} positions.",
+            "",
+        ]
         body = []
         for r in res["rows"]:
             if "error" in r:
                 body.append([r["label"], "", "", "", "", f"unavailable: {r['error']}"])
                 continue
-            body.append([r["label"], num(r["file_bytes"] / MIB), sig(r["kl_mean"]), sig(r["kl_max"]), pct(r["top1_agreement"], signed=False),
-                         pct(r["perplexity"] / ref["perplexity"] - 1)])
+            body.append(
+                [
+                    r["label"],
+                    num(r["file_bytes"] / MIB),
+                    sig(r["kl_mean"]),
+                    sig(r["kl_max"]),
+                    pct(r["top1_agreement"], signed=False),
+                    pct(r["perplexity"] / ref["perplexity"] - 1),
+                ]
+            )
         out += table(["variant", "file MiB", "KL mean", "KL max", "top-1", "perplexity"], body) + [""]
     return out
 
 
 def method() -> list[str]:
     return [
-        "## Method", "",
-        "- **Models**: random weights in the published shapes (`../shared/model_configs/`, built by `common.py`), with stand-in "
-        "tokenizers; speed and memory are those of the real models, outputs are noise. Prompts are windows of the benchmark "
-        "text's token ids (a byte-level BPE trained on the text itself, ids valid in every vocabulary), different for every "
+        "## Method",
+        "",
+        "- **Models**: random weights in the published shapes (`../shared/model_configs/`, built by `common.py`), "
+        "with stand-in "
+        "tokenizers; speed and memory are those of the real models, outputs are noise. Prompts are windows of the "
+        "benchmark "
+        "text's token ids (a byte-level BPE trained on the text itself, ids valid in every vocabulary), different "
+        "for every "
         "generation so no engine can reuse a cached prefix.",
-        "- **Isolation**: every variant runs in fresh child processes; peak RSS is the child's `ru_maxrss` (wait4), Python "
+        "- **Isolation**: every variant runs in fresh child processes; peak RSS is the child's `ru_maxrss` (wait4), "
+        "Python "
         "and the engine libraries included, which the (small) measuring process never inflates.",
-        "- **Definitions**: TTFT = time from the call to the first new token (prompt evaluation + one step); prompt tok/s = "
+        "- **Definitions**: TTFT = time from the call to the first new token (prompt evaluation + one step); prompt "
+        "tok/s = "
         "prompt tokens / TTFT; decode tok/s = (new tokens - 1) / (total - TTFT). PocketLM's numbers come from its "
         "`GenerationResult` (`first_token_seconds`, `seconds`), transformers' from a streamer noting the first token.",
-        "- **Baseline**: transformers fp32 on CPU (`from_pretrained(dtype=torch.float32)`, `torch.set_num_threads(2)`), "
+        "- **Baseline**: transformers fp32 on CPU (`from_pretrained(dtype=torch.float32)`, "
+        "`torch.set_num_threads(2)`), "
         "`generate(min_new_tokens=N, max_new_tokens=N, do_sample=False)`.",
-        "- **CTranslate2 compute types**: on CPU CTranslate2 runs `int8` as `int8_float32` (the table shows what ran), so "
-        "those two rows are the same computation and their difference is run-to-run noise. `float32` compute on the int8 "
+        "- **CTranslate2 compute types**: on CPU CTranslate2 runs `int8` as `int8_float32` (the table shows what "
+        "ran), so "
+        "those two rows are the same computation and their difference is run-to-run noise. `float32` compute on the "
+        "int8 "
         "file expands the weights to float32 at load (4x the memory).",
         "- **Overhead**: llama.cpp is compared with a raw loop on its C API (same context parameters as PocketLM's "
         "backend, logits for the last token only, numpy argmax) and with llama-cpp-python's `Llama` (greedy, "
         "`logits_all=False`, flash attention on as llama.cpp's 'auto' picks on CPU); CTranslate2 with "
         "`Translator.generate_tokens` / `translate_batch` given the same options and compute type.",
-        "- **Bytes per decoded token** (roofline): weights read + caches read. *Causal (BLOOM)*: every tensor in the file; "
+        "- **Bytes per decoded token** (roofline): weights read + caches read. *Causal (BLOOM)*: every tensor in the "
+        "file; "
         "BLOOM ties its output head to the embedding table, so the table is read in full, as the head, at every step "
-        "(only a model with a separate `output.weight` would read a single embedding row). *Seq2seq (T5)*: the decoder's "
+        "(only a model with a separate `output.weight` would read a single embedding row). *Seq2seq (T5)*: the "
+        "decoder's "
         "tensors + the output head + one embedding row, but not the encoder (run once per prompt); CTranslate2 and "
         "transformers apply the cross-attention k/v projections once to the encoder output and cache the result, while "
         "llama.cpp's t5 graph recomputes them from the encoder output at every step, so for T5 GGUF files they count, "
-        "with the encoder output. *Caches*: keys and values of every decoder layer up to the average position (T5: plus "
+        "with the encoder output. *Caches*: keys and values of every decoder layer up to the average position (T5: "
+        "plus "
         "the cached cross-attention keys and values of the source), f16 in llama.cpp, f32 elsewhere. GGUF "
-        "sizes from the file's tensor table; transformers 4 bytes per element; CTranslate2 1 byte + a float32 scale per "
+        "sizes from the file's tensor table; transformers 4 bytes per element; CTranslate2 1 byte + a float32 scale "
+        "per "
         "row under int8 compute, 4 bytes under float32. A fraction near 100% means the engine is memory bound and only "
         "smaller weights can make it faster; far below means compute or overhead dominates.",
-        "- **Fidelity sequences**: causal models score one window of the text (`model.logits(ids)`); seq2seq models score "
+        "- **Fidelity sequences**: causal models score one window of the text (`model.logits(ids)`); seq2seq models "
+        "score "
         "consecutive chunk pairs, source -> target (`model.logits(input_ids, decoder_input_ids)`).",
         "- **The real-shape T5 checkpoints** (`common.t5_checkpoint`) initialise every matrix with std fan_in^-0.5, "
-        "including attention queries; T5 does not scale attention scores (its trained / transformers-initialised queries "
-        "carry the d_kv^-0.5), so their attention is saturated and they amplify any weight rounding: their KL and top-1 "
+        "including attention queries; T5 does not scale attention scores (its trained / transformers-initialised "
+        "queries "
+        "carry the d_kv^-0.5), so their attention is saturated and they amplify any weight rounding: their KL and "
+        "top-1 "
         "figures are far worse than a trained model's. The small T5 models and `flan-t5-small-hfinit` (flan-t5-small's "
         "shape) use transformers' T5 initialisation instead.",
         "",
@@ -343,13 +529,24 @@ def method() -> list[str]:
 def main(argv: list[str]) -> int:
     speed, fidelity, convert = load("speed"), load("fidelity"), load("convert")
     sections: list[Callable[[], list[str]]] = [
-        lambda: quick_banner(speed, fidelity), lambda: headline(speed, fidelity), lambda: machine(speed, fidelity),
-        lambda: reproduce(speed, fidelity), lambda: speed_tables(speed), lambda: overhead_table(speed),
-        lambda: roofline_table(speed), lambda: import_section(speed), lambda: convert_section(convert),
-        lambda: fidelity_section(fidelity), method,
+        lambda: quick_banner(speed, fidelity),
+        lambda: headline(speed, fidelity),
+        lambda: machine(speed, fidelity),
+        lambda: reproduce(speed, fidelity),
+        lambda: speed_tables(speed),
+        lambda: overhead_table(speed),
+        lambda: roofline_table(speed),
+        lambda: import_section(speed),
+        lambda: convert_section(convert),
+        lambda: fidelity_section(fidelity),
+        method,
     ]
-    lines = ["# PocketLM benchmarks", "",
-             "<!-- generated by benchmarks/report.py from benchmarks/results/*.json: edit the scripts, not this file -->", ""]
+    lines = [
+        "# PocketLM benchmarks",
+        "",
+        "<!-- generated by benchmarks/report.py from benchmarks/results/*.json: edit the scripts, not this file -->",
+        "",
+    ]
     for section in sections:
         lines += section()
     README.write_text("\n".join(lines).rstrip() + "\n")

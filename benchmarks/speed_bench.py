@@ -25,8 +25,22 @@ from typing import Any
 
 import harness
 from harness import (
-    REAL_SHAPES, THREADS, ArtifactError, ChildResult, Settings, Variant, artifact, child_main, error_line,
-    is_seq2seq, median, path_bytes, ratio, run_child, source_folder, spread,
+    REAL_SHAPES,
+    THREADS,
+    ArtifactError,
+    ChildResult,
+    Settings,
+    Variant,
+    artifact,
+    child_main,
+    error_line,
+    is_seq2seq,
+    median,
+    path_bytes,
+    ratio,
+    run_child,
+    source_folder,
+    spread,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -53,6 +67,7 @@ def variants(model: str) -> list[Variant]:
 
 
 # -- child jobs -----------------------------------------------------------------------------
+
 
 def job_prepare(job: dict[str, Any]) -> dict[str, Any]:
     """Load a checkpoint folder once, so that PocketLM converts it into its cache now rather
@@ -81,29 +96,38 @@ def job_generate(job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"load_s": time.perf_counter() - started}
     if v.engine == "pocketlm":
         info = runner.model.info.to_dict()
-        out["info"] = {k: info[k] for k in ("path", "format", "backend", "device", "quant", "threads", "n_ctx", "reasons")}
+        out["info"] = {
+            k: info[k] for k in ("path", "format", "backend", "device", "quant", "threads", "n_ctx", "reasons")
+        }
         out["compute_type"] = engines.compute_type_of(runner.model) if info["format"] == "ct2" else None
     if job["batch"]:
         first = 1 + job["process"] * (s.batch_runs + 1)  # distinct prompts: no engine reuses a cached prefix
         prompts = lambda r: batch_prompts(ids, s.batch_prompts, s.prompt_tokens, 1000 + r * s.batch_prompts, eos)
         runner.generate_batch(prompts(first - 1), s.warmup_new_tokens)
-        out["runs"] = [dict(zip(("seconds", "new_tokens"), runner.generate_batch(prompts(first + r), s.batch_new_tokens)))
-                       for r in range(s.batch_runs)]
+        out["runs"] = [
+            dict(zip(("seconds", "new_tokens"), runner.generate_batch(prompts(first + r), s.batch_new_tokens)))
+            for r in range(s.batch_runs)
+        ]
         out["prompt_tokens"] = sum(len(p) for p in prompts(first))
         return out
     first = 1 + job["process"] * (s.runs + 1)
     out["warmup"] = runner.generate(prompt(ids, s.prompt_tokens, first - 1, eos), s.warmup_new_tokens).to_dict()
-    out["runs"] = [runner.generate(prompt(ids, s.prompt_tokens, first + r, eos), s.new_tokens).to_dict() for r in range(s.runs)]
+    out["runs"] = [
+        runner.generate(prompt(ids, s.prompt_tokens, first + r, eos), s.new_tokens).to_dict() for r in range(s.runs)
+    ]
     if v.engine == "transformers":
         out["bytes_per_token"] = decode_bytes(v.model, "hf", "fp32", None, source, source, cfg, s)
     else:
         i = out["info"]
-        out["bytes_per_token"] = decode_bytes(v.model, i["format"], i["quant"], out["compute_type"], source, Path(i["path"]), cfg, s)
+        out["bytes_per_token"] = decode_bytes(
+            v.model, i["format"], i["quant"], out["compute_type"], source, Path(i["path"]), cfg, s
+        )
     return out
 
 
-def decode_bytes(model: str, fmt: str, quant: str, compute: str | None, source: Path, path: Path,
-                 cfg: dict[str, Any], s: Settings) -> dict[str, int]:
+def decode_bytes(
+    model: str, fmt: str, quant: str, compute: str | None, source: Path, path: Path, cfg: dict[str, Any], s: Settings
+) -> dict[str, int]:
     """Weight and cache bytes one decode step reads at the run's average position, for what
     actually ran: `fmt` hf (transformers), gguf or ct2 (formulas in engines.py)."""
     import engines
@@ -149,15 +173,18 @@ def job_overhead_ct2(job: dict[str, Any]) -> dict[str, Any]:
     ours = engines.PocketLMRunner(path)
     compute = engines.compute_type_of(ours.model) or "default"
     direct = engines.DirectCT2(path, compute)
-    single = _interleave({"pocketlm": ours.generate, "Translator.generate_tokens": direct.generate},
-                         lambda r: prompt(ids, s.prompt_tokens, r, eos), s)
+    single = _interleave(
+        {"pocketlm": ours.generate, "Translator.generate_tokens": direct.generate},
+        lambda r: prompt(ids, s.prompt_tokens, r, eos),
+        s,
+    )
     prompts = batch_prompts(ids, s.batch_prompts, s.prompt_tokens, 1000, eos)
     calls = {"pocketlm": ours.generate_batch, "Translator.translate_batch": direct.generate_batch}
     batched: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():
         call(prompts, s.warmup_new_tokens)
     for r in range(s.overhead_runs):
-        for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+        for name in list(calls) if r % 2 == 0 else list(calls)[::-1]:
             batched[name].append(calls[name](prompts, s.batch_new_tokens)[0])
     return {"compute_type": compute, "batch1": single, "batch16_seconds": batched}
 
@@ -196,14 +223,22 @@ def job_bandwidth(job: dict[str, Any]) -> dict[str, Any]:
         parts = np.array_split(data, threads)
         with ThreadPoolExecutor(threads) as pool:
             out[f"gbps_{threads}_thread{'s' if threads > 1 else ''}"] = max(
-                best(lambda: list(pool.map(kernel, parts))) for kernel in (np.sum, np.max))
+                best(lambda kernel=kernel, parts=parts: list(pool.map(kernel, parts))) for kernel in (np.sum, np.max)
+            )
     return out
 
 
-JOBS = {"prepare": job_prepare, "generate": job_generate, "overhead_llama": job_overhead_llama, "overhead_ct2": job_overhead_ct2, "bandwidth": job_bandwidth}
+JOBS = {
+    "prepare": job_prepare,
+    "generate": job_generate,
+    "overhead_llama": job_overhead_llama,
+    "overhead_ct2": job_overhead_ct2,
+    "bandwidth": job_bandwidth,
+}
 
 
 # -- the measuring (parent) process -------------------------------------------------------
+
 
 def summarize_batch1(children: list[ChildResult]) -> dict[str, Any]:
     runs = [r for c in children for r in c.result["runs"]]
@@ -217,7 +252,8 @@ def summarize_batch1(children: list[ChildResult]) -> dict[str, Any]:
         "decode_spread": spread(r["decode_tps"] for r in runs),
         "new_tokens": runs[0]["new_tokens"],
         "prompt_tokens": runs[0]["prompt_tokens"],
-        "samples": len(runs), "processes": len(children),
+        "samples": len(runs),
+        "processes": len(children),
         "bytes_per_token": children[0].result["bytes_per_token"],
     }
 
@@ -242,13 +278,25 @@ def measure_variant(v: Variant, s: Settings, rebuild: bool, bandwidth: float) ->
         if v.engine == "transformers":
             path, row["file_bytes"] = source, harness.checkpoint_weight_bytes(source)
         elif v.is_auto:  # PocketLM converts the folder into its cache on first use: not measured
-            path, prepared = source, run_child(SCRIPT, {"kind": "prepare", "path": str(source)}, timeout_s=s.child_timeout_s).result
+            path, prepared = (
+                source,
+                run_child(SCRIPT, {"kind": "prepare", "path": str(source)}, timeout_s=s.child_timeout_s).result,
+            )
             row["file_bytes"], row["converted"] = prepared["file_bytes"], Path(prepared["path"]).name
         else:
             path = artifact(v.model, v.format, v.quant, rebuild)
             row["file_bytes"] = path_bytes(path)
-        job = {"kind": "generate", "variant": v.to_dict(), "settings": s.__dict__, "source": str(source), "path": str(path)}
-        ones = [run_child(SCRIPT, job | {"process": p, "batch": False}, v.env, s.child_timeout_s) for p in range(s.processes)]
+        job = {
+            "kind": "generate",
+            "variant": v.to_dict(),
+            "settings": s.__dict__,
+            "source": str(source),
+            "path": str(path),
+        }
+        ones = [
+            run_child(SCRIPT, job | {"process": p, "batch": False}, v.env, s.child_timeout_s)
+            for p in range(s.processes)
+        ]
         row["batch1"] = summarize_batch1(ones)
         row["info"], row["compute_type"] = ones[0].result.get("info"), ones[0].result.get("compute_type")
         per_token = row["batch1"]["bytes_per_token"]["total"]
@@ -258,8 +306,10 @@ def measure_variant(v: Variant, s: Settings, rebuild: bool, bandwidth: float) ->
         return row
     if is_seq2seq(v.model):
         try:
-            batches = [run_child(SCRIPT, job | {"process": p, "batch": True}, v.env, s.child_timeout_s)
-                       for p in range(s.batch_processes)]
+            batches = [
+                run_child(SCRIPT, job | {"process": p, "batch": True}, v.env, s.child_timeout_s)
+                for p in range(s.batch_processes)
+            ]
             row["batch"] = summarize_batch(batches)
         except RuntimeError as e:
             row["batch_error"] = error_line(e)
@@ -290,9 +340,12 @@ def add_ratios(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> None:
             continue
         r = row["batch1"]
         row["vs_baseline"] = {
-            "decode": ratio(r["decode_tps"], base["decode_tps"]), "prompt": ratio(r["prompt_tps"], base["prompt_tps"]),
-            "ttft": ratio(r["ttft_s"], base["ttft_s"]), "peak_rss": ratio(r["peak_rss_mib"], base["peak_rss_mib"]),
-            "load": ratio(r["load_s"], base["load_s"]), "file": ratio(row["file_bytes"], base["file_bytes"]),
+            "decode": ratio(r["decode_tps"], base["decode_tps"]),
+            "prompt": ratio(r["prompt_tps"], base["prompt_tps"]),
+            "ttft": ratio(r["ttft_s"], base["ttft_s"]),
+            "peak_rss": ratio(r["peak_rss_mib"], base["peak_rss_mib"]),
+            "load": ratio(r["load_s"], base["load_s"]),
+            "file": ratio(row["file_bytes"], base["file_bytes"]),
         }
         if "batch" in row:
             row["vs_baseline"]["batch"] = ratio(row["batch"]["tokens_per_s"], base["batch_tokens_per_s"])
@@ -304,8 +357,11 @@ def measure_overhead(model: str, s: Settings, rebuild: bool) -> dict[str, Any]:
     try:
         path = artifact(model, "ct2" if seq2seq else "gguf", CT2_FILE if seq2seq else "q4_k_m", rebuild)
         kind = "overhead_ct2" if seq2seq else "overhead_llama"
-        res = run_child(SCRIPT, {"kind": kind, "model": model, "path": str(path), "settings": s.__dict__},
-                        timeout_s=s.child_timeout_s).result
+        res = run_child(
+            SCRIPT,
+            {"kind": kind, "model": model, "path": str(path), "settings": s.__dict__},
+            timeout_s=s.child_timeout_s,
+        ).result
     except (ArtifactError, RuntimeError) as e:
         return {"model": model, "error": error_line(e)}
     single = res["batch1"] if seq2seq else res
@@ -313,7 +369,8 @@ def measure_overhead(model: str, s: Settings, rebuild: bool) -> dict[str, Any]:
     ours = single["pocketlm"]
     for name, runs in single.items():
         out["batch1"][name] = {
-            "generate_s": median(r["seconds"] for r in runs), "decode_tps": median(r["decode_tps"] for r in runs),
+            "generate_s": median(r["seconds"] for r in runs),
+            "decode_tps": median(r["decode_tps"] for r in runs),
             "ttft_s": median(r["ttft"] for r in runs),
         }
     for name, stats in out["batch1"].items():
@@ -322,7 +379,10 @@ def measure_overhead(model: str, s: Settings, rebuild: bool) -> dict[str, Any]:
             stats["pocketlm_decode_overhead"] = ratio(stats["decode_tps"], out["batch1"]["pocketlm"]["decode_tps"]) - 1
     if seq2seq:
         secs = {k: median(v) for k, v in res["batch16_seconds"].items()}
-        out["batch16"] = {"seconds": secs, "pocketlm_overhead": ratio(secs["pocketlm"], secs["Translator.translate_batch"]) - 1}
+        out["batch16"] = {
+            "seconds": secs,
+            "pocketlm_overhead": ratio(secs["pocketlm"], secs["Translator.translate_batch"]) - 1,
+        }
     out["samples"] = len(ours)
     return out
 
@@ -334,15 +394,19 @@ def import_time(s: Settings) -> dict[str, Any]:
     code = "import time; t = time.perf_counter(); import runtime; print(time.perf_counter() - t)"
     samples = []
     for i in range(s.import_repeats + 1):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=harness.child_env())
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=harness.child_env()
+        )
         if i:
             samples.append(float(out.stdout.strip().splitlines()[-1]))
     return {"seconds": median(samples), "samples": samples}
 
 
 def evaluate_targets(
-    models: dict[str, list[dict[str, Any]]], baselines: dict[str, dict[str, Any] | None],
-    overhead: list[dict[str, Any]], imp: dict[str, Any],
+    models: dict[str, list[dict[str, Any]]],
+    baselines: dict[str, dict[str, Any] | None],
+    overhead: list[dict[str, Any]],
+    imp: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """The issue's targets, each met / not met / not measured, with the numbers behind it."""
     out: list[dict[str, Any]] = []
@@ -356,25 +420,43 @@ def evaluate_targets(
     bloom = find("bloomz-560m", lambda v: v.format == "gguf" and v.quant == "q4_k_m")
     dec = bloom["vs_baseline"]["decode"] if bloom else None
     rss = bloom["vs_baseline"]["peak_rss"] if bloom else None
-    add("bloomz-560m q4_k_m decode speed vs transformers", f">= {TARGETS['bloom_decode']:g}x", dec,
+    add(
+        "bloomz-560m q4_k_m decode speed vs transformers",
+        f">= {TARGETS['bloom_decode']:g}x",
+        dec,
         None if dec is None else dec >= TARGETS["bloom_decode"],
-        _numbers(bloom, baselines.get("bloomz-560m"), "decode_tps", "tok/s"))
-    add("bloomz-560m q4_k_m peak RSS vs transformers", f"<= {TARGETS['bloom_rss']:g}x", rss,
+        _numbers(bloom, baselines.get("bloomz-560m"), "decode_tps", "tok/s"),
+    )
+    add(
+        "bloomz-560m q4_k_m peak RSS vs transformers",
+        f"<= {TARGETS['bloom_rss']:g}x",
+        rss,
         None if rss is None else rss <= TARGETS["bloom_rss"],
-        _numbers(bloom, baselines.get("bloomz-560m"), "peak_rss_mib", "MiB"))
+        _numbers(bloom, baselines.get("bloomz-560m"), "peak_rss_mib", "MiB"),
+    )
     for o in overhead:
         for name, stats in o.get("batch1", {}).items():
             if name in ("raw C API loop", "Translator.generate_tokens"):
                 value = stats["pocketlm_overhead"]
-                add(f"{o['model']}: PocketLM generate overhead over {name}", f"<= {TARGETS['overhead']:.0%}", value,
+                add(
+                    f"{o['model']}: PocketLM generate overhead over {name}",
+                    f"<= {TARGETS['overhead']:.0%}",
+                    value,
                     value <= TARGETS["overhead"],
-                    f"{o['batch1']['pocketlm']['generate_s']:.3f} s vs {stats['generate_s']:.3f} s per generation (median of {o['samples']})")
+                    f"{o['batch1']['pocketlm']['generate_s']:.3f} s vs {stats['generate_s']:.3f} s per generation "
+                    f"(median of {o['samples']})",
+                )
         if "batch16" in o:
             value = o["batch16"]["pocketlm_overhead"]
             secs = o["batch16"]["seconds"]
-            add(f"{o['model']}: PocketLM batch overhead over Translator.translate_batch", f"<= {TARGETS['overhead']:.0%}", value,
+            add(
+                f"{o['model']}: PocketLM batch overhead over Translator.translate_batch",
+                f"<= {TARGETS['overhead']:.0%}",
+                value,
                 value <= TARGETS["overhead"],
-                f"{secs['pocketlm']:.3f} s vs {secs['Translator.translate_batch']:.3f} s per batch (median of {o['samples']})")
+                f"{secs['pocketlm']:.3f} s vs {secs['Translator.translate_batch']:.3f} s per batch (median of "
+                f"{o['samples']})",
+            )
     for model in ("flan-t5-small", "mt0-large"):
         auto = find(model, lambda v: v.is_auto)
         value = auto["vs_baseline"]["decode"] if auto else None
@@ -383,10 +465,20 @@ def evaluate_targets(
             detail += "; " + _pick_note(auto, models[model])
             if "batch" in auto.get("vs_baseline", {}):
                 detail += f"; batched: {auto['vs_baseline']['batch']:.1f}x transformers' padded batch"
-        add(f"{model} decode at batch 1 vs transformers (runtime's own pick)", f">= {TARGETS['t5_decode']:g}x", value,
-            None if value is None else value >= TARGETS["t5_decode"], detail)
-    add("`import runtime`", f"< {TARGETS['import_s']:g} s", imp.get("seconds"),
-        None if imp.get("seconds") is None else imp["seconds"] < TARGETS["import_s"], f"median of {len(imp.get('samples', []))} fresh interpreters")
+        add(
+            f"{model} decode at batch 1 vs transformers (runtime's own pick)",
+            f">= {TARGETS['t5_decode']:g}x",
+            value,
+            None if value is None else value >= TARGETS["t5_decode"],
+            detail,
+        )
+    add(
+        "`import runtime`",
+        f"< {TARGETS['import_s']:g} s",
+        imp.get("seconds"),
+        None if imp.get("seconds") is None else imp["seconds"] < TARGETS["import_s"],
+        f"median of {len(imp.get('samples', []))} fresh interpreters",
+    )
     return out
 
 
@@ -408,13 +500,21 @@ def _pick_note(auto: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     pick = f"{info['backend']} {info['quant']}" + (f" compute {picked_compute}" if picked_compute else "")
     notes = [f"picked {pick}"]
     for label, section, key in (("batch 1", "batch1", "decode_tps"), ("16-prompt batch", "batch", "tokens_per_s")):
-        measured = [(r[section][key], r) for r in rows
-                    if section in r and r["variant"]["engine"] == "pocketlm" and not _variant(r).is_auto]
+        measured = [
+            (r[section][key], r)
+            for r in rows
+            if section in r and r["variant"]["engine"] == "pocketlm" and not _variant(r).is_auto
+        ]
         if not measured:
             continue
         best_tps, best = max(measured, key=lambda m: m[0])
-        same = [t for t, r in measured if r["variant"]["format"] == info["format"] and r["variant"]["quant"] == info["quant"]
-                and r.get("compute_type") == picked_compute]
+        same = [
+            t
+            for t, r in measured
+            if r["variant"]["format"] == info["format"]
+            and r["variant"]["quant"] == info["quant"]
+            and r.get("compute_type") == picked_compute
+        ]
         own = auto.get(section, {}).get(key)
         # The picked configuration was also measured as a file variant: judge it by its best run.
         picked_tps = max(same + ([own] if own is not None else []), default=None)
@@ -423,8 +523,10 @@ def _pick_note(auto: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         if picked_tps >= best_tps:
             notes.append(f"{label}: the fastest PocketLM variant measured ({picked_tps:.1f} tok/s)")
         else:
-            notes.append(f"{label}: {picked_tps:.1f} tok/s, fastest measured {best['variant']['label']} "
-                         f"({best_tps:.1f} tok/s, {best_tps / picked_tps - 1:+.0%})")
+            notes.append(
+                f"{label}: {picked_tps:.1f} tok/s, fastest measured {best['variant']['label']} "
+                f"({best_tps:.1f} tok/s, {best_tps / picked_tps - 1:+.0%})"
+            )
     return "; ".join(notes)
 
 
@@ -434,10 +536,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--models", nargs="*", default=list(REAL_SHAPES), choices=list(REAL_SHAPES))
     parser.add_argument("--rebuild", action="store_true", help="convert the models again (after converter changes)")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate benchmarks/README.md")
-    parser.add_argument("--targets-only", action="store_true",
-                        help="measure nothing: re-evaluate the targets of the last run in this mode (after changing how they are judged)")
-    parser.add_argument("--keep-others", action="store_true",
-                        help="keep the other models' results from the last run in the same mode")
+    parser.add_argument(
+        "--targets-only",
+        action="store_true",
+        help="measure nothing: re-evaluate the targets of the last run in this mode "
+        "(after changing how they are judged)",
+    )
+    parser.add_argument(
+        "--keep-others", action="store_true", help="keep the other models' results from the last run in the same mode"
+    )
     args = parser.parse_args(argv)
     s = harness.settings(args.quick)
     if args.targets_only:
@@ -477,10 +584,19 @@ def main(argv: list[str]) -> int:
     models = {m: models[m] for m in REAL_SHAPES if m in models}
     overhead.sort(key=lambda o: REAL_SHAPES.index(o["model"]))
     payload = {
-        "mode": s.mode, "settings": s.__dict__, "threads": THREADS,
-        "command": "python benchmarks/speed_bench.py " + " ".join(argv), "machine_details": harness.machine_details(),
-        "bandwidth": bw | {"best_gbps": bandwidth}, "import_runtime": imp, "kept": kept, "models": models, "baselines": baselines,
-        "overhead": overhead, "targets": evaluate_targets(models, baselines, overhead, imp), "wall_s": time.perf_counter() - started,
+        "mode": s.mode,
+        "settings": s.__dict__,
+        "threads": THREADS,
+        "command": "python benchmarks/speed_bench.py " + " ".join(argv),
+        "machine_details": harness.machine_details(),
+        "bandwidth": bw | {"best_gbps": bandwidth},
+        "import_runtime": imp,
+        "kept": kept,
+        "models": models,
+        "baselines": baselines,
+        "overhead": overhead,
+        "targets": evaluate_targets(models, baselines, overhead, imp),
+        "wall_s": time.perf_counter() - started,
     }
     path = harness.write_result("speed", payload)
     print(f"wrote {path} in {payload['wall_s']:.0f} s", flush=True)
@@ -493,7 +609,9 @@ def retarget(s: harness.Settings, no_report: bool) -> int:
     if not payload:
         print(f"no {s.mode} speed results to re-evaluate: run benchmarks/speed_bench.py first", file=sys.stderr)
         return 1
-    payload["targets"] = evaluate_targets(payload["models"], payload["baselines"], payload["overhead"], payload["import_runtime"])
+    payload["targets"] = evaluate_targets(
+        payload["models"], payload["baselines"], payload["overhead"], payload["import_runtime"]
+    )
     print(f"re-evaluated targets of {harness.write_result('speed', payload)}", flush=True)
     return finish(payload, no_report)
 
@@ -514,8 +632,10 @@ def describe(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"{label}: unavailable: {row['error']}"
     b = row["batch1"]
-    text = (f"{label}: load {b['load_s']:.2f} s, rss {b['peak_rss_mib']:.0f} MiB, ttft {b['ttft_s']:.3f} s, "
-            f"pp {b['prompt_tps']:.1f} tok/s, decode {b['decode_tps']:.1f} tok/s")
+    text = (
+        f"{label}: load {b['load_s']:.2f} s, rss {b['peak_rss_mib']:.0f} MiB, ttft {b['ttft_s']:.3f} s, "
+        f"pp {b['prompt_tps']:.1f} tok/s, decode {b['decode_tps']:.1f} tok/s"
+    )
     if "batch" in row:
         text += f", batch {row['batch']['tokens_per_s']:.1f} tok/s"
     elif "batch_error" in row:

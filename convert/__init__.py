@@ -11,6 +11,7 @@ from typing import Any
 
 from .core import __version__
 from .core.errors import PocketLMError
+
 __all__ = ["convert", "ConversionSummary", "PocketLMError", "__version__"]
 
 

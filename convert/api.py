@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gguf
 
@@ -62,16 +63,18 @@ def _gguf_metadata(prov: dict[str, Any]) -> Callable[[gguf.GGUFWriter], None]:
 Written = tuple[dict[str, int], list[Fallback]]  # tensors per stored type, tensors that kept a wider type
 
 
-def _write_gguf(plan: Any, tmp: Path, quant: str, ckpt: Checkpoint, prov: dict[str, Any], progress: bool,
-                threads: int | None) -> Written:
+def _write_gguf(
+    plan: Any, tmp: Path, quant: str, ckpt: Checkpoint, prov: dict[str, Any], progress: bool, threads: int | None
+) -> Written:
     qt = gguf_quant_type(quant)
     source_dtypes = {ckpt.info(s).dtype for t in plan.tensors for s in t.sources}
     types = convert_gguf(plan, tmp, qt, _gguf_metadata(prov), ckpt.release, source_dtypes, progress, threads)
     return describe_types(types), fallbacks(plan, types, qt)
 
 
-def _write_ct2(plan: Any, tmp: Path, quant: str, ckpt: Checkpoint, prov: dict[str, Any], progress: bool,
-               threads: int | None) -> Written:
+def _write_ct2(
+    plan: Any, tmp: Path, quant: str, ckpt: Checkpoint, prov: dict[str, Any], progress: bool, threads: int | None
+) -> Written:
     def source_dtype(t: Any) -> str:
         return source_float_dtype({ckpt.info(s).dtype for s in t.sources})
 

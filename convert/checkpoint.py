@@ -15,9 +15,10 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -64,8 +65,6 @@ class Bf16Array:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = bf16_to_f32(self._bits)
         return out if dtype is None else out.astype(dtype, copy=False)
-
-
 
 
 @dataclass(frozen=True)
@@ -145,8 +144,7 @@ class SafetensorsFile:
         nbytes = SAFETENSORS_DTYPES[dtype].itemsize * math.prod(shape)  # exact: no overflow on huge shapes
         if offsets[1] - offsets[0] != nbytes:
             raise CheckpointError(
-                f"{where}: holds {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype} "
-                f"needs {nbytes}"
+                f"{where}: holds {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype} needs {nbytes}"
             )
         return TensorInfo(name, self.path, dtype, tuple(shape)), offsets[0], offsets[1]
 
@@ -160,7 +158,9 @@ class SafetensorsFile:
         info, begin, end = self._tensors[name]
         dtype = SAFETENSORS_DTYPES[info.dtype]
         flat = np.frombuffer(
-            self._mmap, dtype=dtype, count=(end - begin) // dtype.itemsize,
+            self._mmap,
+            dtype=dtype,
+            count=(end - begin) // dtype.itemsize,
             offset=self._data_start + begin,
         )
         return flat.reshape(info.shape)
@@ -317,7 +317,7 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.folder}: tensor {name} is missing from the checkpoint") from None
 
-    def get(self, name: str) -> "np.ndarray | Bf16Array":
+    def get(self, name: str) -> np.ndarray | Bf16Array:
         """A tensor as a float array view (f32/f16 as stored, bf16 widened lazily)."""
         path = self._where_or_raise(name)
         handle = self._open(path)
@@ -338,8 +338,13 @@ class Checkpoint:
     def source_files(self) -> list[Path]:
         """Every file that defines the model: config, tokenizer files, index and weights."""
         extra = [
-            "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "spiece.model", *(i for i, _ in WEIGHT_LAYOUTS),
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "spiece.model",
+            *(i for i, _ in WEIGHT_LAYOUTS),
         ]
         files = {self.folder / n for n in extra if (self.folder / n).is_file()}
         files.update(self.weight_files)
@@ -350,7 +355,7 @@ class Checkpoint:
             handle.close()
         self._files.clear()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -379,7 +384,7 @@ def source_identity(folder: Path, config: dict[str, Any]) -> tuple[str | None, s
     return None, None
 
 
-def iter_rows(arr: "np.ndarray | Bf16Array", rows_per_chunk: int) -> Iterator[np.ndarray]:
+def iter_rows(arr: np.ndarray | Bf16Array, rows_per_chunk: int) -> Iterator[np.ndarray]:
     """Yield an array in blocks of leading-axis rows, so huge tensors never materialize whole."""
     if arr.ndim == 0:
         yield np.asarray(arr)

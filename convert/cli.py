@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .core.cli import EXIT_STATUS, guarded, setup_logging
 
-DESCRIPTION = ("Convert a Hugging Face checkpoint folder (safetensors or pytorch_model.bin, single or sharded) "
-               "into a model PocketLM runs.")
+DESCRIPTION = (
+    "Convert a Hugging Face checkpoint folder (safetensors or pytorch_model.bin, single or sharded) "
+    "into a model PocketLM runs."
+)
 
 
 def convert_epilog() -> str:
@@ -37,9 +39,13 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
     names = sorted({a for f in FORMATS.values() for a in (f.name, *f.aliases)})
     p.add_argument("src", help="checkpoint folder (with config.json)")
-    p.add_argument("-o", "--output", help="output file or folder (default: ./<folder>-<quant>.gguf or ./<folder>-ct2-<quant>)")
+    p.add_argument(
+        "-o", "--output", help="output file or folder (default: ./<folder>-<quant>.gguf or ./<folder>-ct2-<quant>)"
+    )
     p.add_argument("-q", "--quant", default=None, help="quant type (default: the architecture's, listed below)")
-    p.add_argument("--format", default=None, choices=names, help="output format (default: the architecture's first, listed below)")
+    p.add_argument(
+        "--format", default=None, choices=names, help="output format (default: the architecture's first, listed below)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -57,8 +63,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .api import convert
 
     summary = convert(
-        args.src, args.output, quant=args.quant, format=args.format, force=args.force,
-        progress=sys.stderr.isatty() and not args.json, threads=args.threads,
+        args.src,
+        args.output,
+        quant=args.quant,
+        format=args.format,
+        force=args.force,
+        progress=sys.stderr.isatty() and not args.json,
+        threads=args.threads,
     )
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.describe())
     return 0
@@ -85,9 +96,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m convert", description=DESCRIPTION,
-                                     epilog=convert_epilog() + "\n\n" + EXIT_STATUS,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m convert",
+        description=DESCRIPTION,
+        epilog=convert_epilog() + "\n\n" + EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and tracebacks")
     add_convert_arguments(parser)
     return parser

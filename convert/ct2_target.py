@@ -14,20 +14,21 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
 
-from .core import engine
-from .plan import CT2Plan, TensorPlan
 from .checkpoint import iter_rows
+from .core import engine
 from .core.ct2_file import BINARY_VERSION, DTYPE_IDS, ITEMSIZE, read_model_bin
-from .core.formats import FORMATS
 from .core.errors import PocketLMError, UnsupportedModelError
+from .core.formats import FORMATS
 from .output import fsync_file
+from .plan import CT2Plan, TensorPlan
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,10 @@ class _Streamer:
             def write_scale(f: BinaryIO) -> None:
                 f.write(np.concatenate(scales).astype(np.float32).tobytes())
 
-            return [_Variable(name, "int8", t.shape, write_int8), _Variable(f"{name}_scale", "float32", (t.shape[0],), write_scale)]
+            return [
+                _Variable(name, "int8", t.shape, write_int8),
+                _Variable(f"{name}_scale", "float32", (t.shape[0],), write_scale),
+            ]
         if quantizable and q == "int16":
             amax = [0.0]
 
@@ -113,7 +117,10 @@ class _Streamer:
             def write_scale(f: BinaryIO) -> None:
                 f.write(np.float32(2**10 / amax[0]).tobytes())
 
-            return [_Variable(name, "int16", t.shape, write_int16), _Variable(f"{name}_scale", "float32", (), write_scale)]
+            return [
+                _Variable(name, "int16", t.shape, write_int16),
+                _Variable(f"{name}_scale", "float32", (), write_scale),
+            ]
         if quantizable and q in ("float16", "bfloat16", "float32"):
             dtype = q
         elif q in ("float16", "int8_float16"):
@@ -146,7 +153,9 @@ def _write_string(f: BinaryIO, text: str) -> None:
     f.write(struct.pack("<H", len(data) + 1) + data + b"\0")
 
 
-def collect(plan: CT2Plan, quant: str, source_dtype: Callable[[TensorPlan], str], release: Callable[[str], None]) -> tuple[list[_Variable], list[tuple[str, str]]]:
+def collect(
+    plan: CT2Plan, quant: str, source_dtype: Callable[[TensorPlan], str], release: Callable[[str], None]
+) -> tuple[list[_Variable], list[tuple[str, str]]]:
     """Validate the spec and list what model.bin will hold: variables, then aliases."""
     ct2 = engine.ctranslate2(specs=True)
     index_spec = ct2.specs.model_spec.index_spec
@@ -172,7 +181,9 @@ def collect(plan: CT2Plan, quant: str, source_dtype: Callable[[TensorPlan], str]
     return variables, aliases
 
 
-def write_model_bin(path: Path, spec: Any, variables: list[_Variable], aliases: list[tuple[str, str]], progress: bool) -> None:
+def write_model_bin(
+    path: Path, spec: Any, variables: list[_Variable], aliases: list[tuple[str, str]], progress: bool
+) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<I", BINARY_VERSION))
         _write_string(f, spec.name)

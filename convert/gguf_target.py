@@ -11,20 +11,20 @@ import ctypes
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
 from tqdm import tqdm
 
-from .core import engine
-from .plan import GGUFPlan, TensorPlan
 from .checkpoint import iter_rows
+from .core import engine
+from .core.errors import CheckpointError, ModelLoadError, PocketLMError
 from .core.formats import FT, Q, QuantType
-from .core.errors import CheckpointError, ModelLoadError, PocketLMError, UnsupportedModelError
 from .core.gguf_file import read_header
 from .output import Fallback, fsync_file, partial_sibling, remove
+from .plan import GGUFPlan, TensorPlan
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,14 @@ def fallbacks(plan: GGUFPlan, types: dict[str, Q], quant: QuantType) -> list[Fal
     out = []
     for t in plan.tensors:
         if t.is_matrix and t.shape[-1] % quant.block:
-            out.append(Fallback(
-                t.name, quant.name, types[t.name].name.lower(),
-                f"row length {t.shape[-1]} is not a multiple of {quant.block}",
-            ))
+            out.append(
+                Fallback(
+                    t.name,
+                    quant.name,
+                    types[t.name].name.lower(),
+                    f"row length {t.shape[-1]} is not a multiple of {quant.block}",
+                )
+            )
     return out
 
 

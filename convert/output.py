@@ -12,9 +12,10 @@ import errno
 import glob
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .core.errors import OutputError, OutputExistsError
 
@@ -108,9 +109,13 @@ def remove_stale_partials(dest: Path) -> None:
             remove(stale)
 
 
-WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is too large for this file system or limit",
-                errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system is read-only",
-                errno.EACCES: "permission denied"}
+WRITE_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EFBIG: "the file is too large for this file system or limit",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+}
 
 
 @contextlib.contextmanager

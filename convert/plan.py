@@ -9,9 +9,10 @@ helpers below check a checkpoint against its config with messages that name the 
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ class TensorPlan:
 
     name: str
     shape: tuple[int, ...]
-    load: Callable[[], "np.ndarray | Bf16Array"]
+    load: Callable[[], np.ndarray | Bf16Array]
     sources: tuple[str, ...] = ()
     scale: float | None = None  # applied per row block, for heads that need folding
 
@@ -41,7 +42,7 @@ class TensorPlan:
 @dataclass
 class GGUFPlan:
     arch: str
-    set_parameters: Callable[["gguf.GGUFWriter"], None]
+    set_parameters: Callable[[gguf.GGUFWriter], None]
     tensors: list[TensorPlan]
     has_tokenizer: bool = False
     warnings: list[str] = field(default_factory=list)
@@ -83,8 +84,7 @@ def expect(ckpt: Checkpoint, name: str, shape: Iterable[int]) -> None:
     info = ckpt.info(name)
     if info.shape != shape:
         raise CheckpointError(
-            f"{info.file}: tensor {name} has shape {list(info.shape)}, expected {list(shape)} "
-            "from config.json"
+            f"{info.file}: tensor {name} has shape {list(info.shape)}, expected {list(shape)} from config.json"
         )
 
 

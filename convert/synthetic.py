@@ -9,8 +9,9 @@ Its output is noise, and everything that prints it says so.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from .vocab import BLOOM_SPLIT_REGEX
 SAMPLE_TEXT = [
     "Translate to English: Je t'aime. I love you.",
     "Explain in a sentence in Telugu what is backpropagation.",
-    "Suggest at least five related search terms to \"Mạng neural nhân tạo\".",
+    'Suggest at least five related search terms to "Mạng neural nhân tạo".',
     "Write a fairy tale about a troll saving a princess from a dangerous dragon.",
     "¿Qué es la inteligencia artificial? Es un campo de la informática.",
     "一个传奇的开端，一个不灭的神话，这不仅仅是一部电影。",
@@ -36,13 +37,17 @@ def train_bloom_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> Any:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(BLOOM_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(BLOOM_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
@@ -51,11 +56,20 @@ def train_bloom_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> Any:
 
 def bloom_config(vocab_size: int, hidden: int, n_layer: int, n_head: int) -> dict[str, Any]:
     return {
-        "architectures": ["BloomForCausalLM"], "model_type": "bloom",
-        "vocab_size": vocab_size, "hidden_size": hidden, "n_layer": n_layer, "n_head": n_head,
-        "layer_norm_epsilon": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
-        "unk_token_id": 0, "apply_residual_connection_post_layernorm": False,
-        "tie_word_embeddings": True, "torch_dtype": "float16",
+        "architectures": ["BloomForCausalLM"],
+        "model_type": "bloom",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "n_layer": n_layer,
+        "n_head": n_head,
+        "layer_norm_epsilon": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        "unk_token_id": 0,
+        "apply_residual_connection_post_layernorm": False,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float16",
     }
 
 
@@ -74,7 +88,10 @@ def random_bloom_weights(config: dict[str, Any], seed: int = 0, std: float = 0.0
     for i in range(config["n_layer"]):
         p = f"h.{i}."
         t[p + "input_layernorm.weight"], t[p + "input_layernorm.bias"] = norm()
-        t[p + "self_attention.query_key_value.weight"], t[p + "self_attention.query_key_value.bias"] = w(3 * h, h), w(3 * h)
+        t[p + "self_attention.query_key_value.weight"], t[p + "self_attention.query_key_value.bias"] = (
+            w(3 * h, h),
+            w(3 * h),
+        )
         t[p + "self_attention.dense.weight"], t[p + "self_attention.dense.bias"] = w(h, h), w(h)
         t[p + "post_attention_layernorm.weight"], t[p + "post_attention_layernorm.bias"] = norm()
         t[p + "mlp.dense_h_to_4h.weight"], t[p + "mlp.dense_h_to_4h.bias"] = w(f, h), w(f)
@@ -84,8 +101,13 @@ def random_bloom_weights(config: dict[str, Any], seed: int = 0, std: float = 0.0
 
 
 def build_random_bloom(
-    folder: Path, hidden: int = 256, n_layer: int = 4, n_head: int = 4, vocab_size: int = 1024,
-    seed: int = 0, std: float = 0.02,
+    folder: Path,
+    hidden: int = 256,
+    n_layer: int = 4,
+    n_head: int = 4,
+    vocab_size: int = 1024,
+    seed: int = 0,
+    std: float = 0.02,
 ) -> Path:
     """Write a random BLOOM checkpoint (f16 safetensors + tokenizer.json) into `folder`."""
     folder = Path(folder)

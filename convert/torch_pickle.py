@@ -40,11 +40,21 @@ STORAGE_DTYPES: dict[str, tuple[str, np.dtype]] = {
     "BoolStorage": ("BOOL", np.dtype("?")),
 }
 _DTYPE_BY_TORCH_NAME = {
-    "float32": "FloatStorage", "float": "FloatStorage", "float16": "HalfStorage",
-    "half": "HalfStorage", "bfloat16": "BFloat16Storage", "float64": "DoubleStorage",
-    "double": "DoubleStorage", "int64": "LongStorage", "long": "LongStorage",
-    "int32": "IntStorage", "int": "IntStorage", "int16": "ShortStorage", "int8": "CharStorage",
-    "uint8": "ByteStorage", "bool": "BoolStorage",
+    "float32": "FloatStorage",
+    "float": "FloatStorage",
+    "float16": "HalfStorage",
+    "half": "HalfStorage",
+    "bfloat16": "BFloat16Storage",
+    "float64": "DoubleStorage",
+    "double": "DoubleStorage",
+    "int64": "LongStorage",
+    "long": "LongStorage",
+    "int32": "IntStorage",
+    "int": "IntStorage",
+    "int16": "ShortStorage",
+    "int8": "CharStorage",
+    "uint8": "ByteStorage",
+    "bool": "BoolStorage",
 }
 
 

@@ -18,7 +18,12 @@ import gguf
 from .checkpoint import read_json
 from .core.errors import UnsupportedModelError
 from .core.sentencepiece import (
-    METASPACE, SPM_UNIGRAM, SpmModel, read_spm_model, t5_sentinels, t5_tokenizer_json,
+    METASPACE,
+    SPM_UNIGRAM,
+    SpmModel,
+    read_spm_model,
+    t5_sentinels,
+    t5_tokenizer_json,
 )
 
 log = logging.getLogger(__name__)
@@ -70,22 +75,16 @@ def read_bpe_tokenizer(path: Path, vocab_size: int, config: dict[str, Any]) -> G
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise UnsupportedModelError(f"{path}: expected a BPE tokenizer, found {model.get('type')!r}")
     if data.get("normalizer"):
-        raise UnsupportedModelError(
-            f"{path}: a BPE tokenizer with a normalizer is not reproduced by llama.cpp"
-        )
+        raise UnsupportedModelError(f"{path}: a BPE tokenizer with a normalizer is not reproduced by llama.cpp")
     pre = _pre_tokenizer_name(data.get("pre_tokenizer"), path)
 
-    by_id: dict[int, tuple[str, int]] = {
-        i: (tok, gguf.TokenType.NORMAL) for tok, i in model["vocab"].items()
-    }
+    by_id: dict[int, tuple[str, int]] = {i: (tok, gguf.TokenType.NORMAL) for tok, i in model["vocab"].items()}
     for added in data.get("added_tokens") or []:
         kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
         by_id[added["id"]] = (added["content"], kind)
     n_tokens = max(by_id) + 1
     if n_tokens > vocab_size:
-        raise UnsupportedModelError(
-            f"{path}: {n_tokens} tokens but the embedding has only {vocab_size} rows"
-        )
+        raise UnsupportedModelError(f"{path}: {n_tokens} tokens but the embedding has only {vocab_size} rows")
     tokens, types = [], []
     for i in range(vocab_size):  # pad the id space up to the embedding rows
         tok, kind = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
@@ -184,7 +183,9 @@ def t5_vocabulary(folder: Path, vocab_size: int, special: dict[str, int]) -> Tok
         data = read_json(tokenizer_json)
         model = data.get("model") or {}
         if model.get("type") != "Unigram":
-            raise UnsupportedModelError(f"{tokenizer_json}: expected a Unigram (SentencePiece) tokenizer, found {model.get('type')!r}")
+            raise UnsupportedModelError(
+                f"{tokenizer_json}: expected a Unigram (SentencePiece) tokenizer, found {model.get('type')!r}"
+            )
         entries = [(i, piece) for i, (piece, _score) in enumerate(model.get("vocab") or [])]
         entries += [(a["id"], a["content"]) for a in data.get("added_tokens") or []]
         unk = model.get("unk_id")
@@ -201,7 +202,9 @@ def t5_vocabulary(folder: Path, vocab_size: int, special: dict[str, int]) -> Tok
         source = None
     for i, tok in entries:
         if not 0 <= i < vocab_size:
-            raise UnsupportedModelError(f"{source or folder}: token id {i} is outside the embedding ({vocab_size} rows)")
+            raise UnsupportedModelError(
+                f"{source or folder}: token id {i} is outside the embedding ({vocab_size} rows)"
+            )
         tokens[i] = tok
     if len({t for t in tokens if t is not None}) != sum(t is not None for t in tokens):
         raise UnsupportedModelError(f"{source}: duplicate token strings; ids would be ambiguous")
@@ -255,7 +258,9 @@ def _unigram_settings(data: dict[str, Any], path: Path) -> tuple[bytes, bool, bo
                     "special tokens too, so ids can differ right after a special token with no space before the text"
                 )
         else:
-            raise UnsupportedModelError(f"{path}: pre-tokenizer {kind!r} is not one llama.cpp's SentencePiece tokenizer reproduces")
+            raise UnsupportedModelError(
+                f"{path}: pre-tokenizer {kind!r} is not one llama.cpp's SentencePiece tokenizer reproduces"
+            )
     if prefix is None:
         raise UnsupportedModelError(f"{path}: a SentencePiece tokenizer.json without a Metaspace pre-tokenizer")
     if merge and not split:
@@ -280,7 +285,9 @@ def _appends_eos(data: dict[str, Any], eos: int, path: Path) -> bool:
         return False
     if len(kinds) == 2 and kinds[0] == "A" and ids.get(kinds[1]) == [eos]:
         return True
-    raise UnsupportedModelError(f"{path}: post-processor template {kinds} is not one llama.cpp reproduces (only 'A </s>')")
+    raise UnsupportedModelError(
+        f"{path}: post-processor template {kinds} is not one llama.cpp reproduces (only 'A </s>')"
+    )
 
 
 def _unigram_entries(model: dict[str, Any], added_tokens: list[Any]) -> dict[int, tuple[str, float, int]]:
@@ -312,9 +319,13 @@ def read_t5_tokenizer(folder: Path, vocab_size: int, special: dict[str, int]) ->
         data = read_json(tokenizer_json)
         model = data.get("model") or {}
         if model.get("type") != "Unigram" or not isinstance(model.get("vocab"), list):
-            raise UnsupportedModelError(f"{tokenizer_json}: expected a Unigram (SentencePiece) tokenizer, found {model.get('type')!r}")
+            raise UnsupportedModelError(
+                f"{tokenizer_json}: expected a Unigram (SentencePiece) tokenizer, found {model.get('type')!r}"
+            )
         if model.get("byte_fallback"):
-            raise UnsupportedModelError(f"{tokenizer_json}: byte_fallback is not supported by llama.cpp's unigram tokenizer")
+            raise UnsupportedModelError(
+                f"{tokenizer_json}: byte_fallback is not supported by llama.cpp's unigram tokenizer"
+            )
         try:
             entries = _unigram_entries(model, data.get("added_tokens") or [])
             charsmap, prefix, merge, warnings = _unigram_settings(data, tokenizer_json)
@@ -329,7 +340,9 @@ def read_t5_tokenizer(folder: Path, vocab_size: int, special: dict[str, int]) ->
         if not spm.escape_whitespaces:
             raise UnsupportedModelError(f"{spiece}: escape_whitespaces=false is not supported")
         if any(kind == gguf.TokenType.BYTE for _, _, kind in spm.pieces):
-            raise UnsupportedModelError(f"{spiece}: byte-fallback pieces are not supported by llama.cpp's unigram tokenizer")
+            raise UnsupportedModelError(
+                f"{spiece}: byte-fallback pieces are not supported by llama.cpp's unigram tokenizer"
+            )
         for i, (piece, score, kind) in enumerate(spm.pieces):
             entries[i] = (piece, score, kind if kind in SPM_TYPES else int(gguf.TokenType.NORMAL))
         for j, sentinel in enumerate(t5_sentinels(len(spm.pieces), vocab_size)):
@@ -355,6 +368,16 @@ def read_t5_tokenizer(folder: Path, vocab_size: int, special: dict[str, int]) ->
     if unk_ids:
         ids["unk"] = unk_ids[0]
     return GGUFVocab(
-        "t5", None, tokens, types, [], ids, scores=scores, charsmap=charsmap or None,
-        add_space_prefix=prefix, remove_extra_whitespaces=merge, add_eos=add_eos, warnings=warnings,
+        "t5",
+        None,
+        tokens,
+        types,
+        [],
+        ids,
+        scores=scores,
+        charsmap=charsmap or None,
+        add_space_prefix=prefix,
+        remove_extra_whitespaces=merge,
+        add_eos=add_eos,
+        warnings=warnings,
     )

@@ -14,5 +14,14 @@ from .generation import GenerationOptions, GenerationResult, StreamEvent, TokenS
 from .loader import load
 from .model import Model, ModelInfo
 
-__all__ = ["load", "Model", "ModelInfo", "GenerationOptions", "GenerationResult", "StreamEvent", "TokenStream",
-           "PocketLMError", "__version__"]
+__all__ = [
+    "load",
+    "Model",
+    "ModelInfo",
+    "GenerationOptions",
+    "GenerationResult",
+    "StreamEvent",
+    "TokenStream",
+    "PocketLMError",
+    "__version__",
+]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
@@ -72,7 +73,11 @@ def answered_keys(path: Path) -> set[str]:
 
 
 def run_jsonl(
-    model: Model, input_path: Path, output_path: Path, batch_size: int = 16, progress: bool = False,
+    model: Model,
+    input_path: Path,
+    output_path: Path,
+    batch_size: int = 16,
+    progress: bool = False,
     options: GenerationOptions | None = None,
 ) -> BatchStats:
     if batch_size < 1:
@@ -90,8 +95,12 @@ def run_jsonl(
             results = model.generate_batch([p for _, p in chunk], options)
             for (key, prompt), r in zip(chunk, results):
                 record = {
-                    "id": key, "prompt": prompt, "text": r.text, "finish_reason": r.finish_reason,
-                    "prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids),
+                    "id": key,
+                    "prompt": prompt,
+                    "text": r.text,
+                    "finish_reason": r.finish_reason,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": len(r.token_ids),
                 }
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()

@@ -21,9 +21,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from convert.core import __version__
 from convert.core.formats import FORMATS
@@ -149,8 +150,12 @@ def converted(folder: Path, fmt: str, quant: str, progress: bool = False) -> Pat
             summary = convert(folder, output, quant=quant, format=fmt, force=True, progress=progress)
             manifest = {
                 "source": {"repo": repo, "revision": revision, "folder": str(folder.resolve()), "sha256": hashes},
-                "format": fmt, "quant": quant, "converter_version": __version__, "output": output.name,
-                "output_sha256": output_sha256(output, memo), "size_bytes": summary.size_bytes,
+                "format": fmt,
+                "quant": quant,
+                "converter_version": __version__,
+                "output": output.name,
+                "output_sha256": output_sha256(output, memo),
+                "size_bytes": summary.size_bytes,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             tmp = entry / "manifest.json.tmp"
@@ -192,7 +197,9 @@ def entries() -> list[Entry]:
 
 def remove(selector: str) -> list[Entry]:
     """Remove entries whose key starts with `selector` or whose source repo is `selector`."""
-    matched = [e for e in entries() if e.key.startswith(selector) or e.manifest.get("source", {}).get("repo") == selector]
+    matched = [
+        e for e in entries() if e.key.startswith(selector) or e.manifest.get("source", {}).get("repo") == selector
+    ]
     for e in matched:
         shutil.rmtree(e.path, ignore_errors=True)
     return matched

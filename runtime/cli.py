@@ -11,8 +11,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from convert.core.cli import EXIT_INTERNAL, EXIT_STATUS, guarded, setup_logging
 from convert.core.errors import PocketLMError
@@ -34,7 +35,9 @@ nothing for HF_HUB_DOWNLOAD_TIMEOUT seconds (10) is retried, then given up: re-r
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("-n", "--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most (default 64)")
+    g.add_argument(
+        "-n", "--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most (default 64)"
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
     g.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens covering this mass")
@@ -50,11 +53,23 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     listed = ", ".join(f"{b.name} ({'/'.join(b.formats)})" for b in backends())
     g = p.add_argument_group("engine")
     g.add_argument("--device", default="auto", choices=devices(), help="where to run (default: best available)")
-    g.add_argument("--backend", default=None, choices=names, metavar="BACKEND",
-                   help=f"engine: auto (default: chosen for the model and machine), {listed}")
-    g.add_argument("--quant", dest="load_quant", default=None, help="for a checkpoint folder: the quant type to convert it to on first use")
+    g.add_argument(
+        "--backend",
+        default=None,
+        choices=names,
+        metavar="BACKEND",
+        help=f"engine: auto (default: chosen for the model and machine), {listed}",
+    )
+    g.add_argument(
+        "--quant",
+        dest="load_quant",
+        default=None,
+        help="for a checkpoint folder: the quant type to convert it to on first use",
+    )
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    g.add_argument("--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: model's, at most 2048)")
+    g.add_argument(
+        "--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: model's, at most 2048)"
+    )
     g.add_argument("--compute-type", default=None, help="CTranslate2 compute type (default: chosen for the machine)")
 
 
@@ -83,11 +98,23 @@ def _quantize(p: argparse.ArgumentParser) -> None:
 
 def _run(p: argparse.ArgumentParser) -> None:
     p.description = "Complete a prompt with a converted model, streaming the answer."
-    p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder (converted once, cached)")
+    p.add_argument(
+        "model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder (converted once, cached)"
+    )
     p.add_argument("prompt", nargs="?", default=None, help="prompt text; '-' or omitted reads stdin")
     p.add_argument("--ids", default=None, help="comma-separated token ids instead of a text prompt")
-    p.add_argument("--input", default=None, metavar="JSONL", help='answer every prompt of a JSONL file (lines: {"id": .., "prompt": ..} or "text")')
-    p.add_argument("--output", default=None, metavar="JSONL", help="where --input answers go; re-running skips prompts already answered")
+    p.add_argument(
+        "--input",
+        default=None,
+        metavar="JSONL",
+        help='answer every prompt of a JSONL file (lines: {"id": .., "prompt": ..} or "text")',
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="JSONL",
+        help="where --input answers go; re-running skips prompts already answered",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together with --input (CTranslate2)")
     p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
     p.add_argument("--json", action="store_true", help="print the result (text, ids, finish reason, speed) as JSON")
@@ -96,17 +123,21 @@ def _run(p: argparse.ArgumentParser) -> None:
 
 
 def _info(p: argparse.ArgumentParser) -> None:
-    p.description = ("Show a model's architecture, quantization, provenance (source repo, converter, sha256 of "
-                     "source files) and the backend/device PocketLM would choose.")
+    p.description = (
+        "Show a model's architecture, quantization, provenance (source repo, converter, sha256 of "
+        "source files) and the backend/device PocketLM would choose."
+    )
     p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder")
     p.add_argument("--json", action="store_true", help="print as JSON")
     _add_load_options(p)
 
 
 def _pull(p: argparse.ArgumentParser) -> None:
-    p.description = ("Download what PocketLM needs of a Hub repo into the Hugging Face cache: config, tokenizer and "
-                     "one storage format's weights (safetensors preferred), or one GGUF file of a GGUF repo. "
-                     "Honours HF_HOME, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE.")
+    p.description = (
+        "Download what PocketLM needs of a Hub repo into the Hugging Face cache: config, tokenizer and "
+        "one storage format's weights (safetensors preferred), or one GGUF file of a GGUF repo. "
+        "Honours HF_HOME, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE."
+    )
     p.add_argument("repo", help="org/name, optionally @revision (branch, tag or commit)")
     p.add_argument("--quant", default=None, help="for GGUF repos: the quant type's file (default: q4_k_m if offered)")
     p.add_argument("--convert", action="store_true", help="also convert it now (otherwise on first use)")
@@ -123,8 +154,10 @@ def _rm(p: argparse.ArgumentParser) -> None:
 
 
 def _doctor(p: argparse.ArgumentParser) -> None:
-    p.description = ("Show the machine, the installed engines and their GPU support, the backends, what PocketLM "
-                     "would choose for each kind of model, and what to install for a better choice.")
+    p.description = (
+        "Show the machine, the installed engines and their GPU support, the backends, what PocketLM "
+        "would choose for each kind of model, and what to install for a better choice."
+    )
     p.add_argument("--json", action="store_true", help="print as JSON")
 
 
@@ -132,8 +165,10 @@ def _serve(p: argparse.ArgumentParser) -> None:
     from .server import ENDPOINTS
 
     routes = ", ".join(f"{'/'.join(methods)} {path}" for path, methods in ENDPOINTS.items())
-    p.description = (f"Serve one model over an OpenAI-compatible HTTP API (streaming with \"stream\": true): {routes}. "
-                     "Binds to localhost unless --host says otherwise.")
+    p.description = (
+        f'Serve one model over an OpenAI-compatible HTTP API (streaming with "stream": true): {routes}. '
+        "Binds to localhost unless --host says otherwise."
+    )
     p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -170,7 +205,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     # -v also after the subcommand (`pocketlm run -v ...`), where users put it
     verbose = argparse.ArgumentParser(add_help=False)
-    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show debug logs and tracebacks")
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show debug logs and tracebacks"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_with(verbose))
     for name, (summary, build, _) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=summary)
@@ -194,8 +231,13 @@ def _load(args: argparse.Namespace) -> Any:
     import runtime
 
     return runtime.load(
-        args.model, device=args.device, threads=args.threads, n_ctx=args.ctx, backend=args.backend,
-        quant=args.load_quant, compute_type=args.compute_type,
+        args.model,
+        device=args.device,
+        threads=args.threads,
+        n_ctx=args.ctx,
+        backend=args.backend,
+        quant=args.load_quant,
+        compute_type=args.compute_type,
     )
 
 
@@ -203,8 +245,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .generation import GenerationOptions
 
     gen = GenerationOptions(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()), seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop or ()),
+        seed=args.seed,
     )
     if args.input or args.output:
         if not (args.input and args.output):
@@ -221,9 +268,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = model.generate(prompt, gen)
             if args.json:
                 out = {
-                    "text": result.text, "token_ids": result.token_ids,
-                    "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-                    "seconds": round(result.seconds, 4), "tokens_per_second": round(result.tokens_per_second, 2),
+                    "text": result.text,
+                    "token_ids": result.token_ids,
+                    "finish_reason": result.finish_reason,
+                    "prompt_tokens": result.prompt_tokens,
+                    "seconds": round(result.seconds, 4),
+                    "tokens_per_second": round(result.tokens_per_second, 2),
                 }
                 print(json.dumps(out, ensure_ascii=False))
             else:
@@ -265,8 +315,18 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from .cache import cache_root, entries
 
-    rows = [{"key": e.key, "source": e.source, "format": e.manifest.get("format"), "quant": e.manifest.get("quant"),
-             "size_bytes": e.size_bytes, "created": e.manifest.get("created"), "path": str(e.path)} for e in entries()]
+    rows = [
+        {
+            "key": e.key,
+            "source": e.source,
+            "format": e.manifest.get("format"),
+            "quant": e.manifest.get("quant"),
+            "size_bytes": e.size_bytes,
+            "created": e.manifest.get("created"),
+            "path": str(e.path),
+        }
+        for e in entries()
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -307,8 +367,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("pocketlm.server").setLevel(logging.INFO)  # one line per request
     with _load(args) as model:
         serve(
-            model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("POCKETLM_API_KEY"),
-            max_queue=args.max_queue, max_tokens_limit=args.max_tokens, model_name=args.model,
+            model,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key or os.environ.get("POCKETLM_API_KEY"),
+            max_queue=args.max_queue,
+            max_tokens_limit=args.max_tokens,
+            model_name=args.model,
         )
     return 0
 

@@ -43,9 +43,13 @@ def download_bloomz() -> tuple[Path | None, str]:
         return None, "HF_HUB_OFFLINE=1, so nothing is downloaded"
 
     def announce(files: list[str], size: int | None) -> None:
-        about = f"about {size / 1e9:.1f} GB" if size and size >= 1e8 else f"{size / 1e6:.1f} MB" if size else "size unknown"
-        print(f"downloading {REPO_ID} from {endpoint()} ({about}: {', '.join(files)}); "
-              "interrupt and run again to resume", flush=True)
+        about = (
+            f"about {size / 1e9:.1f} GB" if size and size >= 1e8 else f"{size / 1e6:.1f} MB" if size else "size unknown"
+        )
+        print(
+            f"downloading {REPO_ID} from {endpoint()} ({about}: {', '.join(files)}); interrupt and run again to resume",
+            flush=True,
+        )
 
     try:
         return pull(HubRef(REPO_ID), progress=sys.stderr.isatty(), before_download=announce), ""
@@ -54,12 +58,11 @@ def download_bloomz() -> tuple[Path | None, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import runtime
     from convert import convert
     from convert.core.errors import PocketLMError
     from convert.synthetic import build_random_bloom
     from runtime.cache import cache_root
-
-    import runtime
 
     argv = sys.argv[1:] if argv is None else argv
     cache = cache_root()
@@ -76,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"using {REPO_ID} from {source}")
         else:
             label = "[synthetic] "
-            print(f"{label}{REPO_ID} is not on this machine (folder, POCKETLM_BLOOMZ_DIR or Hugging Face "
-                  f"cache) and cannot be had: {why}. Running the same pipeline on a small random BLOOM; "
-                  "its answer is noise")
+            print(
+                f"{label}{REPO_ID} is not on this machine (folder, POCKETLM_BLOOMZ_DIR or Hugging Face "
+                f"cache) and cannot be had: {why}. Running the same pipeline on a small random BLOOM; "
+                "its answer is noise"
+            )
             source = build_random_bloom(workdir / "random-bloom")
             out = workdir / "random-bloom-q4_k_m.gguf"
         if not out.exists():
@@ -89,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         with runtime.load(out) as model:
             info = model.info
-            print(f"{label}loaded {info.architecture} {info.quant} on {info.backend}/{info.device}, "
-                  f"{info.threads} threads, in {time.perf_counter() - started:.2f} s")
+            print(
+                f"{label}loaded {info.architecture} {info.quant} on {info.backend}/{info.device}, "
+                f"{info.threads} threads, in {time.perf_counter() - started:.2f} s"
+            )
             print(f"{label}prompt: {PROMPT}")
             sys.stdout.write(f"{label}answer: ")
             sys.stdout.flush()
@@ -99,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             result = stream.result
-            print(f"\n{label}{len(result.token_ids)} tokens, finish_reason={result.finish_reason}, "
-                  f"{result.tokens_per_second:.1f} tokens/s")
+            print(
+                f"\n{label}{len(result.token_ids)} tokens, finish_reason={result.finish_reason}, "
+                f"{result.tokens_per_second:.1f} tokens/s"
+            )
         return 0
     except PocketLMError as e:
         print(f"pocketlm: error: {e}", file=sys.stderr)

@@ -62,17 +62,35 @@ def doctor_report() -> dict[str, Any]:
         except PocketLMError as e:
             choices[label] = {"error": str(e)}
             continue
-        choices[label] = {"backend": c.backend, "device": c.device, "threads": c.threads,
-                          "compute_type": c.compute_type, "format": c.format, "quant": c.quant, "reasons": c.reasons}
+        choices[label] = {
+            "backend": c.backend,
+            "device": c.device,
+            "threads": c.threads,
+            "compute_type": c.compute_type,
+            "format": c.format,
+            "quant": c.quant,
+            "reasons": c.reasons,
+        }
     return {
         "machine": {
-            "system": facts.system, "machine": facts.machine, "physical_cores": facts.physical_cores,
-            "usable_cpus": facts.usable_cpus, "ram_gib": round(facts.ram_bytes / GIB, 1) if facts.ram_bytes else None,
-            "cpu_features": sorted(facts.cpu_features), "nvidia_gpu": facts.nvidia_gpu,
+            "system": facts.system,
+            "machine": facts.machine,
+            "physical_cores": facts.physical_cores,
+            "usable_cpus": facts.usable_cpus,
+            "ram_gib": round(facts.ram_bytes / GIB, 1) if facts.ram_bytes else None,
+            "cpu_features": sorted(facts.cpu_features),
+            "nvidia_gpu": facts.nvidia_gpu,
         },
         "engines": engines,
-        "backends": {b.name: {"formats": list(b.formats), "devices": list(b.devices), "aliases": list(b.aliases),
-                              "installed": facts.engine(b.name) is not None} for b in backends()},
+        "backends": {
+            b.name: {
+                "formats": list(b.formats),
+                "devices": list(b.devices),
+                "aliases": list(b.aliases),
+                "installed": facts.engine(b.name) is not None,
+            }
+            for b in backends()
+        },
         "cache": str(cache_root()),
         "would_choose": choices,
         "recommendations": recommendations(facts),

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generator, Iterator, Sequence, TypedDict
+from typing import Any, TypedDict
 
 from convert.core.errors import GenerationError
 
@@ -59,7 +60,7 @@ class GenerationOptions:
         return self.temperature == 0
 
     @classmethod
-    def of(cls, options: "GenerationOptions | None" = None, **changes: Any) -> "GenerationOptions":
+    def of(cls, options: GenerationOptions | None = None, **changes: Any) -> GenerationOptions:
         """`options` (default: the defaults) with the keyword arguments given applied."""
         base = options if options is not None else cls()
         return dataclasses.replace(base, **changes) if changes else base
@@ -111,22 +112,25 @@ class TokenStream(Iterator[StreamEvent]):
         self._events = events
         self.result = result
 
-    def __iter__(self) -> "TokenStream":
+    def __iter__(self) -> TokenStream:
         return self
 
     def __next__(self) -> StreamEvent:
         return next(self._events)
 
     def texts(self) -> Iterator[str]:
-        """Only the non-empty text pieces."""
-        for event in self:
-            if event.text:
-                yield event.text
+        """Only the non-empty text pieces (closing this iterator closes the stream)."""
+        try:
+            for event in self:
+                if event.text:
+                    yield event.text
+        finally:
+            self.close()
 
     def close(self) -> None:
         self._events.close()
 
-    def __enter__(self) -> "TokenStream":
+    def __enter__(self) -> TokenStream:
         return self
 
     def __exit__(self, *exc: Any) -> None:

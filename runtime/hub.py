@@ -26,9 +26,10 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from convert.checkpoint import find_weight_files, sha256_file
 from convert.core.errors import CheckpointError, ModelLoadError, PocketLMError, first_line
@@ -36,8 +37,14 @@ from convert.core.errors import CheckpointError, ModelLoadError, PocketLMError, 
 log = logging.getLogger(__name__)
 
 REPO_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
-CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "spiece.model"]
+CONFIG_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "spiece.model",
+]
 SAFETENSORS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 PYTORCH = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
 # Without --quant, the first of these a GGUF repo offers: a good size/quality balance first.
@@ -119,7 +126,9 @@ def network_fault(error: BaseException) -> str | None:
         while cause is not None and len(chain) < 8:
             chain.append(cause)
             cause = cause.__cause__ or cause.__context__
-        if isinstance(error, httpx2.TimeoutException) or any(isinstance(c, (socket.timeout, TimeoutError)) for c in chain):
+        if isinstance(error, httpx2.TimeoutException) or any(
+            isinstance(c, (socket.timeout, TimeoutError)) for c in chain
+        ):
             return f"no answer from {where} in time"
         if any(isinstance(c, socket.gaierror) for c in chain):
             return f"cannot resolve the host of {where} (no DNS: offline?)"
@@ -193,7 +202,9 @@ def pick_gguf(files: list[str], quant: str | None, ref: HubRef) -> str:
             by_quant[q] = f
     if quant:
         if quant.lower() not in by_quant:
-            raise ModelLoadError(f"{ref} has no {quant} GGUF file; available: {', '.join(sorted(by_quant)) or ', '.join(files)}")
+            raise ModelLoadError(
+                f"{ref} has no {quant} GGUF file; available: {', '.join(sorted(by_quant)) or ', '.join(files)}"
+            )
         return by_quant[quant.lower()]
     for q in GGUF_PREFERENCE:
         if q in by_quant:
@@ -201,7 +212,9 @@ def pick_gguf(files: list[str], quant: str | None, ref: HubRef) -> str:
             return by_quant[q]
     if len(files) == 1:
         return files[0]
-    raise ModelLoadError(f"{ref}: cannot tell the quant types of its GGUF files ({', '.join(files)}); name one with --quant")
+    raise ModelLoadError(
+        f"{ref}: cannot tell the quant types of its GGUF files ({', '.join(files)}); name one with --quant"
+    )
 
 
 def checkpoint_patterns(files: list[str]) -> list[str]:
@@ -254,8 +267,11 @@ def _from_folder(folder: Path, ref: HubRef, quant: str | None) -> Path:
         return folder / pick_gguf(ggufs, quant, ref)
     incomplete = _incomplete(folder)
     if incomplete:
-        raise _missing(ref, f"the cached snapshot is incomplete: {incomplete} (an interrupted download? "
-                            f"`pocketlm pull {ref}` resumes it)")
+        raise _missing(
+            ref,
+            f"the cached snapshot is incomplete: {incomplete} (an interrupted download? "
+            f"`pocketlm pull {ref}` resumes it)",
+        )
     return folder
 
 
@@ -275,8 +291,12 @@ def _safe_name(name: object) -> bool:
     return isinstance(name, str) and bool(name) and not name.startswith(("/", "\\")) and ".." not in Path(name).parts
 
 
-def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
-         before_download: Callable[[list[str], int | None], None] | None = None) -> Path:
+def pull(
+    ref: HubRef,
+    quant: str | None = None,
+    progress: bool = True,
+    before_download: Callable[[list[str], int | None], None] | None = None,
+) -> Path:
     """Download (or find in the cache) what PocketLM needs of a hub repo; return its local path.
 
     Any network fault falls back to the cached snapshot with a warning, or, without one,
@@ -293,8 +313,12 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
     seconds = metadata_timeout()
     try:
         _bounded_session(seconds)
-        info = _within(seconds, lambda: HfApi().model_info(ref.repo, revision=ref.revision, timeout=seconds,
-                                                           files_metadata=before_download is not None))
+        info = _within(
+            seconds,
+            lambda: HfApi().model_info(
+                ref.repo, revision=ref.revision, timeout=seconds, files_metadata=before_download is not None
+            ),
+        )
     except RevisionNotFoundError:
         raise ModelLoadError(f"{ref}: no such revision on the Hub") from None
     except GatedRepoError:
@@ -302,8 +326,12 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
     except RepositoryNotFoundError:
         raise ModelLoadError(f"{ref.repo}: no such model on the Hub (or it is private: set HF_TOKEN)") from None
     except (ValueError, KeyError, TypeError) as e:  # 200 with a body that is not the API's JSON
-        return _fall_back(ref, quant, f"{endpoint()} answered with something that is not the Hub API "
-                                      f"(a proxy or captive portal?): {type(e).__name__}")
+        return _fall_back(
+            ref,
+            quant,
+            f"{endpoint()} answered with something that is not the Hub API "
+            f"(a proxy or captive portal?): {type(e).__name__}",
+        )
     except Exception as e:
         reason = network_fault(e)
         if reason is None:
@@ -329,14 +357,16 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
             if ggufs and not weights:
                 name = patterns[0]
                 return Path(hf_hub_download(ref.repo, name, revision=ref.revision, etag_timeout=seconds))
-            folder = Path(snapshot_download(ref.repo, revision=ref.revision, allow_patterns=patterns,
-                                            etag_timeout=seconds))
+            folder = Path(
+                snapshot_download(ref.repo, revision=ref.revision, allow_patterns=patterns, etag_timeout=seconds)
+            )
     except Exception as e:
         reason = network_fault(e)
         if reason is None:
             raise
-        failed = ModelLoadError(f"downloading {ref} failed ({reason}); what arrived is kept: run the same command "
-                                "again to resume")
+        failed = ModelLoadError(
+            f"downloading {ref} failed ({reason}); what arrived is kept: run the same command again to resume"
+        )
         try:
             older = cached(ref, quant)
         except ModelLoadError:
@@ -345,7 +375,9 @@ def pull(ref: HubRef, quant: str | None = None, progress: bool = True,
         return older
     incomplete = _incomplete(folder)
     if incomplete:
-        raise ModelLoadError(f"downloading {ref} left it incomplete ({incomplete}): run the same command again to retry")
+        raise ModelLoadError(
+            f"downloading {ref} left it incomplete ({incomplete}): run the same command again to retry"
+        )
     return folder
 
 
@@ -380,8 +412,13 @@ def _fetch_blob(ref: HubRef, name: str, commit: str | None, seconds: float, prog
             bar.update(have)
             headers = build_hf_headers() | ({"Range": f"bytes={have}-"} if have else {})
             try:
-                with get_session().stream("GET", meta.location, headers=headers, follow_redirects=True,
-                                          timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+                with get_session().stream(
+                    "GET",
+                    meta.location,
+                    headers=headers,
+                    follow_redirects=True,
+                    timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+                ) as response:
                     hf_raise_for_status(response)
                     resumed = have and response.status_code == 206
                     with open(partial, "ab" if resumed else "wb") as f:
@@ -402,7 +439,9 @@ def _fetch_blob(ref: HubRef, name: str, commit: str | None, seconds: float, prog
         raise HubUnreachable(f"{name} stopped at {size} of {meta.size} bytes")
     if re.fullmatch(r"[0-9a-f]{64}", meta.etag) and sha256_file(partial) != meta.etag:
         partial.unlink()
-        raise ModelLoadError(f"downloading {ref} gave a {name} whose sha256 differs from the Hub's: run the same command again")
+        raise ModelLoadError(
+            f"downloading {ref} gave a {name} whose sha256 differs from the Hub's: run the same command again"
+        )
     os.replace(partial, blob)
 
 

@@ -75,8 +75,12 @@ def load(
     if source.format == HF:
         from .cache import converted
 
-        path = converted(source.path, choice.format, choice.quant or "",
-                         progress=sys.stderr.isatty() if progress is None else progress)
+        path = converted(
+            source.path,
+            choice.format,
+            choice.quant or "",
+            progress=sys.stderr.isatty() if progress is None else progress,
+        )
         source = inspect(path)
     from .backends import get_backend
 

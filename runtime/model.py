@@ -18,8 +18,9 @@ import threading
 import time
 import unicodedata
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, Protocol, Sequence, Union, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import numpy as np
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Prompt = Union[str, Sequence[int]]  # text, or token ids
+Prompt = str | Sequence[int]  # text, or token ids
 
 
 @dataclass
@@ -121,8 +122,8 @@ class Model(ABC):
     """A loaded model. Use `runtime.load()` to get one; close it (or use `with`) when done."""
 
     info: ModelInfo
-    # BLOOMZ's model card: a prompt without a clear end (final punctuation) makes the model
-    # continue the input instead of answering. Backends set this for such models.
+    # A prompt without a clear end (final punctuation) makes some models continue the input
+    # instead of answering (BLOOMZ's model card). Backends set this from the architecture.
     warn_unterminated_prompts = False
     batches_prompts = False  # generate_batch decodes several prompts together (faster than one by one)
 
@@ -163,7 +164,7 @@ class Model(ABC):
         """The tokens a repetition penalty starts from: the prompt, for a causal model."""
         return list(ids)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional for backends: not every engine holds memory to free)
         """Free the engine's memory. The model cannot be used afterwards."""
 
     # -- shared API ---------------------------------------------------------------------
@@ -175,7 +176,8 @@ class Model(ABC):
             self._warned_unterminated = True
             log.warning(
                 "the prompt does not end with punctuation; %s models may continue it instead of "
-                "answering (end it with '.', '?' or ':' as in the model card's examples)", self.info.architecture,
+                "answering (end it with '.', '?' or ':' as in the model card's examples)",
+                self.info.architecture,
             )
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -200,7 +202,11 @@ class Model(ABC):
         return Decoding(ids, options, self._detokenizer(), self._penalty_history(ids))
 
     def stream_tokens(
-        self, prompt: Prompt, options: GenerationOptions | None = None, /, **kwargs: "Unpack[GenerationKwargs]",
+        self,
+        prompt: Prompt,
+        options: GenerationOptions | None = None,
+        /,
+        **kwargs: Unpack[GenerationKwargs],
     ) -> TokenStream:
         """Generate token by token: a stream of each token with the text it releases, whose
         `.result` is the whole GenerationResult once the stream is exhausted."""
@@ -231,18 +237,25 @@ class Model(ABC):
         if tail is not None:
             yield tail
 
-    def stream(self, prompt: Prompt, options: GenerationOptions | None = None, /,
-               **kwargs: "Unpack[GenerationKwargs]") -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, options: GenerationOptions | None = None, /, **kwargs: Unpack[GenerationKwargs]
+    ) -> Iterator[str]:
         """Text increments; they never split a character and join to `generate().text`."""
         return self.stream_tokens(prompt, options, **kwargs).texts()
 
     @overload
-    def generate(self, prompt: Prompt, options: GenerationOptions | None = None, /,
-                 **kwargs: "Unpack[GenerationKwargs]") -> GenerationResult: ...
+    def generate(
+        self, prompt: Prompt, options: GenerationOptions | None = None, /, **kwargs: Unpack[GenerationKwargs]
+    ) -> GenerationResult: ...
 
     @overload
-    def generate(self, prompt: list[str] | list[Sequence[int]], options: GenerationOptions | None = None, /,
-                 **kwargs: "Unpack[GenerationKwargs]") -> list[GenerationResult]: ...
+    def generate(
+        self,
+        prompt: list[str] | list[Sequence[int]],
+        options: GenerationOptions | None = None,
+        /,
+        **kwargs: Unpack[GenerationKwargs],
+    ) -> list[GenerationResult]: ...
 
     def generate(self, prompt: Any, options: GenerationOptions | None = None, /, **kwargs: Any) -> Any:
         """Complete `prompt` (a string or token ids), or each prompt of a list of them.
@@ -259,8 +272,9 @@ class Model(ABC):
             pass
         return stream.result
 
-    def generate_batch(self, prompts: list[Prompt], options: GenerationOptions | None = None, /,
-                       **kwargs: "Unpack[GenerationKwargs]") -> list[GenerationResult]:
+    def generate_batch(
+        self, prompts: list[Prompt], options: GenerationOptions | None = None, /, **kwargs: Unpack[GenerationKwargs]
+    ) -> list[GenerationResult]:
         """Complete several prompts; engines that batch (CTranslate2) run them together."""
         opts = GenerationOptions.of(options, **kwargs)
         return [self.generate(p, opts) for p in prompts]
@@ -282,7 +296,7 @@ class Model(ABC):
             scores.append(float(np.sum(logits[np.arange(len(cont)), cont] - logz)))
         return scores
 
-    def __enter__(self) -> "Model":
+    def __enter__(self) -> Model:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -346,7 +360,9 @@ class Seq2Seq:
     _start_token: int
     info: ModelInfo
 
-    def _decoder_ids(self, input_ids: Sequence[int], decoder_input_ids: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    def _decoder_ids(
+        self, input_ids: Sequence[int], decoder_input_ids: Sequence[int] | None
+    ) -> tuple[list[int], list[int]]:
         src = [int(t) for t in input_ids]
         dec = [self._start_token] if decoder_input_ids is None else [int(t) for t in decoder_input_ids]
         if not src or not dec or dec[0] != self._start_token:

@@ -26,8 +26,9 @@ import os
 import platform as _platform
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from convert.core.errors import ModelLoadError
 
@@ -91,14 +92,18 @@ def choose(
     wanted = get_backend(backend) if backend and backend.lower() != "auto" else None
     n_threads = threads or max(1, min(facts.physical_cores, facts.usable_cpus))
     threads_reason = (
-        f"{n_threads} threads (given)" if threads
-        else f"{n_threads} threads: one per physical core ({facts.physical_cores} physical, {facts.usable_cpus} usable CPUs)"
+        f"{n_threads} threads (given)"
+        if threads
+        else f"{n_threads} threads: one per physical core "
+        f"({facts.physical_cores} physical, {facts.usable_cpus} usable CPUs)"
     )
     if model.format == "hf":
         return _converted(model, facts, wanted, device, n_threads, threads_reason)
     able = runners(model.format)
     if wanted is not None and wanted not in able:
-        raise ModelLoadError(f"backend {wanted.name} cannot run a {model.format} model (it runs {', '.join(wanted.formats)})")
+        raise ModelLoadError(
+            f"backend {wanted.name} cannot run a {model.format} model (it runs {', '.join(wanted.formats)})"
+        )
     if not able:
         raise ModelLoadError(f"no backend runs {model.format!r} models")
     engine = wanted or able[0]
@@ -109,8 +114,9 @@ def choose(
     return choice
 
 
-def _converted(model: ModelFacts, facts: PlatformFacts, wanted: Any, device: str, threads: int,
-               threads_reason: str) -> Choice:
+def _converted(
+    model: ModelFacts, facts: PlatformFacts, wanted: Any, device: str, threads: int, threads_reason: str
+) -> Choice:
     """The conversion of a checkpoint folder to run, and how to run it.
 
     Each format the architecture converts to is asked of the backends that run it; a GPU
@@ -127,7 +133,9 @@ def _converted(model: ModelFacts, facts: PlatformFacts, wanted: Any, device: str
         raise ModelLoadError(f"no converter for architecture {model.architecture!r}")
     options = [(fmt, b) for fmt in arch.targets for b in runners(fmt) if wanted is None or b is wanted]
     if not options:
-        raise ModelLoadError(f"{arch.name} models cannot be converted for {wanted.name} (only {', '.join(arch.targets)})")
+        raise ModelLoadError(
+            f"{arch.name} models cannot be converted for {wanted.name} (only {', '.join(arch.targets)})"
+        )
     if model.quant:  # a quant type names its format: q4_k_m is GGUF, int8 CTranslate2
         fitting = [(fmt, b) for fmt, b in options if model.quant.lower() in FORMATS[fmt].quants]
         options = fitting or options
@@ -168,12 +176,15 @@ def _memory_warnings(model: ModelFacts, choice: Choice, facts: PlatformFacts, ne
     if not facts.ram_bytes or not needed or choice.device != "cpu":
         return []
     if needed > 0.75 * facts.ram_bytes:
-        return [f"the model needs about {needed / GIB:.1f} GiB and this machine has {facts.ram_bytes / GIB:.1f} GiB "
-                "of RAM: expect swapping; a smaller quant type (e.g. q4_k_m or int8) would fit better"]
+        return [
+            f"the model needs about {needed / GIB:.1f} GiB and this machine has {facts.ram_bytes / GIB:.1f} GiB "
+            "of RAM: expect swapping; a smaller quant type (e.g. q4_k_m or int8) would fit better"
+        ]
     return []
 
 
 # -- the real machine ---------------------------------------------------------------------
+
 
 def _physical_cores() -> int:
     logical = os.cpu_count() or 1
@@ -235,7 +246,12 @@ def detect_facts() -> PlatformFacts:
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return PlatformFacts(
-        system=_platform.system(), machine=_platform.machine(), physical_cores=_physical_cores(),
-        usable_cpus=usable, ram_bytes=_ram_bytes(), cpu_features=_cpu_features(), nvidia_gpu=_nvidia_gpu(),
+        system=_platform.system(),
+        machine=_platform.machine(),
+        physical_cores=_physical_cores(),
+        usable_cpus=usable,
+        ram_bytes=_ram_bytes(),
+        cpu_features=_cpu_features(),
+        nvidia_gpu=_nvidia_gpu(),
         engines={b.name: b.probe() for b in backends()},
     )

@@ -11,14 +11,20 @@ from .source import HF, ModelSource, inspect
 def _checkpoint_report(source: ModelSource) -> dict[str, Any]:
     folder = source.path
     return {
-        "parameters": None, "tensors": None, "tensor_types": {}, "context_length": None,
+        "parameters": None,
+        "tensors": None,
+        "tensor_types": {},
+        "context_length": None,
         "tokenizer": next((n for n in ("tokenizer.json", "spiece.model") if (folder / n).is_file()), "none"),
-        "converter": {"name": None, "version": None}, "source": {"repo": None, "revision": None, "files": {}},
+        "converter": {"name": None, "version": None},
+        "source": {"repo": None, "revision": None, "files": {}},
         "metadata": {"config": source.metadata},
     }
 
 
-def model_report(model: str, device: str = "auto", threads: int | None = None, backend: str | None = None) -> dict[str, Any]:
+def model_report(
+    model: str, device: str = "auto", threads: int | None = None, backend: str | None = None
+) -> dict[str, Any]:
     """Everything `pocketlm info` shows: what the model holds (its headers, read once) and how
     this machine would run it."""
     from .backends import runners
@@ -26,17 +32,27 @@ def model_report(model: str, device: str = "auto", threads: int | None = None, b
     source = inspect(resolve_path(model))
     path = source.path
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
-    report: dict[str, Any] = {"path": str(path), "format": source.format, "size_bytes": size,
-                              "architecture": source.architecture, "quant": source.quant if source.format != HF else None}
+    report: dict[str, Any] = {
+        "path": str(path),
+        "format": source.format,
+        "size_bytes": size,
+        "architecture": source.architecture,
+        "quant": source.quant if source.format != HF else None,
+    }
     if source.format == HF:
         report.update(_checkpoint_report(source))
     else:
         report.update(runners(source.format)[0].describe(source))
     choice = decide(source, device, threads, backend)
     report["would_run_on"] = {
-        "backend": choice.backend, "device": choice.device, "threads": choice.threads,
-        "format": choice.format, "quant": choice.quant, "compute_type": choice.compute_type,
-        "reasons": choice.reasons, "warnings": choice.warnings,
+        "backend": choice.backend,
+        "device": choice.device,
+        "threads": choice.threads,
+        "format": choice.format,
+        "quant": choice.quant,
+        "compute_type": choice.compute_type,
+        "reasons": choice.reasons,
+        "warnings": choice.warnings,
     }
     return report
 

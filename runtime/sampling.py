@@ -7,7 +7,8 @@ The options are a `GenerationOptions` (runtime/generation.py), validated where i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 class Sampler:
     """Stateful per generation: owns the random stream so a seed reproduces the output."""
 
-    def __init__(self, params: "GenerationOptions"):
+    def __init__(self, params: GenerationOptions):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 

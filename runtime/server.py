@@ -35,11 +35,12 @@ import socketserver
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from convert.core import __version__
@@ -54,8 +55,16 @@ REQUEST_TIMEOUT = 30.0  # seconds a client may stay silent (or not read) before 
 DRAIN_SECONDS = 30.0  # how long shutdown waits for running generations to stop
 # OpenAI fields PocketLM cannot honour: accepted only with their neutral value.
 NEUTRAL: dict[str, Any] = {
-    "n": 1, "best_of": 1, "echo": False, "logprobs": False, "top_logprobs": 0, "suffix": "",
-    "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "tools": [],
+    "n": 1,
+    "best_of": 1,
+    "echo": False,
+    "logprobs": False,
+    "top_logprobs": 0,
+    "suffix": "",
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+    "tools": [],
 }
 # path -> {HTTP method: the Handler method `_<name>` that answers}. A new endpoint is a row here
 # and its method; routing, 404/405 answers, auth and `pocketlm serve --help` follow the table.
@@ -66,15 +75,27 @@ ENDPOINTS: dict[str, dict[str, str]] = {
     "/v1/chat/completions": {"POST": "chat"},
 }
 PUBLIC = {"/health"}  # answered without the API key
-TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "an array", dict: "an object"}
+TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+}
 
 
 class ApiError(Exception):
     """An error response: HTTP status and OpenAI's error fields."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-        code: str | None = None, headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
@@ -109,8 +130,12 @@ def _check_neutral(body: dict[str, Any]) -> None:
     for name, neutral in NEUTRAL.items():
         value = body.get(name)
         if value is not None and not (value == neutral and isinstance(value, bool) == isinstance(neutral, bool)):
-            raise ApiError(400, f"'{name}' is not supported by this server (only {json.dumps(neutral)})",
-                           param=name, code="unsupported_value")
+            raise ApiError(
+                400,
+                f"'{name}' is not supported by this server (only {json.dumps(neutral)})",
+                param=name,
+                code="unsupported_value",
+            )
 
 
 def _stop(body: dict[str, Any]) -> list[str] | None:
@@ -141,7 +166,9 @@ def _content(content: Any, i: int) -> str:
     """A message's text: a string, or text parts; null for assistant turns that made tool calls."""
     if content is None or isinstance(content, str):
         return content or ""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
         return "\n".join(p["text"] for p in content)
     raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts", param="messages")
 
@@ -187,15 +214,20 @@ def parse_request(body: dict[str, Any], chat: bool, max_tokens_limit: int) -> Ge
         raise ApiError(400, "'seed' must be >= 0", param="seed")
     try:
         options = GenerationOptions(
-            max_new_tokens=max_tokens, stop=tuple(_stop(body) or ()), seed=seed,
-            temperature=_field(body, "temperature", float, 1.0), top_k=_field(body, "top_k", int, 0),
-            top_p=_field(body, "top_p", float, 1.0), repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
+            max_new_tokens=max_tokens,
+            stop=tuple(_stop(body) or ()),
+            seed=seed,
+            temperature=_field(body, "temperature", float, 1.0),
+            top_k=_field(body, "top_k", int, 0),
+            top_p=_field(body, "top_p", float, 1.0),
+            repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
         )
     except PocketLMError as e:
         raise ApiError(400, str(e)) from None
     stream_options = _field(body, "stream_options", dict, {})
     return GenerationRequest(
-        prompt, options,
+        prompt,
+        options,
         stream=_field(body, "stream", bool, False),
         include_usage=bool(_field(stream_options, "include_usage", bool, False)),
     )
@@ -212,7 +244,14 @@ class Reply:
 
     def _wrap(self, kind: str, choice: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
         choices = [{"index": 0, **choice, "logprobs": None}] if choice else []
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
 
     def whole(self, text: str, result: GenerationResult) -> dict[str, Any]:
         if self.chat:
@@ -264,7 +303,9 @@ class Slots:
 
     def __init__(self, running: int, waiting: int):
         if running < 1 or waiting < 0:
-            raise PocketLMError(f"the server needs max_concurrent >= 1 and max_queue >= 0 (got {running} and {waiting})")
+            raise PocketLMError(
+                f"the server needs max_concurrent >= 1 and max_queue >= 0 (got {running} and {waiting})"
+            )
         self._free = threading.Semaphore(running)
         self._changed = threading.Condition()
         self._capacity = running + waiting
@@ -296,8 +337,18 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # listen backlog (the default, 5, drops bursts of connections)
 
-    def __init__(self, model: Model, host: str, port: int, api_key: str | None, max_concurrent: int,
-                 max_queue: int, max_tokens_limit: int, max_body_bytes: int, model_name: str | None):
+    def __init__(
+        self,
+        model: Model,
+        host: str,
+        port: int,
+        api_key: str | None,
+        max_concurrent: int,
+        max_queue: int,
+        max_tokens_limit: int,
+        max_body_bytes: int,
+        model_name: str | None,
+    ):
         self.model, self.api_key = model, api_key
         self.model_name = model_name or default_name(model)
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
@@ -371,11 +422,19 @@ class Handler(BaseHTTPRequestHandler):
             if route is None:
                 raise ApiError(404, f"no such endpoint: {self.command} {path}", code="not_found")
             if path not in PUBLIC and not self._authorized():
-                raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                raise ApiError(
+                    401,
+                    "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             if self.command not in route:
-                raise ApiError(405, f"{path} accepts {', '.join(route)}", code="method_not_allowed",
-                               headers={"Allow": ", ".join(route)})
+                raise ApiError(
+                    405,
+                    f"{path} accepts {', '.join(route)}",
+                    code="method_not_allowed",
+                    headers={"Allow": ", ".join(route)},
+                )
             note = getattr(self, "_" + route[self.command])() or ""
         except ApiError as e:
             note = e.message
@@ -388,8 +447,15 @@ class Handler(BaseHTTPRequestHandler):
             if not self._status:
                 self._send(500, ApiError(500, "internal server error", type="server_error").body())
         finally:
-            log.info('%s "%s %s" %s %.2fs %s', self.client_address[0], self.command, path, self._status or "-",
-                     time.perf_counter() - started, note)
+            log.info(
+                '%s "%s %s" %s %.2fs %s',
+                self.client_address[0],
+                self.command,
+                path,
+                self._status or "-",
+                time.perf_counter() - started,
+                note,
+            )
 
     # -- endpoints ------------------------------------------------------------------------
     def _health(self) -> None:
@@ -409,8 +475,13 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         request = parse_request(body, chat, server.max_tokens_limit)
         if not server.slots.enter():
-            raise ApiError(429, "the server is busy; retry shortly", type="rate_limit_error",
-                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
+            raise ApiError(
+                429,
+                "the server is busy; retry shortly",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
         try:
             if server.stopping.is_set():
                 raise ApiError(503, "the server is shutting down", type="server_error")
@@ -526,7 +597,9 @@ class Handler(BaseHTTPRequestHandler):
         """Errors http.server finds itself (malformed request line or headers): JSON as well."""
         self.close_connection = True
         message = message or HTTPStatus(code).phrase
-        log.info('%s "%s" %d %s', self.client_address[0], _printable(self.requestline or "")[:80], code, _printable(message))
+        log.info(
+            '%s "%s" %d %s', self.client_address[0], _printable(self.requestline or "")[:80], code, _printable(message)
+        )
         try:
             self._send(code, ApiError(code, message).body())
         except OSError:
@@ -553,9 +626,15 @@ def default_name(model: Model) -> str:
 
 
 def make_server(
-    model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-    max_concurrent: int = 1, max_queue: int = 64, max_tokens_limit: int = 2048,
-    max_body_bytes: int = 1_000_000, model_name: str | None = None,
+    model: Model,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_concurrent: int = 1,
+    max_queue: int = 64,
+    max_tokens_limit: int = 2048,
+    max_body_bytes: int = 1_000_000,
+    model_name: str | None = None,
 ) -> Server:
     """A bound server (port 0 picks a free one: see `.port`, `.url`); call `.serve_forever()`."""
     return Server(model, host, port, api_key, max_concurrent, max_queue, max_tokens_limit, max_body_bytes, model_name)

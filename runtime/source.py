@@ -57,7 +57,9 @@ def inspect(path: Path, quant: str | None = None) -> ModelSource:
     if path.is_dir() and (path / "config.json").is_file():
         return _checkpoint(path, quant)
     if path.is_file():
-        raise ModelLoadError(f"{path}: not a model file PocketLM runs (not a GGUF file: bad magic); is it a model file?")
+        raise ModelLoadError(
+            f"{path}: not a model file PocketLM runs (not a GGUF file: bad magic); is it a model file?"
+        )
     raise ModelLoadError(f"{path}: this folder holds no model PocketLM can run")
 
 

@@ -3,8 +3,9 @@ a bare T5 SentencePiece model, with the same ids as the Hugging Face tokenizer."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from convert.core.errors import GenerationError, ModelLoadError, UnsupportedModelError
 from convert.core.sentencepiece import read_spm_model, t5_tokenizer
@@ -83,7 +84,9 @@ def load_tokenizer(folder: Path, name: str | None, vocab_size: int) -> Tokenizer
     if not name:
         return None
     if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
-        raise ModelLoadError(f"{folder}: pocketlm.json names tokenizer {name!r}, which is not a file in the model folder")
+        raise ModelLoadError(
+            f"{folder}: pocketlm.json names tokenizer {name!r}, which is not a file in the model folder"
+        )
     path = folder / name
     if not path.is_file():
         raise ModelLoadError(f"{path}: tokenizer file listed in pocketlm.json is missing")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from reference import T5_CORPUS, T5_PIECES, make_t5_tokenizer
 
 

@@ -73,9 +73,9 @@ class FakeHub:
     def downloads(self, repo: str) -> list[str]:
         """Paths of `repo` whose content was requested (GET on resolve/)."""
         prefix = f"/{repo}/resolve/"
-        return [p[len(prefix):].split("/", 1)[1] for m, p, _ in self.requests if m == "GET" and p.startswith(prefix)]
+        return [p[len(prefix) :].split("/", 1)[1] for m, p, _ in self.requests if m == "GET" and p.startswith(prefix)]
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         self._thread.start()
         return self
 
@@ -93,7 +93,9 @@ class FakeHub:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, head: bool = False) -> None:
+            def _send(
+                self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, head: bool = False
+            ) -> None:
                 self.send_response(status)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -107,7 +109,11 @@ class FakeHub:
                 self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json"})
 
             def _error(self, code: str, status: int = 404) -> None:
-                self._send(status, json.dumps({"error": code}).encode(), {"X-Error-Code": code, "Content-Type": "application/json"})
+                self._send(
+                    status,
+                    json.dumps({"error": code}).encode(),
+                    {"X-Error-Code": code, "Content-Type": "application/json"},
+                )
 
             def do_HEAD(self) -> None:
                 self._route(head=True)
@@ -158,16 +164,28 @@ class FakeHub:
                 found = self._repo(repo, revision)
                 if found:
                     sha, files = found
-                    self._json({"id": repo, "modelId": repo, "sha": sha, "private": False,
-                                "siblings": [{"rfilename": f, **({"size": len(b)} if self.blobs else {})}
-                                             for f, b in files.items()]})
+                    self._json(
+                        {
+                            "id": repo,
+                            "modelId": repo,
+                            "sha": sha,
+                            "private": False,
+                            "siblings": [
+                                {"rfilename": f, **({"size": len(b)} if self.blobs else {})} for f, b in files.items()
+                            ],
+                        }
+                    )
 
             def _tree(self, repo: str, revision: str) -> None:
                 found = self._repo(repo, revision)
                 if found:
                     _, files = found
-                    self._json([{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                                for f, b in files.items()])
+                    self._json(
+                        [
+                            {"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                            for f, b in files.items()
+                        ]
+                    )
 
             def _file(self, repo: str, revision: str, name: str, head: bool) -> None:
                 found = self._repo(repo, revision)
@@ -177,8 +195,12 @@ class FakeHub:
                 if name not in files:
                     return self._error("EntryNotFound")
                 data = files[name]
-                headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
-                           "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+                headers = {
+                    "X-Repo-Commit": sha,
+                    "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                    "Accept-Ranges": "bytes",
+                    "Content-Type": "application/octet-stream",
+                }
                 start = 0
                 rng = self.headers.get("Range")
                 if rng and not head:

@@ -68,8 +68,15 @@ def make_bloom(
 
     torch.manual_seed(seed)
     config = BloomConfig(
-        vocab_size=vocab, hidden_size=hidden, n_layer=n_layer, n_head=n_head,
-        layer_norm_epsilon=eps, initializer_range=init, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        n_layer=n_layer,
+        n_head=n_head,
+        layer_norm_epsilon=eps,
+        initializer_range=init,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
     )
     model = BloomForCausalLM(config).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a swapped tensor cannot hide
@@ -90,10 +97,14 @@ def hf_logits(model: Any, ids: list[int]) -> np.ndarray:
 def hf_greedy(model: Any, ids: list[int], n: int, **kwargs: Any) -> list[int]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n, do_sample=False, num_beams=1, **kwargs,
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            num_beams=1,
+            **kwargs,
         )
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def random_ids(n: int, vocab: int, seed: int = 0, low: int = 4) -> list[int]:
@@ -158,10 +169,20 @@ def make_t5(
     torch.manual_seed(seed)
     cls = MT5Config if model_type == "mt5" else T5Config
     config = cls(
-        vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=n_layers,
-        num_decoder_layers=n_dec, num_heads=n_heads, relative_attention_num_buckets=buckets,
-        relative_attention_max_distance=max_distance, feed_forward_proj=ff, dropout_rate=0.0,
-        decoder_start_token_id=0, eos_token_id=1, pad_token_id=0,
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        num_layers=n_layers,
+        num_decoder_layers=n_dec,
+        num_heads=n_heads,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=max_distance,
+        feed_forward_proj=ff,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
         tie_word_embeddings=head == "tied-scaled",
     )
     from transformers import MT5ForConditionalGeneration, T5ForConditionalGeneration
@@ -172,9 +193,18 @@ def make_t5(
             if "layer_norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     model = model.to(TORCH_DTYPES[dtype])
-    state = {k: v for k, v in model.state_dict().items() if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")}
+    state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
+    }
     if storage.startswith("bin"):  # old checkpoints carry the tied copies too
-        state.update({k: model.state_dict()["shared.weight"] for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")})
+        state.update(
+            {
+                k: model.state_dict()["shared.weight"]
+                for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+            }
+        )
     cfg = config.to_dict()
     cfg["architectures"] = ["MT5ForConditionalGeneration" if model_type == "mt5" else "T5ForConditionalGeneration"]
     if head == "untied":
@@ -201,8 +231,16 @@ def make_t5_tokenizer(folder: Path, texts: list[str], pieces: int = 150) -> dict
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(texts * 3))
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=pieces, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
+        input=str(corpus),
+        model_prefix=str(folder / "spiece"),
+        vocab_size=pieces,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
     )
     T5Tokenizer.from_pretrained(folder, extra_ids=100).save_pretrained(folder / "hf")
     return {"spiece.model": folder / "spiece.model", "tokenizer.json": folder / "hf" / "tokenizer.json"}
@@ -219,7 +257,12 @@ def hf_seq2seq_greedy(model: Any, input_ids: list[int], n: int, **kwargs: Any) -
         # use_cache=False: transformers' cache is sized by num_layers and breaks when the
         # decoder is deeper than the encoder; without it the reference is exact, just slower.
         out = model.generate(
-            torch.tensor([input_ids]), max_new_tokens=n, do_sample=False, num_beams=1, use_cache=False, **kwargs,
+            torch.tensor([input_ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            num_beams=1,
+            use_cache=False,
+            **kwargs,
         )
     return out[0, 1:].tolist()  # drop the decoder start token
 

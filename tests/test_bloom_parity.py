@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import hf_greedy, hf_logits, make_bloom, random_ids
 
 import runtime
 from convert import convert
 from convert.core.formats import GGUF_QUANTS as QUANT_TYPES
-from reference import hf_greedy, hf_logits, make_bloom, random_ids
 
 # (name, make_bloom kwargs): odd widths, 5 heads, eps 1e-6, every storage layout and dtype.
 SHAPES = {

@@ -12,12 +12,12 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from reference import STORAGES, make_bloom, save
 
 from convert import convert
 from convert.checkpoint import Checkpoint, write_safetensors
 from convert.core.errors import CheckpointError, UnsafePickleError, UnsupportedModelError
 from convert.torch_pickle import TorchZipFile
-from reference import STORAGES, make_bloom, save
 
 
 def _torch_state(folder):
@@ -137,7 +137,9 @@ def test_shape_mismatch_names_file_and_tensor(tmp_path):
     config["n_layer"] = 1
     config["hidden_size"] = 45
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor .* has shape \[320, 40\], expected \[320, 45\]"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: tensor .* has shape \[320, 40\], expected \[320, 45\]"
+    ):
         convert(tmp_path, tmp_path / "out.gguf", quant="f16")
 
 

@@ -18,7 +18,10 @@ from convert.synthetic import build_random_bloom
 def pocketlm(*args, stdin=None):
     return subprocess.run(
         [sys.executable, "-m", "runtime", *map(str, args)],
-        capture_output=True, text=True, input=stdin, timeout=600,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=600,
     )
 
 
@@ -83,7 +86,9 @@ def test_user_errors_are_one_line(tmp_path, gguf_path, hf_folder):
     _one_line_error(pocketlm("convert", tmp_path / "nope", "-o", tmp_path / "x.gguf"), "not a folder")
     _one_line_error(pocketlm("convert", tmp_path, "-o", tmp_path / "x.gguf"), "config.json: missing")
     _one_line_error(pocketlm("convert", hf_folder, "-o", gguf_path), "already exists (use --force")
-    _one_line_error(pocketlm("convert", hf_folder, "-o", tmp_path / "x.gguf", "--quant", "q9"), "unknown GGUF quant type")
+    _one_line_error(
+        pocketlm("convert", hf_folder, "-o", tmp_path / "x.gguf", "--quant", "q9"), "unknown GGUF quant type"
+    )
     (tmp_path / "notes.txt").write_text("hello")
     _one_line_error(pocketlm("run", tmp_path / "notes.txt", "hi"), "not a GGUF file")
     truncated = tmp_path / "truncated.gguf"
@@ -138,8 +143,15 @@ def test_main_job_uses_bloomz_from_the_hf_cache(tmp_path):
     build_random_bloom(repo / "snapshots" / revision, hidden=64, n_layer=1, n_head=4, vocab_size=512)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "POCKETLM_CACHE": str(tmp_path / "cache")}
-    run = lambda: subprocess.run([sys.executable, "-m", "runtime.demo"], capture_output=True, text=True, env=env, timeout=600)
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "POCKETLM_CACHE": str(tmp_path / "cache"),
+    }
+    run = lambda: subprocess.run(
+        [sys.executable, "-m", "runtime.demo"], capture_output=True, text=True, env=env, timeout=600
+    )
     first = run()
     assert first.returncode == 0, first.stderr
     assert "using bigscience/bloomz-560m from" in first.stdout and "[synthetic]" not in first.stdout
@@ -162,8 +174,14 @@ def test_t5_convert_run_info(tmp_path):
     info = json.loads(pocketlm("info", out, "--json").stdout)
     assert info["format"] == "ct2" and info["tokenizer"] == "tokenizer.json" and info["quant"] == "int8"
     assert info["would_run_on"]["backend"] == "ctranslate2" and info["would_run_on"]["compute_type"] == "int8"
-    assert info["source"]["files"]["config.json"] == hashlib.sha256((tmp_path / "hf" / "config.json").read_bytes()).hexdigest()
+    assert (
+        info["source"]["files"]["config.json"]
+        == hashlib.sha256((tmp_path / "hf" / "config.json").read_bytes()).hexdigest()
+    )
     run = pocketlm("run", out, "Translate to English: Je t'aime.", "-n", "8", "--json")
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["prompt_tokens"] > 1
-    _one_line_error(pocketlm("convert", tmp_path / "hf", "-o", tmp_path / "x", "--quant", "q4_k_m"), "unknown CTranslate2 quant type")
+    _one_line_error(
+        pocketlm("convert", tmp_path / "hf", "-o", tmp_path / "x", "--quant", "q4_k_m"),
+        "unknown CTranslate2 quant type",
+    )

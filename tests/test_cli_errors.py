@@ -16,10 +16,10 @@ import subprocess
 import sys
 
 import pytest
+from fake_hub import FakeHub, folder_files
 
 from convert import convert
 from convert.synthetic import build_random_bloom
-from fake_hub import FakeHub, folder_files
 
 CASES = [
     # missing file
@@ -94,17 +94,29 @@ CASES = [
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     hf = build_random_bloom(root / "hf", hidden=64, n_layer=1, n_head=4, vocab_size=512)
-    paths = {"hf": hf, "gguf": convert(hf, root / "m-f16.gguf", quant="f16").output, "out": root / "out",
-             "missing": root / "missing", "dir": root / "empty-dir", "text": root / "notes.txt",
-             "empty": root / "empty.gguf", "locked": root / "locked.gguf", "prompts": root / "prompts.jsonl"}
+    paths = {
+        "hf": hf,
+        "gguf": convert(hf, root / "m-f16.gguf", quant="f16").output,
+        "out": root / "out",
+        "missing": root / "missing",
+        "dir": root / "empty-dir",
+        "text": root / "notes.txt",
+        "empty": root / "empty.gguf",
+        "locked": root / "locked.gguf",
+        "prompts": root / "prompts.jsonl",
+    }
     paths["out"].mkdir()
     paths["dir"].mkdir()
     paths["text"].write_text("hello, not a model\n")
     paths["empty"].write_bytes(b"")
     paths["prompts"].write_text('{"prompt": "hi"}\n')
     shutil.copy(paths["gguf"], paths["locked"])
-    for name, config in {"gpt2": '{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}',
-                         "bad_json": '{"architectures": [', "empty_config": "", "locked_folder": "{}"}.items():
+    for name, config in {
+        "gpt2": '{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}',
+        "bad_json": '{"architectures": [',
+        "empty_config": "",
+        "locked_folder": "{}",
+    }.items():
         (root / name).mkdir()
         (root / name / "config.json").write_text(config)
         paths[name] = root / name
@@ -146,8 +158,14 @@ def test_bad_input_is_one_line(tmp_path, files, hub, busy_port, args, code, says
     prefix = unprivileged() if "{locked" in args else []
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "POCKETLM_"))}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", POCKETLM_HUB_TIMEOUT="5")
-    proc = subprocess.run([*prefix, sys.executable, "-m", "runtime", *argv], capture_output=True, text=True,
-                          env=env, timeout=120, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-m", "runtime", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     says = says.format(**values)
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
     assert proc.returncode == code, (proc.returncode, proc.stderr)
@@ -171,7 +189,8 @@ def test_unexpected_exception_is_one_line_and_v_shows_it(tmp_path):
     plain = subprocess.run([sys.executable, "-c", code, "doctor"], capture_output=True, text=True, timeout=60)
     assert plain.returncode == 70 and "Traceback" not in plain.stderr
     assert plain.stderr.strip().splitlines() == [
-        "pocketlm: internal error: ZeroDivisionError: the unexpected (a bug in PocketLM; run with -v to see the traceback)"
+        "pocketlm: internal error: ZeroDivisionError: the unexpected (a bug in PocketLM; run with -v to see the "
+        "traceback)"
     ]
     for argv in (["-v", "doctor"], ["doctor", "-v"]):
         verbose = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)

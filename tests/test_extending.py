@@ -107,7 +107,9 @@ def test_greedy_generation_of_a_dropped_in_architecture_matches_transformers(gpt
     folder, ref = gpt2_checkpoint
     ids = [11, 12, 13, 14]
     with torch.no_grad():
-        hf = ref.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+        hf = ref.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)[
+            0, len(ids) :
+        ].tolist()
     with runtime.load(convert(folder, tmp_path / "g.gguf", quant="f32").output, threads=2) as model:
         assert model.generate(ids, max_new_tokens=8, min_new_tokens=8).token_ids == hf
 
@@ -146,7 +148,14 @@ def test_a_dropped_in_backend_needs_no_other_edit(fake_backend, tmp_path, capsys
 def test_runtime_reads_only_the_shared_parts_of_convert():
     """Layering: convert never imports the runtime; the runtime imports from convert only its
     shared core, the registry, the checkpoint reader, its CLI and convert() itself."""
-    allowed = {"convert", "convert.core", "convert.architectures", "convert.checkpoint", "convert.cli", "convert.synthetic"}
+    allowed = {
+        "convert",
+        "convert.core",
+        "convert.architectures",
+        "convert.checkpoint",
+        "convert.cli",
+        "convert.synthetic",
+    }
     for path in (ROOT / "runtime").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "convert":
@@ -154,15 +163,22 @@ def test_runtime_reads_only_the_shared_parts_of_convert():
                 assert module in allowed, f"{path.relative_to(ROOT)} imports {node.module}"
     for path in (ROOT / "convert").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
-                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names = (
+                [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
             assert not any(n.split(".")[0] == "runtime" for n in names), f"{path.relative_to(ROOT)} imports the runtime"
 
 
 def test_python_m_convert_runs_without_the_runtime(tmp_path):
-    code = ("import runpy, sys; sys.argv = ['convert', '--help']\n"
-            "try:\n    runpy.run_module('convert', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "print('RUNTIME' if any(m == 'runtime' or m.startswith('runtime.') for m in sys.modules) else 'ALONE')")
+    code = (
+        "import runpy, sys; sys.argv = ['convert', '--help']\n"
+        "try:\n    runpy.run_module('convert', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print('RUNTIME' if any(m == 'runtime' or m.startswith('runtime.') for m in sys.modules) else 'ALONE')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "architectures" in proc.stdout and proc.stdout.strip().endswith("ALONE")
@@ -173,8 +189,11 @@ def test_a_gguf_header_is_read_once_per_load_and_per_info(tmp_path, monkeypatch,
     from convert.synthetic import build_random_bloom
     from runtime.cli import main
 
-    path = convert(build_random_bloom(tmp_path / "hf", hidden=64, n_layer=1, n_head=4, vocab_size=512),
-                   tmp_path / "m.gguf", quant="q8_0").output
+    path = convert(
+        build_random_bloom(tmp_path / "hf", hidden=64, n_layer=1, n_head=4, vocab_size=512),
+        tmp_path / "m.gguf",
+        quant="q8_0",
+    ).output
     reads = []
     real = gguf_file._parse
     monkeypatch.setattr(gguf_file, "_parse", lambda c, keep: reads.append(c.path) or real(c, keep))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import logging
+import os
 import pickle
 import struct
 import zipfile
@@ -30,14 +30,16 @@ from convert.torch_pickle import TorchZipFile
 
 # POCKETLM_FUZZ_EXAMPLES=5000 for a longer hunt than the suite's default
 FUZZ = settings(
-    max_examples=int(os.environ.get("POCKETLM_FUZZ_EXAMPLES", 150)), deadline=2000,
+    max_examples=int(os.environ.get("POCKETLM_FUZZ_EXAMPLES", 150)),
+    deadline=2000,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 # -- safetensors ----------------------------------------------------------------------------
 
 numbers = st.one_of(
-    st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([0, 1, 7, 2**31, 2**63, -1]),
 )
 entries = st.fixed_dictionaries(
@@ -48,7 +50,9 @@ entries = st.fixed_dictionaries(
         "data_offsets": st.one_of(st.lists(numbers, max_size=3), numbers, st.none()),
     },
 )
-headers = st.dictionaries(st.text(min_size=1, max_size=8), st.one_of(entries, numbers, st.text(max_size=4), st.none()), max_size=4)
+headers = st.dictionaries(
+    st.text(min_size=1, max_size=8), st.one_of(entries, numbers, st.text(max_size=4), st.none()), max_size=4
+)
 
 
 def _damaged(data: bytes, cut: int, flips: list[tuple[int, int]]) -> bytes:
@@ -90,7 +94,10 @@ def valid_safetensors(tmp_path_factory):
 
 
 @FUZZ
-@given(cut=st.integers(min_value=0, max_value=400), flips=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6))
+@given(
+    cut=st.integers(min_value=0, max_value=400),
+    flips=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6),
+)
 def test_safetensors_truncated_and_corrupted(tmp_path, valid_safetensors, cut, flips):
     path = tmp_path / "x.safetensors"
     path.write_bytes(_damaged(valid_safetensors, cut, flips))
@@ -103,7 +110,10 @@ def test_safetensors_truncated_and_corrupted(tmp_path, valid_safetensors, cut, f
 def test_safetensors_named_attacks(tmp_path):
     cases = {
         "negative-offset": {"t": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}},
-        "overlap": {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+        "overlap": {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
         "huge-shape": {"t": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 16]}},
         "nan-shape": {"t": {"dtype": "F32", "shape": [float("nan")], "data_offsets": [0, 4]}},
         "wrong-dtype": {"t": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}},
@@ -121,6 +131,7 @@ def test_safetensors_named_attacks(tmp_path):
 
 
 # -- torch pickles ----------------------------------------------------------------------------
+
 
 def _torch_zip(payload: bytes | None = None, obj: object = None) -> bytes:
     buf = io.BytesIO()
@@ -147,7 +158,9 @@ def valid_pickle():
 
 
 @FUZZ
-@given(flips=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)), min_size=1, max_size=8), cut=st.integers(0, 300))
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)), min_size=1, max_size=8), cut=st.integers(0, 300)
+)
 def test_pickle_bytes_corrupted(tmp_path, valid_pickle, flips, cut):
     path = tmp_path / "x.bin"
     path.write_bytes(_torch_zip(payload=_damaged(valid_pickle, cut, flips)))
@@ -174,9 +187,18 @@ class _Call:
 
 
 FORBIDDEN = [
-    ("os", "system"), ("builtins", "eval"), ("builtins", "exec"), ("builtins", "getattr"), ("subprocess", "Popen"),
-    ("subprocess", "check_output"), ("torch.serialization", "load"), ("torch", "load"), ("torch._utils", "_rebuild_from_type_v2"),
-    ("torch.nn.modules.module", "Module"), ("collections", "defaultdict"), ("numpy", "load"),
+    ("os", "system"),
+    ("builtins", "eval"),
+    ("builtins", "exec"),
+    ("builtins", "getattr"),
+    ("subprocess", "Popen"),
+    ("subprocess", "check_output"),
+    ("torch.serialization", "load"),
+    ("torch", "load"),
+    ("torch._utils", "_rebuild_from_type_v2"),
+    ("torch.nn.modules.module", "Module"),
+    ("collections", "defaultdict"),
+    ("numpy", "load"),
 ]
 
 
@@ -195,7 +217,9 @@ def test_pickle_globals_outside_the_allow_list_are_refused_and_logged(tmp_path, 
 
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**65), 2**65), st.floats(allow_nan=True), st.text(max_size=12)),
-    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=10), children, max_size=4)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -208,9 +232,26 @@ def bloom_dir(tmp_path_factory):
 
 
 @FUZZ
-@given(patch=st.dictionaries(st.sampled_from(["hidden_size", "n_layer", "n_head", "vocab_size", "layer_norm_epsilon",
-                                              "architectures", "model_type", "tie_word_embeddings",
-                                              "apply_residual_connection_post_layernorm", "eos_token_id"]), json_values, max_size=4))
+@given(
+    patch=st.dictionaries(
+        st.sampled_from(
+            [
+                "hidden_size",
+                "n_layer",
+                "n_head",
+                "vocab_size",
+                "layer_norm_epsilon",
+                "architectures",
+                "model_type",
+                "tie_word_embeddings",
+                "apply_residual_connection_post_layernorm",
+                "eos_token_id",
+            ]
+        ),
+        json_values,
+        max_size=4,
+    )
+)
 def test_config_values_of_any_type(tmp_path, bloom_dir, patch):
     from convert import convert
 
@@ -245,6 +286,7 @@ def test_index_files_of_any_shape(tmp_path, index):
 
 
 # -- GGUF headers --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def valid_gguf(tmp_path_factory, bloom_dir):
@@ -299,9 +341,12 @@ def test_pickle_memo_index_cannot_force_a_huge_allocation(tmp_path):
 
 # -- SentencePiece models -------------------------------------------------------------------
 
+
 @FUZZ
-@given(flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), min_size=1, max_size=8),
-       cut=st.integers(0, 4000))
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), min_size=1, max_size=8),
+    cut=st.integers(0, 4000),
+)
 def test_spiece_model_corrupted(tmp_path, t5_tokenizer_files, flips, cut):
     """A damaged spiece.model is read or refused with PocketLM's error, and what is read
     either builds a tokenizer or is refused the same way: never another exception."""

@@ -13,15 +13,17 @@ import sys
 import textwrap
 
 import pytest
+from fake_hub import FakeHub, folder_files
 
 from convert import convert
 from convert.synthetic import build_random_bloom
-from fake_hub import FakeHub, folder_files
 
 
 @pytest.fixture(scope="module")
 def bloom_files(tmp_path_factory):
-    folder = build_random_bloom(tmp_path_factory.mktemp("hubsrc") / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2)
+    folder = build_random_bloom(
+        tmp_path_factory.mktemp("hubsrc") / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2
+    )
     return folder, folder_files(folder)
 
 
@@ -46,11 +48,15 @@ def env(tmp_path, hub, **extra):
 
 
 def pocketlm(env_vars, *args):
-    return subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], capture_output=True, text=True, env=env_vars, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "runtime", *map(str, args)], capture_output=True, text=True, env=env_vars, timeout=600
+    )
 
 
 def python(env_vars, code):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env_vars, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env_vars, timeout=600
+    )
 
 
 def test_run_by_hub_id_pulls_only_one_weight_format_then_works_offline(tmp_path, hub):
@@ -84,7 +90,9 @@ def test_offline_without_cache_says_what_is_missing(tmp_path, hub):
 def test_unknown_repo_and_revision_are_one_line_errors(tmp_path, hub):
     e = env(tmp_path, hub)
     missing = pocketlm(e, "pull", "tiny/nothing")
-    assert missing.returncode == 1 and "no such model on the Hub" in missing.stderr and "Traceback" not in missing.stderr
+    assert (
+        missing.returncode == 1 and "no such model on the Hub" in missing.stderr and "Traceback" not in missing.stderr
+    )
     bad_rev = pocketlm(e, "pull", "tiny/bloom@v9")
     assert bad_rev.returncode == 1 and "no such revision" in bad_rev.stderr
 
@@ -98,7 +106,10 @@ def test_revision_pin_is_honoured(tmp_path, hub, bloom_files):
     pulled = pocketlm(e, "pull", "tiny/bloom@v1")
     assert pulled.returncode == 0, pulled.stderr
     folder = pulled.stdout.strip().splitlines()[-1]
-    assert folder.endswith(old) and json.loads(open(os.path.join(folder, "config.json")).read())["layer_norm_epsilon"] == 1e-3
+    assert (
+        folder.endswith(old)
+        and json.loads(open(os.path.join(folder, "config.json")).read())["layer_norm_epsilon"] == 1e-3
+    )
     main = pocketlm(e, "pull", "tiny/bloom").stdout.strip().splitlines()[-1]
     assert main != folder
 
@@ -125,7 +136,9 @@ def test_interrupted_download_resumes(tmp_path, hub):
     hub.flaky.add("tiny/big/model.safetensors")
     proc = pocketlm(env(tmp_path, hub), "pull", "tiny/big")
     gets = [r for m, p, r in hub.requests if m == "GET" and p.endswith("model.safetensors")]
-    assert len(gets) == 2 and gets[0] is None and gets[1] and gets[1].startswith("bytes=") and gets[1] != "bytes=0-", gets
+    assert len(gets) == 2 and gets[0] is None and gets[1] and gets[1].startswith("bytes=") and gets[1] != "bytes=0-", (
+        gets
+    )
     assert "interrupted" in proc.stderr and "resuming at" in proc.stderr
     folder = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else None
     # a folder without tokenizer/weights we know is still pulled; its bytes must be intact
@@ -143,11 +156,14 @@ def test_corrupted_cached_conversion_is_rebuilt(tmp_path, hub):
     assert again.returncode == 0, again.stderr
     assert "does not match its manifest" in again.stderr
     manifest = json.loads(open(entry["path"] + "/manifest.json").read())
-    check = python(e, f"""
+    check = python(
+        e,
+        f"""
         from pathlib import Path
         from runtime.cache import _HashMemo, output_sha256
-        print(output_sha256(Path({entry['path']!r}) / "model.gguf", _HashMemo()))
-    """)
+        print(output_sha256(Path({entry["path"]!r}) / "model.gguf", _HashMemo()))
+    """,
+    )
     assert check.stdout.strip() == manifest["output_sha256"]
 
 

@@ -9,9 +9,9 @@ import textwrap
 import time
 
 import pytest
+from reference import make_t5
 
 from convert.synthetic import build_random_bloom
-from reference import make_t5
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,9 @@ def test_full_disk_is_one_clear_line_and_leaves_nothing(bloom, tmp_path, quant, 
     out_dir.mkdir()
     out = out_dir / ("m.gguf" if fmt == "gguf" else "m")
     args = ["convert", str(src), "-o", str(out), "--quant", quant, "--format", fmt]
-    proc = subprocess.run([sys.executable, "-c", LIMITED.format(limit=200_000, args=args)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", LIMITED.format(limit=200_000, args=args)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr

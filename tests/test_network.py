@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_hub import FakeHub, closed_port, folder_files
 
 from convert.synthetic import build_random_bloom
-from fake_hub import FakeHub, closed_port, folder_files
 
 NETFAULT = Path(__file__).parent / "netfault"  # sitecustomize: *.invalid does not resolve
 HUB_MIN = Path(sys.prefix) / "hub-min"
@@ -36,7 +36,9 @@ def hub_versions() -> list:
 
 @pytest.fixture(scope="module")
 def bloom_files(tmp_path_factory):
-    folder = build_random_bloom(tmp_path_factory.mktemp("netsrc") / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2)
+    folder = build_random_bloom(
+        tmp_path_factory.mktemp("netsrc") / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2
+    )
     return folder_files(folder)
 
 
@@ -50,15 +52,24 @@ def hub(bloom_files):
 def env(tmp_path: Path, endpoint: str, hub_dir: Path | None = None, **extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "POCKETLM_"))}
     path = [str(NETFAULT)] + ([str(hub_dir)] if hub_dir else []) + [e.get("PYTHONPATH", "")]
-    e.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
-             POCKETLM_HUB_TIMEOUT=str(TIMEOUT), HF_HUB_DOWNLOAD_TIMEOUT="1", PYTHONPATH=os.pathsep.join(filter(None, path)))
+    e.update(
+        HF_HOME=str(tmp_path / "hf"),
+        HF_ENDPOINT=endpoint,
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        POCKETLM_HUB_TIMEOUT=str(TIMEOUT),
+        HF_HUB_DOWNLOAD_TIMEOUT="1",
+        PYTHONPATH=os.pathsep.join(filter(None, path)),
+    )
     e.update(extra)
     return e
 
 
 def pocketlm(env_vars: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "runtime", *args], capture_output=True, text=True, env=env_vars, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime", *args], capture_output=True, text=True, env=env_vars, timeout=300
+    )
     return proc, time.monotonic() - started
 
 
@@ -75,8 +86,14 @@ FAULTS = {
     "http-503": (lambda hub: (hub.url, "status:503"), "answered HTTP 503"),
     "http-429": (lambda hub: (hub.url, "status:429"), "answered HTTP 429 \\(too many requests"),
     "tls": (lambda hub: (hub.url.replace("http://", "https://"), None), "TLS with https://127.0.0.1:\\d+ failed"),
-    "html-portal": (lambda hub: (hub.url, "html"), "answered with something that is not the Hub API \\(a proxy or captive portal"),
-    "html-proxy-403": (lambda hub: (hub.url, "html:403"), "answered HTTP 403 with an HTML page \\(a proxy or captive portal"),
+    "html-portal": (
+        lambda hub: (hub.url, "html"),
+        "answered with something that is not the Hub API \\(a proxy or captive portal",
+    ),
+    "html-proxy-403": (
+        lambda hub: (hub.url, "html:403"),
+        "answered HTTP 403 with an HTML page \\(a proxy or captive portal",
+    ),
 }
 
 
@@ -107,7 +124,9 @@ def test_metadata_fault_with_cache_uses_the_cached_snapshot(tmp_path, hub, fault
     proc, seconds = pocketlm(env(tmp_path, endpoint, hub_dir), "pull", "tiny/bloom")
     lines = stderr_lines(proc)
     assert proc.returncode == 0 and proc.stdout.strip() == folder, proc.stderr
-    assert len(lines) == 1 and "the Hub is not reachable (" in lines[0] and f"using the cached {folder}" in lines[0], lines
+    assert len(lines) == 1 and "the Hub is not reachable (" in lines[0] and f"using the cached {folder}" in lines[0], (
+        lines
+    )
     assert re.search(says, lines[0]), lines[0]
     assert seconds < TIMEOUT + SLACK, seconds
 
@@ -140,10 +159,14 @@ def test_hf_etag_timeout_and_pocketlm_setting_change_the_bound(tmp_path, hub):
     del e["POCKETLM_HUB_TIMEOUT"]
     proc, seconds = pocketlm(e, "pull", "tiny/bloom")
     assert "within 1 s" in proc.stderr and seconds < 1 + SLACK, proc.stderr
-    proc, _ = pocketlm(env(tmp_path, hub.url, HF_HUB_ETAG_TIMEOUT="1", POCKETLM_HUB_TIMEOUT="1.5"), "pull", "tiny/bloom")
+    proc, _ = pocketlm(
+        env(tmp_path, hub.url, HF_HUB_ETAG_TIMEOUT="1", POCKETLM_HUB_TIMEOUT="1.5"), "pull", "tiny/bloom"
+    )
     assert "within 1.5 s" in proc.stderr, proc.stderr
     proc, _ = pocketlm(env(tmp_path, hub.url, POCKETLM_HUB_TIMEOUT="soon"), "pull", "tiny/bloom")
-    assert proc.returncode == 1 and stderr_lines(proc) == ["pocketlm: error: POCKETLM_HUB_TIMEOUT='soon': not a number of seconds"]
+    assert proc.returncode == 1 and stderr_lines(proc) == [
+        "pocketlm: error: POCKETLM_HUB_TIMEOUT='soon': not a number of seconds"
+    ]
 
 
 @pytest.mark.parametrize("fault", ["reset", "stall"])
@@ -189,7 +212,9 @@ def test_hub_min_is_the_lowest_version_pyproject_allows():
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     low, high = re.search(r'"huggingface_hub>=([\d.]+),<(\d+)"', pyproject).groups()
     installed = [p.name for p in HUB_MIN.glob("huggingface_hub-*.dist-info")]
-    assert installed == [f"huggingface_hub-{low}.dist-info"] or installed == [f"huggingface_hub-{low}.0.dist-info"], installed
+    assert installed == [f"huggingface_hub-{low}.dist-info"] or installed == [f"huggingface_hub-{low}.0.dist-info"], (
+        installed
+    )
     from huggingface_hub import __version__
 
     assert int(__version__.split(".")[0]) < int(high)
@@ -200,9 +225,14 @@ def test_main_job_downloads_bloomz_then_reuses_it(tmp_path, bloom_files):
     announced with its size, downloaded (config, tokenizer, safetensors only), converted and
     answered; the next run finds it in the cache and downloads nothing."""
     with FakeHub() as hub:
-        hub.add("bigscience/bloomz-560m", {**bloom_files, "pytorch_model.bin": b"never fetched", "flax_model.msgpack": b"no"})
+        hub.add(
+            "bigscience/bloomz-560m",
+            {**bloom_files, "pytorch_model.bin": b"never fetched", "flax_model.msgpack": b"no"},
+        )
         e = env(tmp_path, hub.url, POCKETLM_CACHE=str(tmp_path / "cache"))
-        run = lambda: subprocess.run([sys.executable, "-m", "runtime.demo"], capture_output=True, text=True, env=e, timeout=600)
+        run = lambda: subprocess.run(
+            [sys.executable, "-m", "runtime.demo"], capture_output=True, text=True, env=e, timeout=600
+        )
         first = run()
         assert first.returncode == 0, first.stderr
         size = sum(len(bloom_files[f]) for f in ("config.json", "tokenizer.json", "model.safetensors"))
@@ -220,9 +250,16 @@ def test_main_job_without_the_hub_says_so_in_one_line_and_runs_the_synthetic_pip
     make, says = FAULTS[fault]
     endpoint, mode = make(hub)
     hub.fault = mode
-    proc = subprocess.run([sys.executable, "-m", "runtime.demo"], capture_output=True, text=True, timeout=600,
-                          env=env(tmp_path, endpoint, POCKETLM_CACHE=str(tmp_path / "cache")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime.demo"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env(tmp_path, endpoint, POCKETLM_CACHE=str(tmp_path / "cache")),
+    )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     first, *rest = proc.stdout.splitlines()
-    assert first.startswith("[synthetic] bigscience/bloomz-560m is not on this machine") and re.search(says, first), first
+    assert first.startswith("[synthetic] bigscience/bloomz-560m is not on this machine") and re.search(says, first), (
+        first
+    )
     assert "the Hub is not reachable" in first and all(line.startswith("[synthetic]") for line in rest), proc.stdout

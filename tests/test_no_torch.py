@@ -25,7 +25,10 @@ BLOCKER = textwrap.dedent(
 def _run(code: str, tmp_path, forbidden: tuple[str, ...] = ("torch", "transformers")) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", BLOCKER + textwrap.dedent(code), *forbidden],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
 
 
@@ -101,7 +104,9 @@ def test_t5_ct2_path_never_imports_torch_even_when_installed(tmp_path):
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
     assert not leaked, leaked
     """
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -19,8 +19,13 @@ T5_F32 = ModelFacts("ct2", "t5", "float32", 300 << 20)
 def machine(llama_gpu=None, ct2_cuda_devices=0, ct2_cpu_compute=frozenset({"int8", "int8_float32", "float32"}), **kw):
     """A machine; the engines' facts are what each backend's probe would report."""
     base = dict(
-        system="Linux", machine="x86_64", physical_cores=8, usable_cpus=16, ram_bytes=32 * GIB,
-        cpu_features=frozenset({"avx2", "fma"}), nvidia_gpu=bool(ct2_cuda_devices) or llama_gpu == "cuda",
+        system="Linux",
+        machine="x86_64",
+        physical_cores=8,
+        usable_cpus=16,
+        ram_bytes=32 * GIB,
+        cpu_features=frozenset({"avx2", "fma"}),
+        nvidia_gpu=bool(ct2_cuda_devices) or llama_gpu == "cuda",
     )
     base.update(kw)
     engines = {"llama.cpp": LlamaFacts(llama_gpu), "ctranslate2": CT2Facts(ct2_cuda_devices, ct2_cpu_compute)}

@@ -26,7 +26,13 @@ def model(tmp_path_factory):
 
 def test_info_describes_the_choice(model):
     info = model.info
-    assert (info.format, info.backend, info.device, info.architecture, info.quant) == ("gguf", "llama.cpp", "cpu", "bloom", "f32")
+    assert (info.format, info.backend, info.device, info.architecture, info.quant) == (
+        "gguf",
+        "llama.cpp",
+        "cpu",
+        "bloom",
+        "f32",
+    )
     assert info.n_ctx == 256 and info.vocab_size == 768 and info.threads >= 1 and info.reasons
 
 
@@ -109,7 +115,11 @@ def test_score_is_the_candidates_log_likelihood(model):
     scores = model.score(prompt, cands)
     for cand, score in zip(cands, scores):
         logits = model.logits(prompt + cand).astype(np.float64)
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
+        )
         expected = sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(cand))
         assert score == pytest.approx(expected, abs=1e-6)
     assert model.score(PROMPTS[0], ["yes", "no"])[0] < 0

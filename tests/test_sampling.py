@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
-    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from convert.core.errors import GenerationError
@@ -56,10 +59,21 @@ def test_greedy_and_seeds():
     assert len(set(a)) == 1  # a fresh sampler with the same seed draws the same token
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(temperature=-1), dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_k=-1), dict(top_p=0),
-    dict(top_p=1.5), dict(repetition_penalty=0), dict(repetition_penalty=float("inf")), dict(seed=-1), dict(seed=2**64),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-1),
+        dict(temperature=float("nan")),
+        dict(temperature=float("inf")),
+        dict(top_k=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(repetition_penalty=0),
+        dict(repetition_penalty=float("inf")),
+        dict(seed=-1),
+        dict(seed=2**64),
+    ],
+)
 def test_invalid_parameters(kwargs):
     with pytest.raises(GenerationError):
         GenerationOptions(**kwargs)

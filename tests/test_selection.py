@@ -9,15 +9,15 @@ import sys
 
 import numpy as np
 import pytest
+from reference import make_t5
 
 import runtime
 from convert import convert
 from convert.core.errors import ModelLoadError
 from convert.synthetic import build_random_bloom
-from reference import make_t5
-from runtime.doctor import recommendations
 from runtime.backends.ctranslate2 import CT2Facts
 from runtime.backends.llama_cpp import LlamaFacts
+from runtime.doctor import recommendations
 from runtime.platform import PlatformFacts
 
 
@@ -29,7 +29,9 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def bloom_folder(tmp_path_factory):
-    return build_random_bloom(tmp_path_factory.mktemp("b") / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2)
+    return build_random_bloom(
+        tmp_path_factory.mktemp("b") / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2
+    )
 
 
 def test_checkpoint_folder_is_converted_once_and_reused(bloom_folder, cache):
@@ -41,7 +43,11 @@ def test_checkpoint_folder_is_converted_once_and_reused(bloom_folder, cache):
     entries = list((cache / "converted").glob("*/manifest.json"))
     assert len(entries) == 1
     manifest = json.loads(entries[0].read_text())
-    assert manifest["format"] == "gguf" and manifest["quant"] == "q4_k_m" and "model.safetensors" in manifest["source"]["sha256"]
+    assert (
+        manifest["format"] == "gguf"
+        and manifest["quant"] == "q4_k_m"
+        and "model.safetensors" in manifest["source"]["sha256"]
+    )
     mtime = (entries[0].parent / "model.gguf").stat().st_mtime_ns
     with runtime.load(bloom_folder, progress=False) as model:  # reused: same file, untouched
         assert model.info.path == first and model.generate("Bonjour.", max_new_tokens=8).text == text
@@ -107,7 +113,9 @@ def test_batch_jsonl_is_resumable(bloom_folder, tmp_path):
     def run():
         return subprocess.run(
             [sys.executable, "-m", "runtime", "run", gguf, "--input", prompts, "--output", out, "-n", "6"],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
 
     first = run()
@@ -118,7 +126,7 @@ def test_batch_jsonl_is_resumable(bloom_folder, tmp_path):
     with runtime.load(gguf) as model:
         assert records[0]["text"] == model.generate("Question 0: what is 0 + 0?", max_new_tokens=6).text
     # a run killed mid-write leaves a torn line and misses the rest: the re-run repairs and completes
-    out.write_text("\n".join(l for l in out.read_text().splitlines()[:3]) + '\n{"id": "p2", "te')
+    out.write_text("\n".join(out.read_text().splitlines()[:3]) + '\n{"id": "p2", "te')
     second = run()
     assert "answered 3 prompts (3 already answered)" in second.stdout, second.stdout + second.stderr
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["p0", "p1", 3, "p2", "p3", "p4"]
@@ -129,14 +137,24 @@ def test_batch_input_errors_name_the_line(bloom_folder, tmp_path):
     gguf = convert(bloom_folder, tmp_path / "m.gguf", quant="q8_0").output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{not json}\n')
-    proc = subprocess.run([sys.executable, "-m", "runtime", "run", gguf, "--input", bad, "--output", tmp_path / "o.jsonl"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime", "run", gguf, "--input", bad, "--output", tmp_path / "o.jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 1 and "bad.jsonl:2: not valid JSON" in proc.stderr
 
 
 def _facts(installed=True, **kw):
-    base = dict(system="Linux", machine="x86_64", physical_cores=4, usable_cpus=4, ram_bytes=16 << 30,
-                cpu_features=frozenset({"avx2"}))
+    base = dict(
+        system="Linux",
+        machine="x86_64",
+        physical_cores=4,
+        usable_cpus=4,
+        ram_bytes=16 << 30,
+        cpu_features=frozenset({"avx2"}),
+    )
     base.update(kw)
     engines = {"llama.cpp": LlamaFacts(), "ctranslate2": CT2Facts()} if installed else {}
     return PlatformFacts(**base, engines=engines)
@@ -149,13 +167,17 @@ def test_doctor_recommendations():
     cuda = recommendations(_facts(nvidia_gpu=True))
     assert any("GGML_CUDA=on" in t for t in cuda) and any("CTranslate2 sees none" in t for t in cuda)
     missing = recommendations(_facts(installed=False))
-    assert any("pip install llama-cpp-python" in t for t in missing) and any("pip install ctranslate2" in t for t in missing)
+    assert any("pip install llama-cpp-python" in t for t in missing) and any(
+        "pip install ctranslate2" in t for t in missing
+    )
     assert any("AVX2" in t for t in recommendations(_facts(cpu_features=frozenset({"avx"}))))
     assert any("RAM" in t for t in recommendations(_facts(ram_bytes=2 << 30)))
 
 
 def test_doctor_command_json():
-    proc = subprocess.run([sys.executable, "-m", "runtime", "doctor", "--json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime", "doctor", "--json"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["machine"]["physical_cores"] >= 1 and report["engines"]["llama-cpp-python"]
@@ -180,8 +202,12 @@ def test_ctranslate2_sampling_means_what_the_sampler_means(tmp_path):
     keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1
     expected = dict(zip(order[:keep].tolist(), (probs[:keep] / probs[:keep].sum()).tolist()))
     for seeded in (False, True):  # CTranslate2's own sampler, and the seeded step-by-step path
-        draws = [model.generate(src, max_new_tokens=1, temperature=0.7, top_k=8, top_p=0.9,
-                                seed=s if seeded else None).token_ids[0] for s in range(600)]
+        draws = [
+            model.generate(
+                src, max_new_tokens=1, temperature=0.7, top_k=8, top_p=0.9, seed=s if seeded else None
+            ).token_ids[0]
+            for s in range(600)
+        ]
         assert set(draws) <= set(expected), "a token outside the top-k/top-p set was drawn"
         freq = {t: draws.count(t) / len(draws) for t in expected}
         assert max(abs(freq[t] - p) for t, p in expected.items()) < 0.06, (seeded, freq, expected)

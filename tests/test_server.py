@@ -12,8 +12,9 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -110,7 +111,11 @@ def test_health_and_models(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"] and models.data[0].owned_by == "pocketlm"
     status, _, body = request(server, "GET", "/v1/models")
-    assert body["object"] == "list" and body["data"][0]["object"] == "model" and isinstance(body["data"][0]["created"], int)
+    assert (
+        body["object"] == "list"
+        and body["data"][0]["object"] == "model"
+        and isinstance(body["data"][0]["created"], int)
+    )
 
 
 def test_completion_equals_generate(model, client):
@@ -149,9 +154,16 @@ def test_seeded_sampling_matches_generate(model, client):
 
 def test_completion_stream(model, client, server):
     expected = model.generate(PROMPT, max_new_tokens=24)
-    chunks = list(client.completions.create(
-        model="tiny", prompt=PROMPT, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == expected.text
     assert chunks[-2].choices[0].finish_reason == "length"
@@ -159,7 +171,9 @@ def test_completion_stream(model, client, server):
     assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
 
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stream": True}))
+    conn.request(
+        "POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stream": True})
+    )
     response = conn.getresponse()
     raw = response.read().decode()
     conn.close()
@@ -172,7 +186,10 @@ def test_completion_stream(model, client, server):
 def test_chat_single_message_is_the_bare_text(model, client):
     expected = model.generate(PROMPT, max_new_tokens=16)
     out = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=16, temperature=0,
+        model="tiny",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=16,
+        temperature=0,
     )
     assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == expected.text
@@ -180,17 +197,24 @@ def test_chat_single_message_is_the_bare_text(model, client):
 
     with_system = model.generate("Be brief.\n\n" + PROMPT, max_new_tokens=16).text
     out = client.chat.completions.create(
-        model="tiny", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}],
-        max_completion_tokens=16, temperature=0,
+        model="tiny",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}],
+        max_completion_tokens=16,
+        temperature=0,
     )
     assert out.choices[0].message.content == with_system
 
 
 def test_chat_stream(model, client):
-    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
-                {"role": "user", "content": [{"type": "text", "text": "How are you?"}]}]
+    messages = [
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": [{"type": "text", "text": "How are you?"}]},
+    ]
     expected = model.generate("User: Hi.\nAssistant: Hello!\nUser: How are you?\nAssistant:", max_new_tokens=16)
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
     assert chunks[-1].choices[0].finish_reason == expected.finish_reason
@@ -201,10 +225,13 @@ def test_chat_template():
     user = {"role": "user", "content": "Q?"}
     assert chat_prompt([user]) == "Q?"
     assert chat_prompt([{"role": "system", "content": "S."}, user]) == "S.\n\nQ?"
-    assert chat_prompt([user, {"role": "assistant", "content": "A."}, user]) == "User: Q?\nAssistant: A.\nUser: Q?\nAssistant:"
-    assert chat_prompt([{"role": "developer", "content": "S."}, user, {"role": "assistant", "content": "A."}, user]) == (
-        "S.\n\nUser: Q?\nAssistant: A.\nUser: Q?\nAssistant:"
+    assert (
+        chat_prompt([user, {"role": "assistant", "content": "A."}, user])
+        == "User: Q?\nAssistant: A.\nUser: Q?\nAssistant:"
     )
+    assert chat_prompt(
+        [{"role": "developer", "content": "S."}, user, {"role": "assistant", "content": "A."}, user]
+    ) == ("S.\n\nUser: Q?\nAssistant: A.\nUser: Q?\nAssistant:")
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -215,18 +242,21 @@ def test_invalid_json(server):
         assert_error(reply)
 
 
-@pytest.mark.parametrize("path, field, value", [
-    ("/v1/completions", "max_tokens", "abc"),
-    ("/v1/completions", "temperature", "hot"),
-    ("/v1/completions", "top_k", True),
-    ("/v1/completions", "stop", 3),
-    ("/v1/completions", "stream", "yes"),
-    ("/v1/completions", "seed", 1.5),
-    ("/v1/completions", "prompt", {"text": "hi"}),
-    ("/v1/chat/completions", "messages", "hi"),
-    ("/v1/chat/completions", "messages", [{"role": "wizard", "content": "hi"}]),
-    ("/v1/chat/completions", "max_completion_tokens", "many"),
-])
+@pytest.mark.parametrize(
+    "path, field, value",
+    [
+        ("/v1/completions", "max_tokens", "abc"),
+        ("/v1/completions", "temperature", "hot"),
+        ("/v1/completions", "top_k", True),
+        ("/v1/completions", "stop", 3),
+        ("/v1/completions", "stream", "yes"),
+        ("/v1/completions", "seed", 1.5),
+        ("/v1/completions", "prompt", {"text": "hi"}),
+        ("/v1/chat/completions", "messages", "hi"),
+        ("/v1/chat/completions", "messages", [{"role": "wizard", "content": "hi"}]),
+        ("/v1/chat/completions", "max_completion_tokens", "many"),
+    ],
+)
 def test_wrongly_typed_fields(server, path, field, value):
     body = {"model": "tiny", "prompt": PROMPT, "messages": [{"role": "user", "content": PROMPT}], field: value}
     status, _, reply = request(server, "POST", path, body)
@@ -234,10 +264,22 @@ def test_wrongly_typed_fields(server, path, field, value):
     assert_error(reply, param=field)
 
 
-@pytest.mark.parametrize("extra", [
-    {"max_tokens": 129}, {"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"seed": -1},
-    {"n": 2}, {"echo": True}, {"presence_penalty": 0.5}, {"logprobs": 2}, {"prompt": ["a", "b"]}, {"prompt": ""},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"max_tokens": 129},
+        {"max_tokens": 0},
+        {"temperature": -1},
+        {"top_p": 0},
+        {"seed": -1},
+        {"n": 2},
+        {"echo": True},
+        {"presence_penalty": 0.5},
+        {"logprobs": 2},
+        {"prompt": ["a", "b"]},
+        {"prompt": ""},
+    ],
+)
 def test_refused_values(server, extra):
     status, _, reply = request(server, "POST", "/v1/completions", {"prompt": PROMPT, **extra})
     assert status == 400
@@ -245,7 +287,14 @@ def test_refused_values(server, extra):
 
 
 def test_neutral_values_are_accepted(server):
-    neutral = {"n": 1, "echo": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": None, "max_tokens": 2}
+    neutral = {
+        "n": 1,
+        "echo": False,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logprobs": None,
+        "max_tokens": 2,
+    }
     assert request(server, "POST", "/v1/completions", {"prompt": PROMPT, **neutral})[0] == 200
 
 
@@ -256,9 +305,13 @@ def test_errors_through_the_client(client):
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="tiny", prompt="hello world " * 200, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="context"):
-        list(client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hello world " * 200}], stream=True,
-        ))
+        list(
+            client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "hello world " * 200}],
+                stream=True,
+            )
+        )
 
 
 def test_routes_and_methods(server):
@@ -303,8 +356,10 @@ def stream_request(port: int, max_tokens: int) -> socket.socket:
     """A raw socket with a streaming completion in flight, its first event read."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     received = b""
     while b"data: " not in received:
         data = sock.recv(4096)
@@ -337,7 +392,9 @@ def test_disconnect_frees_the_slot(model):
     with running(SlowModel(model, 0.05), max_concurrent=1, max_queue=4) as server:
         hard_close(stream_request(server.port, 200))  # ~10 s of generation left
         started = time.monotonic()
-        status, _, reply = request(server, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+        status, _, reply = request(
+            server, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "temperature": 0}
+        )
         assert status == 200 and reply["usage"]["completion_tokens"] == 2
         assert time.monotonic() - started < 5  # not the ~10 s the abandoned stream had left
         assert server.slots.wait_idle(2)  # the slot is returned just after the response is sent
@@ -349,6 +406,7 @@ def test_concurrent_clients_get_their_own_answers(model):
 
     with running(model, max_concurrent=2, max_queue=64) as server:
         with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+
             def ask(i: int) -> str:
                 kw = dict(model="tiny", prompt=prompts[i], max_tokens=12, temperature=0)
                 if i % 2:
@@ -366,7 +424,7 @@ def test_garbage_never_kills_the_server(server):
         b"\x00\xff\x16\x03\x01 garbage\r\n\r\n",  # TLS-ish bytes
         b"GET / HTTP/9.9\r\n\r\n",
         b"POST /v1/completions HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
-        b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"pro",  # closed mid-body
+        b'POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"pro',  # closed mid-body
         b"GET /health HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",  # too many headers
         b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 50000\r\n\r\n" + b"[" * 50000,  # deep nesting
         b"",  # connect and leave
@@ -414,13 +472,24 @@ def test_load_200_requests_from_32_clients_complete_with_stable_memory(model):
                 status, _, body = request(server, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": "many"})
                 return status == 400 and "error" in body
             if i % 4 == 0:
-                text = "".join(c.choices[0].text for c in client.completions.create(
-                    model="tiny", prompt=prompt, max_tokens=8, temperature=0, stream=True))
+                text = "".join(
+                    c.choices[0].text
+                    for c in client.completions.create(
+                        model="tiny", prompt=prompt, max_tokens=8, temperature=0, stream=True
+                    )
+                )
             elif i % 4 == 1:
-                text = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
-                                                      max_tokens=8, temperature=0).choices[0].message.content
+                text = (
+                    client.chat.completions.create(
+                        model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0
+                    )
+                    .choices[0]
+                    .message.content
+                )
             else:
-                text = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+                text = (
+                    client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+                )
             return text == expected[prompt]
 
         started = time.monotonic()

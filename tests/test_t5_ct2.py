@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from reference import hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids
 
 import runtime
 from convert import convert
 from convert.core.ct2_file import read_model_bin
-from convert.core.formats import CT2_QUANTS as QUANT_TYPES
 from convert.core.errors import GenerationError
-from reference import hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids
+from convert.core.formats import CT2_QUANTS as QUANT_TYPES
 
 CONFIGS = {
     "t5-original-relu-tied-scaled": dict(ff="relu", head="tied-scaled"),
@@ -115,8 +115,10 @@ def test_int8_top1_agreement(wide_t5):
     with runtime.load(summary.output) as model:
         assert model.info.quant == "int8" and any("compute type int8" in r for r in model.info.reasons)
         compute_agree, compute_greedy = _agreement(ref, model)
-    print(f"\nint8 weights/float32 compute: top-1 {weights_agree:.3f}, greedy prefix kept {weights_greedy:.2f}; "
-          f"int8 compute: top-1 {compute_agree:.3f}, greedy prefix kept {compute_greedy:.2f}")
+    print(
+        f"\nint8 weights/float32 compute: top-1 {weights_agree:.3f}, greedy prefix kept {weights_greedy:.2f}; "
+        f"int8 compute: top-1 {compute_agree:.3f}, greedy prefix kept {compute_greedy:.2f}"
+    )
     assert weights_agree >= 0.95
     assert compute_agree >= 0.85  # CTranslate2's dynamic activation quantization on a random model
     assert weights_greedy >= 0.5 and compute_greedy >= 0.3
@@ -144,7 +146,10 @@ def test_tied_embeddings_are_written_once(tmp_path):
     assert aliases["decoder/projection/weight"] == "decoder/embeddings/weight"
     assert aliases["encoder/embeddings_0/weight"] == "decoder/embeddings/weight"
     assert "decoder/scale_outputs" in variables
-    assert aliases["encoder/layer_1/self_attention/relative_attention_bias"] == "encoder/layer_0/self_attention/relative_attention_bias"
+    assert (
+        aliases["encoder/layer_1/self_attention/relative_attention_bias"]
+        == "encoder/layer_0/self_attention/relative_attention_bias"
+    )
 
 
 def test_default_format_is_ct2_int8_and_metadata_is_written(tmp_path):

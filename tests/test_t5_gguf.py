@@ -10,11 +10,11 @@ import json
 
 import numpy as np
 import pytest
+from reference import T5_CORPUS, T5_PIECES, T5_PROBES, hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids
 
 from convert import convert
 from convert.core.errors import GenerationError, UnsupportedModelError
 from convert.core.gguf_file import read_header
-from reference import T5_CORPUS, T5_PIECES, T5_PROBES, hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids
 from runtime.backends.llama_seq2seq import LlamaSeq2SeqModel
 
 CONFIGS = {
@@ -109,10 +109,14 @@ def test_gguf_layout(tmp_path):
         assert ("output.weight" in names) == has_output and "enc.blk.0.ffn_gate.weight" not in names
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(buckets=16, max_distance=20), "relative_attention_max_distance=20"),
-    (dict(ff="gated-silu"), "gated silu feed-forward"),
-], ids=["max-distance-20", "gated-silu"])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(buckets=16, max_distance=20), "relative_attention_max_distance=20"),
+        (dict(ff="gated-silu"), "gated silu feed-forward"),
+    ],
+    ids=["max-distance-20", "gated-silu"],
+)
 def test_models_llama_cpp_would_run_wrong_are_refused(tmp_path, kwargs, message):
     make_t5(tmp_path / "hf", head="untied", **kwargs)
     with pytest.raises(UnsupportedModelError, match=message):
@@ -152,7 +156,10 @@ def test_quantized_top1_agreement(wide_t5, quant):
             got = model.generate(src, max_new_tokens=10).token_ids
             same = next((i for i, (a, b) in enumerate(zip(greedy, got)) if a != b), min(len(greedy), len(got)))
             kept.append(same / len(greedy))
-    print(f"\n{quant}: top-1 agreement {np.mean(agree):.3f}, greedy prefix kept {np.mean(kept):.2f}, types {summary.types}")
+    print(
+        f"\n{quant}: top-1 agreement {np.mean(agree):.3f}, greedy prefix kept {np.mean(kept):.2f}, types "
+        f"{summary.types}"
+    )
     min_agree, min_kept = QUANT_BOUNDS[quant]
     assert np.mean(agree) >= min_agree and np.mean(kept) >= min_kept
 
@@ -170,9 +177,13 @@ SENTENCEPIECE_ONLY = ["\u0085 next line", "Ａ\u0301", "x \u2581\u0301a"]
 def _hub_style(path, out):
     """The same tokenizer.json with the pre-tokenizer keys the Hub's T5 files use."""
     data = json.loads(path.read_text())
-    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "WhitespaceSplit"}, {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True},
-    ]}
+    data["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "WhitespaceSplit"},
+            {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True},
+        ],
+    }
     out.write_text(json.dumps(data))
     return out
 
@@ -217,8 +228,10 @@ def test_replace_style_tokenizer_json_warns_about_trailing_spaces(tmp_path, t5_t
     from transformers import PreTrainedTokenizerFast
 
     data = json.loads(t5_tokenizer_files["tokenizer.json"].read_text())
-    data["normalizer"] = {"type": "Sequence", "normalizers": [
-        data["normalizer"], {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]}
+    data["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [data["normalizer"], {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}],
+    }
     data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True}
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))

@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from reference import T5_CORPUS, T5_PIECES, T5_PROBES, make_t5
 
 import runtime
 from convert import convert
 from convert.core.sentencepiece import read_spm_model, t5_tokenizer
-from reference import T5_CORPUS, T5_PIECES, T5_PROBES, make_t5
 
 CORPUS, PROBES, PIECES = T5_CORPUS, T5_PROBES, T5_PIECES
 

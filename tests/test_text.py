@@ -37,5 +37,5 @@ def test_earliest_of_several_stops_wins():
 
 
 def test_incomplete_tail_becomes_replacement_char():
-    pieces, s = _feed(["ok".encode() + "🙂".encode()[:2]])
+    pieces, s = _feed([b"ok" + "🙂".encode()[:2]])
     assert s.released == "ok\ufffd"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from reference import make_bloom
 
 import runtime
 from convert import convert
 from convert.synthetic import SAMPLE_TEXT, train_bloom_tokenizer
-from reference import make_bloom
 
 CORPUS = SAMPLE_TEXT + [
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!",

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..core.errors import UnsupportedModelError
 from ..core.formats import FORMATS, Format, get_format
@@ -37,6 +38,9 @@ class Architecture:
     model_types: tuple[str, ...] = ()  # config.json model_type values, when architectures is absent
     encoder_decoder: bool = False
     family: str = ""  # the models it covers, for help texts
+    # its models continue a prompt that does not end clearly (final punctuation) instead of
+    # answering it: the runtime warns once
+    needs_prompt_end: bool = False
 
     @property
     def default_format(self) -> str:

@@ -12,11 +12,11 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ..plan import GGUFPlan, TensorPlan, check_all_used, config_float, config_int, expect
-from . import Architecture, Target, register
 from ..checkpoint import Checkpoint
 from ..core.errors import UnsupportedModelError
+from ..plan import GGUFPlan, TensorPlan, check_all_used, config_float, config_int, expect
 from ..vocab import add_no_vocab, add_vocab, read_bpe_tokenizer
+from . import Architecture, Target, register
 
 DEFAULT_CONTEXT = 2048  # BLOOM's training length; its config does not record it
 
@@ -63,20 +63,22 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
         "ln_f.bias": (hidden,),
     }
     for i in range(n_layer):
-        expected.update({
-            f"h.{i}.input_layernorm.weight": (hidden,),
-            f"h.{i}.input_layernorm.bias": (hidden,),
-            f"h.{i}.self_attention.query_key_value.weight": (3 * hidden, hidden),
-            f"h.{i}.self_attention.query_key_value.bias": (3 * hidden,),
-            f"h.{i}.self_attention.dense.weight": (hidden, hidden),
-            f"h.{i}.self_attention.dense.bias": (hidden,),
-            f"h.{i}.post_attention_layernorm.weight": (hidden,),
-            f"h.{i}.post_attention_layernorm.bias": (hidden,),
-            f"h.{i}.mlp.dense_h_to_4h.weight": (ffn, hidden),
-            f"h.{i}.mlp.dense_h_to_4h.bias": (ffn,),
-            f"h.{i}.mlp.dense_4h_to_h.weight": (hidden, ffn),
-            f"h.{i}.mlp.dense_4h_to_h.bias": (hidden,),
-        })
+        expected.update(
+            {
+                f"h.{i}.input_layernorm.weight": (hidden,),
+                f"h.{i}.input_layernorm.bias": (hidden,),
+                f"h.{i}.self_attention.query_key_value.weight": (3 * hidden, hidden),
+                f"h.{i}.self_attention.query_key_value.bias": (3 * hidden,),
+                f"h.{i}.self_attention.dense.weight": (hidden, hidden),
+                f"h.{i}.self_attention.dense.bias": (hidden,),
+                f"h.{i}.post_attention_layernorm.weight": (hidden,),
+                f"h.{i}.post_attention_layernorm.bias": (hidden,),
+                f"h.{i}.mlp.dense_h_to_4h.weight": (ffn, hidden),
+                f"h.{i}.mlp.dense_h_to_4h.bias": (ffn,),
+                f"h.{i}.mlp.dense_4h_to_h.weight": (hidden, ffn),
+                f"h.{i}.mlp.dense_4h_to_h.bias": (hidden,),
+            }
+        )
 
     tensors = []
     for hf_name, shape in expected.items():
@@ -95,7 +97,9 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
     tied = ckpt.config.get("tie_word_embeddings", True) is not False
     if "lm_head.weight" in ckpt and not tied:
         expect(ckpt, "lm_head.weight", (vocab, hidden))
-        tensors.append(TensorPlan("output.weight", (vocab, hidden), lambda: ckpt.get("lm_head.weight"), ("lm_head.weight",)))
+        tensors.append(
+            TensorPlan("output.weight", (vocab, hidden), lambda: ckpt.get("lm_head.weight"), ("lm_head.weight",))
+        )
         used.add("lm_head.weight")
     # A tied lm_head.weight is a copy of the embedding: llama.cpp reuses token_embd instead.
     check_all_used(ckpt, used, ignorable=lambda n: n == "lm_head.weight" or n.endswith(".attn.masked_bias"))
@@ -106,9 +110,7 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
     if tokenizer.is_file():
         vocab_keys = read_bpe_tokenizer(tokenizer, vocab, ckpt.config)
     else:
-        warnings.append(
-            f"{ckpt.folder}: no tokenizer.json; the model will run on token ids only"
-        )
+        warnings.append(f"{ckpt.folder}: no tokenizer.json; the model will run on token ids only")
 
     def set_parameters(w: gguf.GGUFWriter) -> None:
         w.add_context_length(hp["context"])
@@ -126,11 +128,14 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
     return GGUFPlan("bloom", set_parameters, tensors, vocab_keys is not None, warnings)
 
 
-BLOOM = register(Architecture(
-    name="bloom",
-    hf_architectures=("BloomForCausalLM", "BloomModel"),
-    model_types=("bloom",),
-    family="BLOOM, BLOOMZ",
-    # memory-bound decoding: 4-bit K-quants are the best speed/quality point (benchmarks/)
-    targets={"gguf": Target(plan_gguf, default_quant="q4_k_m")},
-))
+BLOOM = register(
+    Architecture(
+        name="bloom",
+        hf_architectures=("BloomForCausalLM", "BloomModel"),
+        model_types=("bloom",),
+        family="BLOOM, BLOOMZ",
+        needs_prompt_end=True,  # BLOOMZ's model card
+        # memory-bound decoding: 4-bit K-quants are the best speed/quality point (benchmarks/)
+        targets={"gguf": Target(plan_gguf, default_quant="q4_k_m")},
+    )
+)

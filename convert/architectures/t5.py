@@ -24,12 +24,12 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ..core import engine
-from ..plan import CT2Plan, GGUFPlan, TensorPlan, check_all_used, config_float, config_int, expect
-from . import Architecture, Target, register
 from ..checkpoint import Checkpoint
+from ..core import engine
 from ..core.errors import UnsupportedModelError
+from ..plan import CT2Plan, GGUFPlan, TensorPlan, check_all_used, config_float, config_int, expect
 from ..vocab import add_no_vocab, add_vocab, read_t5_tokenizer, t5_vocabulary
+from . import Architecture, Target, register
 
 # CTranslate2 slot (under encoder/layer_{i} or decoder/layer_{i}) -> HF tensors (under
 # encoder.block.{i}. or decoder.block.{i}.), rows concatenated when several (fused q|k|v).
@@ -56,11 +56,21 @@ DECODER_LAYER = {
 }
 FFN_IN = {  # by gating: slot -> HF name, relative to the FFN sub-layer
     False: {"ffn/linear_0/weight": "DenseReluDense.wi.weight"},
-    True: {"ffn/linear_0/weight": "DenseReluDense.wi_0.weight", "ffn/linear_0_noact/weight": "DenseReluDense.wi_1.weight"},
+    True: {
+        "ffn/linear_0/weight": "DenseReluDense.wi_0.weight",
+        "ffn/linear_0_noact/weight": "DenseReluDense.wi_1.weight",
+    },
 }
 REL_BIAS = f"{ATTN}.relative_attention_bias.weight"
-ACTIVATIONS = {"relu": "RELU", "gelu_new": "GELUTanh", "gelu": "GELUTanh", "gelu_fast": "GELUTanh",
-               "gelu_pytorch_tanh": "GELUTanh", "silu": "SWISH", "swish": "SWISH"}
+ACTIVATIONS = {
+    "relu": "RELU",
+    "gelu_new": "GELUTanh",
+    "gelu": "GELUTanh",
+    "gelu_fast": "GELUTanh",
+    "gelu_pytorch_tanh": "GELUTanh",
+    "silu": "SWISH",
+    "swish": "SWISH",
+}
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,7 @@ class T5Params:
     pad: int
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "T5Params":
+    def from_config(cls, config: dict[str, Any], where: str) -> T5Params:
         proj = str(config.get("feed_forward_proj", "relu"))
         gated = proj.startswith("gated-")
         # transformers runs "gated-gelu" with the tanh approximation (T0pp's config has no dense_act_fn)
@@ -122,9 +132,16 @@ class T5Params:
         """Expected shape of every HF tensor name suffix."""
         inner, d = self.n_heads * self.d_kv, self.d_model
         return {
-            "q": (inner, d), "k": (inner, d), "v": (inner, d), "o": (d, inner),
-            "wi": (self.d_ff, d), "wi_0": (self.d_ff, d), "wi_1": (self.d_ff, d), "wo": (d, self.d_ff),
-            "layer_norm": (d,), "relative_attention_bias": (self.buckets, self.n_heads),
+            "q": (inner, d),
+            "k": (inner, d),
+            "v": (inner, d),
+            "o": (d, inner),
+            "wi": (self.d_ff, d),
+            "wi_0": (self.d_ff, d),
+            "wi_1": (self.d_ff, d),
+            "wo": (d, self.d_ff),
+            "layer_norm": (d,),
+            "relative_attention_bias": (self.buckets, self.n_heads),
         }
 
 
@@ -141,7 +158,9 @@ class _Loader:
         self.plans: dict[tuple[str, ...], TensorPlan] = {}
         self.used: set[str] = set()
 
-    def plan(self, target: str, names: list[str], shapes: list[tuple[int, ...]], scale: float | None = None) -> TensorPlan:
+    def plan(
+        self, target: str, names: list[str], shapes: list[tuple[int, ...]], scale: float | None = None
+    ) -> TensorPlan:
         key = tuple(names)
         if key in self.plans:
             return self.plans[key]
@@ -175,7 +194,9 @@ def _head_is_embedding(ckpt: Checkpoint, emb: str) -> bool:
     if ckpt.info(emb).dtype != ckpt.info("lm_head.weight").dtype or a.shape != b.shape:
         return False
     step = 4096
-    return all(np.array_equal(np.asarray(a[i : i + step]), np.asarray(b[i : i + step])) for i in range(0, a.shape[0], step))
+    return all(
+        np.array_equal(np.asarray(a[i : i + step]), np.asarray(b[i : i + step])) for i in range(0, a.shape[0], step)
+    )
 
 
 def plan_ct2(ckpt: Checkpoint) -> CT2Plan:
@@ -184,19 +205,29 @@ def plan_ct2(ckpt: Checkpoint) -> CT2Plan:
     ct2 = engine.ctranslate2(specs=True)
     specs = ct2.specs
     spec = specs.TransformerSpec.from_config(
-        (p.n_enc, p.n_dec), p.n_heads, pre_norm=True,
+        (p.n_enc, p.n_dec),
+        p.n_heads,
+        pre_norm=True,
         activation=getattr(specs.common_spec.Activation, ACTIVATIONS[p.activation]),
-        ffn_glu=p.gated, relative_attention_bias=True, rms_norm=True,
+        ffn_glu=p.gated,
+        relative_attention_bias=True,
+        rms_norm=True,
     )
     loader = _Loader(ckpt, p)
     emb_name = _embedding_name(ckpt)
     embedding = loader.plan("embeddings", [emb_name], [(p.vocab, p.d_model)])
-    head = embedding if _head_is_embedding(ckpt, emb_name) else loader.plan("projection", ["lm_head.weight"], [(p.vocab, p.d_model)])
+    head = (
+        embedding
+        if _head_is_embedding(ckpt, emb_name)
+        else loader.plan("projection", ["lm_head.weight"], [(p.vocab, p.d_model)])
+    )
 
     for stack, layers, table in (("encoder", p.n_enc, ENCODER_LAYER), ("decoder", p.n_dec, DECODER_LAYER)):
         stack_spec = getattr(spec, stack)
         stack_spec.scale_embeddings = False
-        stack_spec.layer_norm.gamma = loader.plan(f"{stack}/layer_norm", [f"{stack}.final_layer_norm.weight"], [(p.d_model,)])
+        stack_spec.layer_norm.gamma = loader.plan(
+            f"{stack}/layer_norm", [f"{stack}.final_layer_norm.weight"], [(p.d_model,)]
+        )
         emb_spec = stack_spec.embeddings[0] if isinstance(stack_spec.embeddings, list) else stack_spec.embeddings
         emb_spec.weight = embedding
         ffn_sub = "layer.1" if stack == "encoder" else "layer.2"
@@ -220,9 +251,20 @@ def plan_ct2(ckpt: Checkpoint) -> CT2Plan:
     if p.scale_outputs:
         spec.decoder.scale_outputs = p.d_model**-0.5
 
-    check_all_used(ckpt, loader.used, ignorable=lambda n: n in (
-        "lm_head.weight", "shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
-    ) or n.endswith("EncDecAttention.relative_attention_bias.weight"))
+    check_all_used(
+        ckpt,
+        loader.used,
+        ignorable=lambda n: (
+            n
+            in (
+                "lm_head.weight",
+                "shared.weight",
+                "encoder.embed_tokens.weight",
+                "decoder.embed_tokens.weight",
+            )
+            or n.endswith("EncDecAttention.relative_attention_bias.weight")
+        ),
+    )
 
     vocab = t5_vocabulary(ckpt.folder, p.vocab, {"pad": p.pad, "eos": p.eos})
     spec.register_source_vocabulary(vocab.tokens)
@@ -238,12 +280,20 @@ def plan_ct2(ckpt: Checkpoint) -> CT2Plan:
     }
     files = {"tokenizer.json": vocab.tokenizer_json} if vocab.tokenizer_json is not None else {}
     runtime = {
-        "decoder_start_token_id": p.decoder_start, "eos_token_id": p.eos, "pad_token_id": p.pad,
-        "vocab_size": p.vocab, "tokenizer": "tokenizer.json" if files else None,
+        "decoder_start_token_id": p.decoder_start,
+        "eos_token_id": p.eos,
+        "pad_token_id": p.pad,
+        "vocab_size": p.vocab,
+        "tokenizer": "tokenizer.json" if files else None,
         "relative_attention_max_distance": p.max_distance,
     }
     return CT2Plan(
-        spec=spec, vocabulary=vocab.tokens, config=config, files=files, runtime=runtime, warnings=vocab.warnings,
+        spec=spec,
+        vocabulary=vocab.tokens,
+        config=config,
+        files=files,
+        runtime=runtime,
+        warnings=vocab.warnings,
     )
 
 
@@ -294,7 +344,9 @@ def _identity_encoder_blocks(tmap: gguf.TensorNameMap, p: T5Params, blocks: rang
     for i in blocks:
         for n in _gguf_layer_tensors("encoder", p):
             shape = _shape_of(n, p)
-            plans.append(TensorPlan(_gguf_name(tmap, f"encoder.block.{i}.{n}"), shape, lambda s=shape: np.zeros(s, np.float32)))
+            plans.append(
+                TensorPlan(_gguf_name(tmap, f"encoder.block.{i}.{n}"), shape, lambda s=shape: np.zeros(s, np.float32))
+            )
     return plans
 
 
@@ -318,10 +370,15 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
         final = f"{stack}.final_layer_norm.weight"
         tensors.append(loader.plan(_gguf_name(tmap, final), [final], [(p.d_model,)]))
     tensors += _identity_encoder_blocks(tmap, p, range(p.n_enc, n_blocks))
-    warnings = [] if n_blocks == p.n_enc else [
-        f"{where}: the decoder ({p.n_dec} blocks) is deeper than the encoder ({p.n_enc}), which llama.cpp cannot "
-        f"load; the encoder gets {n_blocks - p.n_enc} identity blocks (zero weights: same outputs, more encoder work)"
-    ]
+    warnings = (
+        []
+        if n_blocks == p.n_enc
+        else [
+            f"{where}: the decoder ({p.n_dec} blocks) is deeper than the encoder ({p.n_enc}), which llama.cpp cannot "
+            f"load; the encoder gets {n_blocks - p.n_enc} identity blocks (zero weights: same outputs, more encoder "
+            "work)"
+        ]
+    )
 
     # llama.cpp reuses token_embd when `output` is absent, and never scales the decoder
     # output: a scaled head is written as its own tensor with d_model**-0.5 folded in.
@@ -331,11 +388,18 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
         expect(ckpt, head, (p.vocab, p.d_model))
         tensors.append(TensorPlan("output.weight", (p.vocab, p.d_model), lambda: ckpt.get(head), (head,), scale))
         loader.used.add(head)
-    check_all_used(ckpt, loader.used, ignorable=lambda n: n in EMBEDDING_COPIES
-                   or n.endswith("EncDecAttention.relative_attention_bias.weight"))
+    check_all_used(
+        ckpt,
+        loader.used,
+        ignorable=lambda n: n in EMBEDDING_COPIES or n.endswith("EncDecAttention.relative_attention_bias.weight"),
+    )
 
     vocab = read_t5_tokenizer(ckpt.folder, p.vocab, {"pad": p.pad, "eos": p.eos})
-    warnings += vocab.warnings if vocab else [f"{ckpt.folder}: no tokenizer.json or spiece.model; the model will run on token ids only"]
+    warnings += (
+        vocab.warnings
+        if vocab
+        else [f"{ckpt.folder}: no tokenizer.json or spiece.model; the model will run on token ids only"]
+    )
     context = config_int(ckpt.config, where, "n_positions", default=DEFAULT_CONTEXT)
 
     def set_parameters(w: gguf.GGUFWriter) -> None:
@@ -360,19 +424,24 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
     return GGUFPlan("t5", set_parameters, tensors, vocab is not None, warnings)
 
 
-T5 = register(Architecture(
-    name="t5",
-    hf_architectures=("T5ForConditionalGeneration", "MT5ForConditionalGeneration"),
-    model_types=("t5", "mt5"),
-    encoder_decoder=True,
-    family="T5, Flan-T5, mT5/mT0, T0",
-    targets={
-        # CTranslate2 caches the encoder's cross-attention keys and values while llama.cpp's t5
-        # graph recomputes them for every token: with a 128-token input it decoded mt0-large at
-        # about twice llama.cpp's speed on CPU (flan-t5-small: even), and it batches.
-        "ct2": Target(plan_ct2, default_quant="int8", why="CTranslate2 caches cross-attention and batches "
-                      "(faster than llama.cpp's t5 graph in benchmarks/)"),
-        # Small T5s lose more to 4-bit rounding and gain less from it: 8 bits by default.
-        "gguf": Target(plan_gguf, default_quant="q8_0", why="the only format with a Metal engine"),
-    },
-))
+T5 = register(
+    Architecture(
+        name="t5",
+        hf_architectures=("T5ForConditionalGeneration", "MT5ForConditionalGeneration"),
+        model_types=("t5", "mt5"),
+        encoder_decoder=True,
+        family="T5, Flan-T5, mT5/mT0, T0",
+        targets={
+            # CTranslate2 caches the encoder's cross-attention keys and values while llama.cpp's t5
+            # graph recomputes them for every token: with a 128-token input it decoded mt0-large at
+            # about twice llama.cpp's speed on CPU (flan-t5-small: even), and it batches.
+            "ct2": Target(
+                plan_ct2,
+                default_quant="int8",
+                why="CTranslate2 caches cross-attention and batches (faster than llama.cpp's t5 graph in benchmarks/)",
+            ),
+            # Small T5s lose more to 4-bit rounding and gain less from it: 8 bits by default.
+            "gguf": Target(plan_gguf, default_quant="q8_0", why="the only format with a Metal engine"),
+        },
+    )
+)

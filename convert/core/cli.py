@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import PocketLMError, first_line
 
@@ -20,7 +20,9 @@ EXIT_STATUS = """exit status: 0 done, 1 error (one line on stderr), 2 bad comman
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -40,5 +42,7 @@ def guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespa
         if verbose:
             traceback.print_exc()
         where = "" if verbose else "; run with -v to see the traceback"
-        print(f"pocketlm: internal error: {type(e).__name__}: {first_line(e)} (a bug in PocketLM{where})", file=sys.stderr)
+        print(
+            f"pocketlm: internal error: {type(e).__name__}: {first_line(e)} (a bug in PocketLM{where})", file=sys.stderr
+        )
         return EXIT_INTERNAL

@@ -62,7 +62,11 @@ def read_model_bin(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], 
             shape = tuple(take("<I") for _ in range(take("<B")))
             dtype = names.get(take("<B"))
             nbytes = take("<I")
-            if dtype is None or nbytes != int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype] or f.tell() + nbytes > size:
+            if (
+                dtype is None
+                or nbytes != int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
+                or f.tell() + nbytes > size
+            ):
                 raise PocketLMError(f"{path}: variable {name} is malformed or truncated")
             f.seek(nbytes, 1)
             variables[name] = (dtype, shape)

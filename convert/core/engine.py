@@ -14,7 +14,8 @@ import logging
 import os
 import sys
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from .errors import ModelLoadError, PocketLMError
 
@@ -52,7 +53,7 @@ def llama_cpp() -> Any:
 
 def recent_log(n: int = 3) -> str:
     """The engine's last few log lines, for error messages."""
-    lines = [l.strip() for l in list(_recent)[-n:] if l.strip()]
+    lines = [line.strip() for line in list(_recent)[-n:] if line.strip()]
     return "; ".join(lines)
 
 
@@ -104,7 +105,9 @@ def ctranslate2(specs: bool = False) -> Any:
     try:
         import ctranslate2 as module
     except ImportError as e:
-        raise ModelLoadError(f"CTranslate2 engine unavailable ({e}); install it with: pip install ctranslate2") from None
+        raise ModelLoadError(
+            f"CTranslate2 engine unavailable ({e}); install it with: pip install ctranslate2"
+        ) from None
     if specs and "ctranslate2.specs" not in sys.modules:
         hidden = None if "torch" in sys.modules else _Hidden({"torch"})
         if hidden:

@@ -89,10 +89,25 @@ class Format:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("gguf", "GGUF", ("gguf",), tuple(GGUF_QUANTS), "q4_k_m",
-               "f32 f16 bf16 q8_0 are written directly, the others by llama.cpp's quantizer", ".gguf"),
-        Format("ct2", "CTranslate2", ("ct2", "ctranslate2"), CT2_QUANTS, "int8",
-               "int8 types quantize the matrices (per row), the suffix is the type of the rest", "", "-ct2"),
+        Format(
+            "gguf",
+            "GGUF",
+            ("gguf",),
+            tuple(GGUF_QUANTS),
+            "q4_k_m",
+            "f32 f16 bf16 q8_0 are written directly, the others by llama.cpp's quantizer",
+            ".gguf",
+        ),
+        Format(
+            "ct2",
+            "CTranslate2",
+            ("ct2", "ctranslate2"),
+            CT2_QUANTS,
+            "int8",
+            "int8 types quantize the matrices (per row), the suffix is the type of the rest",
+            "",
+            "-ct2",
+        ),
     )
 }
 

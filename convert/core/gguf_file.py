@@ -169,9 +169,7 @@ def _parse(c: _Cursor, keep_arrays: bool) -> GGUFHeader:
         nbytes = n // block * type_size
         start = data_offset + rel
         if rel % alignment or start + nbytes > size:
-            raise ModelLoadError(
-                f"{c.path}: tensor {name} data lies outside the file (truncated or corrupt download?)"
-            )
+            raise ModelLoadError(f"{c.path}: tensor {name} data lies outside the file (truncated or corrupt download?)")
         tensors.append(TensorEntry(name, shape, qtype, start, nbytes))
         spans.append((start, start + nbytes, name))
     if len({t.name for t in tensors}) != len(tensors):

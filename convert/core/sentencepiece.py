@@ -9,9 +9,10 @@ sentencepiece (nor protobuf).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from .errors import UnsupportedModelError
 
@@ -148,13 +149,17 @@ def t5_tokenizer(spm: SpmModel, vocab_size: int, where: str = "spiece.model") ->
             tok.normalizer = normalizers.Precompiled(spm.charsmap)
         except Exception as e:  # tokenizers raises a bare Exception on a malformed charsmap
             raise UnsupportedModelError(f"{where}: unusable precompiled_charsmap ({e})") from None
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True),
+        ]
+    )
     tok.decoder = decoders.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True)
     tok.post_processor = processors.TemplateProcessing(
-        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", names.index("</s>"))],
+        single=["$A", "</s>"],
+        pair=["$A", "</s>", "$B", "</s>"],
+        special_tokens=[("</s>", names.index("</s>"))],
     )
     added = [
         AddedToken(piece, normalized=False, special=kind == SPM_CONTROL or piece in T5_SPECIAL)

@@ -37,17 +37,17 @@ class Backend(ABC):
     priority: ClassVar[int] = 100  # lower first, among backends of one format
 
     # -- models -----------------------------------------------------------------------------
-    def inspect(self, path: Path) -> "ModelSource | None":
+    def inspect(self, path: Path) -> ModelSource | None:
         """The model at `path` if it is in one of this backend's formats (else None): format,
         architecture, quant and metadata, read once. Refuse a corrupt file here, clearly."""
         return None
 
-    def describe(self, source: "ModelSource") -> dict[str, Any]:
+    def describe(self, source: ModelSource) -> dict[str, Any]:
         """What `pocketlm info` shows about a model in this backend's format."""
         return {}
 
     @abstractmethod
-    def open(self, source: "ModelSource", choice: "Choice", n_ctx: int | None, **options: Any) -> "Model":
+    def open(self, source: ModelSource, choice: Choice, n_ctx: int | None, **options: Any) -> Model:
         """Load the model as `choice` decided (device, threads, compute type, reasons)."""
 
     # -- the machine ------------------------------------------------------------------------
@@ -57,13 +57,12 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    def decide(self, model: "ModelFacts", facts: "PlatformFacts", device: str, threads: int,
-               reasons: list[str]) -> "Choice":
+    def decide(self, model: ModelFacts, facts: PlatformFacts, device: str, threads: int, reasons: list[str]) -> Choice:
         """How this engine would run `model` on the machine `facts` describes (a pure function:
         tested with invented machines). `device` is "auto" or one the user asked for; append
         the why of each decision to `reasons`; raise ModelLoadError for what cannot be done."""
 
-    def memory_needed(self, model: "ModelFacts", choice: "Choice") -> int:
+    def memory_needed(self, model: ModelFacts, choice: Choice) -> int:
         """Bytes of RAM the model takes once loaded as chosen."""
         return model.size_bytes
 
@@ -77,7 +76,7 @@ class Backend(ABC):
         """`pocketlm doctor`'s lines about this engine, from its probe."""
         return {}
 
-    def advice(self, facts: "PlatformFacts") -> list[str]:
+    def advice(self, facts: PlatformFacts) -> list[str]:
         """What to install or change for a better choice here (pure, like `decide`)."""
         return []
 

@@ -16,9 +16,10 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,10 +27,10 @@ from convert.core import engine
 from convert.core.ct2_file import is_ct2_folder, read_folder_metadata, read_model_bin
 from convert.core.errors import ModelLoadError, PocketLMError
 
-from . import Backend, register
 from ..generation import GenerationOptions, GenerationResult
 from ..model import Decoding, Model, ModelInfo, Prompt, Seq2Seq
 from ..tokenizer import IncrementalDecoder, load_tokenizer, require
+from . import Backend, register
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ DEFAULT_MAX_INPUT = 1024
 
 class CT2Seq2SeqModel(Seq2Seq, Model):
     batches_prompts = True
+
     def __init__(
         self,
         folder: Path,
@@ -58,19 +60,31 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
             raise ModelLoadError(f"{vocab_path}: unreadable vocabulary ({e})") from None
         self._index = {tok: i for i, tok in enumerate(self._vocab)}
         config = meta.get("ct2_config") or {}
-        self._start_token = int(meta.get("decoder_start_token_id", self._index.get(config.get("decoder_start_token", "<pad>"), 0)))
+        self._start_token = int(
+            meta.get("decoder_start_token_id", self._index.get(config.get("decoder_start_token", "<pad>"), 0))
+        )
         self._eos = int(meta.get("eos_token_id", self._index.get(config.get("eos_token", "</s>"), 1)))
         try:
             self._translator = ct2.Translator(
-                str(folder), device=device, compute_type=compute_type, inter_threads=1, intra_threads=threads,
+                str(folder),
+                device=device,
+                compute_type=compute_type,
+                inter_threads=1,
+                intra_threads=threads,
             )
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(f"{folder}: CTranslate2 could not load this model: {e}") from None
         self._tokenizer = load_tokenizer(folder, meta.get("tokenizer"), len(self._vocab))
         self.info = ModelInfo(
-            path=str(folder), format="ct2", backend="ctranslate2", device=device,
-            architecture=meta.get("architecture", "unknown"), quant=meta.get("quant", "unknown"),
-            n_ctx=n_ctx or DEFAULT_MAX_INPUT, vocab_size=len(self._vocab), threads=threads,
+            path=str(folder),
+            format="ct2",
+            backend="ctranslate2",
+            device=device,
+            architecture=meta.get("architecture", "unknown"),
+            quant=meta.get("quant", "unknown"),
+            n_ctx=n_ctx or DEFAULT_MAX_INPUT,
+            vocab_size=len(self._vocab),
+            threads=threads,
             has_tokenizer=self._tokenizer is not None,
             reasons=[*reasons, f"compute type {self._translator.compute_type}"],
         )
@@ -104,9 +118,14 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
 
     def _logits_unlocked(self, src: list[int], dec: list[int]) -> np.ndarray:
         result = self._translator.translate_batch(
-            [self._strings(src)], target_prefix=[self._strings(dec[1:])], beam_size=1,
-            return_logits_vocab=True, max_decoding_length=len(dec), min_decoding_length=0,
-            max_input_length=0, return_scores=False,
+            [self._strings(src)],
+            target_prefix=[self._strings(dec[1:])],
+            beam_size=1,
+            return_logits_vocab=True,
+            max_decoding_length=len(dec),
+            min_decoding_length=0,
+            max_input_length=0,
+            return_scores=False,
         )[0]
         return np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in result.logits[0]])
 
@@ -128,14 +147,17 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
     def _decoding_options(self, options: GenerationOptions, max_new: int) -> dict[str, Any]:
         """CTranslate2's names for the options (it samples inside the engine)."""
         decoding: dict[str, Any] = dict(
-            max_decoding_length=max_new, min_decoding_length=options.min_new_tokens, max_input_length=0,
+            max_decoding_length=max_new,
+            min_decoding_length=options.min_new_tokens,
+            max_input_length=0,
             repetition_penalty=options.repetition_penalty,
         )
         if options.greedy:
             decoding.update(sampling_topk=1)
         else:
-            decoding.update(sampling_topk=options.top_k, sampling_topp=options.top_p,
-                            sampling_temperature=options.temperature)
+            decoding.update(
+                sampling_topk=options.top_k, sampling_topp=options.top_p, sampling_temperature=options.temperature
+            )
         return decoding
 
     def _generate_ids(self, seq: Decoding, max_new: int) -> Iterator[int]:
@@ -143,14 +165,17 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
             yield from self._generate_seeded(seq, max_new)
             return
         produced = 0
-        for step in self._translator.generate_tokens(self._strings(seq.ids), **self._decoding_options(seq.options, max_new)):
+        for step in self._translator.generate_tokens(
+            self._strings(seq.ids), **self._decoding_options(seq.options, max_new)
+        ):
             produced += 1
             yield step.token_id
         if produced < max_new:  # stopped on end of sequence, which CTranslate2 does not yield
             yield self._eos
 
-    def generate_batch(self, prompts: list[Prompt], options: GenerationOptions | None = None, /,
-                       **kwargs: Any) -> list[GenerationResult]:
+    def generate_batch(
+        self, prompts: list[Prompt], options: GenerationOptions | None = None, /, **kwargs: Any
+    ) -> list[GenerationResult]:
         """All prompts decoded together by CTranslate2 (one batch), same options as generate()."""
         opts = GenerationOptions.of(options, **kwargs)
         if opts.seed is not None and not opts.greedy:  # seeded sampling is token by token (see above)
@@ -163,7 +188,9 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
                 outputs: list[list[int]] = [[] for _ in seqs]
             else:
                 batch = self._translator.translate_batch(
-                    [self._strings(seq.ids) for seq in seqs], beam_size=1, return_end_token=True,
+                    [self._strings(seq.ids) for seq in seqs],
+                    beam_size=1,
+                    return_end_token=True,
                     **self._decoding_options(opts, budget),
                 )
                 outputs = [[self._index[t] for t in r.hypotheses[0]] for r in batch]
@@ -210,8 +237,14 @@ class CTranslate2(Backend):
         if not (path.is_dir() and is_ct2_folder(path)):
             return None
         meta = read_folder_metadata(path)
-        return ModelSource(path, "ct2", meta.get("architecture", "t5"), meta.get("quant"),
-                           (path / "model.bin").stat().st_size, metadata=meta)
+        return ModelSource(
+            path,
+            "ct2",
+            meta.get("architecture", "t5"),
+            meta.get("quant"),
+            (path / "model.bin").stat().st_size,
+            metadata=meta,
+        )
 
     def describe(self, source: Any) -> dict[str, Any]:
         meta = source.metadata
@@ -221,20 +254,32 @@ class CTranslate2(Backend):
             raise ModelLoadError(str(e)) from None
         origin = meta.get("source") or {}
         return {
-            "parameters": sum(math.prod(shape) for name, (_, shape) in variables.items() if not name.endswith("_scale")),
+            "parameters": sum(
+                math.prod(shape) for name, (_, shape) in variables.items() if not name.endswith("_scale")
+            ),
             "tensors": len(variables),
             "tensor_types": dict(Counter(dtype for dtype, _ in variables.values()).most_common()),
             "context_length": None,
             "tokenizer": meta.get("tokenizer") or "none",
             "converter": {"name": meta.get("converter"), "version": meta.get("converter_version")},
-            "source": {"repo": origin.get("repo"), "revision": origin.get("revision"), "files": origin.get("files", {})},
+            "source": {
+                "repo": origin.get("repo"),
+                "revision": origin.get("revision"),
+                "files": origin.get("files", {}),
+            },
             "metadata": {**meta, "aliases": len(aliases)},
         }
 
     def open(self, source: Any, choice: Any, n_ctx: int | None, **options: Any) -> Model:
-        return CT2Seq2SeqModel(source.path, device=choice.device, threads=choice.threads,
-                               compute_type=choice.compute_type or "default", n_ctx=n_ctx, reasons=choice.reasons,
-                               **options)
+        return CT2Seq2SeqModel(
+            source.path,
+            device=choice.device,
+            threads=choice.threads,
+            compute_type=choice.compute_type or "default",
+            n_ctx=n_ctx,
+            reasons=choice.reasons,
+            **options,
+        )
 
     # -- the machine ------------------------------------------------------------------------
     def probe(self) -> CT2Facts | None:
@@ -255,8 +300,10 @@ class CTranslate2(Backend):
         if device == "metal":
             raise ModelLoadError("CTranslate2 has no Metal backend; convert the model to GGUF to use the Mac's GPU")
         if device == "cuda" and not ct2.cuda_devices:
-            raise ModelLoadError("device 'cuda' requested but CTranslate2 sees no CUDA device (pip install ctranslate2 "
-                                 "ships CUDA support; check the NVIDIA driver and CUDA 12 libraries)")
+            raise ModelLoadError(
+                "device 'cuda' requested but CTranslate2 sees no CUDA device (pip install ctranslate2 "
+                "ships CUDA support; check the NVIDIA driver and CUDA 12 libraries)"
+            )
         if device == "auto":
             device = "cuda" if ct2.cuda_devices else "cpu"
             reasons.append(f"CTranslate2 sees {ct2.cuda_devices} CUDA device(s): {device}")
@@ -270,7 +317,12 @@ class CTranslate2(Backend):
         wanted = "int8" if int8 else "int16" if quant == "int16" else "float32"
         compute = wanted if wanted in ct2.cpu_compute else "float32"
         note = f" ({wanted} is not supported by this CPU build)" if compute != wanted else ""
-        if compute == "int8" and facts.machine in ("x86_64", "AMD64") and facts.cpu_features and "avx2" not in facts.cpu_features:
+        if (
+            compute == "int8"
+            and facts.machine in ("x86_64", "AMD64")
+            and facts.cpu_features
+            and "avx2" not in facts.cpu_features
+        ):
             note = " (this CPU lacks AVX2: int8 kernels are slow, but keep 4x less memory)"
         reasons.append(f"compute {compute} on CPU for a {quant or 'unknown'} model{note}")
         return Choice(self.name, device, threads, "ct2", compute_type=compute, reasons=reasons)
@@ -282,14 +334,18 @@ class CTranslate2(Backend):
         return model.size_bytes
 
     def report(self, facts: CT2Facts | None) -> dict[str, Any]:
-        return {"ctranslate2 CUDA devices": facts.cuda_devices if facts else 0,
-                "ctranslate2 CPU compute types": sorted(facts.cpu_compute) if facts else []}
+        return {
+            "ctranslate2 CUDA devices": facts.cuda_devices if facts else 0,
+            "ctranslate2 CPU compute types": sorted(facts.cpu_compute) if facts else [],
+        }
 
     def advice(self, facts: Any) -> list[str]:
         ct2 = facts.engine(self.name)
         if ct2 is None:
             return ["CTranslate2 is missing (T5-family models cannot run): pip install ctranslate2"]
         if facts.nvidia_gpu and not ct2.cuda_devices:
-            return ["an NVIDIA GPU is present but CTranslate2 sees none: install the NVIDIA driver and CUDA 12 "
-                    "libraries (pip install nvidia-cublas-cu12 nvidia-cudnn-cu12)"]
+            return [
+                "an NVIDIA GPU is present but CTranslate2 sees none: install the NVIDIA driver and CUDA 12 "
+                "libraries (pip install nvidia-cublas-cu12 nvidia-cudnn-cu12)"
+            ]
         return []

@@ -12,11 +12,13 @@ sequence takes the free slot whose cached tokens share the longest prefix with i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from convert.architectures import get as get_architecture
 from convert.core.errors import GenerationError, ModelLoadError
 
 from ..model import BytePieces, Decoding, StepModel
@@ -53,7 +55,8 @@ class LlamaCppModel(OwnsSession, StepModel):
         self._slots: list[list[int]] = [[] for _ in range(n_seq)]  # tokens in each sequence's KV cache
         self._busy: set[int] = set()
         self.parallel_sequences = n_seq
-        self.warn_unterminated_prompts = s.architecture == "bloom"
+        arch = get_architecture(s.architecture)
+        self.warn_unterminated_prompts = arch is not None and arch.needs_prompt_end
         self.info = s.model_info(device, threads, reasons)
 
     # -- tokens ---------------------------------------------------------------------------

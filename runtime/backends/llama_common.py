@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,8 +43,17 @@ def extra_buffer_types() -> bool:
 
 
 class LlamaSession:
-    def __init__(self, path: Path, n_gpu_layers: int, threads: int, n_ctx: int | None, max_ctx: int,
-                 n_batch: int | None = None, kv_type: str | None = None, n_seq: int = 1):
+    def __init__(
+        self,
+        path: Path,
+        n_gpu_layers: int,
+        threads: int,
+        n_ctx: int | None,
+        max_ctx: int,
+        n_batch: int | None = None,
+        kv_type: str | None = None,
+        n_seq: int = 1,
+    ):
         """`n_batch=None` makes the batch as large as the context (an encoder needs the
         whole source in one batch). `n_seq` sequences may be in the KV cache at once; they
         share its `n_ctx` cells."""
@@ -60,8 +70,9 @@ class LlamaSession:
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.architecture = self.meta("general.architecture") or "unknown"
         file_type = self.meta("general.file_type")
-        self.quant = gguf_quant_name({"pocketlm.quant": self.meta("pocketlm.quant"),
-                                      "general.file_type": int(file_type) if file_type else None})
+        self.quant = gguf_quant_name(
+            {"pocketlm.quant": self.meta("pocketlm.quant"), "general.file_type": int(file_type) if file_type else None}
+        )
         n_ctx = n_ctx or min(llama.llama_model_n_ctx_train(self.model), max_ctx) or max_ctx
         n_ctx = -(-n_ctx // CTX_STEP) * CTX_STEP
         exact = (kv_type or ("f32" if self.quant == "f32" else "f16")) == "f32"
@@ -96,9 +107,17 @@ class LlamaSession:
     def model_info(self, device: str, threads: int, reasons: Sequence[str]) -> ModelInfo:
         """The `info` of a model running on this session."""
         return ModelInfo(
-            path=str(self.path), format="gguf", backend="llama.cpp", device=device,
-            architecture=self.architecture, quant=self.quant, n_ctx=self.n_ctx,
-            vocab_size=self.n_vocab, threads=threads, has_tokenizer=self.has_vocab, reasons=list(reasons),
+            path=str(self.path),
+            format="gguf",
+            backend="llama.cpp",
+            device=device,
+            architecture=self.architecture,
+            quant=self.quant,
+            n_ctx=self.n_ctx,
+            vocab_size=self.n_vocab,
+            threads=threads,
+            has_tokenizer=self.has_vocab,
+            reasons=list(reasons),
         )
 
     # -- metadata and vocabulary ---------------------------------------------------------
@@ -170,7 +189,9 @@ class LlamaSession:
         else:
             self.llama.llama_memory_seq_rm(self.memory, -1 if seq is None else seq, keep, -1)
 
-    def run(self, ids: Sequence[int], start: int, all_logits: bool, encode: bool = False, seq: int = 0) -> np.ndarray | None:
+    def run(
+        self, ids: Sequence[int], start: int, all_logits: bool, encode: bool = False, seq: int = 0
+    ) -> np.ndarray | None:
         """Evaluate `ids` at positions start.. of sequence `seq` (decoder, or encoder with
         `encode`); return the logits of every token, of the last one, or nothing (encoding)."""
         out = []
@@ -189,7 +210,9 @@ class LlamaSession:
             rc = (self.llama.llama_encode if encode else self.llama.llama_decode)(self.ctx, b)
             if rc != 0:
                 self.clear()
-                raise GenerationError(f"llama.cpp {'encode' if encode else 'decode'} failed (code {rc}): {engine.recent_log()}")
+                raise GenerationError(
+                    f"llama.cpp {'encode' if encode else 'decode'} failed (code {rc}): {engine.recent_log()}"
+                )
             rows = 0 if encode else len(chunk) if all_logits else int(last_chunk)
             if rows:
                 ptr = self.llama.llama_get_logits(self.ctx)

@@ -65,8 +65,9 @@ class LlamaCpp(Backend):
                 return None
         header = read_header(path)  # refuses truncated/corrupt files before llama.cpp sees them
         meta = header.metadata
-        return ModelSource(path, "gguf", header.architecture, gguf_quant_name(meta), path.stat().st_size,
-                           metadata=meta, header=header)
+        return ModelSource(
+            path, "gguf", header.architecture, gguf_quant_name(meta), path.stat().st_size, metadata=meta, header=header
+        )
 
     def describe(self, source: Any) -> dict[str, Any]:
         header = source.header
@@ -96,8 +97,15 @@ class LlamaCpp(Backend):
             from .llama_seq2seq import LlamaSeq2SeqModel as GGUFModel
         else:
             from .llama_causal import LlamaCppModel as GGUFModel  # type: ignore[assignment]
-        return GGUFModel(source.path, n_gpu_layers=choice.n_gpu_layers, device=choice.device,
-                         threads=choice.threads, n_ctx=n_ctx, reasons=choice.reasons, **options)
+        return GGUFModel(
+            source.path,
+            n_gpu_layers=choice.n_gpu_layers,
+            device=choice.device,
+            threads=choice.threads,
+            n_ctx=n_ctx,
+            reasons=choice.reasons,
+            **options,
+        )
 
     # -- the machine ------------------------------------------------------------------------
     def probe(self) -> LlamaFacts | None:
@@ -134,8 +142,8 @@ class LlamaCpp(Backend):
             if gpu != device:
                 flag = "GGML_METAL" if device == "metal" else "GGML_CUDA"
                 raise ModelLoadError(
-                    f"device {device!r} requested but this llama.cpp build has {gpu or 'no GPU'} support; reinstall it: "
-                    + REINSTALL.format(flag=flag)
+                    f"device {device!r} requested but this llama.cpp build has {gpu or 'no GPU'} support; reinstall "
+                    "it: " + REINSTALL.format(flag=flag)
                 )
             reasons.append(f"device {device} (given)")
         else:
@@ -151,7 +159,9 @@ class LlamaCpp(Backend):
         gpu = (facts.engine(self.name) or LlamaFacts()).gpu
         tips = []
         if facts.apple_silicon and gpu != "metal":
-            tips.append("this Mac's GPU is unused: rebuild llama.cpp with Metal: " + REINSTALL.format(flag="GGML_METAL"))
+            tips.append(
+                "this Mac's GPU is unused: rebuild llama.cpp with Metal: " + REINSTALL.format(flag="GGML_METAL")
+            )
         if facts.nvidia_gpu and gpu != "cuda":
             tips.append("an NVIDIA GPU is present but llama.cpp runs on CPU: " + REINSTALL.format(flag="GGML_CUDA"))
         return tips

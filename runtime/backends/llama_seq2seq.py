@@ -8,8 +8,8 @@ decoder start token, with PocketLM's own sampler choosing each token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -25,7 +25,7 @@ DEFAULT_MAX_CTX = 1024  # source tokens and decoder tokens; capped by the model'
 class _LlamaText:
     """The model's tokenize/detokenize as a runtime.tokenizer Tokenizer (for IncrementalDecoder)."""
 
-    def __init__(self, model: "LlamaSeq2SeqModel"):
+    def __init__(self, model: LlamaSeq2SeqModel):
         self.encode, self.decode = model.tokenize, model.detokenize
 
 
@@ -89,7 +89,9 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
     def _encode(self, src: Sequence[int]) -> None:
         """Run the encoder over the source and start an empty decoder sequence."""
         if len(src) > self._s.n_batch:
-            raise GenerationError(f"the source has {len(src)} tokens; the context holds {self._s.n_batch} (load with a larger n_ctx)")
+            raise GenerationError(
+                f"the source has {len(src)} tokens; the context holds {self._s.n_batch} (load with a larger n_ctx)"
+            )
         self._s.clear()
         self._n_decoded = 0
         self._s.run(src, 0, all_logits=False, encode=True)
@@ -97,7 +99,9 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
     def _decode(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         """Append decoder tokens; logits of every one of them or of the last."""
         if self._n_decoded + len(ids) > self.info.n_ctx:
-            raise GenerationError(f"{self._n_decoded + len(ids)} decoder tokens exceed the context of {self.info.n_ctx}")
+            raise GenerationError(
+                f"{self._n_decoded + len(ids)} decoder tokens exceed the context of {self.info.n_ctx}"
+            )
         try:
             return self._s.run(ids, self._n_decoded, all_logits)
         finally:
