@@ -38,6 +38,7 @@ def load(
     quant: str | None = None,
     compute_type: str | None = None,
     progress: bool | None = None,
+    parallel: int | None = None,
     **backend_options: Any,
 ) -> Model:
     """Open a model and choose backend, device and threads for this machine.
@@ -50,6 +51,8 @@ def load(
     `threads` defaults to one per physical core (env POCKETLM_THREADS); `n_ctx` to the model's
     context, capped at 2048 (causal GGUF) or 1024 tokens (seq2seq); CTranslate2's
     `compute_type` is chosen for the machine unless given (env POCKETLM_COMPUTE_TYPE).
+    `parallel` sequences are decoded together (default 1): generate() of a list and concurrent
+    callers (`pocketlm serve --parallel`) share engine steps, through `model.scheduler`.
     `model.info.reasons` says why each choice was made.
     """
     env = os.environ
@@ -61,6 +64,8 @@ def load(
         raise PocketLMError(f"threads={threads}: needs at least 1 thread")
     if n_ctx is not None and n_ctx < 1:
         raise PocketLMError(f"n_ctx={n_ctx}: the context must hold at least 1 token")
+    if parallel is not None and parallel < 1:
+        raise PocketLMError(f"parallel={parallel}: needs at least 1 sequence")
     source = inspect(resolve_path(model, quant, progress), quant)
     if device == "auto":
         device = env.get("POCKETLM_DEVICE", device)
@@ -71,6 +76,8 @@ def load(
     if compute_type and choice.compute_type is not None:  # the backend has compute types
         choice.compute_type = compute_type
         choice.reasons.append(f"compute {compute_type} (given)")
+    if parallel is not None:
+        choice.parallel = parallel
     choice.reasons += [f"warning: {w}" for w in choice.warnings]
     if source.format == HF:
         from .cache import converted

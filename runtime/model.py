@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from .generation import GenerationKwargs
+    from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class ModelInfo:
     threads: int
     has_tokenizer: bool
     reasons: list[str] = field(default_factory=list)
+    parallel: int = 1  # sequences decoded together
+    kv_cells: int = 0  # tokens the KV cache holds, all sequences together (0: the engine manages it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +131,7 @@ class Model(ABC):
     batches_prompts = False  # generate_batch decodes several prompts together (faster than one by one)
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the engine: one caller (or the scheduler's step) at a time
         self._warned_unterminated = False
 
     # -- what a backend provides --------------------------------------------------------
@@ -314,32 +317,114 @@ def _is_batch(prompt: Any) -> bool:
 class StepModel(Model):
     """A model whose engine evaluates one step at a time: PocketLM samples each token itself.
 
-    The step primitives are per sequence: `_start` puts a new sequence's prompt in the cache
-    (in a slot of its own), `_advance` appends one token to each of several sequences in one
-    engine call, `_release` frees a slot. `parallel_sequences` says how many sequences the
-    engine can hold at once (the generation loop here runs one at a time)."""
+    The step primitives are per sequence, and several sequences go in one engine call:
+    `_admit` gives a new sequence a slot of the KV cache (and says how much of its prompt the
+    slot already holds), `_evaluate` appends tokens to each of several sequences and returns
+    the logits after them, `_release` frees the slot. `parallel_sequences` is how many
+    sequences the cache holds at once, `kv_cells` how many tokens in all; `joins_running` says
+    whether a sequence may start while others are being decoded. runtime/scheduler.py drives
+    many sequences with these; the loop below drives one."""
 
     parallel_sequences = 1
+    joins_running = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._freed = threading.Condition(self._lock)  # notified when a slot is released
+        self._scheduler: Scheduler | None = None
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The continuous-batching scheduler that serves this model's callers (one per model)."""
+        with self._lock:
+            if self._scheduler is None:
+                from .scheduler import Scheduler
+
+                self._scheduler = Scheduler(self)
+            return self._scheduler
+
+    def stream_tokens(
+        self,
+        prompt: Prompt,
+        options: GenerationOptions | None = None,
+        /,
+        **kwargs: Unpack[GenerationKwargs],
+    ) -> TokenStream:
+        """As Model.stream_tokens; with several sequences in the cache, through the scheduler,
+        so concurrent callers are decoded together."""
+        if self.parallel_sequences > 1:
+            return self.scheduler.stream_tokens(prompt, options, **kwargs)
+        return super().stream_tokens(prompt, options, **kwargs)
+
+    def generate_batch(
+        self, prompts: list[Prompt], options: GenerationOptions | None = None, /, **kwargs: Unpack[GenerationKwargs]
+    ) -> list[GenerationResult]:
+        """Several prompts decoded together (as many at once as the cache holds)."""
+        if self.parallel_sequences > 1:
+            return self.scheduler.generate_batch(prompts, GenerationOptions.of(options, **kwargs))
+        return super().generate_batch(prompts, options, **kwargs)
+
+    @property
+    def batches_prompts(self) -> bool:  # type: ignore[override]
+        return self.parallel_sequences > 1
+
+    def _stop_scheduler(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+
+    @property
+    def kv_cells(self) -> int:
+        return self.info.n_ctx
+
+    def _wait_idle(self) -> None:
+        """Wait (holding the engine lock) until no sequence holds a slot."""
+        self._freed.wait_for(lambda: not getattr(self, "_busy", None))
 
     @abstractmethod
-    def _start(self, seq: Decoding) -> np.ndarray:
-        """Evaluate the prompt of a new sequence; return the logits for the token after it."""
+    def _admit(self, seq: Decoding, reserve: int) -> None:
+        """Give a new sequence a slot; set `seq.position` to how many of its prompt tokens the
+        slot already holds. `reserve` cells (prompt and new tokens) are kept for it."""
 
     @abstractmethod
-    def _advance(self, seqs: list[Decoding], tokens: list[int]) -> list[np.ndarray]:
-        """Append tokens[i] to seqs[i] (one engine call); return each one's next-token logits."""
+    def _evaluate(self, work: list[tuple[Decoding, list[int], bool]]) -> list[np.ndarray | None]:
+        """Append `tokens` to each sequence at its position, all in one engine call; for each
+        entry whose flag is set, the logits for the token after its last."""
 
     def _release(self, seq: Decoding) -> None:
-        """The sequence is done: its slot may be reused (its cache may be kept for reuse)."""
+        """The sequence is done: its slot may be reused (its cache may be kept for reuse).
+        Called with the engine lock held; backends call this at the end of theirs."""
+        self._freed.notify_all()
+
+    def _can_admit(self, reserve: int, seq: Decoding | None = None) -> bool:
+        """Whether a slot and `reserve` cache cells are free now (for `seq`, when given)."""
+        return True
 
     @abstractmethod
     def _end_ids(self) -> list[int]:
         """Every id that ends a sequence (masked before min_new_tokens)."""
 
+    def _reservation(self, seq: Decoding, max_new: int) -> int:
+        return len(seq.ids) + max_new
+
+    def _start(self, seq: Decoding, max_new: int = 0) -> np.ndarray:
+        """Admit a sequence and evaluate its prompt: the logits for its first new token."""
+        self._admit(seq, self._reservation(seq, max_new))
+        try:
+            logits = self._evaluate([(seq, seq.ids[seq.position :], True)])[0]
+        except BaseException:
+            self._release(seq)
+            raise
+        assert logits is not None
+        return logits
+
+    def _advance(self, seqs: list[Decoding], tokens: list[int]) -> list[np.ndarray]:
+        """One new token for each sequence, in one engine call: their next logits."""
+        return self._evaluate([(seq, [token], True) for seq, token in zip(seqs, tokens)])  # type: ignore[return-value]
+
     def _generate_ids(self, seq: Decoding, max_new: int) -> Iterator[int]:
         options = seq.options
         ends = self._end_ids() if options.min_new_tokens else []
-        logits = self._start(seq)
+        logits = self._start(seq, max_new)
         try:
             for i in range(max_new):
                 token = seq.sampler(logits, seq.seen, ends if i < options.min_new_tokens else ())

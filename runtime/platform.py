@@ -72,6 +72,7 @@ class Choice:
     quant: str | None = None
     n_gpu_layers: int = 0
     compute_type: str | None = None
+    parallel: int = 1  # sequences decoded together
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 

@@ -25,13 +25,14 @@ def gguf(tmp_path_factory):
 
 def _greedy(model, seqs, steps):
     """Start every sequence, then advance all of them together; each one's logits per step."""
-    rows = [[model._start(seq)] for seq in seqs]
-    for _ in range(steps):
-        tokens = [int(np.argmax(r[-1])) for r in rows]
-        for r, out in zip(rows, model._advance(seqs, tokens)):
-            r.append(out)
-    for seq in seqs:
-        model._release(seq)
+    with model._lock:  # the primitives are called holding the engine lock
+        rows = [[model._start(seq)] for seq in seqs]
+        for _ in range(steps):
+            tokens = [int(np.argmax(r[-1])) for r in rows]
+            for r, out in zip(rows, model._advance(seqs, tokens)):
+                r.append(out)
+        for seq in seqs:
+            model._release(seq)
     return [np.stack(r) for r in rows]
 
 
@@ -56,9 +57,10 @@ def test_a_free_slot_with_the_longest_shared_prefix_is_reused(gguf):
         model.generate(PROMPTS[1], options)  # fills the other slot
         extended = PROMPTS[0] + first.token_ids[:2]
         seq = model._decoding(extended, options)
-        logits = model._start(seq)
-        assert seq.slot == model._slots.index(extended) and model._slots[seq.slot] == extended
-        model._release(seq)
+        with model._lock:
+            logits = model._start(seq)
+            assert seq.slot == model._slots.index(extended) and model._slots[seq.slot] == extended
+            model._release(seq)
         fresh = model.logits(extended)[-1]
         assert np.abs(logits - fresh).max() <= 1e-4 * np.abs(fresh).max()
 
@@ -67,8 +69,9 @@ def test_every_slot_busy_is_a_clear_error(gguf):
     options = GenerationOptions(max_new_tokens=2)
     with runtime.load(gguf, threads=2) as model:
         held = model._decoding(PROMPTS[0], options)
-        model._start(held)
-        with pytest.raises(GenerationError, match="sequences of the KV cache are in use"):
-            model._start(model._decoding(PROMPTS[1], options))
-        model._release(held)
+        with model._lock:
+            model._start(held)
+            with pytest.raises(GenerationError, match="sequences of the KV cache are in use"):
+                model._start(model._decoding(PROMPTS[1], options))
+            model._release(held)
         assert model.generate(PROMPTS[1], options).token_ids

@@ -12,6 +12,7 @@ sequence takes the free slot whose cached tokens share the longest prefix with i
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,16 @@ class LlamaCppModel(OwnsSession, StepModel):
         kv_type: str | None = None,
         reasons: Sequence[str] = (),
         n_seq: int = 1,
+        kv_cells: int | None = None,
     ):
         super().__init__()
         if n_seq < 1:
             raise GenerationError(f"n_seq={n_seq}: the KV cache must hold at least 1 sequence")
-        self._s = s = LlamaSession(path, n_gpu_layers, threads, n_ctx, DEFAULT_MAX_CTX, n_batch, kv_type, n_seq)
+        if kv_cells is not None and kv_cells < 1:
+            raise GenerationError(f"kv_cells={kv_cells}: the KV cache must hold at least 1 token")
+        self._s = s = LlamaSession(
+            path, n_gpu_layers, threads, n_ctx, DEFAULT_MAX_CTX, n_batch, kv_type, n_seq, kv_cells
+        )
         if s.has_encoder:
             s.close()
             raise ModelLoadError(f"{path}: an encoder-decoder model (it runs on the seq2seq backend)")
@@ -53,7 +59,9 @@ class LlamaCppModel(OwnsSession, StepModel):
         eos = None if s.has_vocab else s.special("eos", None, None)
         self._eos_without_vocab = {eos} if eos is not None else set()
         self._slots: list[list[int]] = [[] for _ in range(n_seq)]  # tokens in each sequence's KV cache
-        self._busy: set[int] = set()
+        self._busy: dict[int, int] = {}  # slot -> cells reserved by its running sequence
+        self._last_used = [0] * n_seq
+        self._clock = itertools.count(1)
         self.parallel_sequences = n_seq
         arch = get_architecture(s.architecture)
         self.warn_unterminated_prompts = arch is not None and arch.needs_prompt_end
@@ -112,29 +120,45 @@ class LlamaCppModel(OwnsSession, StepModel):
             raise GenerationError(f"all {len(self._slots)} sequences of the KV cache are in use")
         return best, keep
 
-    def _start(self, seq: Decoding) -> np.ndarray:
+    def _admit(self, seq: Decoding, reserve: int) -> None:
         slot, keep = self._take_slot(seq.ids)
         self._forget(slot, keep)
-        self._busy.add(slot)
-        seq.slot = slot
-        try:
-            logits = self._engine(self._s.run, seq.ids[keep:], keep, all_logits=False, seq=slot)
-        except BaseException:
-            self._release(seq)
-            raise
-        self._slots[slot] = list(seq.ids)
-        seq.position = len(seq.ids)
-        return logits
+        self._busy[slot] = reserve
+        self._make_room(slot)
+        seq.slot, seq.position = slot, keep
 
-    def _advance(self, seqs: list[Decoding], tokens: list[int]) -> list[np.ndarray]:
-        rows = self._engine(self._s.step, tokens, [seq.position for seq in seqs], [seq.slot for seq in seqs])
-        for seq, token in zip(seqs, tokens):
-            seq.position += 1
-            self._slots[seq.slot].append(token)
-        return list(rows)
+    @property
+    def kv_cells(self) -> int:
+        return self._s.kv_cells
+
+    def _reservation(self, seq: Decoding, max_new: int) -> int:
+        return min(len(seq.ids) + max_new, self.info.n_ctx)
+
+    def _can_admit(self, reserve: int, seq: Decoding | None = None) -> bool:
+        return len(self._busy) < len(self._slots) and sum(self._busy.values()) + reserve <= self.kv_cells
+
+    def _make_room(self, keep_slot: int) -> None:
+        """Idle slots' caches give way to what running sequences have reserved."""
+        idle = [s for s in range(len(self._slots)) if s not in self._busy and self._slots[s]]
+        used = sum(self._busy.values()) + sum(len(self._slots[s]) for s in idle)
+        for slot in sorted(idle, key=lambda s: self._last_used[s]):
+            if used <= self.kv_cells:
+                break
+            used -= len(self._slots[slot])
+            self._forget(slot)
+
+    def _evaluate(self, work: list[tuple[Decoding, list[int], bool]]) -> list[np.ndarray | None]:
+        entries = [(seq.slot, tokens, seq.position, want) for seq, tokens, want in work]
+        out = self._engine(self._s.evaluate, entries)
+        for seq, tokens, _ in work:
+            seq.position += len(tokens)
+            self._slots[seq.slot].extend(tokens)
+        return out
 
     def _release(self, seq: Decoding) -> None:
-        self._busy.discard(seq.slot)  # its cache stays: a later prompt may extend it
+        if self._busy.pop(seq.slot, None) is not None:  # its cache stays: a later prompt may extend it
+            self._last_used[seq.slot] = next(self._clock)
+            super()._release(seq)
 
     def logits(self, input_ids: Sequence[int]) -> np.ndarray:
         """float32 [len(input_ids), vocab]: next-token logits at every position."""
@@ -144,9 +168,15 @@ class LlamaCppModel(OwnsSession, StepModel):
         if len(ids) > self.info.n_ctx:
             raise GenerationError(f"{len(ids)} tokens exceed the context of {self.info.n_ctx}")
         with self._lock:
+            self._freed.wait_for(lambda: len(self._busy) < len(self._slots))
             slot, _ = self._take_slot(ids)
             self._forget(slot)
-            out = self._engine(self._s.run, ids, 0, all_logits=True, seq=slot)
+            self._busy[slot] = len(ids)
+            self._make_room(slot)
+            try:
+                out = self._engine(self._s.run, ids, 0, all_logits=True, seq=slot)
+            finally:
+                del self._busy[slot]
             self._slots[slot] = list(ids)
             return out
 

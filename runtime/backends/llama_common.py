@@ -23,6 +23,7 @@ from ..model import ModelInfo
 
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 CTX_STEP = 256  # llama.cpp rounds n_ctx up to a multiple of this
+KV_CELLS_CAP = 16384  # default KV cache of several sequences: n_seq x n_ctx tokens, at most this
 
 
 def extra_buffer_types() -> bool:
@@ -53,10 +54,11 @@ class LlamaSession:
         n_batch: int | None = None,
         kv_type: str | None = None,
         n_seq: int = 1,
+        kv_cells: int | None = None,
     ):
-        """`n_batch=None` makes the batch as large as the context (an encoder needs the
-        whole source in one batch). `n_seq` sequences may be in the KV cache at once; they
-        share its `n_ctx` cells."""
+        """`n_ctx` is one sequence's context; `n_batch=None` makes the batch as large (an
+        encoder needs the whole source in one batch). `n_seq` sequences may be in the KV cache
+        at once, sharing its `kv_cells` cells (default: n_seq x n_ctx, at most KV_CELLS_CAP)."""
         self.path = path
         self.llama = llama = engine.llama_cpp()
         self.model = self.ctx = self.batch = None
@@ -75,10 +77,13 @@ class LlamaSession:
         )
         n_ctx = n_ctx or min(llama.llama_model_n_ctx_train(self.model), max_ctx) or max_ctx
         n_ctx = -(-n_ctx // CTX_STEP) * CTX_STEP
+        if kv_cells is None:
+            kv_cells = n_ctx if n_seq == 1 else min(n_seq * n_ctx, max(n_ctx, KV_CELLS_CAP))
+        total = -(-max(kv_cells, n_ctx) // CTX_STEP) * CTX_STEP
         exact = (kv_type or ("f32" if self.quant == "f32" else "f16")) == "f32"
         cparams = llama.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = min(n_batch or n_ctx, n_ctx)
+        cparams.n_ctx = total
+        cparams.n_batch = cparams.n_ubatch = min(n_batch or n_ctx, total)
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.type_k = cparams.type_v = GGML_TYPE_F32 if exact else GGML_TYPE_F16
         cparams.no_perf = True
@@ -91,7 +96,11 @@ class LlamaSession:
         if not self.ctx:
             self.close()
             raise ModelLoadError(f"{path}: llama.cpp could not create a context: {engine.recent_log()}")
-        self.n_ctx = llama.llama_n_ctx(self.ctx)
+        self.kv_cells = llama.llama_n_ctx(self.ctx)
+        self.n_ctx = min(n_ctx, self.kv_cells)
+        m = self.model
+        kv_width = llama.llama_model_n_embd(m) * llama.llama_model_n_head_kv(m) // max(1, llama.llama_model_n_head(m))
+        self.kv_bytes = self.kv_cells * 2 * llama.llama_model_n_layer(m) * kv_width * (4 if exact else 2)
         self.n_batch = llama.llama_n_ubatch(self.ctx)
         self.n_seq = n_seq
         self.batch = llama.llama_batch_init(self.n_batch, 0, 1)
@@ -118,6 +127,8 @@ class LlamaSession:
             threads=threads,
             has_tokenizer=self.has_vocab,
             reasons=list(reasons),
+            parallel=self.n_seq,
+            kv_cells=self.kv_cells,
         )
 
     # -- metadata and vocabulary ---------------------------------------------------------
@@ -221,20 +232,37 @@ class LlamaSession:
             return None
         return np.concatenate(out) if all_logits else out[-1][0]
 
-    def step(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]) -> np.ndarray:
-        """One decoder token for each of several sequences (tokens[i] at positions[i] of
-        sequence seq_ids[i]) in one batch: float32 [len(tokens), vocab], their next-token logits."""
+    def evaluate(
+        self, entries: Sequence[tuple[int, Sequence[int], int, bool]], encode: bool = False
+    ) -> list[np.ndarray | None]:
+        """Tokens of several sequences in as few batches as fit. Each entry is (sequence id,
+        tokens, position of the first, whether to return the logits after the last); returns
+        those logits (float32 [vocab]) per entry, None where not asked."""
+        flat = [
+            (tok, start + i, seq, want and i == len(tokens) - 1, k)
+            for k, (seq, tokens, start, want) in enumerate(entries)
+            for i, tok in enumerate(tokens)
+        ]
+        out: list[np.ndarray | None] = [None] * len(entries)
         b = self.batch
-        for i, (tok, pos, seq) in enumerate(zip(tokens, positions, seq_ids)):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, True
-            b.seq_id[i][0] = seq
-        b.n_tokens = len(tokens)
-        rc = self.llama.llama_decode(self.ctx, b)
-        if rc != 0:
-            self.clear()
-            raise GenerationError(f"llama.cpp decode failed (code {rc}): {engine.recent_log()}")
-        ptr = self.llama.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(len(tokens), self.n_vocab)).copy()
+        for lo in range(0, len(flat), self.n_batch):
+            chunk = flat[lo : lo + self.n_batch]
+            for i, (tok, pos, seq, want, _) in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want or encode
+                b.seq_id[i][0] = seq
+            b.n_tokens = len(chunk)
+            rc = (self.llama.llama_encode if encode else self.llama.llama_decode)(self.ctx, b)
+            if rc != 0:
+                self.clear()
+                what = "encode" if encode else "decode"
+                raise GenerationError(f"llama.cpp {what} failed (code {rc}): {engine.recent_log()}")
+            asked = [k for *_, want, k in chunk if want]
+            if asked and not encode:
+                ptr = self.llama.llama_get_logits(self.ctx)
+                rows = np.ctypeslib.as_array(ptr, shape=(len(asked), self.n_vocab)).copy()
+                for row, k in zip(rows, asked):
+                    out[k] = row
+        return out
 
     def close(self) -> None:
         llama = self.llama
@@ -253,6 +281,9 @@ class OwnsSession:
     """close() and the finaliser of a model that holds its LlamaSession in `_s`."""
 
     def close(self) -> None:
+        stop = getattr(self, "_stop_scheduler", None)
+        if stop is not None:
+            stop()
         session = getattr(self, "_s", None)
         if session is not None:
             session.close()

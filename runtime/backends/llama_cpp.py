@@ -104,6 +104,7 @@ class LlamaCpp(Backend):
             threads=choice.threads,
             n_ctx=n_ctx,
             reasons=choice.reasons,
+            n_seq=choice.parallel,
             **options,
         )
 

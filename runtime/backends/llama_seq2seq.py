@@ -41,17 +41,26 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
         threads: int = 1,
         n_ctx: int | None = None,
         reasons: Sequence[str] = (),
+        n_seq: int = 1,
+        kv_cells: int | None = None,
     ):
         super().__init__()
-        # The encoder takes the whole source in one micro-batch: the batch is the context.
-        self._s = s = LlamaSession(path, n_gpu_layers, threads, n_ctx, DEFAULT_MAX_CTX, n_batch=None)
+        if n_seq < 1:
+            raise GenerationError(f"n_seq={n_seq}: the KV cache must hold at least 1 sequence")
+        # The encoder takes every source of a cohort in one micro-batch: the batch is the context.
+        self._s = s = LlamaSession(
+            path, n_gpu_layers, threads, n_ctx, DEFAULT_MAX_CTX, n_batch=None, n_seq=n_seq, kv_cells=kv_cells
+        )
         if not s.has_encoder:
             s.close()
             raise ModelLoadError(f"{path}: not an encoder-decoder model (load it with the causal llama.cpp backend)")
         self._eos = s.special("eos", s.llama.llama_vocab_eos, 1)
         start = s.llama.llama_model_decoder_start_token(s.model)
         self._start_token = start if start >= 0 else s.special("pad", s.llama.llama_vocab_pad, 0)
-        self._n_decoded = 0  # decoder tokens in the KV cache
+        self._busy: dict[int, int] = {}  # slot -> cells reserved by its running sequence
+        self._unencoded: set[int] = set()  # admitted slots whose source awaits the encoder
+        self._cohort_sources = 0  # source tokens of the sequences encoded together
+        self.parallel_sequences = n_seq
         self.info = s.model_info(device, threads, reasons)
 
     # -- tokens ---------------------------------------------------------------------------
@@ -86,43 +95,83 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
         return [self._eos]
 
     # -- evaluation -----------------------------------------------------------------------
-    def _encode(self, src: Sequence[int]) -> None:
-        """Run the encoder over the source and start an empty decoder sequence."""
+    # -- evaluation -----------------------------------------------------------------------
+    # llama.cpp keeps the encoder output of the last `llama_encode` call only (tagged with its
+    # sequence ids): sequences decoded together must be encoded together, in one call. So a
+    # cohort starts when no sequence runs (`joins_running = False`), and its sources fit
+    # one batch.
+    joins_running = False
+
+    @property
+    def kv_cells(self) -> int:
+        return self._s.kv_cells
+
+    def _reservation(self, seq: Decoding, max_new: int) -> int:
+        return min(max_new + 1, self.info.n_ctx)  # decoder tokens: the start token and the new ones
+
+    def _check_source(self, src: Sequence[int]) -> None:
         if len(src) > self._s.n_batch:
             raise GenerationError(
                 f"the source has {len(src)} tokens; the context holds {self._s.n_batch} (load with a larger n_ctx)"
             )
-        self._s.clear()
-        self._n_decoded = 0
-        self._s.run(src, 0, all_logits=False, encode=True)
 
-    def _decode(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
-        """Append decoder tokens; logits of every one of them or of the last."""
-        if self._n_decoded + len(ids) > self.info.n_ctx:
-            raise GenerationError(
-                f"{self._n_decoded + len(ids)} decoder tokens exceed the context of {self.info.n_ctx}"
-            )
-        try:
-            return self._s.run(ids, self._n_decoded, all_logits)
-        finally:
-            self._n_decoded += len(ids)
+    def _can_admit(self, reserve: int, seq: Decoding | None = None) -> bool:
+        sources = self._cohort_sources + (len(seq.ids) if seq is not None else 0)
+        fits = sources <= self._s.n_batch and sum(self._busy.values()) + reserve <= self.kv_cells
+        return len(self._busy) < self.parallel_sequences and (fits or not self._busy)
 
-    def _start(self, seq: Decoding) -> np.ndarray:
-        # llama.cpp cross-attends to the last encoder output only: one sequence at a time.
-        self._encode(seq.ids)
-        seq.slot = 0
-        return self._decode([self._start_token], all_logits=False)
+    def _admit(self, seq: Decoding, reserve: int) -> None:
+        self._check_source(seq.ids)
+        if not self._busy:  # a new cohort
+            self._s.clear()
+            self._cohort_sources = 0
+        elif not self._unencoded:
+            raise GenerationError("llama.cpp's encoder-decoder graph only decodes sequences encoded together")
+        slot = next(s for s in range(self.parallel_sequences) if s not in self._busy)
+        self._busy[slot] = reserve
+        self._unencoded.add(slot)
+        self._cohort_sources += len(seq.ids)
+        seq.slot, seq.position = slot, 0
 
-    def _advance(self, seqs: list[Decoding], tokens: list[int]) -> list[np.ndarray]:
-        if len(seqs) != 1:
-            raise GenerationError("llama.cpp's encoder-decoder graph decodes one sequence at a time")
-        return [self._decode(tokens, all_logits=False)]
+    def _evaluate(self, work: list[tuple[Decoding, list[int], bool]]) -> list[np.ndarray | None]:
+        fresh = [(seq, tokens) for seq, tokens, _ in work if seq.slot in self._unencoded]
+        if fresh:
+            if len(fresh) != len(self._unencoded):
+                raise GenerationError("the sources of sequences decoded together must be encoded in one call")
+            self._s.evaluate([(seq.slot, tokens, 0, False) for seq, tokens in fresh], encode=True)
+            self._unencoded.clear()
+        entries = []
+        for seq, tokens, want in work:
+            decoder = [self._start_token] if any(seq is f for f, _ in fresh) else tokens
+            if seq.position + len(decoder) > self.info.n_ctx:
+                raise GenerationError(
+                    f"{seq.position + len(decoder)} decoder tokens exceed the context of {self.info.n_ctx}"
+                )
+            entries.append((seq.slot, decoder, seq.position, want))
+        out = self._s.evaluate(entries)
+        for (seq, _, _), (_, decoder, _, _) in zip(work, entries):
+            seq.position += len(decoder)
+        return out
+
+    def _release(self, seq: Decoding) -> None:
+        if self._busy.pop(seq.slot, None) is not None:
+            self._unencoded.discard(seq.slot)
+            self._s.clear(0, seq.slot)
+            super()._release(seq)
 
     def logits(self, input_ids: Sequence[int], decoder_input_ids: Sequence[int] | None = None) -> np.ndarray:
         """float32 [len(decoder_input_ids), vocab]: next-token logits at each decoder position.
 
         `decoder_input_ids` starts with the decoder start token (default: just that token)."""
         src, dec = self._decoder_ids(input_ids, decoder_input_ids)
+        self._check_source(src)
+        if len(dec) > self.info.n_ctx:
+            raise GenerationError(f"{len(dec)} decoder tokens exceed the context of {self.info.n_ctx}")
         with self._lock:
-            self._encode(src)
-            return self._decode(dec, all_logits=True)
+            self._wait_idle()  # encoding replaces the encoder output running sequences attend to
+            self._s.clear()
+            self._s.run(src, 0, all_logits=False, encode=True)
+            try:
+                return self._s.run(dec, 0, all_logits=True)
+            finally:
+                self._s.clear()

@@ -1,0 +1,236 @@
+"""Continuous batching: one StepModel decoding many sequences together.
+
+Requests join between engine steps. Each step is one call to the engine: it advances every
+running sequence by one token and feeds the next part of the prompts still being read (at
+most `prefill_chunk` tokens of each, `step_tokens` in all), so a long new prompt does not
+stall running streams for the whole of its prefill. Every sequence keeps its own options,
+sampler, stop strings and budget; its events reach the caller through a queue. A caller that
+closes its stream (a client that went away) frees the sequence's slot at the next step.
+
+A request is admitted when the model has a free slot and the KV cells it reserves (prompt
+plus new tokens) fit next to those of the running sequences, so no running sequence ever
+runs out of cache; until then it waits, in order. Models whose sequences must start together
+(`joins_running = False`: llama.cpp's encoder-decoder graph) admit a new cohort only when
+none runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+from .generation import GenerationOptions, GenerationResult, StreamEvent, TokenStream
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .model import Decoding, Prompt, StepModel
+
+log = logging.getLogger(__name__)
+
+_END = object()  # the last item of a request's queue
+
+
+class _Request:
+    """A sequence in the scheduler: its Decoding, budget and reservation, and its queue."""
+
+    def __init__(self, seq: Decoding, budget: int, reserve: int):
+        self.seq, self.budget, self.reserve = seq, budget, reserve
+        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.cancelled = False
+        self.finished = False
+        self.admitted = False
+        self.generated = 0
+        self.next_token: int | None = None  # sampled, not yet in the cache
+
+
+class Scheduler:
+    """Decodes the sequences of many callers together on one model (`model.scheduler`)."""
+
+    def __init__(self, model: StepModel, prefill_chunk: int = 256, step_tokens: int = 512):
+        self.model = model
+        self.prefill_chunk, self.step_tokens = prefill_chunk, step_tokens
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # engine calls made (for tests and reports)
+
+    # -- callers ----------------------------------------------------------------------------
+    def stream_tokens(self, prompt: Prompt, options: GenerationOptions | None = None, /, **kwargs: Any) -> TokenStream:
+        """As `Model.stream_tokens`: the prompt is checked now; tokens come as the scheduler
+        decodes them together with everything else running."""
+        return self._submit([prompt], GenerationOptions.of(options, **kwargs))[0]
+
+    def generate_batch(self, prompts: list[Prompt], options: GenerationOptions | None = None) -> list[GenerationResult]:
+        """All prompts submitted at once (so they can start together), decoded as slots allow."""
+        streams = self._submit(prompts, options or GenerationOptions())
+        for stream in streams:
+            for _ in stream:
+                pass
+        return [stream.result for stream in streams]
+
+    def _submit(self, prompts: list[Prompt], options: GenerationOptions) -> list[TokenStream]:
+        model = self.model
+        requests = []
+        for prompt in prompts:
+            seq = model._decoding(prompt, options)
+            budget = max(model._budget(len(seq.ids), options.max_new_tokens), 0)
+            requests.append(_Request(seq, budget, model._reservation(seq, budget)))
+        with self._wake:
+            if self._closed:
+                from convert.core.errors import GenerationError
+
+                raise GenerationError("the model is closed")
+            for request in requests:
+                if request.budget == 0:  # nothing to generate: done at once
+                    tail = request.seq.finish()
+                    for item in ([tail] if tail else []) + [_END]:
+                        request.events.put(item)
+                    request.finished = True
+                else:
+                    self._waiting.append(request)
+            self._start_thread()
+            self._wake.notify_all()
+        return [TokenStream(self._events(r), r.seq.result) for r in requests]
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(sequences running, requests waiting)."""
+        with self._wake:
+            return len(self._running), len(self._waiting)
+
+    def close(self) -> None:
+        """Stop: running and waiting requests end with an error; the thread exits."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _events(self, request: _Request) -> Generator[StreamEvent, None, None]:
+        try:
+            while True:
+                item = request.events.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not request.finished:
+                with self._wake:
+                    request.cancelled = True
+                    self._wake.notify_all()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="pocketlm-scheduler", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._running and not self._waiting:
+                    self._wake.wait()
+                if self._closed:
+                    break
+            with self.model._lock:
+                try:
+                    self._step()
+                except BaseException as e:  # the engine failed: every running sequence is lost
+                    log.debug("scheduler step failed: %s", e)
+                    for request in list(self._running):
+                        self._finish(request, error=e)
+        from convert.core.errors import GenerationError
+
+        with self.model._lock:
+            for request in list(self._running) + list(self._waiting):
+                self._finish(request, error=GenerationError("the model was closed"))
+
+    def _step(self) -> None:
+        model = self.model
+        with self._wake:
+            for request in [r for r in self._running if r.cancelled]:
+                self._finish(request)
+            for request in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(request)
+                request.finished = True
+            cohort_open = model.joins_running or not self._running
+            while self._waiting and cohort_open:
+                request = self._waiting[0]
+                if not model._can_admit(request.reserve, request.seq):
+                    break
+                self._waiting.popleft()
+                model._admit(request.seq, request.reserve)
+                request.admitted = True
+                self._running.append(request)
+            running = list(self._running)
+        work: list[tuple[Decoding, list[int], bool]] = []
+        fed: list[_Request] = []
+        room = self.step_tokens
+        for request in running:
+            if request.next_token is not None:
+                work.append((request.seq, [request.next_token], True))
+                fed.append(request)
+                room -= 1
+        for request in running:
+            seq = request.seq
+            if request.next_token is not None or seq.position >= len(seq.ids):
+                continue
+            rest = seq.ids[seq.position :]
+            if model.joins_running:
+                if room <= 0:
+                    break
+                rest = rest[: min(self.prefill_chunk, room)]
+                room -= len(rest)
+            work.append((seq, rest, seq.position + len(rest) == len(seq.ids)))
+            fed.append(request)
+        if not work:
+            return
+        for request in fed:
+            request.next_token = None
+        outputs = model._evaluate(work)
+        self.steps += 1
+        for request, logits in zip(fed, outputs):
+            if logits is not None:
+                self._accept(request, logits)
+
+    def _accept(self, request: _Request, logits: np.ndarray) -> None:
+        """Sample the next token of a sequence from its logits and hand out its event."""
+        model, seq = self.model, request.seq
+        options = seq.options
+        banned = model._end_ids() if request.generated < options.min_new_tokens else ()
+        token = seq.sampler(logits, seq.seen, banned)
+        seq.seen.append(token)
+        request.generated += 1
+        event = seq.push(token, model._is_end(token))
+        if event is not None:
+            request.events.put(event)
+        if seq.done or request.generated >= request.budget:
+            self._finish(request)
+        else:
+            request.next_token = token
+
+    def _finish(self, request: _Request, error: BaseException | None = None) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        if error is None:
+            tail = request.seq.finish()
+            if tail is not None:
+                request.events.put(tail)
+        if request in self._running:
+            self._running.remove(request)
+        if request in self._waiting:
+            self._waiting.remove(request)
+        if request.admitted:
+            self.model._release(request.seq)
+        request.events.put(error if error is not None else _END)
