@@ -115,7 +115,7 @@ def _run(p: argparse.ArgumentParser) -> None:
         metavar="JSONL",
         help="where --input answers go; re-running skips prompts already answered",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together with --input (CTranslate2)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together with --input (default 16)")
     p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
     p.add_argument("--json", action="store_true", help="print the result (text, ids, finish reason, speed) as JSON")
     _add_generation_options(p)
@@ -175,6 +175,27 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (env POCKETLM_API_KEY)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 429 (default 64)")
     p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask (default 2048)")
+    p.add_argument(
+        "--parallel",
+        default="auto",
+        metavar="N",
+        help="requests decoded together (default auto: chosen for the model and machine, shown at start)",
+    )
+    p.add_argument(
+        "--kv-cells",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens the KV cache holds for all requests together (default: parallel x context, "
+        "at most 16384); a request waits until its prompt and max_tokens fit",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:3000; repeatable) call the server",
+    )
     _add_load_options(p)
 
 
@@ -227,7 +248,15 @@ def _prompt(args: argparse.Namespace) -> str | list[int]:
     return args.prompt
 
 
-def _load(args: argparse.Namespace) -> Any:
+def _parallel(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise PocketLMError(f"--parallel {value}: a number of requests (1 or more) or auto")
+    return int(value)
+
+
+def _load(args: argparse.Namespace, parallel: int | str | None = None, **options: Any) -> Any:
     import runtime
 
     return runtime.load(
@@ -238,6 +267,8 @@ def _load(args: argparse.Namespace) -> Any:
         backend=args.backend,
         quant=args.load_quant,
         compute_type=args.compute_type,
+        parallel=parallel,
+        **options,
     )
 
 
@@ -258,7 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise PocketLMError("--input and --output go together")
         from .batch import run_jsonl
 
-        with _load(args) as model:
+        with _load(args, parallel=args.batch_size if args.batch_size > 1 else None) as model:
             stats = run_jsonl(model, Path(args.input), Path(args.output), args.batch_size, sys.stderr.isatty(), gen)
         print(f"answered {stats.answered} prompts ({stats.skipped} already answered) -> {stats.output}")
         return 0
@@ -363,9 +394,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_queue < 0:
         raise PocketLMError(f"--max-queue {args.max_queue}: must be 0 or more")
+    parallel = _parallel(args.parallel)
+    if args.kv_cells is not None and args.kv_cells < 1:
+        raise PocketLMError(f"--kv-cells {args.kv_cells}: must be 1 or more")
     check_address(args.host, args.port)  # now, not after loading the model (that can take minutes)
     logging.getLogger("pocketlm.server").setLevel(logging.INFO)  # one line per request
-    with _load(args) as model:
+    options = {"kv_cells": args.kv_cells} if args.kv_cells is not None else {}
+    with _load(args, parallel=parallel, **options) as model:
         serve(
             model,
             host=args.host,
@@ -374,6 +409,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_tokens_limit=args.max_tokens,
             model_name=args.model,
+            cors_origins=args.cors_origin,
         )
     return 0
 

@@ -38,7 +38,7 @@ def load(
     quant: str | None = None,
     compute_type: str | None = None,
     progress: bool | None = None,
-    parallel: int | None = None,
+    parallel: int | str | None = None,
     **backend_options: Any,
 ) -> Model:
     """Open a model and choose backend, device and threads for this machine.
@@ -51,8 +51,9 @@ def load(
     `threads` defaults to one per physical core (env POCKETLM_THREADS); `n_ctx` to the model's
     context, capped at 2048 (causal GGUF) or 1024 tokens (seq2seq); CTranslate2's
     `compute_type` is chosen for the machine unless given (env POCKETLM_COMPUTE_TYPE).
-    `parallel` sequences are decoded together (default 1): generate() of a list and concurrent
-    callers (`pocketlm serve --parallel`) share engine steps, through `model.scheduler`.
+    `parallel` sequences are decoded together (default 1; "auto": the backend's choice for
+    serving): generate() of a list and concurrent callers (`pocketlm serve --parallel`) share
+    engine steps, through `model.scheduler`.
     `model.info.reasons` says why each choice was made.
     """
     env = os.environ
@@ -64,8 +65,8 @@ def load(
         raise PocketLMError(f"threads={threads}: needs at least 1 thread")
     if n_ctx is not None and n_ctx < 1:
         raise PocketLMError(f"n_ctx={n_ctx}: the context must hold at least 1 token")
-    if parallel is not None and parallel < 1:
-        raise PocketLMError(f"parallel={parallel}: needs at least 1 sequence")
+    if parallel is not None and parallel != "auto" and (not isinstance(parallel, int) or parallel < 1):
+        raise PocketLMError(f"parallel={parallel!r}: needs at least 1 sequence, or 'auto'")
     source = inspect(resolve_path(model, quant, progress), quant)
     if device == "auto":
         device = env.get("POCKETLM_DEVICE", device)
@@ -76,8 +77,15 @@ def load(
     if compute_type and choice.compute_type is not None:  # the backend has compute types
         choice.compute_type = compute_type
         choice.reasons.append(f"compute {compute_type} (given)")
-    if parallel is not None:
+    from .backends import get_backend
+
+    backend_unit = get_backend(choice.backend)
+    if parallel == "auto":
+        choice.parallel = backend_unit.serving_parallel(choice)
+        choice.reasons.append(f"{choice.parallel} sequences decoded together (auto for {choice.device})")
+    elif parallel is not None:
         choice.parallel = parallel
+        choice.reasons.append(f"{parallel} sequences decoded together (given)")
     choice.reasons += [f"warning: {w}" for w in choice.warnings]
     if source.format == HF:
         from .cache import converted
@@ -89,9 +97,7 @@ def load(
             progress=sys.stderr.isatty() if progress is None else progress,
         )
         source = inspect(path)
-    from .backends import get_backend
-
-    return get_backend(choice.backend).open(source, choice, n_ctx, **backend_options)
+    return backend_unit.open(source, choice, n_ctx, **backend_options)
 
 
 def decide(source: ModelSource, device: str = "auto", threads: int | None = None, backend: str | None = None) -> Choice:

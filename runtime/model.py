@@ -130,8 +130,11 @@ class Model(ABC):
     warn_unterminated_prompts = False
     batches_prompts = False  # generate_batch decodes several prompts together (faster than one by one)
 
+    parallel_sequences = 1  # sequences decoded together; above 1, callers go through `scheduler`
+
     def __init__(self) -> None:
         self._lock = threading.RLock()  # the engine: one caller (or the scheduler's step) at a time
+        self._scheduler: Scheduler | None = None
         self._warned_unterminated = False
 
     # -- what a backend provides --------------------------------------------------------
@@ -213,8 +216,31 @@ class Model(ABC):
     ) -> TokenStream:
         """Generate token by token: a stream of each token with the text it releases, whose
         `.result` is the whole GenerationResult once the stream is exhausted."""
+        if self.parallel_sequences > 1:  # decoded together with every other caller's
+            return self.scheduler.stream_tokens(prompt, options, **kwargs)
         seq = self._decoding(prompt, GenerationOptions.of(options, **kwargs))
         return TokenStream(self._events(seq), seq.result)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """What decodes this model's callers together (created on first use, one per model)."""
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = self._make_scheduler()
+            return self._scheduler
+
+    def _make_scheduler(self) -> Scheduler:
+        from .scheduler import Scheduler
+
+        return Scheduler(self)  # type: ignore[arg-type]
+
+    def _stop_scheduler(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+
+    def _reservation(self, seq: Decoding, max_new: int) -> int:
+        """KV cells a sequence keeps for its prompt and new tokens."""
+        return len(seq.ids) + max_new
 
     def _events(self, seq: Decoding) -> Generator[StreamEvent, None, None]:
         with self._lock:
@@ -278,8 +304,10 @@ class Model(ABC):
     def generate_batch(
         self, prompts: list[Prompt], options: GenerationOptions | None = None, /, **kwargs: Unpack[GenerationKwargs]
     ) -> list[GenerationResult]:
-        """Complete several prompts; engines that batch (CTranslate2) run them together."""
+        """Complete several prompts; with parallel sequences, decoded together."""
         opts = GenerationOptions.of(options, **kwargs)
+        if self.parallel_sequences > 1:
+            return self.scheduler.generate_batch(prompts, opts)
         return [self.generate(p, opts) for p in prompts]
 
     def score(self, prompt: str | Sequence[int], candidates: Sequence[str | Sequence[int]]) -> list[float]:
@@ -325,52 +353,15 @@ class StepModel(Model):
     whether a sequence may start while others are being decoded. runtime/scheduler.py drives
     many sequences with these; the loop below drives one."""
 
-    parallel_sequences = 1
     joins_running = True
 
     def __init__(self) -> None:
         super().__init__()
         self._freed = threading.Condition(self._lock)  # notified when a slot is released
-        self._scheduler: Scheduler | None = None
-
-    @property
-    def scheduler(self) -> Scheduler:
-        """The continuous-batching scheduler that serves this model's callers (one per model)."""
-        with self._lock:
-            if self._scheduler is None:
-                from .scheduler import Scheduler
-
-                self._scheduler = Scheduler(self)
-            return self._scheduler
-
-    def stream_tokens(
-        self,
-        prompt: Prompt,
-        options: GenerationOptions | None = None,
-        /,
-        **kwargs: Unpack[GenerationKwargs],
-    ) -> TokenStream:
-        """As Model.stream_tokens; with several sequences in the cache, through the scheduler,
-        so concurrent callers are decoded together."""
-        if self.parallel_sequences > 1:
-            return self.scheduler.stream_tokens(prompt, options, **kwargs)
-        return super().stream_tokens(prompt, options, **kwargs)
-
-    def generate_batch(
-        self, prompts: list[Prompt], options: GenerationOptions | None = None, /, **kwargs: Unpack[GenerationKwargs]
-    ) -> list[GenerationResult]:
-        """Several prompts decoded together (as many at once as the cache holds)."""
-        if self.parallel_sequences > 1:
-            return self.scheduler.generate_batch(prompts, GenerationOptions.of(options, **kwargs))
-        return super().generate_batch(prompts, options, **kwargs)
 
     @property
     def batches_prompts(self) -> bool:  # type: ignore[override]
         return self.parallel_sequences > 1
-
-    def _stop_scheduler(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.close()
 
     @property
     def kv_cells(self) -> int:
@@ -402,9 +393,6 @@ class StepModel(Model):
     @abstractmethod
     def _end_ids(self) -> list[int]:
         """Every id that ends a sequence (masked before min_new_tokens)."""
-
-    def _reservation(self, seq: Decoding, max_new: int) -> int:
-        return len(seq.ids) + max_new
 
     def _start(self, seq: Decoding, max_new: int = 0) -> np.ndarray:
         """Admit a sequence and evaluate its prompt: the logits for its first new token."""

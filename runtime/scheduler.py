@@ -205,19 +205,24 @@ class Scheduler:
 
     def _accept(self, request: _Request, logits: np.ndarray) -> None:
         """Sample the next token of a sequence from its logits and hand out its event."""
-        model, seq = self.model, request.seq
-        options = seq.options
-        banned = model._end_ids() if request.generated < options.min_new_tokens else ()
+        seq = request.seq
+        banned = self.model._end_ids() if request.generated < seq.options.min_new_tokens else ()
         token = seq.sampler(logits, seq.seen, banned)
         seq.seen.append(token)
+        if not self._push(request, token):
+            request.next_token = token
+
+    def _push(self, request: _Request, token: int) -> bool:
+        """Hand out a sequence's new token; whether that finished it (end, stop string, budget)."""
+        seq = request.seq
         request.generated += 1
-        event = seq.push(token, model._is_end(token))
+        event = seq.push(token, self.model._is_end(token))
         if event is not None:
             request.events.put(event)
         if seq.done or request.generated >= request.budget:
             self._finish(request)
-        else:
-            request.next_token = token
+            return True
+        return False
 
     def _finish(self, request: _Request, error: BaseException | None = None) -> None:
         if request.finished:
@@ -227,10 +232,50 @@ class Scheduler:
             tail = request.seq.finish()
             if tail is not None:
                 request.events.put(tail)
-        if request in self._running:
-            self._running.remove(request)
-        if request in self._waiting:
-            self._waiting.remove(request)
+        with self._wake:
+            if request in self._running:
+                self._running.remove(request)
+            if request in self._waiting:
+                self._waiting.remove(request)
         if request.admitted:
             self.model._release(request.seq)
         request.events.put(error if error is not None else _END)
+
+
+class EngineBatches(Scheduler):
+    """For engines that decode a whole batch by themselves (CTranslate2).
+
+    When the engine is free, the waiting requests that share decoding options (up to
+    `parallel_sequences`) run as one batch; each streams through the engine's per-token
+    callback and stops on its own (end, stop string, budget, or its caller going away).
+    Requests arriving meanwhile form the next batch. The model provides
+    `_batch_key(options)` and `_decode_batch(seqs, budgets, on_token)`."""
+
+    def _step(self) -> None:
+        model = self.model
+        with self._wake:
+            for request in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(request)
+                request.finished = True
+            if not self._waiting:
+                return
+            key = model._batch_key(self._waiting[0].seq.options)
+            group = [r for r in self._waiting if model._batch_key(r.seq.options) == key]
+            group = group[: model.parallel_sequences]
+            for request in group:
+                self._waiting.remove(request)
+                self._running.append(request)
+
+        def on_token(i: int, token: int) -> bool:
+            request = group[i]
+            if request.finished:
+                return True
+            if request.cancelled:
+                self._finish(request)
+                return True
+            return self._push(request, token)
+
+        model._decode_batch([r.seq for r in group], [r.budget for r in group], on_token)
+        self.steps += 1
+        for request in group:
+            self._finish(request)

@@ -18,14 +18,23 @@ Chat prompts: these are instruction models without a chat template. A lone user 
 longer conversations become a transcript `"{system}\\n\\nUser: ...\\nAssistant: ...\\nUser:
 ...\\nAssistant:"`.
 
-Load: `max_concurrent` generations run at once, `max_queue` more wait, further requests get
-429 with `Retry-After: 1`. A client that goes away mid-stream frees its slot at the next token.
+Load: `max_concurrent` generations run at once (default: the sequences the model decodes
+together, `runtime.load(parallel=N)`, whose scheduler batches them), `max_queue` more wait,
+further requests get 429 with `Retry-After: 1`. A client that goes away mid-stream frees its
+slot at the next token. `/health` reports parallel, KV cells, running and waiting sequences.
+
+Security: bound to a loopback address, only requests whose Host is a loopback name or address
+are answered (403 otherwise: a DNS-rebinding page cannot drive the server). Requests from web
+pages (an Origin header) are refused unless their origin was allowed (`cors_origins`, CLI
+`--cors-origin`), which then get CORS headers and preflight answers. An open address without
+an API key is warned about at start.
 """
 
 from __future__ import annotations
 
 import errno
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -35,7 +44,7 @@ import socketserver
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -308,13 +317,13 @@ class Slots:
             )
         self._free = threading.Semaphore(running)
         self._changed = threading.Condition()
-        self._capacity = running + waiting
+        self.running, self.capacity = running, running + waiting
         self.admitted = 0
 
     def enter(self) -> bool:
         """Wait for a slot; False at once when the queue is full."""
         with self._changed:
-            if self.admitted >= self._capacity:
+            if self.admitted >= self.capacity:
                 return False
             self.admitted += 1
         self._free.acquire()
@@ -348,11 +357,15 @@ class Server(ThreadingHTTPServer):
         max_tokens_limit: int,
         max_body_bytes: int,
         model_name: str | None,
+        cors_origins: Sequence[str] = (),
     ):
         self.model, self.api_key = model, api_key
         self.model_name = model_name or default_name(model)
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
-        self.slots = Slots(max_concurrent, max_queue)
+        self.parallel = max(1, model.info.parallel)
+        self.slots = Slots(max_concurrent or self.parallel, max_queue)
+        self.loopback = is_loopback(host)
+        self.cors_origins = {o.rstrip("/") for o in cors_origins}
         self.stopping = threading.Event()
         self.created = int(time.time())
         self._serving = False
@@ -363,6 +376,24 @@ class Server(ThreadingHTTPServer):
             super().__init__((host, port), Handler)
         except OSError as e:
             raise _cannot_listen(host, port, e) from None
+
+    def host_allowed(self, host: str | None) -> bool:
+        """On loopback, only requests addressed to a loopback name: a page that rebinds its
+        own domain to 127.0.0.1 (DNS rebinding) sends that domain as Host and is refused."""
+        if not self.loopback or host is None:
+            return True
+        name, port = _split_host(host)
+        return is_loopback(name) and port in (None, self.port)
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Browsers name the page's origin; only those given with --cors-origin may call."""
+        return origin is None or "*" in self.cors_origins or origin.rstrip("/") in self.cors_origins
+
+    def describe(self) -> str:
+        """The start line's details: how many requests are decoded together, the KV budget."""
+        info = self.model.info
+        kv = f", KV cache {info.kv_cells} tokens" if info.kv_cells else ""
+        return f"parallel {self.parallel}{kv}, queue {self.slots.capacity - self.slots.running}"
 
     def server_bind(self) -> None:
         socketserver.TCPServer.server_bind(self)  # skips HTTPServer's reverse DNS lookup
@@ -405,6 +436,7 @@ class Handler(BaseHTTPRequestHandler):
     timeout = REQUEST_TIMEOUT
     _body_pending = False  # a request body not read yet: the connection cannot be reused
     _status = 0
+    _cors: dict[str, str] = {}  # noqa: RUF012 (replaced per request, never mutated)
 
     ROUTES = ENDPOINTS
 
@@ -418,9 +450,22 @@ class Handler(BaseHTTPRequestHandler):
         self._body_pending = "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
         path = _printable(urlsplit(self.path).path.rstrip("/") or "/")
         try:
+            if not self.server.host_allowed(self.headers.get("Host")):
+                raise ApiError(403, "this server answers only requests addressed to localhost", code="forbidden_host")
+            origin = self.headers.get("Origin")
+            if not self.server.origin_allowed(origin):
+                raise ApiError(
+                    403,
+                    f"origin {_printable(origin or '')} is not allowed (see --cors-origin)",
+                    code="forbidden_origin",
+                )
+            self._cors = {} if origin is None else _cors_headers(origin)
             route = self.ROUTES.get(path)
             if route is None:
                 raise ApiError(404, f"no such endpoint: {self.command} {path}", code="not_found")
+            if self.command == "OPTIONS" and origin is not None:  # a CORS preflight carries no key
+                self._preflight(route)
+                return
             if path not in PUBLIC and not self._authorized():
                 raise ApiError(
                     401,
@@ -459,7 +504,34 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- endpoints ------------------------------------------------------------------------
     def _health(self) -> None:
-        self._send(200, {"status": "ok", "model": self.server.model_name})
+        server, info = self.server, self.server.model.info
+        scheduler = getattr(server.model, "_scheduler", None)
+        running, waiting = scheduler.load if scheduler is not None else (0, 0)
+        self._send(
+            200,
+            {
+                "status": "ok",
+                "model": server.model_name,
+                "parallel": server.parallel,
+                "kv_cells": info.kv_cells,
+                "running": running,
+                "waiting": waiting,
+            },
+        )
+
+    def _preflight(self, route: dict[str, str]) -> None:
+        methods = ", ".join([*route, "OPTIONS"])
+        self.send_response(204)
+        for name, value in {
+            **self._cors,
+            "Access-Control-Allow-Methods": methods,
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600",
+            "Content-Length": "0",
+        }.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self._status = 204
 
     def _models(self) -> None:
         card = {"id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "pocketlm"}
@@ -522,6 +594,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
+        for name, value in self._cors.items():
+            self.send_header(name, value)
         self.send_header("Connection", "close")  # no length: the end of the stream is the end of the body
         self.end_headers()
         self._status = 200
@@ -580,7 +654,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
+        for name, value in {**self._cors, **(headers or {})}.items():
             self.send_header(name, value)
         if self._body_pending or self.close_connection:
             self.send_header("Connection", "close")
@@ -612,6 +686,34 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.client_address[0], format % args)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address is this machine only (localhost, 127.0.0.0/8, ::1)."""
+    name = host.strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_host(host: str) -> tuple[str, int | None]:
+    """A Host header's name and port ("[::1]:8000" -> ("::1", 8000))."""
+    host = host.strip()
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif host.count(":") == 1:
+        name, port = host.split(":")
+    else:
+        name, port = host, ""
+    return name, int(port) if port.isdigit() else None
+
+
+def _cors_headers(origin: str) -> dict[str, str]:
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+
+
 def _printable(text: str) -> str:
     """Text safe to log: control and non-ASCII characters escaped."""
     return ascii(text)[1:-1]
@@ -630,20 +732,45 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
-    max_concurrent: int = 1,
+    max_concurrent: int | None = None,
     max_queue: int = 64,
     max_tokens_limit: int = 2048,
     max_body_bytes: int = 1_000_000,
     model_name: str | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> Server:
-    """A bound server (port 0 picks a free one: see `.port`, `.url`); call `.serve_forever()`."""
-    return Server(model, host, port, api_key, max_concurrent, max_queue, max_tokens_limit, max_body_bytes, model_name)
+    """A bound server (port 0 picks a free one: see `.port`, `.url`); call `.serve_forever()`.
+
+    `max_concurrent` generations run at once (default: the sequences the model decodes
+    together, `model.info.parallel`), `max_queue` more wait; `cors_origins` may call it from
+    web pages."""
+    return Server(
+        model,
+        host,
+        port,
+        api_key,
+        max_concurrent or 0,
+        max_queue,
+        max_tokens_limit,
+        max_body_bytes,
+        model_name,
+        cors_origins,
+    )
+
+
+def start_warnings(host: str, api_key: str | None) -> list[str]:
+    """What to tell whoever starts a server: an open address without a key."""
+    if is_loopback(host) or api_key:
+        return []
+    return [f"listening on {host} without --api-key: anyone who can reach this machine can use the model"]
 
 
 def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, **kw: Any) -> None:
     """Serve until Ctrl-C (then let running generations stop and return)."""
     server = make_server(model, host, port, api_key, **kw)
-    print(f"serving {server.model_name} on {server.url} (Ctrl-C to stop)", flush=True)
+    for warning in start_warnings(host, api_key):
+        print(f"pocketlm: warning: {warning}", file=sys.stderr, flush=True)
+    print(f"serving {server.model_name} on {server.url} ({server.describe()}; Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

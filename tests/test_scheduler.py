@@ -205,3 +205,52 @@ def test_t5_gguf_requests_arriving_later_wait_for_the_next_cohort(t5_gguf):
         threading.Thread(target=read).start()
         assert [e.token_id for e in first if e.token_id is not None][:5] == expected[0][1:6]
         assert done.wait(60) and tokens == expected[1]
+
+
+@pytest.fixture(scope="module")
+def t5_ct2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sched-ct2")
+    make_t5(root / "hf", vocab=140, head="untied")
+    return convert(root / "hf", root / "ct2", quant="float32").output
+
+
+CT2_SOURCES = [[5, 9, 12, 1], [40, 41, 42, 43, 44, 45, 1], [77, 1], [3, 4, 5, 6, 1]]
+
+
+def test_ctranslate2_requests_waiting_together_run_as_one_batch(t5_ct2):
+    options = GenerationOptions(max_new_tokens=10)
+    with runtime.load(t5_ct2) as model:
+        alone = [model.generate(s, options) for s in CT2_SOURCES]
+    with runtime.load(t5_ct2, parallel=4) as model:
+        assert model.info.parallel == 4
+        batch = model.scheduler.generate_batch(CT2_SOURCES, options)  # submitted together: one batch
+        assert model.scheduler.steps == 1
+        streams = [model.stream_tokens(s, options) for s in CT2_SOURCES]  # one by one: the first
+        results = []  # starts alone, those arriving meanwhile go together
+        for stream in streams:
+            list(stream)
+            results.append(stream.result)
+        assert model.scheduler.steps < 1 + len(CT2_SOURCES)
+    assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
+    assert [r.token_ids for r in results] == [r.token_ids for r in alone]
+    assert [r.text for r in results] == [r.text for r in alone]
+    assert [r.finish_reason for r in results] == [r.finish_reason for r in alone]
+
+
+def test_ctranslate2_batches_stop_each_request_on_its_own(t5_ct2):
+    with runtime.load(t5_ct2) as model:
+        long = model.generate(CT2_SOURCES[1], max_new_tokens=12).token_ids
+        short = model.generate(CT2_SOURCES[0], max_new_tokens=3).token_ids
+        sampled = model.generate(CT2_SOURCES[2], max_new_tokens=8, temperature=0.8, seed=3).token_ids
+    with runtime.load(t5_ct2, parallel=4) as model:
+        results = model.scheduler.generate_batch([CT2_SOURCES[1], CT2_SOURCES[0]], GenerationOptions(max_new_tokens=12))
+        assert results[0].token_ids == long
+        cut = model.stream_tokens(CT2_SOURCES[0], max_new_tokens=3)
+        seeded = model.stream_tokens(CT2_SOURCES[2], max_new_tokens=8, temperature=0.8, seed=3)
+        gone = model.stream_tokens(CT2_SOURCES[3], max_new_tokens=200, min_new_tokens=200)
+        next(gone)
+        gone.close()  # stops that entry at its next token
+        assert [e.token_id for e in cut if e.token_id is not None] == short
+        assert [e.token_id for e in seeded if e.token_id is not None] == sampled  # seeded: exact, alone
+        model.generate(CT2_SOURCES[0], max_new_tokens=2)
+        assert model.scheduler.load == (0, 0)

@@ -40,7 +40,7 @@ def test_sequences_decoded_together_match_each_alone(gguf):
     options = GenerationOptions(max_new_tokens=STEPS)
     with runtime.load(gguf, threads=2) as model:
         alone = [_greedy(model, [model._decoding(p, options)], STEPS)[0] for p in PROMPTS]
-    with runtime.load(gguf, threads=2, n_seq=len(PROMPTS)) as model:
+    with runtime.load(gguf, threads=2, parallel=len(PROMPTS)) as model:
         assert model.parallel_sequences == len(PROMPTS)
         seqs = [model._decoding(p, options) for p in PROMPTS]
         together = _greedy(model, seqs, STEPS)
@@ -52,7 +52,7 @@ def test_sequences_decoded_together_match_each_alone(gguf):
 
 def test_a_free_slot_with_the_longest_shared_prefix_is_reused(gguf):
     options = GenerationOptions(max_new_tokens=4)
-    with runtime.load(gguf, threads=2, n_seq=2) as model:
+    with runtime.load(gguf, threads=2, parallel=2) as model:
         first = model.generate(PROMPTS[0], options)
         model.generate(PROMPTS[1], options)  # fills the other slot
         extended = PROMPTS[0] + first.token_ids[:2]

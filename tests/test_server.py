@@ -107,7 +107,14 @@ class SlowModel:
 # -- results --------------------------------------------------------------------------------
 def test_health_and_models(server, client):
     status, _, body = request(server, "GET", "/health")
-    assert status == 200 and body == {"status": "ok", "model": "tiny"}
+    assert status == 200 and body == {
+        "status": "ok",
+        "model": "tiny",
+        "parallel": 1,
+        "kv_cells": 256,
+        "running": 0,
+        "waiting": 0,
+    }
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"] and models.data[0].owned_by == "pocketlm"
     status, _, body = request(server, "GET", "/v1/models")
@@ -357,7 +364,7 @@ def stream_request(port: int, max_tokens: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
     sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
     received = b""
@@ -448,7 +455,8 @@ def test_serve_prints_and_stops_on_ctrl_c(model, capsys):
     finally:
         timer.cancel()
     line = capsys.readouterr().out.strip()
-    assert line.startswith("serving tiny on http://127.0.0.1:") and line.endswith("(Ctrl-C to stop)")
+    assert line.startswith("serving tiny on http://127.0.0.1:") and line.endswith("; Ctrl-C to stop)")
+    assert "(parallel 1, KV cache 256 tokens, queue 64;" in line
 
 
 def _rss_kib() -> int:

@@ -62,6 +62,10 @@ class Backend(ABC):
         tested with invented machines). `device` is "auto" or one the user asked for; append
         the why of each decision to `reasons`; raise ModelLoadError for what cannot be done."""
 
+    def serving_parallel(self, choice: Choice) -> int:
+        """How many requests to decode together when serving, as chosen (`parallel="auto"`)."""
+        return 1
+
     def memory_needed(self, model: ModelFacts, choice: Choice) -> int:
         """Bytes of RAM the model takes once loaded as chosen."""
         return model.size_bytes

@@ -151,6 +151,11 @@ class LlamaCpp(Backend):
             reasons.append("device cpu (given)")
         return Choice(self.name, device, threads, "gguf", n_gpu_layers=-1 if device != "cpu" else 0, reasons=reasons)
 
+    def serving_parallel(self, choice: Any) -> int:
+        # bloomz-560m q4_k_m on 2 CPU cores: 1.5x the aggregate tokens/s at 4 sequences, 2.2x at 16
+        # (ENGINE_FACTS); a GPU gains more from wide batches.
+        return 4 if choice.device == "cpu" else 16
+
     def report(self, facts: LlamaFacts | None) -> dict[str, Any]:
         return {"llama.cpp GPU backend": (facts.gpu if facts else None) or "none (CPU only)"}
 
