@@ -1,4 +1,4 @@
-"""Regenerate benchmarks/README.md from benchmarks/results/*.json (speed, fidelity, convert).
+"""Regenerate benchmarks/README.md from benchmarks/results/*.json (speed, fidelity, serve, convert).
 
     .venv/bin/python benchmarks/report.py
 
@@ -467,6 +467,129 @@ def fidelity_section(fidelity: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def serve_section(serve: dict[str, Any] | None) -> list[str]:
+    """Issue 15: aggregate tokens/s and latency at 1-16 concurrent clients, batched scoring."""
+    if not serve:
+        return []
+    clients = [str(n) for n in serve["clients"]]
+    out = [
+        "## Many callers at once (issue 15)",
+        "",
+        f"From `benchmarks/results/serve.json` (`{serve['command']}`, {serve['mode']} mode, {serve['minutes']} min): "
+        f"`pocketlm serve` in its own process, N requests sent at once ({serve['prompt_tokens']}-token prompts, "
+        f"{serve['new_tokens']} new tokens, greedy), median of {serve['repeats']} rounds; aggregate = all new tokens / "
+        "the round's wall time; p50/p95 over every request of the rounds. `--parallel 1` is the behaviour before "
+        "continuous batching.",
+        "",
+    ]
+    rows, judged = [], []
+    for model, variants in serve["models"].items():
+        base = variants.get("pocketlm --parallel 1", {})
+        for label, r in variants.items():
+            if "error" in r:
+                rows.append([model, label, *(["-"] * len(clients)), "-", "-", r["error"][:80]])
+                continue
+            cells = [
+                f"{r[n]['tokens_per_s']:.1f}"
+                + (
+                    f" ({r[n]['tokens_per_s'] / base[n]['tokens_per_s']:.2f}x)"
+                    if base and n in base and label != "pocketlm --parallel 1"
+                    else ""
+                )
+                for n in clients
+            ]
+            last = r[clients[-1]]
+            rows.append(
+                [
+                    model,
+                    label,
+                    *cells,
+                    f"{last['p50_s']:.2f} / {last['p95_s']:.2f}",
+                    f"{r[clients[0]]['p50_s']:.2f}",
+                    f"{r['peak_rss_mib']:.0f}",
+                ]
+            )
+        target = serve["targets"].get(model)
+        best = (
+            max(
+                (r[clients[-1]]["tokens_per_s"], label)
+                for label, r in variants.items()
+                if "error" not in r and label.startswith("pocketlm") and label != "pocketlm --parallel 1"
+            )
+            if base
+            else None
+        )
+        if target and best and clients[-1] in base:
+            ratio = best[0] / base[clients[-1]]["tokens_per_s"]
+            judged.append(
+                [
+                    f"{model}: aggregate at {clients[-1]} clients vs `--parallel 1`",
+                    f">= {target:g}x",
+                    f"{ratio:.2f}x",
+                    "**met**" if ratio >= target else "**not met**",
+                    best[1],
+                ]
+            )
+        theirs = variants.get("llama-cpp-python server")
+        if best and theirs and "error" not in theirs:
+            ratio = best[0] / theirs[clients[-1]]["tokens_per_s"]
+            judged.append(
+                [
+                    f"{model}: vs llama-cpp-python's server at {clients[-1]} clients",
+                    ">= 2x",
+                    f"{ratio:.2f}x",
+                    "**met**" if ratio >= 2 else "**not met**",
+                    best[1],
+                ]
+            )
+        if base and clients[0] == "1":
+            single = [
+                (r["1"]["p50_s"], label)
+                for label, r in variants.items()
+                if "error" not in r and label.startswith("pocketlm") and label != "pocketlm --parallel 1"
+            ]
+            for latency, label in single:
+                change = latency / base["1"]["p50_s"] - 1
+                judged.append(
+                    [
+                        f"{model}: single-client latency, {label} vs 1",
+                        "within 5%",
+                        f"{change:+.1%}",
+                        "**met**" if change <= 0.05 else "**not met**",
+                        "",
+                    ]
+                )
+    score = serve.get("score", {})
+    for label, r in score.items():
+        if "error" in r:
+            continue
+        ratio = r["one by one"] / r["batched"]
+        judged.append(
+            [
+                f"bloomz-560m q4_k_m: score() over 8 candidates ({label})",
+                ">= 2x",
+                f"{ratio:.2f}x",
+                "**met**" if ratio >= 2 else "**not met**",
+                f"{r['one by one']:.3f} s one by one vs {r['batched']:.3f} s batched",
+            ]
+        )
+    out += table(["target", "goal", "measured", "status", "numbers"], judged) + [""]
+    out += table(
+        [
+            "model",
+            "server",
+            *[f"{n} clients tok/s" for n in clients],
+            f"p50 / p95 s at {clients[-1]}",
+            "p50 s alone",
+            "peak RSS MiB",
+        ],
+        rows,
+    ) + [""]
+    if serve.get("plot"):
+        out += [f"![aggregate tokens/s vs concurrent clients](results/{serve['plot']})", ""]
+    return out
+
+
 def method() -> list[str]:
     return [
         "## Method",
@@ -527,7 +650,7 @@ def method() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    speed, fidelity, convert = load("speed"), load("fidelity"), load("convert")
+    speed, fidelity, convert, serve = load("speed"), load("fidelity"), load("convert"), load("serve")
     sections: list[Callable[[], list[str]]] = [
         lambda: quick_banner(speed, fidelity),
         lambda: headline(speed, fidelity),
@@ -537,6 +660,7 @@ def main(argv: list[str]) -> int:
         lambda: overhead_table(speed),
         lambda: roofline_table(speed),
         lambda: import_section(speed),
+        lambda: serve_section(serve),
         lambda: convert_section(convert),
         lambda: fidelity_section(fidelity),
         method,

@@ -316,16 +316,21 @@ class Model(ABC):
         Text candidates are tokenized as the model's tokenizer does (for T5 models that
         includes the closing </s>, as the T0 evaluation scores it)."""
         context = self._prompt_ids(prompt)
+        conts = [self.tokenize(c) if isinstance(c, str) else [int(t) for t in c] for c in candidates]
+        if any(not cont for cont in conts):
+            raise GenerationError("a candidate is empty")
         scores = []
-        for cand in candidates:
-            cont = self.tokenize(cand) if isinstance(cand, str) else [int(t) for t in cand]
-            if not cont:
-                raise GenerationError("a candidate is empty")
-            logits = self._continuation_logits(context, cont).astype(np.float64)
+        for cont, rows in zip(conts, self._continuations_logits(context, conts)):
+            logits = rows.astype(np.float64)
             top = logits.max(-1, keepdims=True)
             logz = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
             scores.append(float(np.sum(logits[np.arange(len(cont)), cont] - logz)))
         return scores
+
+    def _continuations_logits(self, context: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
+        """The logits rows predicting each continuation's tokens; engines that can evaluate
+        them together (one shared prompt, one batch) override this."""
+        return [self._continuation_logits(context, cont) for cont in continuations]
 
     def __enter__(self) -> Model:
         return self

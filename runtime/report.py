@@ -44,7 +44,11 @@ def model_report(
     else:
         report.update(runners(source.format)[0].describe(source))
     choice = decide(source, device, threads, backend)
+    from .backends import get_backend
+
+    serving = get_backend(choice.backend).serving_parallel(choice)
     report["would_run_on"] = {
+        "serving_parallel": serving,
         "backend": choice.backend,
         "device": choice.device,
         "threads": choice.threads,
@@ -80,4 +84,5 @@ def describe(r: dict[str, Any]) -> str:
     lines.append(f"  would run on  {run['backend']} / {run['device']}, {run['threads']} threads{compute}")
     lines += [f"    - {reason}" for reason in run["reasons"]]
     lines += [f"    ! {warning}" for warning in run["warnings"]]
+    lines.append(f"  serving       {run['serving_parallel']} requests decoded together (pocketlm serve --parallel auto)")
     return "\n".join(lines)

@@ -254,3 +254,48 @@ def test_ctranslate2_batches_stop_each_request_on_its_own(t5_ct2):
         assert [e.token_id for e in seeded if e.token_id is not None] == sampled  # seeded: exact, alone
         model.generate(CT2_SOURCES[0], max_new_tokens=2)
         assert model.scheduler.load == (0, 0)
+
+
+def _score_one_by_one(model, prompt, candidates):
+    """The definition: each candidate's log-likelihood from its own teacher-forced logits."""
+    context = model._prompt_ids(prompt)
+    out = []
+    for cand in candidates:
+        logits = model._continuation_logits(context, cand).astype(np.float64)
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        out.append(float(np.sum(logits[np.arange(len(cand)), cand] - logz)))
+    return out
+
+
+CANDIDATES = [[70], [71, 72], [73, 74, 75, 76], [80, 81, 82], [90, 91]]
+
+
+@pytest.mark.parametrize("parallel", [1, 6])
+def test_score_shares_the_prompt_and_batches_the_candidates(bloom, parallel):
+    prompt = list(range(10, 60))
+    with runtime.load(bloom, threads=2) as model:
+        expected = _score_one_by_one(model, prompt, CANDIDATES)
+    with runtime.load(bloom, threads=2, parallel=parallel) as model:
+        calls = []
+        evaluate = model._s.evaluate
+
+        def counting(entries, **kw):
+            calls.append(sum(len(tokens) for _, tokens, _, _ in entries))
+            return evaluate(entries, **kw)
+
+        model._s.evaluate = counting
+        got = model.score(prompt, CANDIDATES)
+        first = list(calls)
+        again = model.score(prompt, CANDIDATES)  # the prompt is still cached: only its last token is read
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-4) and again == pytest.approx(got, rel=1e-5, abs=1e-5)
+    tails = sum(len(c) - 1 for c in CANDIDATES)
+    assert first[0] == len(prompt) and sum(first[1:]) == tails  # the prompt once, each candidate's tokens once
+    assert calls[len(first)] == 1 and sum(calls[len(first) + 1 :]) == tails
+    if parallel > 1:
+        assert len(first) == 2  # the prompt, then every candidate in one batch
+
+
+def test_ctranslate2_score_is_one_batch(t5_ct2):
+    with runtime.load(t5_ct2) as model:
+        expected = _score_one_by_one(model, CT2_SOURCES[1], CANDIDATES)
+        assert model.score(CT2_SOURCES[1], CANDIDATES) == pytest.approx(expected, rel=1e-5, abs=1e-5)

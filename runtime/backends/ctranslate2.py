@@ -134,6 +134,25 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
         )[0]
         return np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in result.logits[0]])
 
+    def _continuations_logits(self, context: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
+        """Every candidate teacher-forced in one translate_batch (the source once per entry)."""
+        source = self._strings(context)
+        with self._lock:
+            results = self._translator.translate_batch(
+                [source] * len(continuations),
+                target_prefix=[self._strings(c[:-1]) for c in continuations],
+                beam_size=1,
+                return_logits_vocab=True,
+                max_decoding_length=max(len(c) for c in continuations),
+                min_decoding_length=0,
+                max_input_length=0,
+                return_scores=False,
+            )
+        return [
+            np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in r.logits[0]])[: len(c)]
+            for r, c in zip(results, continuations)
+        ]
+
     def _generate_seeded(self, seq: Decoding, max_new: int) -> Iterator[int]:
         """Seeded sampling, token by token with PocketLM's sampler.
 

@@ -185,3 +185,57 @@ class LlamaCppModel(OwnsSession, StepModel):
         if len(full) > self.info.n_ctx:
             raise GenerationError(f"prompt + candidate ({len(full)} tokens) exceed the context of {self.info.n_ctx}")
         return self.logits(full)[len(context) - 1 : -1]
+
+    def _continuations_logits(self, context: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
+        """The prompt is evaluated once; the candidates continue its cache, each as a sequence of
+        its own in one batch when free slots allow (else one after the other on the same slot)."""
+        longest = max(len(c) for c in continuations)
+        if len(context) + longest > self.info.n_ctx:
+            raise GenerationError(
+                f"prompt + candidate ({len(context) + longest} tokens) exceed the context of {self.info.n_ctx}"
+            )
+        n = len(context)
+        with self._lock:
+            self._freed.wait_for(lambda: len(self._busy) < len(self._slots))
+            slot, keep = self._take_slot([*context, -1])  # the whole prompt may be reused, but for
+            keep = min(keep, n - 1)  # its last token, whose logits predict each candidate's first
+            self._forget(slot, keep)
+            self._busy[slot] = n + longest
+            self._make_room(slot)
+            try:
+                first = self._engine(self._s.evaluate, [(slot, context[keep:], keep, True)])[0]
+                self._slots[slot] = list(context)
+                rows = self._score_candidates(slot, n, continuations)
+            finally:
+                self._forget(slot, n)  # keep the prompt cached: the next question may share it
+                del self._busy[slot]
+                self._freed.notify_all()
+        return [np.concatenate([first[None], r])[: len(c)] for c, r in zip(continuations, rows)]
+
+    def _score_candidates(self, slot: int, n: int, continuations: list[list[int]]) -> list[np.ndarray]:
+        tails = [c[:-1] for c in continuations]  # the last token's logits predict nothing asked
+        vocab = self.info.vocab_size
+        free = [s for s in range(len(self._slots)) if s not in self._busy][: len(continuations)]
+        if len(continuations) > 1 and len(free) == len(continuations):
+            for s in free:
+                self._forget(s)
+                self._s.share(slot, s, n)
+                self._busy[s] = len(tails[0])
+            try:
+                entries = [(s, t, n, "all") for s, t in zip(free, tails) if t]
+                out = iter(self._engine(self._s.evaluate, entries))
+                return [next(out) if t else np.zeros((0, vocab), np.float32) for t in tails]
+            finally:
+                for s in free:
+                    self._s.clear(0, s)
+                    self._slots[s] = []
+                    del self._busy[s]
+        rows = []
+        for tail in tails:
+            self._s.clear(n, slot)
+            rows.append(
+                self._engine(self._s.evaluate, [(slot, tail, n, "all")])[0]
+                if tail
+                else np.zeros((0, vocab), np.float32)
+            )
+        return rows

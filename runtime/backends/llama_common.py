@@ -233,17 +233,17 @@ class LlamaSession:
         return np.concatenate(out) if all_logits else out[-1][0]
 
     def evaluate(
-        self, entries: Sequence[tuple[int, Sequence[int], int, bool]], encode: bool = False
+        self, entries: Sequence[tuple[int, Sequence[int], int, bool | str]], encode: bool = False
     ) -> list[np.ndarray | None]:
         """Tokens of several sequences in as few batches as fit. Each entry is (sequence id,
-        tokens, position of the first, whether to return the logits after the last); returns
-        those logits (float32 [vocab]) per entry, None where not asked."""
+        tokens, position of the first, which logits to return: True for those after the last
+        token (float32 [vocab]), "all" for those after each ([n, vocab]), False for none)."""
         flat = [
-            (tok, start + i, seq, want and i == len(tokens) - 1, k)
+            (tok, start + i, seq, want == "all" or (want is True and i == len(tokens) - 1), k)
             for k, (seq, tokens, start, want) in enumerate(entries)
             for i, tok in enumerate(tokens)
         ]
-        out: list[np.ndarray | None] = [None] * len(entries)
+        rows_of: list[list[np.ndarray]] = [[] for _ in entries]
         b = self.batch
         for lo in range(0, len(flat), self.n_batch):
             chunk = flat[lo : lo + self.n_batch]
@@ -261,8 +261,16 @@ class LlamaSession:
                 ptr = self.llama.llama_get_logits(self.ctx)
                 rows = np.ctypeslib.as_array(ptr, shape=(len(asked), self.n_vocab)).copy()
                 for row, k in zip(rows, asked):
-                    out[k] = row
-        return out
+                    rows_of[k].append(row)
+        return [
+            (np.stack(rows) if want == "all" else rows[-1]) if rows else None
+            for rows, (_, _, _, want) in zip(rows_of, entries)
+        ]
+
+    def share(self, src: int, dst: int, n: int) -> None:
+        """Sequence `dst` starts with the first `n` cached tokens of `src` (shared cells)."""
+        self.llama.llama_memory_seq_rm(self.memory, dst, 0, -1)
+        self.llama.llama_memory_seq_cp(self.memory, src, dst, 0, n)
 
     def close(self) -> None:
         llama = self.llama
