@@ -587,6 +587,22 @@ def serve_section(serve: dict[str, Any] | None) -> list[str]:
     ) + [""]
     if serve.get("plot"):
         out += [f"![aggregate tokens/s vs concurrent clients](results/{serve['plot']})", ""]
+    window = {w: r for w, r in (serve.get("window") or {}).items() if isinstance(r, dict)}
+    if window:
+        counts = list(next(iter(window.values())))
+        out += [
+            "CTranslate2's batch window (runtime/scheduler.py `EngineBatches.window`): flan-t5-small int8, "
+            "`parallel=16`, N threads calling `generate` at once in one process (median of rounds); the "
+            "default is the best measured.",
+            "",
+        ]
+        out += table(
+            ["window", *[f"{n} clients tok/s (p50 s)" for n in counts]],
+            [
+                [f"{float(w) * 1000:g} ms", *[f"{r[n]['tokens_per_s']:.1f} ({r[n]['p50_s']:.2f})" for n in counts]]
+                for w, r in window.items()
+            ],
+        ) + [""]
     return out
 
 

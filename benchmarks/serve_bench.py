@@ -26,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ CLIENTS = (1, 4, 8, 16)
 NEW_TOKENS = 32
 PROMPT_TOKENS = 32
 MODELS: dict[str, dict[str, Any]] = {
-    "bloomz-560m": {"fmt": "gguf", "quant": "q4_k_m", "parallel": (1, 4, 16), "llama_cpp_server": True},
+    "bloomz-560m": {"fmt": "gguf", "quant": "q4_k_m", "parallel": (1, 4, 8, 16), "llama_cpp_server": True},
     "flan-t5-small": {"fmt": "ct2", "quant": "int8", "parallel": (1, 8, 16)},
     "mt0-large": {"fmt": "ct2", "quant": "int8", "parallel": (1, 8, 16)},
     "flan-t5-small (GGUF)": {"model": "flan-t5-small", "fmt": "gguf", "quant": "q8_0", "parallel": (1, 8)},
@@ -70,13 +71,16 @@ class Server:
     def __init__(self, cmd: list[str], health: str, timeout: float = 900):
         self.port = free_port()
         cmd = [a.replace("{port}", str(self.port)) for a in cmd]
+        # the server's log goes to a file: an unread pipe fills up and stalls a chatty server
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=harness.child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            cmd, cwd=ROOT, env=harness.child_env(), stdout=self.log, stderr=self.log, text=True
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-400:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read()[-400:]}")
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 conn.request("GET", health)
@@ -147,8 +151,7 @@ def variants(model: str, spec: dict[str, Any]) -> list[tuple[str, list[str], str
                 "llama-cpp-python server",
                 [
                     py,
-                    "-m",
-                    "llama_cpp.server",
+                    str(HERE / "llama_cpp_server.py"),
                     "--model",
                     art,
                     "--port",
@@ -164,9 +167,13 @@ def variants(model: str, spec: dict[str, Any]) -> list[tuple[str, list[str], str
     return out
 
 
-def bench_model(model: str, spec: dict[str, Any], clients: tuple[int, ...], repeats: int) -> dict[str, Any]:
+def bench_model(
+    model: str, spec: dict[str, Any], clients: tuple[int, ...], repeats: int, only: str | None = None
+) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for label, cmd, health in variants(model, spec):
+        if only and only not in label:
+            continue
         print(f"  {model}: {label}", flush=True)
         try:
             server = Server(cmd, health)
@@ -251,23 +258,79 @@ def plot(models: dict[str, Any], clients: tuple[int, ...]) -> str | None:
     return "serve.png"
 
 
+def window_child(args: dict[str, Any]) -> dict[str, Any]:
+    """CTranslate2's batch window: requests sent at once by N threads, for each window."""
+    import runtime
+
+    ids = harness.text_ids()
+    out: dict[str, Any] = {}
+    with runtime.load(args["path"], threads=harness.THREADS, parallel=16) as model:
+        model.generate(harness.prompt(ids, PROMPT_TOKENS, 1, eos=1), max_new_tokens=4)
+        for window in args["windows"]:
+            model.scheduler.window = window
+            row: dict[str, Any] = {}
+            for n in args["clients"]:
+                runs = []
+                for r in range(args["repeats"]):
+                    batch = [harness.prompt(ids, PROMPT_TOKENS, 500 + 37 * r + i, eos=1) for i in range(n)]
+                    started = time.perf_counter()
+
+                    def one(p: list[int]) -> tuple[float, int]:
+                        t = time.perf_counter()
+                        result = model.generate(p, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+                        return time.perf_counter() - t, len(result.token_ids)
+
+                    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                        replies = list(pool.map(one, batch))
+                    wall = time.perf_counter() - started
+                    runs.append((sum(r[1] for r in replies) / wall, statistics.median(r[0] for r in replies)))
+                row[str(n)] = {
+                    "tokens_per_s": statistics.median(r[0] for r in runs),
+                    "p50_s": statistics.median(r[1] for r in runs),
+                }
+            out[str(window)] = row
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one repeat, fewer client counts (noisy)")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--no-report", action="store_true", help="do not regenerate benchmarks/README.md")
+    parser.add_argument("--only", default=None, metavar="TEXT", help="only the servers whose label contains TEXT")
+    parser.add_argument("--keep-others", action="store_true", help="keep the last run's other results (and score)")
     args = parser.parse_args()
     clients, repeats = ((1, 16), 1) if args.quick else (CLIENTS, 3)
     started = time.time()
-    models = {m: bench_model(m, MODELS[m], clients, repeats) for m in args.models}
-    scores = {}
+    models = {m: bench_model(m, MODELS[m], clients, repeats, args.only) for m in args.models}
+    previous = harness.previous_result("serve", "quick" if args.quick else "full") if args.keep_others else None
+    if previous:
+        for model, rows in previous["models"].items():
+            models[model] = {**rows, **models.get(model, {})}
+        started -= previous["minutes"] * 60  # the report gives the time of every part kept
+    scores = dict(previous["score"]) if previous and args.only else {}
     art = harness.artifact("bloomz-560m", "gguf", "q4_k_m")
-    for parallel in (1, 8):
+    for parallel in () if previous and args.only else (1, 8):
         job = {"kind": "score", "path": str(art), "parallel": parallel, "repeats": 3 if args.quick else 7}
         try:
             scores[f"parallel {parallel}"] = harness.run_child(Path(__file__), job, timeout_s=1800).result
         except RuntimeError as e:
             scores[f"parallel {parallel}"] = {"error": harness.error_line(e)}
+    window = {}
+    if not (previous and args.only):
+        job = {
+            "kind": "window",
+            "path": str(harness.artifact("flan-t5-small", "ct2", "int8")),
+            "windows": [0.0, 0.005, 0.02, 0.05],
+            "clients": [1, 4, 16],
+            "repeats": 1 if args.quick else 3,
+        }
+        try:
+            window = harness.run_child(Path(__file__), job, timeout_s=1800).result
+        except RuntimeError as e:
+            window = {"error": harness.error_line(e)}
+    elif previous:
+        window = previous.get("window", {})
     payload = {
         "mode": "quick" if args.quick else "full",
         "clients": list(clients),
@@ -277,6 +340,7 @@ def main() -> None:
         "threads": harness.THREADS,
         "models": models,
         "score": scores,
+        "window": window,
         "targets": TARGETS,
         "minutes": round((time.time() - started) / 60, 1),
         "command": "python benchmarks/serve_bench.py" + (" --quick" if args.quick else ""),
@@ -289,7 +353,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if harness.child_main({"score": score_child}):
+    if harness.child_main({"score": score_child, "window": window_child}):
         sys.exit(0)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     main()

@@ -229,7 +229,7 @@ def _cpu_features() -> frozenset[str]:
     return frozenset({"neon"}) if _platform.machine() in ("arm64", "aarch64") else frozenset()
 
 
-def _ram_bytes() -> int | None:
+def ram_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -251,7 +251,7 @@ def detect_facts() -> PlatformFacts:
         machine=_platform.machine(),
         physical_cores=_physical_cores(),
         usable_cpus=usable,
-        ram_bytes=_ram_bytes(),
+        ram_bytes=ram_bytes(),
         cpu_features=_cpu_features(),
         nvidia_gpu=_nvidia_gpu(),
         engines={b.name: b.probe() for b in backends()},

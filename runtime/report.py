@@ -46,9 +46,13 @@ def model_report(
     choice = decide(source, device, threads, backend)
     from .backends import get_backend
 
-    serving = get_backend(choice.backend).serving_parallel(choice)
+    unit = get_backend(choice.backend)
+    serving = unit.serving_parallel(choice)
+    kv = unit.kv_budget(source, serving) if source.format != HF else None
     report["would_run_on"] = {
         "serving_parallel": serving,
+        "serving_kv_cells": kv[0] if kv else None,
+        "serving_kv_bytes": kv[1] if kv else None,
         "backend": choice.backend,
         "device": choice.device,
         "threads": choice.threads,
@@ -84,5 +88,11 @@ def describe(r: dict[str, Any]) -> str:
     lines.append(f"  would run on  {run['backend']} / {run['device']}, {run['threads']} threads{compute}")
     lines += [f"    - {reason}" for reason in run["reasons"]]
     lines += [f"    ! {warning}" for warning in run["warnings"]]
-    lines.append(f"  serving       {run['serving_parallel']} requests decoded together (pocketlm serve --parallel auto)")
+    kv = ""
+    if run.get("serving_kv_cells"):
+        size = f", about {run['serving_kv_bytes'] / 2**20:.0f} MiB" if run.get("serving_kv_bytes") else ""
+        kv = f", KV cache {run['serving_kv_cells']} tokens{size}"
+    lines.append(
+        f"  serving       {run['serving_parallel']} requests decoded together{kv} (pocketlm serve --parallel auto)"
+    )
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
@@ -248,12 +249,23 @@ class EngineBatches(Scheduler):
     When the engine is free, the waiting requests that share decoding options (up to
     `parallel_sequences`) run as one batch; each streams through the engine's per-token
     callback and stops on its own (end, stop string, budget, or its caller going away).
-    Requests arriving meanwhile form the next batch. The model provides
+    Requests arriving meanwhile form the next batch; before a batch that is not full starts,
+    `window` seconds are waited for more. 5 ms measured best (flan-t5-small int8, 2 threads, 16
+    clients at once: 333 tokens/s against 257 without a window and 305-322 with 20-50 ms;
+    benchmarks/README.md), and costs a lone request 5 ms. The model provides
     `_batch_key(options)` and `_decode_batch(seqs, budgets, on_token)`."""
+
+    window = 0.005
 
     def _step(self) -> None:
         model = self.model
         with self._wake:
+            if self.window and len(self._waiting) < model.parallel_sequences:
+                deadline = time.monotonic() + self.window
+                while len(self._waiting) < model.parallel_sequences and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._wake.wait(left):
+                        break
             for request in [r for r in self._waiting if r.cancelled]:
                 self._waiting.remove(request)
                 request.finished = True

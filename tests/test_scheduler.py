@@ -8,6 +8,7 @@ between decode steps; the KV budget is never overcommitted.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -299,3 +300,25 @@ def test_ctranslate2_score_is_one_batch(t5_ct2):
     with runtime.load(t5_ct2) as model:
         expected = _score_one_by_one(model, CT2_SOURCES[1], CANDIDATES)
         assert model.score(CT2_SOURCES[1], CANDIDATES) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_ctranslate2_batch_window_gathers_requests_arriving_close_together(t5_ct2):
+    with runtime.load(t5_ct2, parallel=4) as model:
+        model.scheduler.window = 0.5
+        first = model.stream_tokens(CT2_SOURCES[0], max_new_tokens=4)
+        threading.Event().wait(0.05)
+        rest = [model.stream_tokens(s, max_new_tokens=4) for s in CT2_SOURCES[1:]]
+        for stream in [first, *rest]:
+            list(stream)
+        assert model.scheduler.steps == 1  # one batch: the window waited for the other three
+
+
+def test_info_reports_how_a_server_would_batch(bloom, capsys):
+    from runtime.cli import main
+
+    assert main(["info", str(bloom), "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)["would_run_on"]
+    assert run["serving_parallel"] == 16 and run["serving_kv_cells"] == 16384  # 16 x 2048, capped
+    with runtime.load(bloom, threads=2, parallel="auto") as model:
+        assert model.info.parallel == 16
+        assert model.kv_cells == run["serving_kv_cells"] and model._s.kv_bytes == run["serving_kv_bytes"]

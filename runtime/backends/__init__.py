@@ -66,6 +66,11 @@ class Backend(ABC):
         """How many requests to decode together when serving, as chosen (`parallel="auto"`)."""
         return 1
 
+    def kv_budget(self, source: ModelSource, parallel: int) -> tuple[int, int] | None:
+        """(tokens, bytes) the KV cache of `parallel` sequences takes by default, when the
+        backend manages one (None when the engine sizes it itself)."""
+        return None
+
     def memory_needed(self, model: ModelFacts, choice: Choice) -> int:
         """Bytes of RAM the model takes once loaded as chosen."""
         return model.size_bytes

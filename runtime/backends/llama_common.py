@@ -20,10 +20,12 @@ from convert.core.errors import GenerationError, ModelLoadError
 from convert.core.formats import gguf_quant_name
 
 from ..model import ModelInfo
+from ..platform import ram_bytes
 
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 CTX_STEP = 256  # llama.cpp rounds n_ctx up to a multiple of this
 KV_CELLS_CAP = 16384  # default KV cache of several sequences: n_seq x n_ctx tokens, at most this
+KV_RAM_SHARE = 1 / 8  # ... and at most this share of the machine's RAM
 
 
 def extra_buffer_types() -> bool:
@@ -41,6 +43,18 @@ def extra_buffer_types() -> bool:
     except OSError:
         return True
     return "amx_tile" not in flags.split()
+
+
+def default_kv_cells(n_ctx: int, n_seq: int, cell_bytes: int) -> int:
+    """The KV cache several sequences share by default: n_seq x n_ctx tokens, at most
+    KV_CELLS_CAP and KV_RAM_SHARE of the RAM, at least one sequence's context."""
+    if n_seq == 1:
+        return n_ctx
+    cells = min(n_seq * n_ctx, max(n_ctx, KV_CELLS_CAP))
+    ram = ram_bytes()
+    if ram:
+        cells = min(cells, int(ram * KV_RAM_SHARE) // max(1, cell_bytes))
+    return max(n_ctx, cells)
 
 
 class LlamaSession:
@@ -77,10 +91,13 @@ class LlamaSession:
         )
         n_ctx = n_ctx or min(llama.llama_model_n_ctx_train(self.model), max_ctx) or max_ctx
         n_ctx = -(-n_ctx // CTX_STEP) * CTX_STEP
-        if kv_cells is None:
-            kv_cells = n_ctx if n_seq == 1 else min(n_seq * n_ctx, max(n_ctx, KV_CELLS_CAP))
-        total = -(-max(kv_cells, n_ctx) // CTX_STEP) * CTX_STEP
         exact = (kv_type or ("f32" if self.quant == "f32" else "f16")) == "f32"
+        m = self.model
+        kv_width = llama.llama_model_n_embd(m) * llama.llama_model_n_head_kv(m) // max(1, llama.llama_model_n_head(m))
+        cell_bytes = 2 * llama.llama_model_n_layer(m) * kv_width * (4 if exact else 2)
+        if kv_cells is None:
+            kv_cells = default_kv_cells(n_ctx, n_seq, cell_bytes)
+        total = -(-max(kv_cells, n_ctx) // CTX_STEP) * CTX_STEP
         cparams = llama.llama_context_default_params()
         cparams.n_ctx = total
         cparams.n_batch = cparams.n_ubatch = min(n_batch or n_ctx, total)
@@ -98,9 +115,7 @@ class LlamaSession:
             raise ModelLoadError(f"{path}: llama.cpp could not create a context: {engine.recent_log()}")
         self.kv_cells = llama.llama_n_ctx(self.ctx)
         self.n_ctx = min(n_ctx, self.kv_cells)
-        m = self.model
-        kv_width = llama.llama_model_n_embd(m) * llama.llama_model_n_head_kv(m) // max(1, llama.llama_model_n_head(m))
-        self.kv_bytes = self.kv_cells * 2 * llama.llama_model_n_layer(m) * kv_width * (4 if exact else 2)
+        self.kv_bytes = self.kv_cells * cell_bytes
         self.n_batch = llama.llama_n_ubatch(self.ctx)
         self.n_seq = n_seq
         self.batch = llama.llama_batch_init(self.n_batch, 0, 1)

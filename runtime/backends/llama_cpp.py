@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from convert.architectures import get as get_architecture
 from convert.core import engine
 from convert.core.errors import ModelLoadError
 from convert.core.formats import gguf_quant_name
@@ -90,8 +91,6 @@ class LlamaCpp(Backend):
         }
 
     def open(self, source: Any, choice: Any, n_ctx: int | None, **options: Any) -> Any:
-        from convert.architectures import get as get_architecture
-
         arch = get_architecture(source.architecture)
         if arch is not None and arch.encoder_decoder:
             from .llama_seq2seq import LlamaSeq2SeqModel as GGUFModel
@@ -152,9 +151,29 @@ class LlamaCpp(Backend):
         return Choice(self.name, device, threads, "gguf", n_gpu_layers=-1 if device != "cpu" else 0, reasons=reasons)
 
     def serving_parallel(self, choice: Any) -> int:
-        # bloomz-560m q4_k_m on 2 CPU cores: 1.5x the aggregate tokens/s at 4 sequences, 2.2x at 16
-        # (ENGINE_FACTS); a GPU gains more from wide batches.
-        return 4 if choice.device == "cpu" else 16
+        # bloomz-560m q4_k_m, 2 CPU threads, 16 clients (benchmarks/README.md): 2.7x the aggregate
+        # tokens/s of one sequence at a time with 16, 1.7x with 4, single-client latency unchanged
+        return 16
+
+    def kv_budget(self, source: Any, parallel: int) -> tuple[int, int] | None:
+        from .llama_causal import DEFAULT_MAX_CTX as CAUSAL_CTX
+        from .llama_common import CTX_STEP, default_kv_cells
+        from .llama_seq2seq import DEFAULT_MAX_CTX as SEQ2SEQ_CTX
+
+        meta, arch = source.metadata, source.architecture
+        registered = get_architecture(arch)
+        cap = SEQ2SEQ_CTX if registered is not None and registered.encoder_decoder else CAUSAL_CTX
+        trained = meta.get(f"{arch}.context_length")
+        n_ctx = -(-min(int(trained) if isinstance(trained, int) and trained > 0 else cap, cap) // CTX_STEP) * CTX_STEP
+        layers, width = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.embedding_length")
+        heads, kv_heads = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.attention.head_count_kv")
+        if not all(isinstance(v, int) and v > 0 for v in (layers, width, heads)):
+            return default_kv_cells(n_ctx, parallel, 1), 0
+        # as llama.cpp sizes the cache (LlamaSession.kv_bytes): n_embd x n_head_kv / n_head per layer
+        kv_width = width * (kv_heads if isinstance(kv_heads, int) and kv_heads > 0 else heads) // heads
+        cell_bytes = 2 * layers * kv_width * (4 if source.quant == "f32" else 2)
+        cells = default_kv_cells(n_ctx, parallel, cell_bytes)
+        return cells, cells * cell_bytes
 
     def report(self, facts: LlamaFacts | None) -> dict[str, Any]:
         return {"llama.cpp GPU backend": (facts.gpu if facts else None) or "none (CPU only)"}
