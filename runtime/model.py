@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]  # text, or token ids
+_SCHEDULER_CREATION = threading.Lock()
 
 
 @dataclass
@@ -224,10 +225,11 @@ class Model(ABC):
     @property
     def scheduler(self) -> Scheduler:
         """What decodes this model's callers together (created on first use, one per model)."""
-        with self._lock:
-            if self._scheduler is None:
-                self._scheduler = self._make_scheduler()
-            return self._scheduler
+        if self._scheduler is None:  # not under the engine lock: the scheduler may hold it
+            with _SCHEDULER_CREATION:
+                if self._scheduler is None:
+                    self._scheduler = self._make_scheduler()
+        return self._scheduler
 
     def _make_scheduler(self) -> Scheduler:
         from .scheduler import Scheduler

@@ -143,6 +143,7 @@ class Scheduler:
                     self._wake.wait()
                 if self._closed:
                     break
+                self._gather()
             with self.model._lock:
                 try:
                     self._step()
@@ -155,6 +156,9 @@ class Scheduler:
         with self.model._lock:
             for request in list(self._running) + list(self._waiting):
                 self._finish(request, error=GenerationError("the model was closed"))
+
+    def _gather(self) -> None:
+        """Called holding `_wake` (not the engine) before each step: a chance to wait for more."""
 
     def _step(self) -> None:
         model = self.model
@@ -257,15 +261,17 @@ class EngineBatches(Scheduler):
 
     window = 0.005
 
+    def _gather(self) -> None:
+        if self.window and self._waiting and len(self._waiting) < self.model.parallel_sequences:
+            deadline = time.monotonic() + self.window
+            while len(self._waiting) < self.model.parallel_sequences and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._wake.wait(left):
+                    break
+
     def _step(self) -> None:
         model = self.model
         with self._wake:
-            if self.window and len(self._waiting) < model.parallel_sequences:
-                deadline = time.monotonic() + self.window
-                while len(self._waiting) < model.parallel_sequences and not self._closed:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not self._wake.wait(left):
-                        break
             for request in [r for r in self._waiting if r.cancelled]:
                 self._waiting.remove(request)
                 request.finished = True
@@ -287,7 +293,7 @@ class EngineBatches(Scheduler):
                 return True
             return self._push(request, token)
 
-        model._decode_batch([r.seq for r in group], [r.budget for r in group], on_token)
         self.steps += 1
+        model._decode_batch([r.seq for r in group], [r.budget for r in group], on_token)
         for request in group:
             self._finish(request)

@@ -121,7 +121,8 @@ def test_score_is_the_candidates_log_likelihood(model):
             - logits.max(-1, keepdims=True)
         )
         expected = sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(cand))
-        assert score == pytest.approx(expected, abs=1e-6)
+        # the prompt and the candidates go in different batches: float32 summation order
+        assert score == pytest.approx(expected, rel=1e-6, abs=1e-5)
     assert model.score(PROMPTS[0], ["yes", "no"])[0] < 0
 
 
