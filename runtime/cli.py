@@ -42,6 +42,12 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens covering this mass")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeating tokens")
+    g.add_argument(
+        "--presence-penalty", type=float, default=0.0, help="OpenAI's: -2..2, >0 avoids tokens already generated"
+    )
+    g.add_argument(
+        "--frequency-penalty", type=float, default=0.0, help="OpenAI's: -2..2, >0 avoids them per repetition"
+    )
     g.add_argument("--seed", type=int, default=None, help="random seed: makes sampling repeatable")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before TEXT (repeatable)")
 
@@ -281,6 +287,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         stop=tuple(args.stop or ()),
         seed=args.seed,
     )

@@ -20,13 +20,16 @@ from convert.core.errors import GenerationError
 @dataclass(frozen=True, kw_only=True)
 class GenerationOptions:
     """How to generate. The order and meaning of the sampling steps follow transformers'
-    `generate`: repetition penalty, temperature, top-k, top-p; temperature 0 is greedy."""
+    `generate`: repetition penalty, temperature, top-k, top-p; temperature 0 is greedy.
+    OpenAI's presence and frequency penalties come after the repetition penalty."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0  # 0 = no limit
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # >1 discourages tokens already seen
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
     stop: tuple[str, ...] = ()  # the text ends before the first of these
     seed: int | None = None  # makes sampling repeatable
     min_new_tokens: int = 0  # end-of-sequence is not allowed before this many new tokens
@@ -54,10 +57,20 @@ class GenerationOptions:
             raise GenerationError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
         if self.repetition_penalty <= 0:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -2 <= value <= 2:
+                raise GenerationError(f"{name} must be between -2 and 2, got {value}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalizes_generated(self) -> bool:
+        """Whether OpenAI's presence/frequency penalties apply (engines that sample by
+        themselves do not have them: those backends then sample token by token)."""
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @classmethod
     def of(cls, options: GenerationOptions | None = None, **changes: Any) -> GenerationOptions:
@@ -74,6 +87,8 @@ class GenerationKwargs(TypedDict, total=False):
     top_k: int
     top_p: float
     repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
     stop: str | Sequence[str] | None
     seed: int | None
     min_new_tokens: int

@@ -422,7 +422,7 @@ class StepModel(Model):
         logits = self._start(seq, max_new)
         try:
             for i in range(max_new):
-                token = seq.sampler(logits, seq.seen, ends if i < options.min_new_tokens else ())
+                token = seq.sampler(logits, seq.seen, ends if i < options.min_new_tokens else (), seq.result.token_ids)
                 yield token
                 seq.seen.append(token)
                 if i + 1 < max_new and not self._is_end(token):

@@ -7,7 +7,7 @@ The options are a `GenerationOptions` (runtime/generation.py), validated where i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,8 +23,11 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, seen: Iterable[int] = (), banned: Iterable[int] = ()) -> int:
-        """The next token; `banned` ids (end of sequence before min_new_tokens) are never drawn."""
+    def __call__(
+        self, logits: np.ndarray, seen: Iterable[int] = (), banned: Iterable[int] = (), generated: Sequence[int] = ()
+    ) -> int:
+        """The next token; `banned` ids (end of sequence before min_new_tokens) are never drawn;
+        `generated` (the new tokens so far) is what OpenAI's penalties count."""
         p = self.params
         banned = list(banned)
         if banned:
@@ -32,6 +35,8 @@ class Sampler:
             logits[banned] = -np.inf
         if p.repetition_penalty != 1.0:
             logits = penalize_repetition(logits, seen, p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            logits = penalize_openai(logits, generated, p.presence_penalty, p.frequency_penalty)
         if p.greedy:
             return int(np.argmax(logits))
         # shift before scaling: a tiny temperature must not overflow to inf (then NaN)
@@ -58,4 +63,15 @@ def penalize_repetition(logits: np.ndarray, seen: Iterable[int], penalty: float)
     out = logits.copy()
     values = out[ids]
     out[ids] = np.where(values > 0, values / penalty, values * penalty)
+    return out
+
+
+def penalize_openai(logits: np.ndarray, generated: Sequence[int], presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's rule: logit[j] -= count[j] * frequency + (count[j] > 0) * presence, counting the
+    tokens generated so far (not the prompt)."""
+    if not len(generated):
+        return logits
+    ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    out = logits.astype(np.float32, copy=True)
+    out[ids] -= counts * np.float32(frequency) + np.float32(presence)
     return out

@@ -212,7 +212,7 @@ class Scheduler:
         """Sample the next token of a sequence from its logits and hand out its event."""
         seq = request.seq
         banned = self.model._end_ids() if request.generated < seq.options.min_new_tokens else ()
-        token = seq.sampler(logits, seq.seen, banned)
+        token = seq.sampler(logits, seq.seen, banned, seq.result.token_ids)
         seq.seen.append(token)
         if not self._push(request, token):
             request.next_token = token

@@ -9,9 +9,10 @@ Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 
 Sampling follows OpenAI's API, not PocketLM's CLI: `temperature` defaults to 1.0 (send 0 for
 greedy decoding); `max_tokens` defaults to 16 for completions and to the server's limit for
-chat. `top_k` and `repetition_penalty` are accepted as extras. Fields PocketLM cannot honour
-(`n`, `best_of`, `echo`, `logprobs`, penalties, `logit_bias`, ...) are refused unless they
-hold their neutral value. Unknown fields are ignored.
+chat. `presence_penalty` and `frequency_penalty` have OpenAI's meaning; `top_k` and
+`repetition_penalty` are accepted as extras. Fields PocketLM cannot honour (`n`, `best_of`,
+`echo`, `logprobs`, `logit_bias`, ...) are refused unless they hold their neutral value.
+Unknown fields are ignored.
 
 Chat prompts: these are instruction models without a chat template. A lone user message
 (after optional system messages) is sent as `system + "\\n\\n" + user`, or the bare user text;
@@ -70,8 +71,6 @@ NEUTRAL: dict[str, Any] = {
     "logprobs": False,
     "top_logprobs": 0,
     "suffix": "",
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
     "logit_bias": {},
     "tools": [],
 }
@@ -230,6 +229,8 @@ def parse_request(body: dict[str, Any], chat: bool, max_tokens_limit: int) -> Ge
             top_k=_field(body, "top_k", int, 0),
             top_p=_field(body, "top_p", float, 1.0),
             repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
+            presence_penalty=_field(body, "presence_penalty", float, 0.0),
+            frequency_penalty=_field(body, "frequency_penalty", float, 0.0),
         )
     except PocketLMError as e:
         raise ApiError(400, str(e)) from None

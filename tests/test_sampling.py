@@ -89,3 +89,20 @@ def test_banned_ids_are_never_drawn_even_when_most_likely():
 def test_tiny_temperature_is_nearly_greedy_not_nan():
     logits = np.array([1.0, 3.0, 2.0], dtype=np.float32)
     assert Sampler(GenerationOptions(temperature=1e-320, seed=0))(logits) == 1
+
+
+def test_openai_penalties_follow_their_definition():
+    """OpenAI: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty,
+    counting generated tokens only."""
+    from runtime.sampling import penalize_openai
+
+    logits = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+    out = penalize_openai(logits, [3, 3, 1], presence=0.5, frequency=0.25)
+    np.testing.assert_allclose(out, [1.0, 2.0 - 0.25 - 0.5, 3.0, 4.0 - 0.5 - 0.5])
+    assert penalize_openai(logits, [], 1.0, 1.0) is logits
+    sampler = Sampler(GenerationOptions(frequency_penalty=2.0))
+    assert sampler(logits) == 3 and sampler(logits, generated=[3]) == 2  # 4 - 2 < 3
+    assert Sampler(GenerationOptions(presence_penalty=-2.0))(logits, generated=[0, 0]) == 3  # 1 + 2 < 4
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=float("nan"))):
+        with pytest.raises(GenerationError, match="between -2 and 2"):
+            GenerationOptions(**bad)

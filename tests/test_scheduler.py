@@ -322,3 +322,30 @@ def test_info_reports_how_a_server_would_batch(bloom, capsys):
     with runtime.load(bloom, threads=2, parallel="auto") as model:
         assert model.info.parallel == 16
         assert model.kv_cells == run["serving_kv_cells"] and model._s.kv_bytes == run["serving_kv_bytes"]
+
+
+def _penalized_greedy(model, prompt, n, presence, frequency):
+    """Greedy decoding under OpenAI's penalties, from the model's own teacher-forced logits."""
+    from runtime.sampling import penalize_openai
+
+    tokens: list[int] = []
+    for _ in range(n):
+        if hasattr(model, "_start_token"):
+            logits = model.logits(prompt, [model._start_token, *tokens])[-1]
+        else:
+            logits = model.logits(prompt + tokens)[-1]
+        tokens.append(int(np.argmax(penalize_openai(logits, tokens, presence, frequency))))
+    return tokens
+
+
+@pytest.mark.parametrize("kind", ["llama", "ct2"])
+def test_presence_and_frequency_penalties_on_every_backend(bloom, t5_ct2, kind):
+    path, prompt = (bloom, PROMPTS[0]) if kind == "llama" else (t5_ct2, CT2_SOURCES[1])
+    options = GenerationOptions(max_new_tokens=10, min_new_tokens=10, presence_penalty=1.5, frequency_penalty=0.7)
+    with runtime.load(path, threads=2) as model:
+        expected = _penalized_greedy(model, prompt, 10, 1.5, 0.7)
+        assert model.generate(prompt, options).token_ids == expected
+        plain = model.generate(prompt, max_new_tokens=10, min_new_tokens=10).token_ids
+    with runtime.load(path, threads=2, parallel=2) as model:  # the scheduler's path too
+        assert model.generate([prompt, prompt], options)[1].token_ids == expected
+    assert len(set(expected)) > len(set(plain)) or expected != plain  # the penalties changed the text

@@ -218,3 +218,12 @@ def test_load_64_clients_accepted_ones_answer_as_alone_the_rest_get_429(gguf):
             time.sleep(0.05)
         assert threading.active_count() <= idle_threads
         assert _rss_kib() < idle_rss + 64 * 1024  # back near idle: nothing per request kept
+
+
+def test_presence_and_frequency_penalties_reach_the_sampler(gguf):
+    with runtime.load(gguf, n_ctx=256, threads=1) as model, running(model) as server:
+        expected = model.generate(PROMPTS[0], max_new_tokens=12, presence_penalty=1.0, frequency_penalty=0.5).text
+        body = completion(PROMPTS[0], 12, presence_penalty=1.0, frequency_penalty=0.5)
+        status, _, reply = call(server, "POST", "/v1/completions", body)
+        assert status == 200 and reply["choices"][0]["text"] == expected
+        assert call(server, "POST", "/v1/completions", {**body, "presence_penalty": 3})[0] == 400

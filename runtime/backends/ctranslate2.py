@@ -153,16 +153,20 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
             for r, c in zip(results, continuations)
         ]
 
-    def _generate_seeded(self, seq: Decoding, max_new: int) -> Iterator[int]:
-        """Seeded sampling, token by token with PocketLM's sampler.
+    @staticmethod
+    def _stepwise(options: GenerationOptions) -> bool:
+        """Whether PocketLM must sample itself, token by token: seeded sampling (CTranslate2
+        seeds each worker thread's generator once, on first use, so a seed passed later changes
+        nothing) and OpenAI's presence/frequency penalties (CTranslate2 has none)."""
+        return (options.seed is not None and not options.greedy) or options.penalizes_generated
 
-        CTranslate2 seeds each worker thread's generator once, on first use, so a seed
-        passed later changes nothing; for reproducible output the next-token logits are
-        recomputed for each step (the prefix re-decoded: slower, but exactly repeatable)."""
+    def _generate_stepwise(self, seq: Decoding, max_new: int) -> Iterator[int]:
+        """Token by token with PocketLM's sampler: the next-token logits are recomputed for each
+        step (the prefix re-decoded: slower, but exactly what the sampler defines)."""
         decoded = [self._start_token]
         for i in range(max_new):
             banned = [self._eos] if i < seq.options.min_new_tokens else []
-            token = seq.sampler(self._logits_unlocked(seq.ids, decoded)[-1], decoded, banned)
+            token = seq.sampler(self._logits_unlocked(seq.ids, decoded)[-1], decoded, banned, decoded[1:])
             yield token
             if token == self._eos:
                 return
@@ -185,8 +189,8 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
         return decoding
 
     def _generate_ids(self, seq: Decoding, max_new: int) -> Iterator[int]:
-        if seq.options.seed is not None and not seq.options.greedy:
-            yield from self._generate_seeded(seq, max_new)
+        if self._stepwise(seq.options):
+            yield from self._generate_stepwise(seq, max_new)
             return
         produced = 0
         for step in self._translator.generate_tokens(
@@ -202,7 +206,7 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
     ) -> list[GenerationResult]:
         """All prompts decoded together by CTranslate2 (one batch), same options as generate()."""
         opts = GenerationOptions.of(options, **kwargs)
-        if opts.seed is not None and not opts.greedy:  # seeded sampling is token by token (see above)
+        if self._stepwise(opts):  # token by token (see _stepwise)
             return super().generate_batch(prompts, opts)
         seqs = [self._decoding(p, opts) for p in prompts]
         budget = self._budget(0, opts.max_new_tokens)
@@ -232,8 +236,8 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
 
     def _batch_key(self, options: GenerationOptions) -> tuple[Any, ...]:
         """Requests decoded in one batch share CTranslate2's decoding options."""
-        if options.seed is not None and not options.greedy:
-            return ("seeded", id(options))  # token by token, alone (see _generate_seeded)
+        if self._stepwise(options):
+            return ("stepwise", id(options))  # token by token (see _stepwise)
         sampling = () if options.greedy else (options.temperature, options.top_k, options.top_p)
         return (options.repetition_penalty, options.min_new_tokens, *sampling)
 
@@ -241,10 +245,11 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
         """Decode several sequences in one translate_batch, each token handed to
         `on_token(index, token)` as it comes; a True answer stops that sequence."""
         options = seqs[0].options
-        if options.seed is not None and not options.greedy:
-            for token in self._generate_seeded(seqs[0], budgets[0]):
-                if on_token(0, token):
-                    return
+        if self._stepwise(options):  # PocketLM samples: one sequence after the other
+            for i, (seq, budget) in enumerate(zip(seqs, budgets)):
+                for token in self._generate_stepwise(seq, budget):
+                    if on_token(i, token):
+                        break
             return
         stopped = [False] * len(seqs)
         last: list[int | None] = [None] * len(seqs)
