@@ -213,14 +213,16 @@ class LlamaCppModel(OwnsSession, StepModel):
         return [np.concatenate([first[None], r])[: len(c)] for c, r in zip(continuations, rows)]
 
     def _score_candidates(self, slot: int, n: int, continuations: list[list[int]]) -> list[np.ndarray]:
+        """The logits after each candidate token but the last, the prompt being the first `n`
+        tokens of `slot`'s cache."""
         tails = [c[:-1] for c in continuations]  # the last token's logits predict nothing asked
         vocab = self.info.vocab_size
         free = [s for s in range(len(self._slots)) if s not in self._busy][: len(continuations)]
         if len(continuations) > 1 and len(free) == len(continuations):
-            for s in free:
+            for s, tail in zip(free, tails):
                 self._forget(s)
-                self._s.share(slot, s, n)
-                self._busy[s] = len(tails[0])
+                self._s.share(slot, s, n)  # the prompt's cells, shared: not evaluated again
+                self._busy[s] = len(tail)
             try:
                 entries = [(s, t, n, "all") for s, t in zip(free, tails) if t]
                 out = iter(self._engine(self._s.evaluate, entries))
