@@ -213,6 +213,15 @@ def _drop_pages(mm: mmap.mmap, offset: int, length: int) -> None:
         pass
 
 
+# Besides the weights, the files that define a model (what the hub downloads, what is hashed)
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "spiece.model",
+)
 WEIGHT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -337,15 +346,7 @@ class Checkpoint:
 
     def source_files(self) -> list[Path]:
         """Every file that defines the model: config, tokenizer files, index and weights."""
-        extra = [
-            "config.json",
-            "generation_config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "spiece.model",
-            *(i for i, _ in WEIGHT_LAYOUTS),
-        ]
+        extra = [*MODEL_FILES, *(i for i, _ in WEIGHT_LAYOUTS)]
         files = {self.folder / n for n in extra if (self.folder / n).is_file()}
         files.update(self.weight_files)
         return sorted(files)

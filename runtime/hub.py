@@ -31,20 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from convert.checkpoint import find_weight_files, sha256_file
+from convert.checkpoint import MODEL_FILES, find_weight_files, sha256_file
 from convert.core.errors import CheckpointError, ModelLoadError, PocketLMError, first_line
 
 log = logging.getLogger(__name__)
 
 REPO_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
-CONFIG_FILES = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "spiece.model",
-]
+CONFIG_FILES = list(MODEL_FILES)
 SAFETENSORS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 PYTORCH = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
 # Without --quant, the first of these a GGUF repo offers: a good size/quality balance first.

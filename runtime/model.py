@@ -365,6 +365,7 @@ class StepModel(Model):
     def __init__(self) -> None:
         super().__init__()
         self._freed = threading.Condition(self._lock)  # notified when a slot is released
+        self._busy: dict[int, int] = {}  # slot -> KV cells reserved by its running sequence
 
     @property
     def batches_prompts(self) -> bool:  # type: ignore[override]
@@ -376,7 +377,7 @@ class StepModel(Model):
 
     def _wait_idle(self) -> None:
         """Wait (holding the engine lock) until no sequence holds a slot."""
-        self._freed.wait_for(lambda: not getattr(self, "_busy", None))
+        self._freed.wait_for(lambda: not self._busy)
 
     @abstractmethod
     def _admit(self, seq: Decoding, reserve: int) -> None:

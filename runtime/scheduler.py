@@ -157,6 +157,11 @@ class Scheduler:
             for request in list(self._running) + list(self._waiting):
                 self._finish(request, error=GenerationError("the model was closed"))
 
+    def _drop_cancelled_waiting(self) -> None:
+        for request in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(request)
+            request.finished = True
+
     def _gather(self) -> None:
         """Called holding `_wake` (not the engine) before each step: a chance to wait for more."""
 
@@ -165,9 +170,7 @@ class Scheduler:
         with self._wake:
             for request in [r for r in self._running if r.cancelled]:
                 self._finish(request)
-            for request in [r for r in self._waiting if r.cancelled]:
-                self._waiting.remove(request)
-                request.finished = True
+            self._drop_cancelled_waiting()
             cohort_open = model.joins_running or not self._running
             while self._waiting and cohort_open:
                 request = self._waiting[0]
@@ -272,9 +275,7 @@ class EngineBatches(Scheduler):
     def _step(self) -> None:
         model = self.model
         with self._wake:
-            for request in [r for r in self._waiting if r.cancelled]:
-                self._waiting.remove(request)
-                request.finished = True
+            self._drop_cancelled_waiting()
             if not self._waiting:
                 return
             key = model._batch_key(self._waiting[0].seq.options)

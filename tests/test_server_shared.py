@@ -4,17 +4,16 @@ load, and the defences a local server needs against the web pages its user opens
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import http.client
 import json
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_server import running
 
 import runtime
 from convert import convert
@@ -29,19 +28,6 @@ def gguf(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shared")
     folder = build_random_bloom(tmp / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2)
     return convert(folder, tmp / "m.gguf", quant="f32").output
-
-
-@contextlib.contextmanager
-def running(model: Any, **kw: Any) -> Iterator[Server]:
-    server = make_server(model, port=0, **kw)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        thread.join(10)
-        assert not thread.is_alive()
 
 
 def call(server: Server, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None):

@@ -8,14 +8,13 @@ all read it here, so a new architecture is one new file in this folder (plus its
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import UnsupportedModelError
 from ..core.formats import FORMATS, Format, get_format
+from ..core.plugins import import_modules
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,7 @@ def discover() -> None:
     if _discovered:
         return
     _discovered = True
-    for module in pkgutil.iter_modules(__path__):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{module.name}")
+    import_modules(__name__, __path__)
 
 
 def architectures() -> list[Architecture]:

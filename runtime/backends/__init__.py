@@ -11,14 +11,13 @@ a new engine is one new file in this folder.
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
-import pkgutil
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from convert.core.errors import ModelLoadError
+from convert.core.plugins import import_modules
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -119,9 +118,7 @@ def discover() -> None:
     if _discovered:
         return
     _discovered = True
-    for module in pkgutil.iter_modules(__path__):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{module.name}")
+    import_modules(__name__, __path__)
 
 
 def backends() -> list[Backend]:

@@ -59,7 +59,6 @@ class LlamaCppModel(OwnsSession, StepModel):
         eos = None if s.has_vocab else s.special("eos", None, None)
         self._eos_without_vocab = {eos} if eos is not None else set()
         self._slots: list[list[int]] = [[] for _ in range(n_seq)]  # tokens in each sequence's KV cache
-        self._busy: dict[int, int] = {}  # slot -> cells reserved by its running sequence
         self._last_used = [0] * n_seq
         self._clock = itertools.count(1)
         self.parallel_sequences = n_seq

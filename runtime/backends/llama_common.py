@@ -45,6 +45,13 @@ def extra_buffer_types() -> bool:
     return "amx_tile" not in flags.split()
 
 
+def context_size(trained: int | None, max_ctx: int, requested: int | None = None) -> int:
+    """One sequence's context: as requested, else the trained length capped at `max_ctx`,
+    rounded up as llama.cpp does."""
+    n_ctx = requested or min(trained or max_ctx, max_ctx) or max_ctx
+    return -(-n_ctx // CTX_STEP) * CTX_STEP
+
+
 def default_kv_cells(n_ctx: int, n_seq: int, cell_bytes: int) -> int:
     """The KV cache several sequences share by default: n_seq x n_ctx tokens, at most
     KV_CELLS_CAP and KV_RAM_SHARE of the RAM, at least one sequence's context."""
@@ -89,8 +96,7 @@ class LlamaSession:
         self.quant = gguf_quant_name(
             {"pocketlm.quant": self.meta("pocketlm.quant"), "general.file_type": int(file_type) if file_type else None}
         )
-        n_ctx = n_ctx or min(llama.llama_model_n_ctx_train(self.model), max_ctx) or max_ctx
-        n_ctx = -(-n_ctx // CTX_STEP) * CTX_STEP
+        n_ctx = context_size(llama.llama_model_n_ctx_train(self.model), max_ctx, n_ctx)
         exact = (kv_type or ("f32" if self.quant == "f32" else "f16")) == "f32"
         m = self.model
         kv_width = llama.llama_model_n_embd(m) * llama.llama_model_n_head_kv(m) // max(1, llama.llama_model_n_head(m))

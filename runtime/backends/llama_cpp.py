@@ -157,14 +157,14 @@ class LlamaCpp(Backend):
 
     def kv_budget(self, source: Any, parallel: int) -> tuple[int, int] | None:
         from .llama_causal import DEFAULT_MAX_CTX as CAUSAL_CTX
-        from .llama_common import CTX_STEP, default_kv_cells
+        from .llama_common import context_size, default_kv_cells
         from .llama_seq2seq import DEFAULT_MAX_CTX as SEQ2SEQ_CTX
 
         meta, arch = source.metadata, source.architecture
         registered = get_architecture(arch)
         cap = SEQ2SEQ_CTX if registered is not None and registered.encoder_decoder else CAUSAL_CTX
         trained = meta.get(f"{arch}.context_length")
-        n_ctx = -(-min(int(trained) if isinstance(trained, int) and trained > 0 else cap, cap) // CTX_STEP) * CTX_STEP
+        n_ctx = context_size(trained if isinstance(trained, int) and trained > 0 else None, cap)
         layers, width = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.embedding_length")
         heads, kv_heads = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.attention.head_count_kv")
         if not all(isinstance(v, int) and v > 0 for v in (layers, width, heads)):

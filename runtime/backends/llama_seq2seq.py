@@ -57,7 +57,6 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
         self._eos = s.special("eos", s.llama.llama_vocab_eos, 1)
         start = s.llama.llama_model_decoder_start_token(s.model)
         self._start_token = start if start >= 0 else s.special("pad", s.llama.llama_vocab_pad, 0)
-        self._busy: dict[int, int] = {}  # slot -> cells reserved by its running sequence
         self._unencoded: set[int] = set()  # admitted slots whose source awaits the encoder
         self._cohort_sources = 0  # source tokens of the sequences encoded together
         self.parallel_sequences = n_seq
