@@ -16,12 +16,20 @@ from typing import Any, TypedDict
 
 from convert.core.errors import GenerationError
 
+MAX_SEQUENCES = 16  # beams or samples of one request (each is a sequence in the engine's cache)
+MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's limit)
+
 
 @dataclass(frozen=True, kw_only=True)
 class GenerationOptions:
     """How to generate. The order and meaning of the sampling steps follow transformers'
     `generate`: repetition penalty, temperature, top-k, top-p; temperature 0 is greedy.
-    OpenAI's presence and frequency penalties come after the repetition penalty."""
+    OpenAI's presence and frequency penalties come after the repetition penalty.
+
+    `num_beams` > 1 is beam search with transformers' rules (`length_penalty`, `early_stopping`:
+    False, True or "never"); `num_return_sequences` is how many of the beams, or how many
+    independent samples, come back. `logprobs` asks for each new token's log-probability under
+    the model (before any penalty or temperature) and that many top alternatives."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -33,6 +41,12 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()  # the text ends before the first of these
     seed: int | None = None  # makes sampling repeatable
     min_new_tokens: int = 0  # end-of-sequence is not allowed before this many new tokens
+    no_repeat_ngram_size: int = 0  # no n-gram of this size occurs twice (0: off)
+    num_beams: int = 1
+    length_penalty: float = 1.0  # a finished beam's score is sum(logprobs) / length**length_penalty
+    early_stopping: bool | str = False  # True: stop at num_beams finished; "never": only when none can win
+    num_return_sequences: int = 1  # beams returned, or independent samples
+    logprobs: int | None = None  # None: none; k: each token's log-probability and its top k alternatives
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -61,10 +75,41 @@ class GenerationOptions:
             value = getattr(self, name)
             if not math.isfinite(value) or not -2 <= value <= 2:
                 raise GenerationError(f"{name} must be between -2 and 2, got {value}")
+        self._check_search()
+
+    def _check_search(self) -> None:
+        if self.no_repeat_ngram_size < 0:
+            raise GenerationError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        for name in ("num_beams", "num_return_sequences"):
+            value = getattr(self, name)
+            if not 1 <= value <= MAX_SEQUENCES:
+                raise GenerationError(f"{name} must be between 1 and {MAX_SEQUENCES}, got {value}")
+        if self.num_beams > 1:
+            if not self.greedy:
+                raise GenerationError("beam search samples nothing: use temperature 0 with num_beams > 1")
+            if self.num_return_sequences > self.num_beams:
+                raise GenerationError(
+                    f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})"
+                )
+        if not math.isfinite(self.length_penalty):
+            raise GenerationError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if self.early_stopping not in (True, False, "never"):
+            raise GenerationError(f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise GenerationError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def beams(self) -> bool:
+        return self.num_beams > 1
+
+    @property
+    def sequences(self) -> int:
+        """Sequences decoded for one prompt: the beams, or the samples."""
+        return self.num_beams if self.beams else self.num_return_sequences
 
     @property
     def penalizes_generated(self) -> bool:
@@ -92,16 +137,47 @@ class GenerationKwargs(TypedDict, total=False):
     stop: str | Sequence[str] | None
     seed: int | None
     min_new_tokens: int
+    no_repeat_ngram_size: int
+    num_beams: int
+    length_penalty: float
+    early_stopping: bool | str
+    num_return_sequences: int
+    logprobs: int | None
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (token id, logprob), best first
 
 
 @dataclass
 class GenerationResult:
+    """One generated sequence. With num_return_sequences > 1 this is the first (the best beam,
+    or sample 0) and `others` holds the rest, in order: `sequences` lists them all."""
+
     text: str
     token_ids: list[int]  # new tokens only (an end-of-sequence token included when produced)
     finish_reason: str  # "stop" (end of sequence or stop string) | "length"
     prompt_tokens: int
     seconds: float = 0.0
     first_token_seconds: float = 0.0
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked
+    score: float | None = None  # beam search: sum of log-probs / length**length_penalty (transformers')
+    index: int = 0  # position among the request's sequences
+    others: list[GenerationResult] = dataclasses.field(default_factory=list)
+
+    @property
+    def sequences(self) -> list[GenerationResult]:
+        return [self, *self.others]
+
+    @property
+    def completion_tokens(self) -> int:
+        """New tokens of every returned sequence (what a usage report counts)."""
+        return sum(len(r.token_ids) for r in self.sequences)
 
     @property
     def tokens_per_second(self) -> float:
@@ -115,6 +191,8 @@ class StreamEvent:
 
     token_id: int | None  # None for the final flush of held-back text
     text: str
+    index: int = 0  # which of the request's sequences (num_return_sequences > 1)
+    logprob: TokenLogprob | None = None  # when asked
 
 
 class TokenStream(Iterator[StreamEvent]):

@@ -132,6 +132,9 @@ class Model(ABC):
     batches_prompts = False  # generate_batch decodes several prompts together (faster than one by one)
 
     parallel_sequences = 1  # sequences decoded together; above 1, callers go through `scheduler`
+    # Defaults from the checkpoint's generation_config.json, as GenerationOptions fields
+    # (backends set it from the model's metadata); every call may override them.
+    generation_defaults: dict[str, Any] = {}
 
     def __init__(self) -> None:
         self._lock = threading.RLock()  # the engine: one caller (or the scheduler's step) at a time
@@ -175,6 +178,17 @@ class Model(ABC):
         """Free the engine's memory. The model cannot be used afterwards."""
 
     # -- shared API ---------------------------------------------------------------------
+    def options(self, options: GenerationOptions | None = None, /, **given: Any) -> GenerationOptions:
+        """The options of a call: `options` when given, else the model's defaults
+        (`generation_defaults`); keyword arguments override either."""
+        if options is None:
+            defaults = dict(self.generation_defaults)
+            if given.get("temperature") and "num_beams" not in given:
+                defaults.pop("num_beams", None)  # sampling asked for: the default beams give way
+                defaults.pop("num_return_sequences", None)
+            options = GenerationOptions(**defaults)
+        return GenerationOptions.of(options, **given)
+
     def _check_prompt_end(self, prompt: str) -> None:
         if not self.warn_unterminated_prompts or self._warned_unterminated:
             return
@@ -219,7 +233,7 @@ class Model(ABC):
         `.result` is the whole GenerationResult once the stream is exhausted."""
         if self.parallel_sequences > 1:  # decoded together with every other caller's
             return self.scheduler.stream_tokens(prompt, options, **kwargs)
-        seq = self._decoding(prompt, GenerationOptions.of(options, **kwargs))
+        seq = self._decoding(prompt, self.options(options, **kwargs))
         return TokenStream(self._events(seq), seq.result)
 
     @property
@@ -295,7 +309,7 @@ class Model(ABC):
         temperature=0.0 (greedy), top_k=0, top_p=1.0, repetition_penalty=1.0, stop=None,
         seed=None, min_new_tokens=0 (end of sequence is not allowed earlier; benchmarks use it
         to decode a fixed length). Returns a GenerationResult, or a list for a list of prompts."""
-        opts = GenerationOptions.of(options, **kwargs)
+        opts = self.options(options, **kwargs)
         if _is_batch(prompt):
             return self.generate_batch(list(prompt), opts)
         stream = self.stream_tokens(prompt, opts)
@@ -307,7 +321,7 @@ class Model(ABC):
         self, prompts: list[Prompt], options: GenerationOptions | None = None, /, **kwargs: Unpack[GenerationKwargs]
     ) -> list[GenerationResult]:
         """Complete several prompts; with parallel sequences, decoded together."""
-        opts = GenerationOptions.of(options, **kwargs)
+        opts = self.options(options, **kwargs)
         if self.parallel_sequences > 1:
             return self.scheduler.generate_batch(prompts, opts)
         return [self.generate(p, opts) for p in prompts]
