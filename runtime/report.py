@@ -59,7 +59,7 @@ def model_report(
         "format": choice.format,
         "quant": choice.quant,
         "compute_type": choice.compute_type,
-        "reasons": choice.reasons,
+        "reasons": [*choice.reasons, *report.get("on_load", [])],
         "warnings": choice.warnings,
     }
     return report

@@ -75,6 +75,13 @@ class LlamaCpp(Backend):
         meta = dict(header.metadata)
         meta.update({k: f"[{n} entries]" for k, n in header.array_lengths.items()})
         arch = header.architecture
+        on_load = []  # what loading changes, also in the loaded model's info.reasons
+        width = header.metadata.get(f"{arch}.embedding_length")
+        if arch == "t5" and isinstance(width, int) and width > 0:
+            from .llama_seq2seq import lacks_output_scale, output_scale_reason
+
+            if lacks_output_scale(header, source.path):
+                on_load.append(output_scale_reason(width**-0.5))
         return {
             "parameters": sum(math.prod(t.shape) for t in header.tensors),
             "tensors": len(header.tensors),
@@ -88,6 +95,7 @@ class LlamaCpp(Backend):
                 "files": dict(zip(meta.get("pocketlm.source.files", []), meta.get("pocketlm.source.sha256", []))),
             },
             "metadata": meta,
+            "on_load": on_load,
         }
 
     def open(self, source: Any, choice: Any, n_ctx: int | None, **options: Any) -> Any:

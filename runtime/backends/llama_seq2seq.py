@@ -14,12 +14,56 @@ from pathlib import Path
 import numpy as np
 
 from convert.core.errors import GenerationError, ModelLoadError
+from convert.core.gguf_file import GGUFHeader, TensorEntry, read_header
 
 from ..model import BytePieces, Decoding, Seq2Seq, StepModel
 from ..tokenizer import IncrementalDecoder
 from .llama_common import LlamaSession, OwnsSession
 
 DEFAULT_MAX_CTX = 1024  # source tokens and decoder tokens; capped by the model's training length
+
+
+def lacks_output_scale(header: GGUFHeader, path: Path) -> bool:
+    """Whether a GGUF is a tied T5 that another converter wrote without the d_model**-0.5 output
+    scale transformers applies (llama.cpp's own `convert_hf_to_gguf.py` writes such files).
+
+    transformers scales a tied T5's decoder output by d_model**-0.5 before the head (original T5,
+    whose config has no `tie_word_embeddings: false`; transformers 5 records the choice as
+    `scale_decoder_outputs`). llama.cpp's graph never scales, and its converter writes the head
+    as the checkpoint holds it: no `output` when there is no lm_head.weight (how transformers
+    saves a tied T5), a copy of the embedding when a pytorch_model.bin carries the tied
+    lm_head.weight; it keeps neither config key. So the rule: architecture t5, not written by
+    PocketLM (whose converter folds the scale into `output` and writes pocketlm.converter), and
+    no `output` or one byte-identical to `token_embd`. Such a file cannot tell original T5 from
+    a tied checkpoint saved unscaled (transformers 5 with `scale_decoder_outputs: false`, as from
+    a T5 v1.1 config, or a tied mT5, which transformers 5 never scales): those get the scale too,
+    and `output_scale=1.0` at load undoes it."""
+    if header.architecture != "t5" or "pocketlm.converter" in header.metadata:
+        return False
+    tensors = {t.name: t for t in header.tensors}
+    embedding, head = tensors.get("token_embd.weight"), tensors.get("output.weight")
+    return embedding is not None and (head is None or _same_data(path, embedding, head))
+
+
+def output_scale_reason(scale: float) -> str:
+    return (
+        f"output scaled by d_model**-0.5 ({scale:.4g}): a tied T5 written by llama.cpp's converter omits it "
+        "(load with output_scale=1.0 if the checkpoint had scale_decoder_outputs: false)"
+    )
+
+
+def _same_data(path: Path, a: TensorEntry, b: TensorEntry, chunk: int = 1 << 22) -> bool:
+    if (a.type, a.shape, a.nbytes) != (b.type, b.shape, b.nbytes):
+        return False
+    with open(path, "rb") as f:
+        for lo in range(0, a.nbytes, chunk):
+            n = min(chunk, a.nbytes - lo)
+            f.seek(a.offset + lo)
+            first = f.read(n)
+            f.seek(b.offset + lo)
+            if first != f.read(n):
+                return False
+    return True
 
 
 class _LlamaText:
@@ -43,7 +87,10 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
         reasons: Sequence[str] = (),
         n_seq: int = 1,
         kv_cells: int | None = None,
+        output_scale: float | None = None,
     ):
+        """`output_scale` multiplies every logit (None: d_model**-0.5 for a tied T5 written
+        without it, see `lacks_output_scale`, else 1)."""
         super().__init__()
         if n_seq < 1:
             raise GenerationError(f"n_seq={n_seq}: the KV cache must hold at least 1 sequence")
@@ -60,6 +107,15 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
         self._unencoded: set[int] = set()  # admitted slots whose source awaits the encoder
         self._cohort_sources = 0  # source tokens of the sequences encoded together
         self.parallel_sequences = n_seq
+        if output_scale is None:  # the header is read again only for a T5 PocketLM did not write
+            foreign_t5 = s.architecture == "t5" and s.meta("pocketlm.converter") is None
+            output_scale = 1.0
+            if foreign_t5 and lacks_output_scale(read_header(path), Path(path)):
+                output_scale = s.llama.llama_model_n_embd(s.model) ** -0.5
+                reasons = [*reasons, output_scale_reason(output_scale)]
+        elif output_scale != 1.0:
+            reasons = [*reasons, f"output scaled by {output_scale:.4g} (given)"]
+        self.output_scale = float(output_scale)
         self.info = s.model_info(device, threads, reasons)
 
     # -- tokens ---------------------------------------------------------------------------
@@ -147,10 +203,15 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
                     f"{seq.position + len(decoder)} decoder tokens exceed the context of {self.info.n_ctx}"
                 )
             entries.append((seq.slot, decoder, seq.position, want))
-        out = self._s.evaluate(entries)
+        out = [self._scaled(rows) for rows in self._s.evaluate(entries)]
         for (seq, _, _), (_, decoder, _, _) in zip(work, entries):
             seq.position += len(decoder)
         return out
+
+    def _scaled(self, logits: np.ndarray | None) -> np.ndarray | None:
+        if logits is None or self.output_scale == 1.0:
+            return logits
+        return logits * np.float32(self.output_scale)
 
     def _release(self, seq: Decoding) -> None:
         if self._busy.pop(seq.slot, None) is not None:
@@ -171,6 +232,6 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
             self._s.clear()
             self._s.run(src, 0, all_logits=False, encode=True)
             try:
-                return self._s.run(dec, 0, all_logits=True)
+                return self._scaled(self._s.run(dec, 0, all_logits=True))
             finally:
                 self._s.clear()
