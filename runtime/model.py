@@ -26,7 +26,7 @@ import numpy as np
 
 from convert.core.errors import GenerationError
 
-from .generation import GenerationOptions, GenerationResult, StreamEvent, TokenStream
+from .generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob, TokenStream
 from .sampling import Sampler
 from .text import TextStream
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from .generation import GenerationKwargs
     from .scheduler import Scheduler
+    from .search import Search
 
 log = logging.getLogger(__name__)
 
@@ -84,30 +85,44 @@ class BytePieces:
 class Decoding:
     """One sequence being generated: its prompt and options, its sampler and the tokens it has
     seen, its text so far (stop strings, UTF-8), its result, and `slot`, the engine's handle on
-    its cache (set by the backend when the sequence starts)."""
+    its cache (set by the backend when the sequence starts). `index` is its place among the
+    sequences of its request (samples, beams); `pending` a token chosen but not yet evaluated."""
 
-    def __init__(self, ids: list[int], options: GenerationOptions, detokenizer: Detokenizer, history: list[int]):
-        self.ids, self.options = ids, options
-        self.sampler = Sampler(options)
+    def __init__(
+        self,
+        ids: list[int],
+        options: GenerationOptions,
+        detokenizer: Detokenizer,
+        history: list[int],
+        index: int = 0,
+    ):
+        self.ids, self.options, self.index = ids, options, index
+        self.sampler = Sampler(options, index)
         self.seen = history  # what the repetition penalty looks at
-        self.result = GenerationResult("", [], "length", len(ids))
+        self.result = GenerationResult("", [], "length", len(ids), index=index)
+        if options.logprobs is not None:
+            self.result.logprobs = []
         self.started = time.perf_counter()
         self.slot: Any = None
         self.position = 0  # tokens of this sequence in the engine's cache
+        self.pending: int | None = None
         self.done = False
+        self._finished = False
         self._text = TextStream(list(options.stop))
         self._detok = detokenizer
 
-    def push(self, token: int, is_end: bool) -> StreamEvent | None:
+    def push(self, token: int, is_end: bool, logprob: TokenLogprob | None = None) -> StreamEvent | None:
         """Record a generated token; its event, or None when it ends the sequence."""
         result = self.result
         result.token_ids.append(token)
+        if result.logprobs is not None and logprob is not None:
+            result.logprobs.append(logprob)
         if len(result.token_ids) == 1:
             result.first_token_seconds = time.perf_counter() - self.started
         if is_end:
             result.finish_reason, self.done = "stop", True
             return None
-        event = StreamEvent(token, self._text.push(self._detok.push(token)))
+        event = StreamEvent(token, self._text.push(self._detok.push(token)), self.index, logprob)
         if self._text.stopped:
             result.finish_reason, self.done = "stop", True
         return event
@@ -115,11 +130,14 @@ class Decoding:
     def finish(self) -> StreamEvent | None:
         """Release the text held back (the final event, if any) and complete the result."""
         self.done = True
+        if self._finished:
+            return None
+        self._finished = True
         self._text.push(self._detok.flush())
         tail = self._text.finish()
         self.result.text = self._text.released
         self.result.seconds = time.perf_counter() - self.started
-        return StreamEvent(None, tail) if tail else None
+        return StreamEvent(None, tail, self.index) if tail else None
 
 
 class Model(ABC):
@@ -222,6 +240,10 @@ class Model(ABC):
         ids = self._prompt_ids(prompt)
         return Decoding(ids, options, self._detokenizer(), self._penalty_history(ids))
 
+    def _decoding_from(self, first: Decoding, index: int) -> Decoding:
+        """Another sequence of `first`'s request (a sample or a beam): same prompt and options."""
+        return Decoding(first.ids, first.options, self._detokenizer(), self._penalty_history(first.ids), index)
+
     def stream_tokens(
         self,
         prompt: Prompt,
@@ -230,10 +252,16 @@ class Model(ABC):
         **kwargs: Unpack[GenerationKwargs],
     ) -> TokenStream:
         """Generate token by token: a stream of each token with the text it releases, whose
-        `.result` is the whole GenerationResult once the stream is exhausted."""
+        `.result` is the whole GenerationResult once the stream is exhausted. With several
+        sequences (samples, beams) each event says which (`index`); beams come at the end."""
+        opts = self.options(options, **kwargs)
         if self.parallel_sequences > 1:  # decoded together with every other caller's
-            return self.scheduler.stream_tokens(prompt, options, **kwargs)
-        seq = self._decoding(prompt, self.options(options, **kwargs))
+            return self.scheduler.stream_tokens(prompt, opts)
+        return self._stream_alone(prompt, opts)
+
+    def _stream_alone(self, prompt: Prompt, options: GenerationOptions) -> TokenStream:
+        """One caller's generation, in the caller's thread."""
+        seq = self._decoding(prompt, options)
         return TokenStream(self._events(seq), seq.result)
 
     @property
@@ -254,9 +282,9 @@ class Model(ABC):
         if self._scheduler is not None:
             self._scheduler.close()
 
-    def _reservation(self, seq: Decoding, max_new: int) -> int:
-        """KV cells a sequence keeps for its prompt and new tokens."""
-        return len(seq.ids) + max_new
+    def _reservation(self, seq: Decoding, max_new: int, sequences: int = 1) -> int:
+        """KV cells a request keeps for its prompt and the new tokens of its sequences."""
+        return len(seq.ids) + sequences * max_new
 
     def _events(self, seq: Decoding) -> Generator[StreamEvent, None, None]:
         with self._lock:
@@ -394,9 +422,11 @@ class StepModel(Model):
         self._freed.wait_for(lambda: not self._busy)
 
     @abstractmethod
-    def _admit(self, seq: Decoding, reserve: int) -> None:
+    def _admit(self, seq: Decoding, reserve: int, followers: Sequence[Decoding] = ()) -> None:
         """Give a new sequence a slot; set `seq.position` to how many of its prompt tokens the
-        slot already holds. `reserve` cells (prompt and new tokens) are kept for it."""
+        slot already holds. `reserve` cells (prompt and new tokens) are kept for it. Each of
+        `followers` (more sequences of the same prompt) gets a slot too; they start as copies
+        of `seq` (`_fork`)."""
 
     @abstractmethod
     def _evaluate(self, work: list[tuple[Decoding, list[int], bool]]) -> list[np.ndarray | None]:
@@ -408,8 +438,8 @@ class StepModel(Model):
         Called with the engine lock held; backends call this at the end of theirs."""
         self._freed.notify_all()
 
-    def _can_admit(self, reserve: int, seq: Decoding | None = None) -> bool:
-        """Whether a slot and `reserve` cache cells are free now (for `seq`, when given)."""
+    def _can_admit(self, reserve: int, seq: Decoding | None = None, slots: int = 1) -> bool:
+        """Whether `slots` slots and `reserve` cache cells are free now (for `seq`, when given)."""
         return True
 
     @abstractmethod
@@ -431,19 +461,66 @@ class StepModel(Model):
         """One new token for each sequence, in one engine call: their next logits."""
         return self._evaluate([(seq, [token], True) for seq, token in zip(seqs, tokens)])  # type: ignore[return-value]
 
+    def _fork(self, src: Decoding, dst: Decoding) -> None:
+        """`dst` (admitted with `src`) starts as a copy of `src`'s cached tokens."""
+        raise GenerationError(f"{type(self).__name__} cannot decode several sequences of one prompt")
+
+    @property
+    def sequence_slots(self) -> int:
+        """Sequences the engine's cache holds at once (samples and beams of requests included)."""
+        return self.parallel_sequences
+
+    def _search(self, prompt: Prompt, options: GenerationOptions) -> Search:
+        """A request's decoding (checked now: errors come from the call, not the stream)."""
+        from .search import make_search
+
+        seq = self._decoding(prompt, options)
+        search = make_search(self, seq, max(self._budget(len(seq.ids), options.max_new_tokens), 0))
+        n = len(search.seqs)
+        if n > self.sequence_slots:
+            raise GenerationError(f"{n} sequences asked for one prompt; this model holds {self.sequence_slots}")
+        if search.reserve > self.kv_cells:
+            raise GenerationError(
+                f"{n} sequences of up to {search.budget} new tokens after a {len(seq.ids)}-token prompt need "
+                f"{search.reserve} KV cache cells; the model holds {self.kv_cells} "
+                "(load with a larger kv_cells, or ask fewer sequences or tokens)"
+            )
+        return search
+
+    def _admit_search(self, search: Search) -> None:
+        self._admit(search.first, search.reserve, search.seqs[1:])
+        search.admitted = True
+
+    def _run_search(self, search: Search, room: int | None = None) -> None:
+        """One engine call for one request."""
+        work = search.work(room)
+        search.accept([(seq, logits) for (seq, _, _), logits in zip(work, self._evaluate(work))])
+
+    def _stream_alone(self, prompt: Prompt, options: GenerationOptions) -> TokenStream:
+        search = self._search(prompt, options)
+        return TokenStream(self._drive(search), search.result)
+
+    def _drive(self, search: Search) -> Generator[StreamEvent, None, None]:
+        with self._lock:
+            search.first.started = time.perf_counter()
+            try:
+                if not search.done:
+                    if not self._can_admit(search.reserve, search.first, len(search.seqs)):
+                        self._freed.wait_for(lambda: self._can_admit(search.reserve, search.first, len(search.seqs)))
+                    self._admit_search(search)
+                while not search.done:
+                    self._run_search(search)
+                    yield from search.events()
+                if not search.admitted:  # nothing to generate
+                    tail = search.first.finish()
+                    if tail is not None:
+                        yield tail
+                yield from search.events()
+            finally:
+                search.close()
+
     def _generate_ids(self, seq: Decoding, max_new: int) -> Iterator[int]:
-        options = seq.options
-        ends = self._end_ids() if options.min_new_tokens else []
-        logits = self._start(seq, max_new)
-        try:
-            for i in range(max_new):
-                token = seq.sampler(logits, seq.seen, ends if i < options.min_new_tokens else (), seq.result.token_ids)
-                yield token
-                seq.seen.append(token)
-                if i + 1 < max_new and not self._is_end(token):
-                    logits = self._advance([seq], [token])[0]
-        finally:
-            self._release(seq)
+        raise AssertionError("StepModel decodes through runtime/search.py")
 
 
 class Seq2Seq:

@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 class Sampler:
     """Stateful per generation: owns the random stream so a seed reproduces the output."""
 
-    def __init__(self, params: GenerationOptions):
+    def __init__(self, params: GenerationOptions, index: int = 0):
+        """`index`: which sample of a request (sample i is seeded with seed + i)."""
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(None if params.seed is None else (params.seed + index) % 2**63)
 
     def __call__(
         self, logits: np.ndarray, seen: Iterable[int] = (), banned: Iterable[int] = (), generated: Sequence[int] = ()
@@ -30,6 +31,8 @@ class Sampler:
         `generated` (the new tokens so far) is what OpenAI's penalties count."""
         p = self.params
         banned = list(banned)
+        if p.no_repeat_ngram_size:
+            banned += banned_ngram_tokens(seen, p.no_repeat_ngram_size)
         if banned:
             logits = logits.copy()
             logits[banned] = -np.inf
@@ -53,6 +56,19 @@ class Sampler:
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p, side="left")) + 1
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
         return int(order[self.rng.choice(order.size, p=probs)])
+
+
+def banned_ngram_tokens(tokens: Iterable[int], n: int) -> list[int]:
+    """transformers' no_repeat_ngram_size: the tokens that would complete an n-gram already in
+    `tokens` (the prompt and new tokens of a causal model; the decoder's for a seq2seq one)."""
+    seq = list(tokens)
+    if n <= 0 or len(seq) < n:
+        return []
+    if n == 1:
+        return sorted(set(seq))
+    tail = seq[len(seq) - n + 1 :]
+    first = tail[0]
+    return [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i] == first and seq[i : i + n - 1] == tail]
 
 
 def penalize_repetition(logits: np.ndarray, seen: Iterable[int], penalty: float) -> np.ndarray:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .model import Decoding, Prompt, StepModel
+    from .search import Search
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,20 @@ _END = object()  # the last item of a request's queue
 
 
 class _Request:
-    """A sequence in the scheduler: its Decoding, budget and reservation, and its queue."""
+    """A request in the scheduler: its sequences' Search (or, for engines that decode batches
+    by themselves, its Decoding and budget), and the queue of its events."""
 
-    def __init__(self, seq: Decoding, budget: int, reserve: int):
-        self.seq, self.budget, self.reserve = seq, budget, reserve
+    def __init__(self, seq: Decoding, budget: int, reserve: int, search: Search | None = None):
+        self.seq, self.budget, self.reserve, self.search = seq, budget, reserve, search
         self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.cancelled = False
         self.finished = False
         self.admitted = False
         self.generated = 0
-        self.next_token: int | None = None  # sampled, not yet in the cache
+
+    @property
+    def sequences(self) -> int:
+        return len(self.search.seqs) if self.search is not None else 1
 
 
 class Scheduler:
@@ -76,13 +81,12 @@ class Scheduler:
                 pass
         return [stream.result for stream in streams]
 
+    def _request(self, prompt: Prompt, options: GenerationOptions) -> _Request:
+        search = self.model._search(prompt, options)
+        return _Request(search.first, search.budget, search.reserve, search)
+
     def _submit(self, prompts: list[Prompt], options: GenerationOptions) -> list[TokenStream]:
-        model = self.model
-        requests = []
-        for prompt in prompts:
-            seq = model._decoding(prompt, options)
-            budget = max(model._budget(len(seq.ids), options.max_new_tokens), 0)
-            requests.append(_Request(seq, budget, model._reservation(seq, budget)))
+        requests = [self._request(prompt, options) for prompt in prompts]
         with self._wake:
             if self._closed:
                 from convert.core.errors import GenerationError
@@ -102,7 +106,7 @@ class Scheduler:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(sequences running, requests waiting)."""
+        """(requests running, requests waiting)."""
         with self._wake:
             return len(self._running), len(self._waiting)
 
@@ -165,60 +169,68 @@ class Scheduler:
     def _gather(self) -> None:
         """Called holding `_wake` (not the engine) before each step: a chance to wait for more."""
 
+    def _admit_waiting(self) -> None:
+        """Admit waiting requests, in order, while a slot and their KV cells are free."""
+        model = self.model
+        cohort_open = model.joins_running or not self._running
+        while self._waiting and cohort_open and len(self._running) < model.parallel_sequences:
+            request = self._waiting[0]
+            if not model._can_admit(request.reserve, request.seq, request.sequences):
+                break
+            self._waiting.popleft()
+            assert request.search is not None
+            try:
+                model._admit_search(request.search)
+            except Exception as e:  # this request fails, not the others
+                self._finish(request, error=e)
+                continue
+            request.admitted = True
+            self._running.append(request)
+
     def _step(self) -> None:
         model = self.model
         with self._wake:
             for request in [r for r in self._running if r.cancelled]:
                 self._finish(request)
             self._drop_cancelled_waiting()
-            cohort_open = model.joins_running or not self._running
-            while self._waiting and cohort_open:
-                request = self._waiting[0]
-                if not model._can_admit(request.reserve, request.seq):
-                    break
-                self._waiting.popleft()
-                model._admit(request.seq, request.reserve)
-                request.admitted = True
-                self._running.append(request)
+            self._admit_waiting()
             running = list(self._running)
         work: list[tuple[Decoding, list[int], bool]] = []
-        fed: list[_Request] = []
+        owners: list[_Request] = []
         room = self.step_tokens
-        for request in running:
-            if request.next_token is not None:
-                work.append((request.seq, [request.next_token], True))
-                fed.append(request)
-                room -= 1
-        for request in running:
-            seq = request.seq
-            if request.next_token is not None or seq.position >= len(seq.ids):
-                continue
-            rest = seq.ids[seq.position :]
-            if model.joins_running:
-                if room <= 0:
-                    break
-                rest = rest[: min(self.prefill_chunk, room)]
-                room -= len(rest)
-            work.append((seq, rest, seq.position + len(rest) == len(seq.ids)))
-            fed.append(request)
+        for request in running:  # every running sequence's next token first
+            assert request.search is not None
+            entries = request.search.decode()
+            work += entries
+            owners += [request] * len(entries)
+            room -= len(entries)
+        for request in running:  # then the prompts still being read, in chunks
+            assert request.search is not None
+            part = request.search.prefill(min(self.prefill_chunk, room) if model.joins_running else None)
+            if part is not None:
+                work.append(part)
+                owners.append(request)
+                room -= len(part[1])
         if not work:
             return
-        for request in fed:
-            request.next_token = None
         outputs = model._evaluate(work)
         self.steps += 1
-        for request, logits in zip(fed, outputs):
-            if logits is not None:
-                self._accept(request, logits)
+        grouped: dict[int, list[tuple[Decoding, np.ndarray | None]]] = {}
+        for request, (seq, _, _), logits in zip(owners, work, outputs):
+            grouped.setdefault(id(request), []).append((seq, logits))
+        for request in running:
+            if id(request) in grouped:
+                self._accept(request, grouped[id(request)])
 
-    def _accept(self, request: _Request, logits: np.ndarray) -> None:
-        """Sample the next token of a sequence from its logits and hand out its event."""
-        seq = request.seq
-        banned = self.model._end_ids() if request.generated < seq.options.min_new_tokens else ()
-        token = seq.sampler(logits, seq.seen, banned, seq.result.token_ids)
-        seq.seen.append(token)
-        if not self._push(request, token):
-            request.next_token = token
+    def _accept(self, request: _Request, outputs: list[tuple[Decoding, np.ndarray | None]]) -> None:
+        """A request's logits came back: its search turns them into tokens and events."""
+        search = request.search
+        assert search is not None
+        search.accept(outputs)
+        for event in search.events():
+            request.events.put(event)
+        if search.done:
+            self._finish(request)
 
     def _push(self, request: _Request, token: int) -> bool:
         """Hand out a sequence's new token; whether that finished it (end, stop string, budget)."""
@@ -236,17 +248,26 @@ class Scheduler:
         if request.finished:
             return
         request.finished = True
+        search = request.search
         if error is None:
-            tail = request.seq.finish()
-            if tail is not None:
-                request.events.put(tail)
+            if search is None:
+                tail = request.seq.finish()
+                if tail is not None:
+                    request.events.put(tail)
+            elif not search.done:  # cancelled: what is held back still goes out
+                for seq in search.seqs:
+                    if not seq.done:
+                        seq.finish()
         with self._wake:
             if request in self._running:
                 self._running.remove(request)
             if request in self._waiting:
                 self._waiting.remove(request)
         if request.admitted:
-            self.model._release(request.seq)
+            if search is not None:
+                search.close()
+            else:
+                self.model._release(request.seq)
         request.events.put(error if error is not None else _END)
 
 
@@ -263,6 +284,10 @@ class EngineBatches(Scheduler):
     `_batch_key(options)` and `_decode_batch(seqs, budgets, on_token)`."""
 
     window = 0.005
+
+    def _request(self, prompt: Prompt, options: GenerationOptions) -> _Request:
+        seq = self.model._decoding(prompt, options)
+        return _Request(seq, max(self.model._budget(len(seq.ids), options.max_new_tokens), 0), 0)
 
     def _gather(self) -> None:
         if self.window and self._waiting and len(self._waiting) < self.model.parallel_sequences:
@@ -295,6 +320,13 @@ class EngineBatches(Scheduler):
             return self._push(request, token)
 
         self.steps += 1
-        model._decode_batch([r.seq for r in group], [r.budget for r in group], on_token)
+        if model._is_group(group[0].seq.options):  # several sequences of one prompt: alone
+            request = group[0]
+            for event in model._group_events(request.seq, request.budget):
+                if request.cancelled:
+                    break
+                request.events.put(event)
+        else:
+            model._decode_batch([r.seq for r in group], [r.budget for r in group], on_token)
         for request in group:
             self._finish(request)

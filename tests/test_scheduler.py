@@ -42,9 +42,11 @@ def _recording(model):
     seen: dict[tuple[int, ...], list[np.ndarray]] = {}
     accept = model.scheduler._accept
 
-    def record(request, logits):
-        seen.setdefault(tuple(request.seq.ids), []).append(logits.copy())
-        accept(request, logits)
+    def record(request, outputs):
+        for seq, logits in outputs:
+            if logits is not None:
+                seen.setdefault(tuple(seq.ids), []).append(logits.copy())
+        accept(request, outputs)
 
     model.scheduler._accept = record
     return seen
@@ -164,8 +166,8 @@ def test_the_kv_budget_is_never_overcommitted(bloom):
         peak = []
         admit = model._admit
 
-        def spy(seq, reserve):
-            admit(seq, reserve)
+        def spy(seq, reserve, followers=()):
+            admit(seq, reserve, followers)
             peak.append(sum(model._busy.values()))
 
         model._admit = spy

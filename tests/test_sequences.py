@@ -68,10 +68,12 @@ def test_a_free_slot_with_the_longest_shared_prefix_is_reused(gguf):
 def test_every_slot_busy_is_a_clear_error(gguf):
     options = GenerationOptions(max_new_tokens=2)
     with runtime.load(gguf, threads=2) as model:
-        held = model._decoding(PROMPTS[0], options)
+        held = [model._decoding(PROMPTS[0], options) for _ in range(model.sequence_slots)]
         with model._lock:
-            model._start(held)
+            for seq in held:
+                model._start(seq)
             with pytest.raises(GenerationError, match="sequences of the KV cache are in use"):
                 model._start(model._decoding(PROMPTS[1], options))
-            model._release(held)
+            for seq in held:
+                model._release(seq)
         assert model.generate(PROMPTS[1], options).token_ids

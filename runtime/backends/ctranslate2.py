@@ -27,8 +27,9 @@ from convert.core import engine
 from convert.core.ct2_file import is_ct2_folder, read_folder_metadata, read_model_bin
 from convert.core.errors import ModelLoadError, PocketLMError
 
-from ..generation import GenerationOptions, GenerationResult
+from ..generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob, TokenStream
 from ..model import Decoding, Model, ModelInfo, Prompt, Seq2Seq
+from ..search import logprobs_of
 from ..tokenizer import IncrementalDecoder, load_tokenizer, require
 from . import Backend, register
 
@@ -179,6 +180,7 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
             min_decoding_length=options.min_new_tokens,
             max_input_length=0,
             repetition_penalty=options.repetition_penalty,
+            no_repeat_ngram_size=options.no_repeat_ngram_size,
         )
         if options.greedy:
             decoding.update(sampling_topk=1)
@@ -206,7 +208,7 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
     ) -> list[GenerationResult]:
         """All prompts decoded together by CTranslate2 (one batch), same options as generate()."""
         opts = GenerationOptions.of(options, **kwargs)
-        if self._stepwise(opts):  # token by token (see _stepwise)
+        if self._stepwise(opts) or self._is_group(opts):  # one by one (see _stepwise, _group_events)
             return super().generate_batch(prompts, opts)
         seqs = [self._decoding(p, opts) for p in prompts]
         budget = self._budget(0, opts.max_new_tokens)
@@ -228,6 +230,89 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
                 pass
         return [seq.result for seq in seqs]
 
+    # -- several sequences of one prompt, log-probabilities ----------------------------------
+    @staticmethod
+    def _is_group(options: GenerationOptions) -> bool:
+        """Requests decoded whole before their events go out: beams, several samples, logprobs
+        (computed afterwards, teacher-forced, so they are the model's own)."""
+        return options.sequences > 1 or options.logprobs is not None
+
+    def _stream_alone(self, prompt: Prompt, options: GenerationOptions) -> TokenStream:
+        if not self._is_group(options):
+            return super()._stream_alone(prompt, options)
+        seq = self._decoding(prompt, options)
+
+        def events() -> Iterator[StreamEvent]:
+            with self._lock:
+                seq.started = time.perf_counter()
+                yield from self._group_events(seq, self._budget(len(seq.ids), options.max_new_tokens))
+
+        return TokenStream(events(), seq.result)
+
+    def _group_events(self, seq: Decoding, budget: int) -> Iterator[StreamEvent]:
+        """Decode a group request, then hand out each sequence's events (`index` says whose)."""
+        o = seq.options
+        hypotheses = self._decode_group(seq, budget) if budget > 0 else [([], None)] * o.num_return_sequences
+        logprobs: list[list[TokenLogprob] | None] = [None] * len(hypotheses)
+        if o.logprobs is not None:
+            asked = [tokens for tokens, _ in hypotheses if tokens]
+            rows = iter(self._continuations_logits(seq.ids, asked) if asked else [])
+            logprobs = [logprobs_of(next(rows), t, o.logprobs) if t else [] for t, _ in hypotheses]
+        results = []
+        for i, ((tokens, score), lps) in enumerate(zip(hypotheses, logprobs)):
+            d = seq if i == 0 else self._decoding_from(seq, i)
+            d.started = seq.started
+            for j, token in enumerate(tokens):
+                event = d.push(token, self._is_end(token), lps[j] if lps is not None else None)
+                if event is not None:
+                    yield event
+                if d.done:
+                    break
+            tail = d.finish()
+            if tail is not None:
+                yield tail
+            d.result.score = score
+            results.append(d.result)
+        seq.result.others = results[1:]
+
+    def _decode_group(self, seq: Decoding, budget: int) -> list[tuple[list[int], float | None]]:
+        """The token ids (an end token included when produced) and score of each sequence."""
+        o = seq.options
+        source = self._strings(seq.ids)
+        if o.beams:
+            # CTranslate2 stops once num_beams hypotheses are finished (transformers'
+            # early_stopping=True); "never" goes on to the length budget, where transformers'
+            # "never" ends up with the same ones. A length penalty of exactly 0 would make it stop
+            # at the first finished top beam instead: 1e-9 keeps its rule and changes no score
+            # (float32 length**1e-9 is 1).
+            options = self._decoding_options(o, budget)
+            results = self._translator.translate_batch(
+                [source],
+                **options,
+                beam_size=o.num_beams,
+                num_hypotheses=o.num_return_sequences,
+                length_penalty=o.length_penalty or 1e-9,
+                patience=float(budget) if o.early_stopping == "never" else 1.0,
+                return_scores=True,
+                return_end_token=True,
+            )[0]
+            return [
+                ([self._index[t] for t in hyp], float(score)) for hyp, score in zip(results.hypotheses, results.scores)
+            ]
+        n = o.num_return_sequences
+        if self._stepwise(o):
+            samples = [seq] + [self._decoding_from(seq, i) for i in range(1, n)]
+            return [(list(self._generate_stepwise(d, budget)), None) for d in samples]
+        copies = 1 if o.greedy else n  # greedy samples are all the same
+        results = self._translator.translate_batch(
+            [source] * copies,
+            **self._decoding_options(o, budget),
+            beam_size=1,
+            return_end_token=True,
+        )
+        tokens = [[self._index[t] for t in r.hypotheses[0]] for r in results]
+        return [(list(tokens[i % copies]), None) for i in range(n)]
+
     # -- decoding many requests together (runtime/scheduler.py EngineBatches) -----------------
     def _make_scheduler(self) -> Any:
         from ..scheduler import EngineBatches
@@ -236,10 +321,10 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
 
     def _batch_key(self, options: GenerationOptions) -> tuple[Any, ...]:
         """Requests decoded in one batch share CTranslate2's decoding options."""
-        if self._stepwise(options):
+        if self._stepwise(options) or self._is_group(options):
             return ("stepwise", id(options))  # token by token (see _stepwise)
         sampling = () if options.greedy else (options.temperature, options.top_k, options.top_p)
-        return (options.repetition_penalty, options.min_new_tokens, *sampling)
+        return (options.repetition_penalty, options.min_new_tokens, options.no_repeat_ngram_size, *sampling)
 
     def _decode_batch(self, seqs: list[Decoding], budgets: list[int], on_token: Any) -> None:
         """Decode several sequences in one translate_batch, each token handed to

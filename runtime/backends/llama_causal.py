@@ -5,9 +5,11 @@ output layer is half the model) or only the last; this backend asks for exactly 
 needs per call, samples with PocketLM's own sampler, and keeps the KV cache of earlier
 sequences so a prompt that extends one only evaluates its new tokens.
 
-The KV cache holds `n_seq` sequences (slots; one unless asked), each knowing its tokens. A new
-sequence takes the free slot whose cached tokens share the longest prefix with its prompt;
-`_advance` decodes the next token of several sequences in one llama.cpp batch.
+The KV cache holds `n_seq` requests (one unless asked) in its slots (sequence ids; at least
+MAX_SEQUENCES, for samples and beams), each slot knowing its tokens. A new request takes the
+free slot whose cached tokens share the longest prefix with its prompt; its other sequences
+take free slots and copy its cells (`_fork`); `_evaluate` runs the tokens of several
+sequences in one llama.cpp batch.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ class LlamaCppModel(OwnsSession, StepModel):
         # Without tokenizer tables llama.cpp knows no special ids, but the converter recorded eos.
         eos = None if s.has_vocab else s.special("eos", None, None)
         self._eos_without_vocab = {eos} if eos is not None else set()
-        self._slots: list[list[int]] = [[] for _ in range(n_seq)]  # tokens in each sequence's KV cache
-        self._last_used = [0] * n_seq
+        self._slots: list[list[int]] = [[] for _ in range(s.n_seq_max)]  # tokens in each sequence's KV cache
+        self._last_used = [0] * s.n_seq_max
         self._clock = itertools.count(1)
         self.parallel_sequences = n_seq
         arch = get_architecture(s.architecture)
@@ -119,22 +121,38 @@ class LlamaCppModel(OwnsSession, StepModel):
             raise GenerationError(f"all {len(self._slots)} sequences of the KV cache are in use")
         return best, keep
 
-    def _admit(self, seq: Decoding, reserve: int) -> None:
+    def _admit(self, seq: Decoding, reserve: int, followers: Sequence[Decoding] = ()) -> None:
         slot, keep = self._take_slot(seq.ids)
         self._forget(slot, keep)
         self._busy[slot] = reserve
+        for follower in followers:  # the least recently used free slots
+            other = min(
+                (s for s in range(len(self._slots)) if s not in self._busy), key=lambda s: self._last_used[s]
+            )
+            self._forget(other)
+            self._busy[other] = 0
+            follower.slot, follower.position = other, 0
         self._make_room(slot)
         seq.slot, seq.position = slot, keep
+
+    def _fork(self, src: Decoding, dst: Decoding) -> None:
+        self._s.share(src.slot, dst.slot, src.position)
+        self._slots[dst.slot] = self._slots[src.slot][: src.position]
+        dst.position = src.position
 
     @property
     def kv_cells(self) -> int:
         return self._s.kv_cells
 
-    def _reservation(self, seq: Decoding, max_new: int) -> int:
-        return min(len(seq.ids) + max_new, self.info.n_ctx)
+    @property
+    def sequence_slots(self) -> int:
+        return len(self._slots)
 
-    def _can_admit(self, reserve: int, seq: Decoding | None = None) -> bool:
-        return len(self._busy) < len(self._slots) and sum(self._busy.values()) + reserve <= self.kv_cells
+    def _reservation(self, seq: Decoding, max_new: int, sequences: int = 1) -> int:
+        return min(len(seq.ids) + max_new, self.info.n_ctx) + (sequences - 1) * max_new
+
+    def _can_admit(self, reserve: int, seq: Decoding | None = None, slots: int = 1) -> bool:
+        return len(self._busy) + slots <= len(self._slots) and sum(self._busy.values()) + reserve <= self.kv_cells
 
     def _make_room(self, keep_slot: int) -> None:
         """Idle slots' caches give way to what running sequences have reserved."""

@@ -19,6 +19,7 @@ from convert.core import engine
 from convert.core.errors import GenerationError, ModelLoadError
 from convert.core.formats import gguf_quant_name
 
+from ..generation import MAX_SEQUENCES
 from ..model import ModelInfo
 from ..platform import ram_bytes
 
@@ -78,8 +79,10 @@ class LlamaSession:
         kv_cells: int | None = None,
     ):
         """`n_ctx` is one sequence's context; `n_batch=None` makes the batch as large (an
-        encoder needs the whole source in one batch). `n_seq` sequences may be in the KV cache
-        at once, sharing its `kv_cells` cells (default: n_seq x n_ctx, at most KV_CELLS_CAP)."""
+        encoder needs the whole source in one batch). `n_seq` requests may be in the KV cache
+        at once, sharing its `kv_cells` cells (default: n_seq x n_ctx, at most KV_CELLS_CAP);
+        the cache has `n_seq_max` sequence ids, at least MAX_SEQUENCES, for the samples and
+        beams of a request (ids cost nothing: the cells are one pool)."""
         self.path = path
         self.llama = llama = engine.llama_cpp()
         self.model = self.ctx = self.batch = None
@@ -110,8 +113,8 @@ class LlamaSession:
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.type_k = cparams.type_v = GGML_TYPE_F32 if exact else GGML_TYPE_F16
         cparams.no_perf = True
-        if n_seq > 1:
-            cparams.n_seq_max, cparams.kv_unified = n_seq, True
+        self.n_seq_max = max(n_seq, MAX_SEQUENCES)
+        cparams.n_seq_max, cparams.kv_unified = self.n_seq_max, True
         if exact:  # flash attention rounds through f16 on CPU
             cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         with engine.quiet_c_output():
@@ -124,7 +127,7 @@ class LlamaSession:
         self.kv_bytes = self.kv_cells * cell_bytes
         self.n_batch = llama.llama_n_ubatch(self.ctx)
         self.n_seq = n_seq
-        self.batch = llama.llama_batch_init(self.n_batch, 0, 1)
+        self.batch = llama.llama_batch_init(self.n_batch, 0, self.n_seq_max)
         self.memory = llama.llama_get_memory(self.ctx)
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
         self.has_vocab = llama.llama_vocab_type(self.vocab) != llama.LLAMA_VOCAB_TYPE_NONE
@@ -254,11 +257,12 @@ class LlamaSession:
         return np.concatenate(out) if all_logits else out[-1][0]
 
     def evaluate(
-        self, entries: Sequence[tuple[int, Sequence[int], int, bool | str]], encode: bool = False
+        self, entries: Sequence[tuple[int | tuple[int, ...], Sequence[int], int, bool | str]], encode: bool = False
     ) -> list[np.ndarray | None]:
-        """Tokens of several sequences in as few batches as fit. Each entry is (sequence id,
-        tokens, position of the first, which logits to return: True for those after the last
-        token (float32 [vocab]), "all" for those after each ([n, vocab]), False for none)."""
+        """Tokens of several sequences in as few batches as fit. Each entry is (sequence id, or
+        ids of sequences the tokens belong to at once, tokens, position of the first, which
+        logits to return: True for those after the last token (float32 [vocab]), "all" for
+        those after each ([n, vocab]), False for none)."""
         flat = [
             (tok, start + i, seq, want == "all" or (want is True and i == len(tokens) - 1), k)
             for k, (seq, tokens, start, want) in enumerate(entries)
@@ -269,8 +273,10 @@ class LlamaSession:
         for lo in range(0, len(flat), self.n_batch):
             chunk = flat[lo : lo + self.n_batch]
             for i, (tok, pos, seq, want, _) in enumerate(chunk):
-                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want or encode
-                b.seq_id[i][0] = seq
+                ids = seq if isinstance(seq, tuple) else (seq,)
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, len(ids), want or encode
+                for j, sid in enumerate(ids):
+                    b.seq_id[i][j] = sid
             b.n_tokens = len(chunk)
             rc = (self.llama.llama_encode if encode else self.llama.llama_decode)(self.ctx, b)
             if rc != 0:

@@ -105,6 +105,7 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
         start = s.llama.llama_model_decoder_start_token(s.model)
         self._start_token = start if start >= 0 else s.special("pad", s.llama.llama_vocab_pad, 0)
         self._unencoded: set[int] = set()  # admitted slots whose source awaits the encoder
+        self._followers: dict[int, list[int]] = {}  # slot -> slots of more sequences of its source
         self._cohort_sources = 0  # source tokens of the sequences encoded together
         self.parallel_sequences = n_seq
         if output_scale is None:  # the header is read again only for a T5 PocketLM did not write
@@ -161,8 +162,12 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
     def kv_cells(self) -> int:
         return self._s.kv_cells
 
-    def _reservation(self, seq: Decoding, max_new: int) -> int:
-        return min(max_new + 1, self.info.n_ctx)  # decoder tokens: the start token and the new ones
+    def _reservation(self, seq: Decoding, max_new: int, sequences: int = 1) -> int:
+        return sequences * min(max_new + 1, self.info.n_ctx)  # decoder tokens: the start token and the new ones
+
+    @property
+    def sequence_slots(self) -> int:
+        return self._s.n_seq_max
 
     def _check_source(self, src: Sequence[int]) -> None:
         if len(src) > self._s.n_batch:
@@ -170,30 +175,41 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
                 f"the source has {len(src)} tokens; the context holds {self._s.n_batch} (load with a larger n_ctx)"
             )
 
-    def _can_admit(self, reserve: int, seq: Decoding | None = None) -> bool:
+    def _can_admit(self, reserve: int, seq: Decoding | None = None, slots: int = 1) -> bool:
         sources = self._cohort_sources + (len(seq.ids) if seq is not None else 0)
         fits = sources <= self._s.n_batch and sum(self._busy.values()) + reserve <= self.kv_cells
-        return len(self._busy) < self.parallel_sequences and (fits or not self._busy)
+        return len(self._busy) + slots <= self._s.n_seq_max and (fits or not self._busy)
 
-    def _admit(self, seq: Decoding, reserve: int) -> None:
+    def _admit(self, seq: Decoding, reserve: int, followers: Sequence[Decoding] = ()) -> None:
         self._check_source(seq.ids)
         if not self._busy:  # a new cohort
             self._s.clear()
             self._cohort_sources = 0
         elif not self._unencoded:
             raise GenerationError("llama.cpp's encoder-decoder graph only decodes sequences encoded together")
-        slot = next(s for s in range(self.parallel_sequences) if s not in self._busy)
+        free = (s for s in range(self._s.n_seq_max) if s not in self._busy)
+        slot = next(free)
         self._busy[slot] = reserve
         self._unencoded.add(slot)
         self._cohort_sources += len(seq.ids)
         seq.slot, seq.position = slot, 0
+        self._followers[slot] = []
+        for follower in followers:  # encoded with the source's tokens tagged for it too
+            follower.slot, follower.position = next(free), 0
+            self._busy[follower.slot] = 0
+            self._followers[slot].append(follower.slot)
+
+    def _fork(self, src: Decoding, dst: Decoding) -> None:
+        self._s.share(src.slot, dst.slot, src.position)
+        dst.position = src.position
 
     def _evaluate(self, work: list[tuple[Decoding, list[int], bool]]) -> list[np.ndarray | None]:
         fresh = [(seq, tokens) for seq, tokens, _ in work if seq.slot in self._unencoded]
         if fresh:
             if len(fresh) != len(self._unencoded):
                 raise GenerationError("the sources of sequences decoded together must be encoded in one call")
-            self._s.evaluate([(seq.slot, tokens, 0, False) for seq, tokens in fresh], encode=True)
+            sources = [((seq.slot, *self._followers.get(seq.slot, ())), tokens, 0, False) for seq, tokens in fresh]
+            self._s.evaluate(sources, encode=True)
             self._unencoded.clear()
         entries = []
         for seq, tokens, want in work:
@@ -216,6 +232,7 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
     def _release(self, seq: Decoding) -> None:
         if self._busy.pop(seq.slot, None) is not None:
             self._unencoded.discard(seq.slot)
+            self._followers.pop(seq.slot, None)
             self._s.clear(0, seq.slot)
             super()._release(seq)
 

@@ -1,0 +1,370 @@
+"""How a request's logits become tokens: samples and beam search, with transformers' rules.
+
+A request decodes `options.sequences` sequences of one prompt: independent samples (one,
+usually) or the beams of a beam search. On engines that PocketLM steps itself (`StepModel`)
+they are sequences of the engine's KV cache: the first holds the prompt, the others start as
+copies of its cells (`_fork`: llama.cpp shares them, nothing is evaluated again). A `Search`
+says what its sequences evaluate next (`work`) and turns the logits that come back into
+tokens and events (`accept`); the loop for one caller (`StepModel`) and the scheduler for many
+drive the same objects.
+
+`BeamState` is the beam search itself, on log-probabilities, engine-free: the candidates, the
+finished hypotheses and the stopping rule of transformers' `generate` (num_beams,
+length_penalty, early_stopping False/True/"never"). Engines that search by themselves
+(CTranslate2) use theirs; the differences are in README.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob
+from .sampling import banned_ngram_tokens, penalize_openai, penalize_repetition
+
+if TYPE_CHECKING:
+    from .model import Decoding, StepModel
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities of a logits row."""
+    x = logits.astype(np.float64)
+    top = x.max()
+    return x - top - np.log(np.exp(x - top).sum())
+
+
+def token_logprob(logprobs: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """A token's log-probability in a row of them, with the `top` most likely tokens."""
+    best: list[tuple[int, float]] = []
+    if top:
+        ids = np.argpartition(-logprobs, top - 1)[:top] if top < logprobs.size else np.arange(logprobs.size)
+        ids = ids[np.argsort(-logprobs[ids], kind="stable")]
+        best = [(int(i), float(logprobs[i])) for i in ids]
+    return TokenLogprob(int(token), float(logprobs[token]), best)
+
+
+def logprobs_of(rows: np.ndarray, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Each token's TokenLogprob from the logits rows that predicted it (teacher forcing)."""
+    return [token_logprob(log_softmax(row), int(t), top) for row, t in zip(rows, tokens)]
+
+
+# -- beam search ----------------------------------------------------------------------------
+@dataclass
+class Hypothesis:
+    """A beam: its new tokens, the sum of their (processed) log-probabilities, and, when asked,
+    each token's log-probability under the model."""
+
+    tokens: list[int]
+    score: float
+    logprobs: list[TokenLogprob] | None = None
+    normalized: float = 0.0  # once finished: score / length**length_penalty
+
+
+@dataclass
+class BeamState:
+    """transformers' beam search (generation/utils.py `_beam_search`, 5.x), one prompt.
+
+    Each step takes the processed log-probabilities of every running beam, keeps the top
+    (1 + number of end ids) x num_beams candidates, continues the best num_beams that did not
+    end, and files those among the best num_beams that ended (end id, or the length budget)
+    as finished, scored sum / length**length_penalty (length: new tokens, the end one
+    included). It stops when early_stopping is True and num_beams are finished, or when the
+    best running beam cannot beat the worst finished one (early_stopping False: judged at the
+    current length; "never": at the longest possible)."""
+
+    num_beams: int
+    length_penalty: float
+    early_stopping: bool | str
+    budget: int  # new tokens at most
+    end_ids: frozenset[int]
+    running: list[Hypothesis] = field(default_factory=lambda: [Hypothesis([], 0.0)])
+    finished: list[Hypothesis] = field(default_factory=list)
+    length: int = 0  # new tokens of the running beams
+    improvable: bool = True
+    done: bool = False
+
+    def step(self, rows: np.ndarray, raw: list[np.ndarray] | None = None, top: int = 0) -> list[tuple[int, int]]:
+        """Advance by one token. `rows` [running, vocab] are the processed log-probabilities of
+        the running beams (`raw`: the model's own, for logprobs). Returns, for each new running
+        beam, (index of the beam it continues, its new token)."""
+        beams, vocab = rows.shape
+        keep = max(2, 1 + len(self.end_ids)) * self.num_beams
+        total = rows + np.array([h.score for h in self.running])[:, None]
+        flat = total.reshape(-1)
+        keep = min(keep, flat.size)
+        picked = np.argpartition(-flat, keep - 1)[:keep]
+        picked = picked[np.argsort(-flat[picked], kind="stable")]
+        last = self.length + 1 >= self.budget
+        candidates = []
+        for rank, index in enumerate(picked):
+            score = float(flat[index])
+            if score == -np.inf:
+                break
+            parent, token = divmod(int(index), vocab)
+            ended = last or token in self.end_ids
+            candidates.append((rank, parent, token, score, ended))
+
+        def extend(parent: int, token: int, score: float) -> Hypothesis:
+            beam = self.running[parent]
+            logprobs = None
+            if raw is not None and beam.logprobs is not None:
+                logprobs = [*beam.logprobs, token_logprob(raw[parent], token, top)]
+            return Hypothesis([*beam.tokens, token], score, logprobs)
+
+        full = len(self.finished) >= self.num_beams
+        if self.improvable and not (full and self.early_stopping is True):
+            scale = (self.length + 1) ** self.length_penalty
+            for rank, parent, token, score, ended in candidates:
+                if ended and rank < self.num_beams:
+                    hyp = extend(parent, token, score)
+                    hyp.normalized = score / scale
+                    self.finished.append(hyp)
+            self.finished.sort(key=lambda h: -h.normalized)  # stable: earlier ones win ties
+            del self.finished[self.num_beams :]
+        continuing = [c for c in candidates if not c[4]][: self.num_beams]
+        self.running = [extend(parent, token, score) for _, parent, token, score, _ in continuing]
+        self.length += 1
+        full = len(self.finished) >= self.num_beams
+        if self.running and self.improvable and full:
+            best_length = self.length
+            if self.early_stopping == "never" and self.length_penalty > 0:
+                best_length = self.budget
+            best = self.running[0].score / best_length**self.length_penalty
+            self.improvable = best > min(h.normalized for h in self.finished)
+        self.done = not self.running or not self.improvable or (full and self.early_stopping is True)
+        return [(parent, token) for _, parent, token, _, _ in continuing]
+
+    def best(self, n: int) -> list[Hypothesis]:
+        return self.finished[:n]
+
+
+def start_hypothesis(logprobs: bool) -> Hypothesis:
+    return Hypothesis([], 0.0, [] if logprobs else None)
+
+
+# -- requests on a StepModel ----------------------------------------------------------------
+class Search:
+    """One request on a StepModel: its sequences (admitted together; the first holds the
+    prompt), what they evaluate next and what their logits become.
+
+    `events()` hands out what is ready for the caller; `done` is set when every sequence has
+    finished, and `close()` frees whatever the engine still holds for it."""
+
+    def __init__(self, model: StepModel, first: Decoding, budget: int):
+        self.model, self.first, self.budget = model, first, budget
+        self.options: GenerationOptions = first.options
+        self.result = first.result
+        n = self.options.sequences
+        self.seqs = [first, *(model._decoding_from(first, i) for i in range(1, n))]
+        self.reserve = model._reservation(first, budget, n)
+        self.admitted = False
+        self.prefilled = False
+        self.done = budget <= 0
+        self._out: list[StreamEvent] = []
+        self._ends = model._end_ids()
+        self._released: set[int] = set()
+
+    # -- what the engine runs ---------------------------------------------------------------
+    def prefill(self, room: int | None) -> tuple[Decoding, list[int], bool] | None:
+        """The next part of the prompt (at most `room` tokens), or None once it is read."""
+        first = self.first
+        if self.prefilled or self.done:
+            return None
+        rest = first.ids[first.position :]
+        if room is not None:
+            if room <= 0:
+                return None
+            rest = rest[:room]
+        return first, rest, first.position + len(rest) == len(first.ids)
+
+    def decode(self) -> list[tuple[Decoding, list[int], bool]]:
+        """One token for each running sequence."""
+        return [(seq, [seq.pending], True) for seq in self.seqs if seq.pending is not None]
+
+    def work(self, room: int | None = None) -> list[tuple[Decoding, list[int], bool]]:
+        part = self.prefill(room)
+        return [part] if part is not None else self.decode()
+
+    def accept(self, outputs: list[tuple[Decoding, np.ndarray | None]]) -> None:
+        """The engine evaluated this request's work: `outputs` pairs each entry's sequence with
+        its logits (None for a prompt chunk that is not the last)."""
+        for seq, _ in outputs:
+            seq.pending = None
+        rows = [(seq, logits) for seq, logits in outputs if logits is not None]
+        if not rows:
+            return
+        if not self.prefilled:
+            self.prefilled = True
+            self.started = time.perf_counter()
+        self._accept(rows)
+
+    def _accept(self, rows: list[tuple[Decoding, np.ndarray]]) -> None:
+        raise NotImplementedError
+
+    def events(self) -> list[StreamEvent]:
+        out, self._out = self._out, []
+        return out
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _release(self, seq: Decoding) -> None:
+        if id(seq) not in self._released and self.admitted:
+            self._released.add(id(seq))
+            self.model._release(seq)
+
+    def close(self) -> None:
+        """Free every sequence still in the engine."""
+        for seq in self.seqs:
+            self._release(seq)
+        self.done = True
+
+    def _banned(self, generated: int) -> list[int]:
+        return self._ends if generated < self.options.min_new_tokens else []
+
+
+class Sampling(Search):
+    """Independent samples of one prompt (one, usually), each with its own sampler: sample i
+    is seeded with seed + i, so sample 0 is what a request for one sample gives."""
+
+    def __init__(self, model: StepModel, first: Decoding, budget: int):
+        super().__init__(model, first, budget)
+        self.result.others = [seq.result for seq in self.seqs[1:]]
+
+    def _accept(self, rows: list[tuple[Decoding, np.ndarray]]) -> None:
+        for seq, logits in rows:
+            targets = [seq]
+            if seq is self.first and len(self.seqs) > 1 and not self.first.result.token_ids:
+                for other in self.seqs[1:]:  # every sample starts from the prompt's cells
+                    self.model._fork(self.first, other)
+                targets = self.seqs
+            for target in targets:
+                self._sample(target, logits)
+        if all(s.done for s in self.seqs):
+            self.done = True
+
+    def _sample(self, seq: Decoding, logits: np.ndarray) -> None:
+        options = seq.options
+        generated = len(seq.result.token_ids)
+        token = seq.sampler(logits, seq.seen, self._banned(generated), seq.result.token_ids)
+        logprob = token_logprob(log_softmax(logits), token, options.logprobs) if options.logprobs is not None else None
+        seq.seen.append(token)
+        event = seq.push(token, self.model._is_end(token), logprob)
+        if event is not None:
+            self._out.append(event)
+        if seq.done or generated + 1 >= self.budget:
+            tail = seq.finish()
+            if tail is not None:
+                self._out.append(tail)
+            self._release(seq)
+        else:
+            seq.pending = token
+
+
+class Beams(Search):
+    """Beam search on the engine's sequences: each step every beam evaluates its new token in
+    one batch; a beam that continues another takes over that one's sequence, or a copy of its
+    cells (`_fork`) in the sequence of a beam that was dropped."""
+
+    def __init__(self, model: StepModel, first: Decoding, budget: int):
+        super().__init__(model, first, budget)
+        o = self.options
+        self.state = BeamState(o.num_beams, o.length_penalty, o.early_stopping, budget, frozenset(self._ends))
+        self.state.running = [start_hypothesis(o.logprobs is not None)]
+        self.holders: list[Decoding] = [first]  # the sequence each running beam is in
+        self.history = list(first.seen)  # what penalties see before the new tokens
+
+    def _processed(self, seq: Decoding, logits: np.ndarray, beam: Hypothesis) -> np.ndarray:
+        """transformers' processors run on the log-probabilities in beam search."""
+        o = self.options
+        row = log_softmax(logits)
+        banned = list(self._banned(len(beam.tokens)))
+        if o.no_repeat_ngram_size:
+            banned += banned_ngram_tokens(seq.seen, o.no_repeat_ngram_size)
+        if banned:
+            row[banned] = -np.inf
+        if o.repetition_penalty != 1.0:
+            row = penalize_repetition(row, seq.seen, o.repetition_penalty)
+        if o.penalizes_generated:
+            row = penalize_openai(row, beam.tokens, o.presence_penalty, o.frequency_penalty).astype(np.float64)
+        return row
+
+    def _accept(self, rows: list[tuple[Decoding, np.ndarray]]) -> None:
+        o = self.options
+        by_seq = {id(seq): logits for seq, logits in rows}
+        logits = [by_seq[id(seq)] for seq in self.holders]
+        processed = np.stack([self._processed(s, lg, b) for s, lg, b in zip(self.holders, logits, self.state.running)])
+        raw = [log_softmax(lg) for lg in logits] if o.logprobs is not None else None
+        choices = self.state.step(processed, raw, o.logprobs or 0)
+        if self.state.done:
+            self._finish()
+            return
+        self._reassign(choices)
+
+    def _reassign(self, choices: list[tuple[int, int]]) -> None:
+        """Put each new beam in a sequence holding its parent's cells."""
+        parents = self.holders
+        kept: dict[int, int] = {}  # parent index -> new beam index that keeps its sequence
+        for k, (parent, _) in enumerate(choices):
+            kept.setdefault(parent, k)
+        spare = [s for i, s in enumerate(parents) if i not in kept]
+        spare += [s for s in self.seqs if all(s is not p for p in parents)]
+        holders: list[Decoding] = []
+        for k, (parent, _) in enumerate(choices):
+            if kept[parent] == k:
+                seq = parents[parent]
+            else:
+                seq = spare.pop()
+                self.model._fork(parents[parent], seq)
+            holders.append(seq)
+        for seq, (_, token), beam in zip(holders, choices, self.state.running):
+            seq.pending = token
+            seq.seen = [*self.history, *beam.tokens]
+        self.holders = holders
+
+    def _finish(self) -> None:
+        """Release the sequences and render the best hypotheses as results and events."""
+        self.close()
+        o = self.options
+        best = self.state.best(o.num_return_sequences)
+        results: list[GenerationResult] = []
+        for i, hyp in enumerate(best):
+            seq = self.first if i == 0 else self.model._decoding_from(self.first, i)
+            seq.started = self.first.started
+            seq.result.token_ids.clear()
+            for j, token in enumerate(hyp.tokens):
+                logprob = hyp.logprobs[j] if hyp.logprobs is not None else None
+                event = seq.push(token, self.model._is_end(token), logprob)
+                if event is not None:
+                    event.index = i
+                    self._out.append(event)
+                if seq.done:
+                    break
+            tail = seq.finish()
+            if tail is not None:
+                tail.index = i
+                self._out.append(tail)
+            seq.result.score = hyp.normalized
+            seq.result.first_token_seconds = self.started - self.first.started
+            results.append(seq.result)
+        self.result.others = results[1:]
+        self.done = True
+
+
+def make_search(model: StepModel, first: Decoding, budget: int) -> Search:
+    return (Beams if first.options.beams else Sampling)(model, first, budget)
+
+
+def result_of(seqs: list[Decoding]) -> GenerationResult:
+    """The request's result: the first sequence's, with the others' attached."""
+    first = seqs[0].result
+    first.others = [s.result for s in seqs[1:]]
+    return first
+
+
+def attach_index(event: StreamEvent | None, index: int) -> Any:
+    if event is not None:
+        event.index = index
+    return event
