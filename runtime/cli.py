@@ -34,22 +34,73 @@ nothing for HF_HUB_DOWNLOAD_TIMEOUT seconds (10) is retried, then given up: re-r
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation")
+    """Generation flags; those not given take the model's defaults (its generation_config.json,
+    shown by `pocketlm info`), else PocketLM's (shown here)."""
+    g = p.add_argument_group("generation (unset: the model's generation_config.json, else these defaults)")
     g.add_argument(
-        "-n", "--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most (default 64)"
+        "--max-new-tokens", "--max-tokens", type=int, metavar="N", help="tokens to generate at most (default 64)"
     )
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens covering this mass")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeating tokens")
+    g.add_argument("--temperature", type=float, help="0 = greedy (default); higher = more random")
+    g.add_argument("--top-k", type=int, help="sample among the K most likely tokens (0 = all, default)")
+    g.add_argument("--top-p", type=float, help="sample among the most likely tokens covering this mass (default 1)")
+    g.add_argument("--repetition-penalty", type=float, help=">1 discourages repeating tokens (default 1)")
+    g.add_argument("--presence-penalty", type=float, help="OpenAI's: -2..2, >0 avoids tokens already generated")
+    g.add_argument("--frequency-penalty", type=float, help="OpenAI's: -2..2, >0 avoids them per repetition")
+    g.add_argument("--no-repeat-ngram-size", type=int, metavar="N", help="no N-gram occurs twice (0 = off, default)")
+    g.add_argument("--seed", type=int, help="random seed: makes sampling repeatable")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT (repeatable)")
     g.add_argument(
-        "--presence-penalty", type=float, default=0.0, help="OpenAI's: -2..2, >0 avoids tokens already generated"
+        "--num-beams", type=int, metavar="B", help="beam search with B beams (transformers' rules; default 1: none)"
+    )
+    g.add_argument("--length-penalty", type=float, help="beams: score = logprob sum / length**this (default 1)")
+    g.add_argument(
+        "--early-stopping",
+        choices=["false", "true", "never"],
+        help="beams: true stops at B finished, never only when none can win (default false: transformers' heuristic)",
     )
     g.add_argument(
-        "--frequency-penalty", type=float, default=0.0, help="OpenAI's: -2..2, >0 avoids them per repetition"
+        "-n",
+        "--num-return-sequences",
+        type=int,
+        metavar="K",
+        help="answers to return: the K best beams, or K independent samples (default 1)",
     )
-    g.add_argument("--seed", type=int, default=None, help="random seed: makes sampling repeatable")
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before TEXT (repeatable)")
+    g.add_argument(
+        "--logprobs",
+        type=int,
+        metavar="K",
+        help="show each token's log-probability and its K most likely alternatives (0: the token's only)",
+    )
+
+
+GENERATION_FLAGS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "no_repeat_ngram_size",
+    "seed",
+    "num_beams",
+    "length_penalty",
+    "num_return_sequences",
+    "logprobs",
+)
+
+
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation options given on the command line (checked now, before loading)."""
+    from .generation import GenerationOptions
+
+    given = {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name) is not None}
+    if args.stop:
+        given["stop"] = tuple(args.stop)
+    if args.early_stopping is not None:
+        given["early_stopping"] = {"false": False, "true": True}.get(args.early_stopping, args.early_stopping)
+    GenerationOptions(**given)
+    return given
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
@@ -279,50 +330,78 @@ def _load(args: argparse.Namespace, parallel: int | str | None = None, **options
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .generation import GenerationOptions
-
-    gen = GenerationOptions(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        stop=tuple(args.stop or ()),
-        seed=args.seed,
-    )
+    given = _given_options(args)
     if args.input or args.output:
         if not (args.input and args.output):
             raise PocketLMError("--input and --output go together")
         from .batch import run_jsonl
 
         with _load(args, parallel=args.batch_size if args.batch_size > 1 else None) as model:
+            gen = model.options(**given)
             stats = run_jsonl(model, Path(args.input), Path(args.output), args.batch_size, sys.stderr.isatty(), gen)
         print(f"answered {stats.answered} prompts ({stats.skipped} already answered) -> {stats.output}")
         return 0
     prompt = _prompt(args)
     with _load(args) as model:
-        if args.json or args.no_stream:
+        gen = model.options(**given)
+        several = gen.sequences > 1
+        if args.json or args.no_stream or several or gen.logprobs is not None:
             result = model.generate(prompt, gen)
             if args.json:
-                out = {
-                    "text": result.text,
-                    "token_ids": result.token_ids,
-                    "finish_reason": result.finish_reason,
-                    "prompt_tokens": result.prompt_tokens,
-                    "seconds": round(result.seconds, 4),
-                    "tokens_per_second": round(result.tokens_per_second, 2),
-                }
+                out = _result_json(model, result)
+                if several:
+                    out["sequences"] = [_result_json(model, r) for r in result.sequences]
                 print(json.dumps(out, ensure_ascii=False))
-            else:
-                print(result.text)
+                return 0
+            for r in result.sequences:
+                if several:
+                    score = f", score {r.score:.4f}" if r.score is not None else ""
+                    print(f"--- {r.index + 1} of {len(result.sequences)} ({r.finish_reason}{score})")
+                print(r.text)
+                if r.logprobs is not None:
+                    _print_logprobs(model, r)
             return 0
         for piece in model.stream(prompt, gen):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     return 0
+
+
+def _result_json(model: Any, result: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "seconds": round(result.seconds, 4),
+        "tokens_per_second": round(result.tokens_per_second, 2),
+    }
+    if result.score is not None:
+        out["score"] = result.score
+    if result.logprobs is not None:
+        token = _token_text(model)
+        out["logprobs"] = [
+            {
+                "token_id": lp.token_id,
+                "token": token(lp.token_id),
+                "logprob": lp.logprob,
+                "top": [{"token_id": t, "token": token(t), "logprob": v} for t, v in lp.top],
+            }
+            for lp in result.logprobs
+        ]
+    return out
+
+
+def _token_text(model: Any) -> Any:
+    return lambda t: model.token_bytes(t).decode("utf-8", "replace")
+
+
+def _print_logprobs(model: Any, result: Any) -> None:
+    token = _token_text(model)
+    for lp in result.logprobs:
+        alternatives = "  ".join(f"{token(t)!r} {v:.3f}" for t, v in lp.top)
+        print(f"  {token(lp.token_id)!r:>16} {lp.logprob:8.4f}   {alternatives}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:

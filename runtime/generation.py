@@ -94,7 +94,7 @@ class GenerationOptions:
         if not math.isfinite(self.length_penalty):
             raise GenerationError(f"length_penalty must be a finite number, got {self.length_penalty}")
         if self.early_stopping not in (True, False, "never"):
-            raise GenerationError(f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}")
+            raise GenerationError(f'early_stopping must be true, false or "never", got {self.early_stopping!r}')
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise GenerationError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
 

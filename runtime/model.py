@@ -184,6 +184,13 @@ class Model(ABC):
     def _continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
         """Logits rows predicting each continuation token after the context."""
 
+    def token_bytes(self, token: int) -> bytes:
+        """A token's bytes as it appears inside a text (OpenAI's logprobs show them)."""
+        try:
+            return self.detokenize([token]).encode()
+        except GenerationError:  # no tokenizer
+            return f"<{token}>".encode()
+
     def _budget(self, n_prompt: int, max_new_tokens: int) -> int:
         """How many tokens may be generated after a prompt of n_prompt tokens."""
         return min(max_new_tokens, self.info.n_ctx - n_prompt)

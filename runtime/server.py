@@ -9,10 +9,14 @@ Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 
 Sampling follows OpenAI's API, not PocketLM's CLI: `temperature` defaults to 1.0 (send 0 for
 greedy decoding); `max_tokens` defaults to 16 for completions and to the server's limit for
-chat. `presence_penalty` and `frequency_penalty` have OpenAI's meaning; `top_k` and
-`repetition_penalty` are accepted as extras. Fields PocketLM cannot honour (`n`, `best_of`,
-`echo`, `logprobs`, `logit_bias`, ...) are refused unless they hold their neutral value.
-Unknown fields are ignored.
+chat. `n` (up to 16 choices), `logprobs` (completions: the number of alternatives; chat:
+`logprobs: true` with `top_logprobs`), `presence_penalty` and `frequency_penalty` have
+OpenAI's meaning; `top_k`, `repetition_penalty`, `no_repeat_ngram_size` and beam search
+(`num_beams`, `length_penalty`, `early_stopping`: transformers' meaning; `n` beams come back;
+temperature defaults to 0 with beams) are accepted as extras. Log-probabilities are the
+model's own, before penalties and temperature. Fields PocketLM cannot honour (`best_of`,
+`echo`, `logit_bias`, ...) are refused unless they hold their neutral value. Unknown fields
+are ignored.
 
 Chat prompts: these are instruction models without a chat template. A lone user message
 (after optional system messages) is sent as `system + "\\n\\n" + user`, or the bare user text;
@@ -56,7 +60,15 @@ from urllib.parse import urlsplit
 from convert.core import __version__
 from convert.core.errors import PocketLMError
 
-from .generation import GenerationOptions, GenerationResult, StreamEvent, TokenStream
+from .generation import (
+    MAX_SEQUENCES,
+    MAX_TOP_LOGPROBS,
+    GenerationOptions,
+    GenerationResult,
+    StreamEvent,
+    TokenLogprob,
+    TokenStream,
+)
 from .model import Model
 
 log = logging.getLogger("pocketlm.server")
@@ -65,11 +77,8 @@ REQUEST_TIMEOUT = 30.0  # seconds a client may stay silent (or not read) before 
 DRAIN_SECONDS = 30.0  # how long shutdown waits for running generations to stop
 # OpenAI fields PocketLM cannot honour: accepted only with their neutral value.
 NEUTRAL: dict[str, Any] = {
-    "n": 1,
     "best_of": 1,
     "echo": False,
-    "logprobs": False,
-    "top_logprobs": 0,
     "suffix": "",
     "logit_bias": {},
     "tools": [],
@@ -120,6 +129,7 @@ class GenerationRequest:
     options: GenerationOptions = field(default_factory=GenerationOptions)
     stream: bool = False
     include_usage: bool = False
+    logprobs: bool = False  # the reply carries them
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
@@ -206,8 +216,46 @@ def chat_prompt(messages: Any) -> str:
     return f"{preamble}\n\n{body}" if preamble else body
 
 
-def parse_request(body: dict[str, Any], chat: bool, max_tokens_limit: int) -> GenerationRequest:
-    """Check a completion or chat request: its prompt and GenerationOptions."""
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """How many alternatives a request's log-probabilities list (None: none asked)."""
+    if chat:
+        if not _field(body, "logprobs", bool, False):
+            if _field(body, "top_logprobs", int, 0):
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            return None
+        top = _field(body, "top_logprobs", int, 0)
+        name = "top_logprobs"
+    else:
+        value = body.get("logprobs")
+        if value is None or value is False:
+            return None
+        top = _field(body, "logprobs", int)
+        name = "logprobs"
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'{name}' must be between 0 and {MAX_TOP_LOGPROBS}, got {top}", param=name)
+    return top
+
+
+def _search(body: dict[str, Any]) -> dict[str, Any]:
+    """Beam search and the other transformers options a request may add (extras)."""
+    options: dict[str, Any] = {}
+    for name, kind in [("num_beams", int), ("length_penalty", float), ("no_repeat_ngram_size", int)]:
+        value = _field(body, name, kind)
+        if value is not None:
+            options[name] = value
+    early = body.get("early_stopping")
+    if early is not None:
+        if early not in (True, False, "never"):
+            raise ApiError(400, "'early_stopping' must be true, false or \"never\"", param="early_stopping")
+        options["early_stopping"] = early
+    return options
+
+
+def parse_request(
+    body: dict[str, Any], chat: bool, max_tokens_limit: int, model: Model | None = None
+) -> GenerationRequest:
+    """Check a completion or chat request: its prompt and GenerationOptions (on `model`'s
+    generation defaults, when given, for what the request leaves out)."""
     _check_neutral(body)
     _field(body, "model", str)
     prompt = chat_prompt(body.get("messages")) if chat else _completion_prompt(body)
@@ -220,40 +268,53 @@ def parse_request(body: dict[str, Any], chat: bool, max_tokens_limit: int) -> Ge
     seed = _field(body, "seed", int)
     if seed is not None and seed < 0:
         raise ApiError(400, "'seed' must be >= 0", param="seed")
+    n = _field(body, "n", int, 1)
+    if not 1 <= n <= MAX_SEQUENCES:
+        raise ApiError(400, f"'n' must be between 1 and {MAX_SEQUENCES}, got {n}", param="n")
+    search = _search(body)
+    beams = search.get("num_beams", 1) > 1
+    given: dict[str, Any] = dict(
+        max_new_tokens=max_tokens,
+        stop=tuple(_stop(body) or ()),
+        seed=seed,
+        temperature=_field(body, "temperature", float, 0.0 if beams else 1.0),
+        top_k=_field(body, "top_k", int, 0),
+        top_p=_field(body, "top_p", float, 1.0),
+        repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
+        presence_penalty=_field(body, "presence_penalty", float, 0.0),
+        frequency_penalty=_field(body, "frequency_penalty", float, 0.0),
+        num_return_sequences=n,
+        logprobs=_logprobs(body, chat),
+        **search,
+    )
     try:
-        options = GenerationOptions(
-            max_new_tokens=max_tokens,
-            stop=tuple(_stop(body) or ()),
-            seed=seed,
-            temperature=_field(body, "temperature", float, 1.0),
-            top_k=_field(body, "top_k", int, 0),
-            top_p=_field(body, "top_p", float, 1.0),
-            repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
-            presence_penalty=_field(body, "presence_penalty", float, 0.0),
-            frequency_penalty=_field(body, "frequency_penalty", float, 0.0),
-        )
+        options = model.options(**given) if model is not None else GenerationOptions(**given)
     except PocketLMError as e:
-        raise ApiError(400, str(e)) from None
+        param = next((k for k in ("n", "num_beams", "early_stopping") if k in str(e)), None)
+        raise ApiError(400, str(e), param=param) from None
     stream_options = _field(body, "stream_options", dict, {})
     return GenerationRequest(
         prompt,
         options,
         stream=_field(body, "stream", bool, False),
         include_usage=bool(_field(stream_options, "include_usage", bool, False)),
+        logprobs=options.logprobs is not None,
     )
 
 
 # -- responses --------------------------------------------------------------------------
 class Reply:
-    """The JSON objects of one response: completion or chat, whole or streamed."""
+    """The JSON objects of one response: completion or chat, whole or streamed, with one
+    choice per returned sequence and, when asked, OpenAI's log-probability objects."""
 
-    def __init__(self, chat: bool, model: str):
+    def __init__(self, chat: bool, model: str, token_bytes: Any = None):
         self.chat, self.model = chat, model
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
+        self.token_bytes = token_bytes  # token id -> its bytes (for logprobs)
+        self._offsets: dict[int, int] = {}  # completions' text_offset, per choice
 
-    def _wrap(self, kind: str, choice: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
-        choices = [{"index": 0, **choice, "logprobs": None}] if choice else []
+    def _wrap(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": kind,
@@ -263,24 +324,71 @@ class Reply:
             **extra,
         }
 
-    def whole(self, text: str, result: GenerationResult) -> dict[str, Any]:
-        if self.chat:
-            choice = {"message": {"role": "assistant", "content": text}, "finish_reason": result.finish_reason}
-            return self._wrap("chat.completion", choice, usage=usage(result))
-        return self._wrap("text_completion", {"text": text, "finish_reason": result.finish_reason}, usage=usage(result))
+    def _choice(self, index: int, body: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
+        return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish}
 
-    def chunk(self, text: str | None = None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+    def logprobs(self, index: int, items: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for some tokens of one choice (None when not asked)."""
+        if items is None:
+            return None
+        text = self._text_of
+        if self.chat:
+            content = [
+                {
+                    **self._token(lp.token_id),
+                    "logprob": lp.logprob,
+                    "top_logprobs": [{**self._token(t), "logprob": v} for t, v in lp.top],
+                }
+                for lp in items
+            ]
+            return {"content": content, "refusal": None}
+        offsets = []
+        for lp in items:
+            offsets.append(self._offsets.get(index, 0))
+            self._offsets[index] = offsets[-1] + len(text(lp.token_id))
+        return {
+            "tokens": [text(lp.token_id) for lp in items],
+            "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [{text(t): v for t, v in lp.top} for lp in items],
+            "text_offset": offsets,
+        }
+
+    def _text_of(self, token: int) -> str:
+        return self.token_bytes(token).decode("utf-8", "replace")
+
+    def _token(self, token: int) -> dict[str, Any]:
+        data = self.token_bytes(token)
+        return {"token": data.decode("utf-8", "replace"), "bytes": list(data)}
+
+    def whole(
+        self, texts: list[str], logprobs: list[list[TokenLogprob] | None], result: GenerationResult
+    ) -> dict[str, Any]:
+        choices = []
+        for i, (text, lps, r) in enumerate(zip(texts, logprobs, result.sequences)):
+            body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            choices.append(self._choice(i, body, self.logprobs(i, lps), r.finish_reason))
+        return self._wrap("chat.completion" if self.chat else "text_completion", choices, usage=usage(result))
+
+    def chunk(
+        self,
+        text: str | None = None,
+        finish: str | None = None,
+        role: bool = False,
+        index: int = 0,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> dict[str, Any]:
+        lp = self.logprobs(index, logprobs) if logprobs else None
         if not self.chat:
-            return self._wrap("text_completion", {"text": text or "", "finish_reason": finish})
+            return self._wrap("text_completion", [self._choice(index, {"text": text or ""}, lp, finish)])
         delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-        return self._wrap("chat.completion.chunk", {"delta": delta, "finish_reason": finish})
+        return self._wrap("chat.completion.chunk", [self._choice(index, {"delta": delta}, lp, finish)])
 
     def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
-        return self._wrap("chat.completion.chunk" if self.chat else "text_completion", None, usage=usage(result))
+        return self._wrap("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage(result))
 
 
 def usage(result: GenerationResult) -> dict[str, int]:
-    n = len(result.token_ids)
+    n = result.completion_tokens
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
 
 
@@ -546,7 +654,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _generate(self, body: dict[str, Any], chat: bool) -> str:
         server = self.server
-        request = parse_request(body, chat, server.max_tokens_limit)
+        request = parse_request(body, chat, server.max_tokens_limit, server.model)
         if not server.slots.enter():
             raise ApiError(
                 429,
@@ -563,35 +671,50 @@ class Handler(BaseHTTPRequestHandler):
             except (PocketLMError, UnicodeError) as e:  # UnicodeError: lone surrogates in the JSON
                 raise ApiError(400, str(e), param="prompt") from None
             with events:  # closing releases the model at once if the client went away
-                pieces = self._pieces(events)
-                reply = Reply(chat, server.model_name)
+                checked = self._checked(events)
+                reply = Reply(chat, server.model_name, server.model.token_bytes)
                 if request.stream:
-                    self._stream(reply, pieces, events.result, request.include_usage)
+                    self._stream(reply, checked, events.result, request)
                 else:
-                    self._send(200, reply.whole("".join(pieces), events.result))
+                    self._send(200, self._whole(reply, checked, events.result, request))
         finally:
             server.slots.leave()
         result = events.result
-        return f"{result.prompt_tokens}+{len(result.token_ids)} tokens, {result.finish_reason}"
+        return f"{result.prompt_tokens}+{result.completion_tokens} tokens, {result.finish_reason}"
 
-    def _pieces(self, events: TokenStream) -> Iterator[str]:
-        """The text pieces of a generation. The first event is computed now, so that errors
-        of the first step are still an error response rather than a broken stream."""
+    def _checked(self, events: TokenStream) -> Iterator[StreamEvent]:
+        """The events of a generation. The first is computed now, so that errors of the first
+        step are still an error response rather than a broken stream; the stream ends at
+        the current token when the server shuts down."""
         try:
             first = next(events, None)
         except (PocketLMError, UnicodeError) as e:
             raise ApiError(400, str(e), param="prompt") from None
-        return self._texts(itertools.chain([first] if first else [], events))
+        return self._until_stopping(itertools.chain([first] if first else [], events))
 
-    def _texts(self, events: Iterator[StreamEvent]) -> Iterator[str]:
+    def _until_stopping(self, events: Iterator[StreamEvent]) -> Iterator[StreamEvent]:
         stopping = self.server.stopping
         for event in events:
-            if event.text:
-                yield event.text
+            yield event
             if stopping.is_set():  # shutting down: end at this token
                 return
 
-    def _stream(self, reply: Reply, pieces: Iterator[str], result: GenerationResult, include_usage: bool) -> None:
+    def _whole(
+        self, reply: Reply, events: Iterator[StreamEvent], result: GenerationResult, request: GenerationRequest
+    ) -> dict[str, Any]:
+        n = request.options.num_return_sequences
+        texts = [""] * n
+        logprobs: list[list[TokenLogprob] | None] = [[] if request.logprobs else None for _ in range(n)]
+        for event in events:
+            texts[event.index] += event.text
+            lps = logprobs[event.index]
+            if lps is not None and event.logprob is not None:
+                lps.append(event.logprob)
+        return reply.whole(texts, logprobs, result)
+
+    def _stream(
+        self, reply: Reply, events: Iterator[StreamEvent], result: GenerationResult, request: GenerationRequest
+    ) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -600,11 +723,15 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")  # no length: the end of the stream is the end of the body
         self.end_headers()
         self._status = 200
+        n = request.options.num_return_sequences
         if reply.chat:
-            self._event(reply.chunk(role=True))
+            for i in range(n):
+                self._event(reply.chunk(role=True, index=i))
         try:
-            for piece in pieces:
-                self._event(reply.chunk(piece))
+            for event in events:
+                logprobs = [event.logprob] if request.logprobs and event.logprob is not None else None
+                if event.text or logprobs:
+                    self._event(reply.chunk(event.text, index=event.index, logprobs=logprobs))
         except (ConnectionError, TimeoutError):
             raise
         except Exception as e:  # headers are sent: report it in the stream
@@ -612,8 +739,9 @@ class Handler(BaseHTTPRequestHandler):
                 log.exception("generation failed")
             self._event(ApiError(500, str(e) or "generation failed", type="server_error").body())
             return
-        self._event(reply.chunk(finish=result.finish_reason))
-        if include_usage:
+        for i, r in enumerate(result.sequences[:n]):
+            self._event(reply.chunk(finish=r.finish_reason, index=i))
+        if request.include_usage:
             self._event(reply.usage_chunk(result))
         self._event("[DONE]")
 

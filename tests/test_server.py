@@ -279,11 +279,15 @@ def test_wrongly_typed_fields(server, path, field, value):
         {"temperature": -1},
         {"top_p": 0},
         {"seed": -1},
-        {"n": 2},
+        {"n": 17},
+        {"best_of": 2},
         {"echo": True},
         {"presence_penalty": 2.5},
         {"frequency_penalty": "much"},
-        {"logprobs": 2},
+        {"logprobs": 21},
+        {"num_beams": 3, "n": 4},
+        {"num_beams": 2, "temperature": 0.5},
+        {"early_stopping": "sometimes"},
         {"prompt": ["a", "b"]},
         {"prompt": ""},
     ],
@@ -308,8 +312,8 @@ def test_neutral_values_are_accepted(server):
 
 def test_errors_through_the_client(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, n=2)
-    assert e.value.status_code == 400 and e.value.body["param"] == "n"
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, best_of=2)
+    assert e.value.status_code == 400 and e.value.body["param"] == "best_of"
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="tiny", prompt="hello world " * 200, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="context"):
@@ -513,3 +517,76 @@ def test_load_200_requests_from_32_clients_complete_with_stable_memory(model):
         status, _, body = request(server, "GET", "/health")
         assert status == 200 and body["status"] == "ok"
         client.close()
+
+
+# -- several choices, log-probabilities, beams (issue 16) ---------------------------------
+def _logprob_rows(model, prompt_ids, tokens):
+    """log-softmax of the teacher-forced logits predicting each token."""
+    from runtime.search import log_softmax
+
+    rows = model.logits([*prompt_ids, *tokens])[len(prompt_ids) - 1 :]
+    return [log_softmax(r) for r in rows]
+
+
+def test_n_and_logprobs_through_the_client(client, model):
+    """n seeded samples come back as n choices equal to Model.generate's; each token's logprob
+    (and its top alternatives) in OpenAI's completion shape."""
+    reply = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=6, n=3, seed=5, temperature=1.0, logprobs=2
+    )
+    expected = model.generate(PROMPT, max_new_tokens=6, temperature=1.0, seed=5, num_return_sequences=3, logprobs=2)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert [c.text for c in reply.choices] == [r.text for r in expected.sequences]
+    assert reply.usage.completion_tokens == expected.completion_tokens
+    ids = model.tokenize(PROMPT)
+    for choice, r in zip(reply.choices, expected.sequences):
+        shown = [t for t in r.token_ids if not model._is_end(t)]
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(shown) == len(lp.token_logprobs) == len(lp.top_logprobs)
+        assert b"".join(model.token_bytes(t) for t in shown).decode("utf-8", "replace") == choice.text
+        for row, token, value, top in zip(_logprob_rows(model, ids, shown), shown, lp.token_logprobs, lp.top_logprobs):
+            assert abs(value - row[token]) < 1e-4
+            assert len(top) == 2 and max(top.values()) == pytest.approx(row.max(), abs=1e-4)
+        assert lp.text_offset[0] == 0
+
+
+def test_chat_logprobs_streamed_and_not(client, model):
+    messages = [{"role": "user", "content": PROMPT}]
+    whole = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = whole.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == whole.choices[0].message.content
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+    assert all(bytes(c.bytes).decode("utf-8", "replace") == c.token for c in content)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3, stream=True
+        )
+    )
+    streamed = [c for chunk in chunks for choice in chunk.choices if choice.logprobs for c in choice.logprobs.content]
+    assert [(c.token, round(c.logprob, 5)) for c in streamed] == [(c.token, round(c.logprob, 5)) for c in content]
+
+
+def test_beams_as_an_extra_field_streamed_and_not(client, model):
+    """Beam search through extra_body: n beams come back, the best first, as Model.generate's."""
+    expected = model.generate(PROMPT, max_new_tokens=8, num_beams=4, num_return_sequences=2)
+    extra = {"num_beams": 4, "early_stopping": False}
+    reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, n=2, extra_body=extra)
+    assert [c.text for c in reply.choices] == [r.text for r in expected.sequences]
+    chunks = list(
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, n=2, extra_body=extra, stream=True)
+    )
+    texts = ["", ""]
+    finishes = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == [r.text for r in expected.sequences]
+    assert finishes == {i: r.finish_reason for i, r in enumerate(expected.sequences)}
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=8, n=2, extra_body=extra
+    )
+    assert len(chat.choices) == 2 and chat.choices[0].message.content

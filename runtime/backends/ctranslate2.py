@@ -110,6 +110,11 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
     def _is_end(self, token: int) -> bool:
         return token == self._eos
 
+    def token_bytes(self, token: int) -> bytes:
+        if self._tokenizer is None:
+            return f"<{token}>".encode()
+        return self._vocab[token].replace("\u2581", " ").encode()  # SentencePiece marks a space with U+2581
+
     def _strings(self, ids: Sequence[int]) -> list[str]:
         return [self._vocab[i] for i in ids]
 

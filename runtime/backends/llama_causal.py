@@ -76,6 +76,9 @@ class LlamaCppModel(OwnsSession, StepModel):
         self._s.require_vocab()
         return b"".join(self._s.piece(int(t)) for t in ids).decode("utf-8", "replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        return self._s.piece(token) if self._s.has_vocab else f"<{token}>".encode()
+
     def _detokenizer(self) -> BytePieces:
         return BytePieces(self._s.piece)  # byte-level pieces; TextStream reassembles split UTF-8
 
@@ -126,9 +129,7 @@ class LlamaCppModel(OwnsSession, StepModel):
         self._forget(slot, keep)
         self._busy[slot] = reserve
         for follower in followers:  # the least recently used free slots
-            other = min(
-                (s for s in range(len(self._slots)) if s not in self._busy), key=lambda s: self._last_used[s]
-            )
+            other = min((s for s in range(len(self._slots)) if s not in self._busy), key=lambda s: self._last_used[s])
             self._forget(other)
             self._busy[other] = 0
             follower.slot, follower.position = other, 0

@@ -137,6 +137,9 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
         self._s.require_vocab()
         return self._s.detokenize([int(t) for t in ids if self._shown(int(t))])
 
+    def token_bytes(self, token: int) -> bytes:
+        return self._s.piece(token) if self._s.has_vocab else f"<{token}>".encode()
+
     def _detokenizer(self) -> IncrementalDecoder | BytePieces:
         # A SentencePiece piece's text depends on its position (the first drops its space):
         # decode a window of recent ids, as the CTranslate2 backend does.
