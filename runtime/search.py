@@ -92,21 +92,23 @@ class BeamState:
         the running beams (`raw`: the model's own, for logprobs). Returns, for each new running
         beam, (index of the beam it continues, its new token)."""
         beams, vocab = rows.shape
-        keep = max(2, 1 + len(self.end_ids)) * self.num_beams
-        total = rows + np.array([h.score for h in self.running])[:, None]
-        flat = total.reshape(-1)
-        keep = min(keep, flat.size)
-        picked = np.argpartition(-flat, keep - 1)[:keep]
-        picked = picked[np.argsort(-flat[picked], kind="stable")]
+        keep = min(max(2, 1 + len(self.end_ids)) * self.num_beams, vocab)
+        # the best `keep` of all beams are among each beam's best `keep` (a few argpartitions
+        # of one row are much cheaper than one of all of them)
+        pool_beam, pool_token, pool_score = [], [], []
+        for parent, (row, beam) in enumerate(zip(rows, self.running)):
+            tokens = np.argpartition(-row, keep - 1)[:keep] if keep < vocab else np.arange(vocab)
+            pool_beam += [parent] * len(tokens)
+            pool_token += tokens.tolist()
+            pool_score += (row[tokens] + beam.score).tolist()
+        order = sorted(range(len(pool_score)), key=lambda i: (-pool_score[i], pool_beam[i] * vocab + pool_token[i]))
         last = self.length + 1 >= self.budget
         candidates = []
-        for rank, index in enumerate(picked):
-            score = float(flat[index])
+        for rank, i in enumerate(order[:keep]):
+            score, parent, token = pool_score[i], pool_beam[i], pool_token[i]
             if score == -np.inf:
                 break
-            parent, token = divmod(int(index), vocab)
-            ended = last or token in self.end_ids
-            candidates.append((rank, parent, token, score, ended))
+            candidates.append((rank, parent, token, score, last or token in self.end_ids))
 
         def extend(parent: int, token: int, score: float) -> Hypothesis:
             beam = self.running[parent]

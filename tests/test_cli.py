@@ -56,13 +56,15 @@ def test_info_shows_provenance(gguf_path, hf_folder):
 
 
 def test_run_streams_the_same_text_as_json(gguf_path):
-    streamed = pocketlm("run", gguf_path, "Translate to English: Je t'aime.", "-n", "12")
-    as_json = pocketlm("run", gguf_path, "Translate to English: Je t'aime.", "-n", "12", "--json")
+    streamed = pocketlm("run", gguf_path, "Translate to English: Je t'aime.", "--max-new-tokens", "12")
+    as_json = pocketlm("run", gguf_path, "Translate to English: Je t'aime.", "--max-new-tokens", "12", "--json")
     assert streamed.returncode == as_json.returncode == 0, streamed.stderr + as_json.stderr
     result = json.loads(as_json.stdout)
     assert streamed.stdout == result["text"] + "\n"
     assert result["finish_reason"] in ("length", "stop") and result["prompt_tokens"] > 0
-    from_stdin = pocketlm("run", gguf_path, "-", "-n", "12", "--no-stream", stdin="Translate to English: Je t'aime.")
+    from_stdin = pocketlm(
+        "run", gguf_path, "-", "--max-new-tokens", "12", "--no-stream", stdin="Translate to English: Je t'aime."
+    )
     assert from_stdin.stdout == streamed.stdout
 
 
@@ -178,7 +180,7 @@ def test_t5_convert_run_info(tmp_path):
         info["source"]["files"]["config.json"]
         == hashlib.sha256((tmp_path / "hf" / "config.json").read_bytes()).hexdigest()
     )
-    run = pocketlm("run", out, "Translate to English: Je t'aime.", "-n", "8", "--json")
+    run = pocketlm("run", out, "Translate to English: Je t'aime.", "--max-new-tokens", "8", "--json")
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["prompt_tokens"] > 1
     _one_line_error(

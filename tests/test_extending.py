@@ -141,7 +141,7 @@ def test_a_dropped_in_backend_needs_no_other_edit(fake_backend, tmp_path, capsys
     parser = build_parser()
     args = parser.parse_args(["run", str(folder), "hi", "--backend", "counting", "--device", "tpu"])
     assert (args.backend, args.device) == ("counting", "tpu")
-    assert main(["run", str(folder), "ab", "-n", "3", "--device", "tpu"]) == 0
+    assert main(["run", str(folder), "ab", "--max-new-tokens", "3", "--device", "tpu"]) == 0
     assert capsys.readouterr().out.strip() == "cde"
 
 

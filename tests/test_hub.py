@@ -61,7 +61,7 @@ def python(env_vars, code):
 
 def test_run_by_hub_id_pulls_only_one_weight_format_then_works_offline(tmp_path, hub):
     e = env(tmp_path, hub)
-    first = pocketlm(e, "run", "tiny/bloom", "Bonjour.", "-n", "6", "--json")
+    first = pocketlm(e, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "6", "--json")
     assert first.returncode == 0, first.stderr
     fetched = set(hub.downloads("tiny/bloom"))
     assert {"config.json", "tokenizer.json", "model.safetensors"} <= fetched
@@ -73,7 +73,9 @@ def test_run_by_hub_id_pulls_only_one_weight_format_then_works_offline(tmp_path,
     assert listing[0]["path"].startswith(str(tmp_path / "hf" / "pocketlm"))
     # offline: same answer, and not a single request reaches the hub
     before = len(hub.requests)
-    offline = pocketlm(env(tmp_path, hub, HF_HUB_OFFLINE="1"), "run", "tiny/bloom", "Bonjour.", "-n", "6", "--json")
+    offline = pocketlm(
+        env(tmp_path, hub, HF_HUB_OFFLINE="1"), "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "6", "--json"
+    )
     assert offline.returncode == 0, offline.stderr
     assert json.loads(offline.stdout)["text"] == answer
     assert len(hub.requests) == before
@@ -120,7 +122,7 @@ def test_gguf_repo_downloads_one_file(tmp_path, hub):
     assert chosen.returncode == 0, chosen.stderr
     assert chosen.stdout.strip().endswith("bloom.Q8_0.gguf")
     assert hub.downloads("tiny/bloom-gguf") == ["bloom.Q8_0.gguf"]
-    default = pocketlm(e, "run", "tiny/bloom-gguf", "Bonjour.", "-n", "3", "--json")
+    default = pocketlm(e, "run", "tiny/bloom-gguf", "Bonjour.", "--max-new-tokens", "3", "--json")
     assert default.returncode == 0, default.stderr
     assert "using q4_k_m" in default.stderr and "bloom.Q4_K_M.gguf" in hub.downloads("tiny/bloom-gguf")
     assert "bloom.F16.gguf" not in hub.downloads("tiny/bloom-gguf")
@@ -147,12 +149,12 @@ def test_interrupted_download_resumes(tmp_path, hub):
 
 def test_corrupted_cached_conversion_is_rebuilt(tmp_path, hub):
     e = env(tmp_path, hub)
-    assert pocketlm(e, "run", "tiny/bloom", "Bonjour.", "-n", "2").returncode == 0
+    assert pocketlm(e, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "2").returncode == 0
     entry = json.loads(pocketlm(e, "list", "--json").stdout)[0]
     with open(entry["path"] + "/model.gguf", "r+b") as f:  # flip bytes in the middle of the file
         f.seek(os.path.getsize(entry["path"] + "/model.gguf") // 2)
         f.write(b"\xff" * 64)
-    again = pocketlm(e, "run", "tiny/bloom", "Bonjour.", "-n", "2")
+    again = pocketlm(e, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "2")
     assert again.returncode == 0, again.stderr
     assert "does not match its manifest" in again.stderr
     manifest = json.loads(open(entry["path"] + "/manifest.json").read())

@@ -134,11 +134,11 @@ def test_metadata_fault_with_cache_uses_the_cached_snapshot(tmp_path, hub, fault
 def test_run_falls_back_and_never_prints_a_traceback(tmp_path, hub):
     """The issue's first two cases: `run` with the Hub refused, before and after a pull."""
     refused = env(tmp_path, f"http://127.0.0.1:{closed_port()}")
-    proc, _ = pocketlm(refused, "run", "tiny/bloom", "Bonjour.", "-n", "3")
+    proc, _ = pocketlm(refused, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "3")
     assert proc.returncode == 1 and len(stderr_lines(proc)) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "refused the connection" in proc.stderr
     assert pocketlm(env(tmp_path, hub.url), "pull", "tiny/bloom")[0].returncode == 0
-    proc, _ = pocketlm(refused, "run", "tiny/bloom", "Bonjour.", "-n", "3", "--json")
+    proc, _ = pocketlm(refused, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "3", "--json")
     assert proc.returncode == 0 and '"text"' in proc.stdout, proc.stderr
     assert "using the cached" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -67,7 +67,7 @@ def test_cli_and_main_job_without_torch(tmp_path):
     folder = build_random_bloom(Path({str(tmp_path)!r}) / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512)
     out = str(Path({str(tmp_path)!r}) / "m.gguf")
     assert main(["convert", str(folder), "-o", out, "--quant", "q8_0"]) == 0
-    assert main(["run", out, "Bonjour.", "-n", "4"]) == 0
+    assert main(["run", out, "Bonjour.", "--max-new-tokens", "4"]) == 0
     assert main(["info", out, "--json"]) == 0
     assert demo.main([]) == 0
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))

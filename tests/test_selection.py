@@ -112,7 +112,19 @@ def test_batch_jsonl_is_resumable(bloom_folder, tmp_path):
 
     def run():
         return subprocess.run(
-            [sys.executable, "-m", "runtime", "run", gguf, "--input", prompts, "--output", out, "-n", "6"],
+            [
+                sys.executable,
+                "-m",
+                "runtime",
+                "run",
+                gguf,
+                "--input",
+                prompts,
+                "--output",
+                out,
+                "--max-new-tokens",
+                "6",
+            ],
             capture_output=True,
             text=True,
             timeout=600,
