@@ -68,7 +68,9 @@ CASES = [
     ("serve {gguf} --port {busy}", 1, "port {busy}"),
     # invalid values
     ("run {gguf} hi --top-p 2", 1, "top_p"),
-    ("run {gguf} hi -n -1", 1, "max_new_tokens"),
+    ("run {gguf} hi --max-new-tokens -1", 1, "max_new_tokens"),
+    ("run {gguf} hi -n 0", 1, "num_return_sequences"),
+    ("run {gguf} hi --num-beams 2 --temperature 0.8", 1, "temperature 0"),
     ("run {gguf} hi --temperature -1", 1, "temperature"),
     ("run {gguf} hi --threads 0", 1, "threads"),
     ("run {gguf} hi --ctx -5", 1, "ctx"),
