@@ -102,6 +102,11 @@ def run_jsonl(
                     "prompt_tokens": r.prompt_tokens,
                     "completion_tokens": len(r.token_ids),
                 }
+                if r.score is not None:
+                    record["score"] = r.score
+                if r.others:  # num_return_sequences > 1: every answer, the first repeated
+                    record["texts"] = [s.text for s in r.sequences]
+                    record["completion_tokens"] = r.completion_tokens
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())

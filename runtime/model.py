@@ -340,10 +340,14 @@ class Model(ABC):
     def generate(self, prompt: Any, options: GenerationOptions | None = None, /, **kwargs: Any) -> Any:
         """Complete `prompt` (a string or token ids), or each prompt of a list of them.
 
-        Options (a GenerationOptions, or its fields as keywords): max_new_tokens=64,
-        temperature=0.0 (greedy), top_k=0, top_p=1.0, repetition_penalty=1.0, stop=None,
+        Options (a GenerationOptions, or its fields as keywords; unset ones come from the
+        model's `generation_defaults`): max_new_tokens=64, temperature=0.0 (greedy), top_k=0,
+        top_p=1.0, repetition_penalty=1.0, presence_penalty=0, frequency_penalty=0, stop=None,
         seed=None, min_new_tokens=0 (end of sequence is not allowed earlier; benchmarks use it
-        to decode a fixed length). Returns a GenerationResult, or a list for a list of prompts."""
+        to decode a fixed length), no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0,
+        early_stopping=False, num_return_sequences=1, logprobs=None. Returns a
+        GenerationResult (its `.sequences` with num_return_sequences > 1), or a list of them
+        for a list of prompts."""
         opts = self.options(options, **kwargs)
         if _is_batch(prompt):
             return self.generate_batch(list(prompt), opts)

@@ -7,11 +7,13 @@ stall running streams for the whole of its prefill. Every sequence keeps its own
 sampler, stop strings and budget; its events reach the caller through a queue. A caller that
 closes its stream (a client that went away) frees the sequence's slot at the next step.
 
-A request is admitted when the model has a free slot and the KV cells it reserves (prompt
-plus new tokens) fit next to those of the running sequences, so no running sequence ever
-runs out of cache; until then it waits, in order. Models whose sequences must start together
-(`joins_running = False`: llama.cpp's encoder-decoder graph) admit a new cohort only when
-none runs.
+A request is a `Search` (runtime/search.py): one sequence usually, or its samples or beams,
+each a sequence of the engine's cache (`model.sequence_slots` in all). It is admitted when
+fewer than `parallel_sequences` requests run, slots are free for its sequences and the KV
+cells it reserves (prompt plus each sequence's new tokens) fit next to those of the running
+ones, so no running sequence ever runs out of cache; until then it waits, in order. Models
+whose sequences must start together (`joins_running = False`: llama.cpp's encoder-decoder
+graph) admit a new cohort only when none runs.
 """
 
 from __future__ import annotations

@@ -255,3 +255,24 @@ def test_beams_that_do_not_fit_the_cache_are_refused(bloom):
     with runtime.load(gguf, threads=2, n_ctx=256) as model:
         with pytest.raises(GenerationError, match="KV cache cells"):
             model.generate(BLOOM_PROMPTS[0], max_new_tokens=200, num_beams=4)
+
+
+def test_groups_through_every_scheduler_equal_alone(t5, gentle):
+    """Beams and samples through CTranslate2's engine batches and llama.cpp's T5 cohorts give
+    what they give alone, next to ordinary requests."""
+    _, t5_gguf, t5_ct2 = t5
+    asks = [
+        GenerationOptions(max_new_tokens=8, num_beams=3, num_return_sequences=2),
+        GenerationOptions(max_new_tokens=8, temperature=1.0, seed=4, num_return_sequences=3),
+        GenerationOptions(max_new_tokens=8, logprobs=1),
+    ]
+    for path in (t5_gguf, t5_ct2):
+        with runtime.load(path, threads=2) as model:
+            alone = [[r.token_ids for r in model.generate(T5_SOURCES[0], o).sequences] for o in asks]
+        with runtime.load(path, threads=2, parallel=4) as model:
+            streams = [model.stream_tokens(T5_SOURCES[0], o) for o in asks]
+            plain = model.stream_tokens(T5_SOURCES[1], max_new_tokens=8)
+            for stream in [*streams, plain]:
+                list(stream)
+            together = [[r.token_ids for r in s.result.sequences] for s in streams]
+        assert together == alone, path

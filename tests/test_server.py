@@ -548,6 +548,17 @@ def test_n_and_logprobs_through_the_client(client, model):
             assert abs(value - row[token]) < 1e-4
             assert len(top) == 2 and max(top.values()) == pytest.approx(row.max(), abs=1e-4)
         assert lp.text_offset[0] == 0
+    chunks = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=6, n=3, seed=5, temperature=1.0, logprobs=2, stream=True
+    )
+    texts, tokens = ["", "", ""], [[], [], []]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.logprobs:
+                tokens[choice.index] += choice.logprobs.tokens
+    assert texts == [c.text for c in reply.choices]
+    assert tokens == [c.logprobs.tokens for c in reply.choices]
 
 
 def test_chat_logprobs_streamed_and_not(client, model):
