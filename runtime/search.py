@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -142,10 +142,6 @@ class BeamState:
 
     def best(self, n: int) -> list[Hypothesis]:
         return self.finished[:n]
-
-
-def start_hypothesis(logprobs: bool) -> Hypothesis:
-    return Hypothesis([], 0.0, [] if logprobs else None)
 
 
 # -- requests on a StepModel ----------------------------------------------------------------
@@ -274,7 +270,7 @@ class Beams(Search):
         super().__init__(model, first, budget)
         o = self.options
         self.state = BeamState(o.num_beams, o.length_penalty, o.early_stopping, budget, frozenset(self._ends))
-        self.state.running = [start_hypothesis(o.logprobs is not None)]
+        self.state.running = [Hypothesis([], 0.0, [] if o.logprobs is not None else None)]
         self.holders: list[Decoding] = [first]  # the sequence each running beam is in
         self.history = list(first.seen)  # what penalties see before the new tokens
 
@@ -357,16 +353,3 @@ class Beams(Search):
 
 def make_search(model: StepModel, first: Decoding, budget: int) -> Search:
     return (Beams if first.options.beams else Sampling)(model, first, budget)
-
-
-def result_of(seqs: list[Decoding]) -> GenerationResult:
-    """The request's result: the first sequence's, with the others' attached."""
-    first = seqs[0].result
-    first.others = [s.result for s in seqs[1:]]
-    return first
-
-
-def attach_index(event: StreamEvent | None, index: int) -> Any:
-    if event is not None:
-        event.index = index
-    return event
