@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import gguf
 from .architectures import resolve
 from .checkpoint import Checkpoint, read_json, sha256_file, source_identity
 from .core import __version__
+from .core import generation_config as gen_config
 from .core.formats import FORMATS, gguf_quant_type
 from .ct2_target import source_float_dtype, write_ct2
 from .gguf_target import convert_gguf, describe_types, fallbacks
@@ -56,6 +58,8 @@ def _gguf_metadata(prov: dict[str, Any]) -> Callable[[gguf.GGUFWriter], None]:
         w.add_string("pocketlm.quant", prov["quant"])
         w.add_array("pocketlm.source.files", list(src["files"]))
         w.add_array("pocketlm.source.sha256", list(src["files"].values()))
+        if prov.get(gen_config.METADATA_KEY):  # the checkpoint's generation config, as JSON text
+            w.add_string(gen_config.GGUF_KEY, json.dumps(prov[gen_config.METADATA_KEY], ensure_ascii=False))
 
     return add
 
@@ -115,6 +119,9 @@ def convert(
         dest = Path(output) if output is not None else default_output(src, fmt.name, quant_name)
         plan = target.plan(ckpt)  # validates every tensor before anything is written
         prov = {**provenance(ckpt, quant_name), "architecture": arch.name}
+        generation, _, generation_warnings = gen_config.read(ckpt.folder, ckpt.config)
+        if generation:  # stored as read (GGUF: a key; CTranslate2: pocketlm.json), mapped by the runtime
+            prov[gen_config.METADATA_KEY] = generation
         with atomic_output(dest, force) as tmp:
             types, fallback_list = WRITERS[fmt.name](plan, tmp, quant_name, ckpt, prov, progress, threads)
             size = _size(tmp)
@@ -128,5 +135,5 @@ def convert(
         size_bytes=size,
         seconds=time.perf_counter() - started,
         fallbacks=fallback_list,
-        warnings=plan.warnings,
+        warnings=[*plan.warnings, *generation_warnings],
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 from convert.core.errors import PocketLMError
 
+from .generation_config import model_generation_defaults
 from .model import Model
 from .platform import Choice, choose, detect_facts
 from .source import HF, ModelSource, inspect
@@ -87,6 +88,7 @@ def load(
         choice.parallel = parallel
         choice.reasons.append(f"{parallel} sequences decoded together (given)")
     choice.reasons += [f"warning: {w}" for w in choice.warnings]
+    checkpoint = source.path if source.format == HF else None
     if source.format == HF:
         from .cache import converted
 
@@ -97,7 +99,13 @@ def load(
             progress=sys.stderr.isatty() if progress is None else progress,
         )
         source = inspect(path)
-    return backend_unit.open(source, choice, n_ctx, **backend_options)
+    opened = backend_unit.open(source, choice, n_ctx, **backend_options)
+    defaults = model_generation_defaults(source, checkpoint)  # generation_config.json, kept by the converter
+    if defaults is not None:
+        for warning in defaults.warnings:
+            log.warning(warning)
+        opened.generation_defaults = defaults.options
+    return opened
 
 
 def decide(source: ModelSource, device: str = "auto", threads: int | None = None, backend: str | None = None) -> Choice:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from .generation_config import model_generation_defaults
 from .loader import decide, resolve_path
 from .source import HF, ModelSource, inspect
 
@@ -43,6 +45,8 @@ def model_report(
         report.update(_checkpoint_report(source))
     else:
         report.update(runners(source.format)[0].describe(source))
+    defaults = model_generation_defaults(source)
+    report["generation"] = defaults.to_dict() if defaults is not None else None
     choice = decide(source, device, threads, backend)
     from .backends import get_backend
 
@@ -84,6 +88,15 @@ def describe(r: dict[str, Any]) -> str:
         lines.append(f"  source        {src['repo']}" + (f"@{src['revision']}" if src["revision"] else ""))
     for name, digest in src["files"].items():
         lines.append(f"    sha256 {digest}  {name}")
+    generation = r.get("generation")
+    if generation and (generation["defaults"] or generation["not_applied"] or generation["warnings"]):
+        shown = ", ".join(f"{k} {v}" for k, v in generation["defaults"].items()) or "none PocketLM applies"
+        lines.append(f"  generation    {shown} (from {generation['source']}; overridable)")
+        if generation["not_applied"]:
+            why = {"max_length": " (counts the prompt)", "min_length": " (counts the prompt)"}
+            shown = ", ".join(f"{k} {json.dumps(v)}{why.get(k, '')}" for k, v in generation["not_applied"].items())
+            lines.append(f"    not applied: {shown}")
+        lines += [f"    ! {warning}" for warning in generation["warnings"]]
     compute = f", compute {run['compute_type']}" if run.get("compute_type") else ""
     lines.append(f"  would run on  {run['backend']} / {run['device']}, {run['threads']} threads{compute}")
     lines += [f"    - {reason}" for reason in run["reasons"]]
