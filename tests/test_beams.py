@@ -276,3 +276,20 @@ def test_groups_through_every_scheduler_equal_alone(t5, gentle):
                 list(stream)
             together = [[r.token_ids for r in s.result.sequences] for s in streams]
         assert together == alone, path
+
+
+def test_generation_defaults_choose_beams_and_calls_override_them(gentle):
+    """A model's generation_config defaults (here num_beams 3) apply to calls that leave them
+    out; a call's own options win."""
+    gguf = gentle[0]
+    with runtime.load(gguf, threads=2) as model:
+        explicit = model.generate(BLOOM_PROMPTS[0], max_new_tokens=6, num_beams=3, num_return_sequences=2)
+        greedy = model.generate(BLOOM_PROMPTS[0], max_new_tokens=6)
+        model.generation_defaults = {"num_beams": 3, "num_return_sequences": 2}
+        defaulted = model.generate(BLOOM_PROMPTS[0], max_new_tokens=6)
+        assert [r.token_ids for r in defaulted.sequences] == [r.token_ids for r in explicit.sequences]
+        assert model.generate(BLOOM_PROMPTS[0], max_new_tokens=6, num_beams=1, num_return_sequences=1).token_ids == (
+            greedy.token_ids
+        )
+        sampled = model.generate(BLOOM_PROMPTS[0], max_new_tokens=6, temperature=0.8, seed=1)  # beams give way
+        assert sampled.score is None and not sampled.others
