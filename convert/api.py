@@ -15,7 +15,8 @@ from .architectures import resolve
 from .checkpoint import Checkpoint, read_json, sha256_file, source_identity
 from .core import __version__
 from .core import generation_config as gen_config
-from .core.formats import FORMATS, gguf_quant_type
+from .core.errors import PocketLMError
+from .core.formats import FORMATS, gguf_quant_type, tensor_type
 from .ct2_target import source_float_dtype, write_ct2
 from .gguf_target import convert_gguf, describe_types, fallbacks
 from .output import ConversionSummary, Fallback, atomic_output
@@ -68,17 +69,35 @@ Written = tuple[dict[str, int], list[Fallback]]  # tensors per stored type, tens
 
 
 def _write_gguf(
-    plan: Any, tmp: Path, quant: str, ckpt: Checkpoint, prov: dict[str, Any], progress: bool, threads: int | None
+    plan: Any,
+    tmp: Path,
+    quant: str,
+    ckpt: Checkpoint,
+    prov: dict[str, Any],
+    progress: bool,
+    threads: int | None,
+    output_type: str | None = None,
 ) -> Written:
     qt = gguf_quant_type(quant)
+    head = tensor_type(output_type) if output_type else None
     source_dtypes = {ckpt.info(s).dtype for t in plan.tensors for s in t.sources}
-    types = convert_gguf(plan, tmp, qt, _gguf_metadata(prov), ckpt.release, source_dtypes, progress, threads)
+    types = convert_gguf(plan, tmp, qt, _gguf_metadata(prov), ckpt.release, source_dtypes, progress, threads, head)
     return describe_types(types), fallbacks(plan, types, qt)
 
 
 def _write_ct2(
-    plan: Any, tmp: Path, quant: str, ckpt: Checkpoint, prov: dict[str, Any], progress: bool, threads: int | None
+    plan: Any,
+    tmp: Path,
+    quant: str,
+    ckpt: Checkpoint,
+    prov: dict[str, Any],
+    progress: bool,
+    threads: int | None,
+    output_type: str | None = None,
 ) -> Written:
+    if output_type:
+        raise PocketLMError("--output-type is a GGUF option (CTranslate2 quantizes every matrix alike)")
+
     def source_dtype(t: Any) -> str:
         return source_float_dtype({ckpt.info(s).dtype for s in t.sources})
 
@@ -100,12 +119,14 @@ def convert(
     force: bool = False,
     progress: bool = False,
     threads: int | None = None,
+    output_type: str | None = None,
 ) -> ConversionSummary:
     """Convert the Hugging Face checkpoint folder `src` and return what was written.
 
     `format` defaults to the architecture's first target (GGUF for BLOOM, CTranslate2 for the
     T5 family); `quant` to the architecture's default for that format (`pocketlm convert
     --help` lists them: BLOOM GGUF q4_k_m, T5 CTranslate2 int8, T5 GGUF q8_0).
+    `output_type` (GGUF) gives the output head its own tensor type (`TENSOR_TYPES`).
     The output appears only once complete and verified.
     """
     started = time.perf_counter()
@@ -123,7 +144,7 @@ def convert(
         if generation:  # stored as read (GGUF: a key; CTranslate2: pocketlm.json), mapped by the runtime
             prov[gen_config.METADATA_KEY] = generation
         with atomic_output(dest, force) as tmp:
-            types, fallback_list = WRITERS[fmt.name](plan, tmp, quant_name, ckpt, prov, progress, threads)
+            types, fallback_list = WRITERS[fmt.name](plan, tmp, quant_name, ckpt, prov, progress, threads, output_type)
             size = _size(tmp)
     return ConversionSummary(
         output=str(dest),

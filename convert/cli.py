@@ -48,7 +48,21 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer")
+    _add_output_type(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _add_output_type(p: argparse.ArgumentParser) -> None:
+    from .core.formats import TENSOR_TYPES
+
+    p.add_argument(
+        "--output-type",
+        default=None,
+        choices=list(TENSOR_TYPES),
+        metavar="TYPE",
+        help="GGUF: the output head's type (BLOOM's tied head is the embedding: over half the bytes read per "
+        f"token at q4_k_m); default llama.cpp's choice (q6_k for K-quants). One of: {', '.join(TENSOR_TYPES)}",
+    )
 
 
 def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +71,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quant", default="q4_k_m", help="quant type (default q4_k_m)")
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads")
+    _add_output_type(p)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -70,6 +85,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         force=args.force,
         progress=sys.stderr.isatty() and not args.json,
         threads=args.threads,
+        output_type=args.output_type,
     )
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.describe())
     return 0
@@ -77,7 +93,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .core.errors import ModelLoadError
-    from .core.formats import gguf_quant_type
+    from .core.formats import gguf_quant_type, tensor_type
     from .core.gguf_file import read_header
     from .gguf_target import llama_quantize
     from .output import atomic_output
@@ -90,8 +106,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     read_header(src)  # a clear error for what is not a (complete) GGUF file
     qt = gguf_quant_type(args.quant)
     with atomic_output(Path(args.output), args.force) as tmp:
-        llama_quantize(src, tmp, qt.file_type, args.threads)
-    print(f"wrote {args.output} ({qt.name})")
+        head = tensor_type(args.output_type) if args.output_type else None
+        llama_quantize(src, tmp, qt.file_type, args.threads, head)
+    print(f"wrote {args.output} ({qt.name}{f', output {args.output_type}' if head is not None else ''})")
     return 0
 
 

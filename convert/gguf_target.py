@@ -115,11 +115,17 @@ def verify_gguf(path: Path, expected: dict[str, Q]) -> dict[str, Q]:
     return found
 
 
-def llama_quantize(src: Path, dst: Path, file_type: FT, threads: int | None = None) -> None:
-    """Quantize a GGUF with llama.cpp's own quantizer (K-quants have no Python encoder)."""
+def llama_quantize(
+    src: Path, dst: Path, file_type: FT, threads: int | None = None, output_type: Q | None = None
+) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (K-quants have no Python encoder).
+    `output_type`: the output head's type (a tied head is the token embedding), instead of
+    llama.cpp's choice (q6_k for K-quants)."""
     llama = engine.llama_cpp()
     params = llama.llama_model_quantize_default_params()
     params.ftype = int(file_type)
+    if output_type is not None:
+        params.output_tensor_type = int(output_type)
     params.nthread = threads or os.cpu_count() or 1
     params.max_buf_size = QUANTIZE_BUF_BYTES
     with engine.quiet_c_output():
@@ -157,9 +163,11 @@ def convert_gguf(
     source_dtypes: set[str],
     progress: bool,
     threads: int | None = None,
+    output_type: Q | None = None,
 ) -> dict[str, Q]:
-    """Produce the final GGUF at `dest_tmp` (verified), directly or through llama.cpp."""
-    if quant.direct is not None:
+    """Produce the final GGUF at `dest_tmp` (verified), directly or through llama.cpp (always
+    when the output head gets a type of its own)."""
+    if quant.direct is not None and output_type is None:
         types = write_gguf(plan, dest_tmp, quant.direct, quant.file_type, metadata, release, progress)
         return verify_gguf(dest_tmp, types)
     # f16 sources lose nothing in an f16 intermediate; anything else goes through f32.
@@ -170,7 +178,7 @@ def convert_gguf(
         verify_gguf(intermediate, types)
         if progress:
             print(f"quantizing to {quant.name} with llama.cpp ...", flush=True)
-        llama_quantize(intermediate, dest_tmp, quant.file_type, threads)
+        llama_quantize(intermediate, dest_tmp, quant.file_type, threads, output_type)
     finally:
         remove(intermediate)
     return verify_gguf(dest_tmp, types)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import gguf
 
-from .errors import UnsupportedModelError
+from .errors import PocketLMError, UnsupportedModelError
 
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
@@ -123,6 +123,30 @@ def get_format(name: str) -> Format:
 
 def gguf_quant_type(name: str) -> QuantType:
     return GGUF_QUANTS[FORMATS["gguf"].quant(name)]
+
+
+# Types one tensor may be given (llama.cpp's quantizer: output_tensor_type), e.g. the output head.
+TENSOR_TYPES: dict[str, Q] = {
+    "f32": Q.F32,
+    "f16": Q.F16,
+    "bf16": Q.BF16,
+    "q8_0": Q.Q8_0,
+    "q6_k": Q.Q6_K,
+    "q5_k": Q.Q5_K,
+    "q5_0": Q.Q5_0,
+    "q4_k": Q.Q4_K,
+    "q4_0": Q.Q4_0,
+    "q3_k": Q.Q3_K,
+    "q2_k": Q.Q2_K,
+}
+
+
+def tensor_type(name: str) -> Q:
+    """A tensor type by name (as `--output-type` takes it)."""
+    try:
+        return TENSOR_TYPES[name.lower()]
+    except KeyError:
+        raise PocketLMError(f"unknown tensor type {name!r} (choose from {', '.join(TENSOR_TYPES)})") from None
 
 
 def gguf_quant_name(metadata: dict) -> str:
