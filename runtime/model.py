@@ -305,10 +305,13 @@ class Model(ABC):
                 if close:
                     close()
 
-    def _render(self, seq: Decoding, tokens: Iterable[int]) -> Iterator[StreamEvent]:
-        """Turn generated ids into text events: end tokens, stop strings, UTF-8 safety."""
-        for token in tokens:
-            event = seq.push(token, self._is_end(token))
+    def _render(
+        self, seq: Decoding, tokens: Iterable[int], logprobs: Sequence[TokenLogprob] | None = None
+    ) -> Iterator[StreamEvent]:
+        """Turn generated ids (and their logprobs, when asked) into text events: end tokens,
+        stop strings, UTF-8 safety."""
+        for j, token in enumerate(tokens):
+            event = seq.push(token, self._is_end(token), logprobs[j] if logprobs is not None else None)
             if event is not None:
                 yield event
             if seq.done:

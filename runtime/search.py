@@ -335,19 +335,7 @@ class Beams(Search):
         for i, hyp in enumerate(best):
             seq = self.first if i == 0 else self.model._decoding_from(self.first, i)
             seq.started = self.first.started
-            seq.result.token_ids.clear()
-            for j, token in enumerate(hyp.tokens):
-                logprob = hyp.logprobs[j] if hyp.logprobs is not None else None
-                event = seq.push(token, self.model._is_end(token), logprob)
-                if event is not None:
-                    event.index = i
-                    self._out.append(event)
-                if seq.done:
-                    break
-            tail = seq.finish()
-            if tail is not None:
-                tail.index = i
-                self._out.append(tail)
+            self._out += self.model._render(seq, hyp.tokens, hyp.logprobs)
             seq.result.score = hyp.normalized
             seq.result.first_token_seconds = self.started - self.first.started
             results.append(seq.result)

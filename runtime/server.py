@@ -290,7 +290,8 @@ def parse_request(
     try:
         options = model.options(**given) if model is not None else GenerationOptions(**given)
     except PocketLMError as e:
-        param = next((k for k in ("n", "num_beams", "early_stopping") if k in str(e)), None)
+        field = str(e).split(" ", 1)[0]  # GenerationOptions' messages start with the field's name
+        param = {"num_return_sequences": "n", "max_new_tokens": name}.get(field, field if field in body else None)
         raise ApiError(400, str(e), param=param) from None
     stream_options = _field(body, "stream_options", dict, {})
     return GenerationRequest(

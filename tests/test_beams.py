@@ -136,7 +136,6 @@ def _check(ours, theirs):
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
 def test_bloom_gguf_beams_equal_transformers(bloom, case):
     hf, gguf = bloom
-    beams, ret, lp, ngram, early = case
     with runtime.load(gguf, threads=2) as model:
         for ids in BLOOM_PROMPTS:
             _check(_ours(model, ids, 12, *case), _hf_beams(hf, ids, False, 12, *case))

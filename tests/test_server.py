@@ -601,3 +601,11 @@ def test_beams_as_an_extra_field_streamed_and_not(client, model):
         model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=8, n=2, extra_body=extra
     )
     assert len(chat.choices) == 2 and chat.choices[0].message.content
+
+
+def test_refused_options_name_their_field(server):
+    """An option GenerationOptions refuses is named as the request spelled it."""
+    for extra, param in [({"num_beams": 3, "n": 4}, "n"), ({"num_beams": 20}, "num_beams"), ({"top_k": -1}, "top_k")]:
+        status, _, reply = request(server, "POST", "/v1/completions", {"prompt": PROMPT, **extra})
+        assert status == 400
+        assert_error(reply, param=param)

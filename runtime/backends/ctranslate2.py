@@ -267,15 +267,7 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
         for i, ((tokens, score), lps) in enumerate(zip(hypotheses, logprobs)):
             d = seq if i == 0 else self._decoding_from(seq, i)
             d.started = seq.started
-            for j, token in enumerate(tokens):
-                event = d.push(token, self._is_end(token), lps[j] if lps is not None else None)
-                if event is not None:
-                    yield event
-                if d.done:
-                    break
-            tail = d.finish()
-            if tail is not None:
-                yield tail
+            yield from self._render(d, tokens, lps)
             d.result.score = score
             results.append(d.result)
         seq.result.others = results[1:]
@@ -327,7 +319,7 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
     def _batch_key(self, options: GenerationOptions) -> tuple[Any, ...]:
         """Requests decoded in one batch share CTranslate2's decoding options."""
         if self._stepwise(options) or self._is_group(options):
-            return ("stepwise", id(options))  # token by token (see _stepwise)
+            return ("alone", id(options))  # token by token, or decoded whole (see _stepwise, _is_group)
         sampling = () if options.greedy else (options.temperature, options.top_k, options.top_p)
         return (options.repetition_penalty, options.min_new_tokens, options.no_repeat_ngram_size, *sampling)
 
