@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from .core.errors import PocketLMError
 from .core.formats import FORMATS, gguf_quant_type, tensor_type
 from .ct2_target import source_float_dtype, write_ct2
 from .gguf_target import convert_gguf, describe_types, fallbacks
+from .imatrix import is_gguf
+from .imatrix import saved_name as imatrix_saved_name
 from .output import ConversionSummary, Fallback, atomic_output
 
 log = logging.getLogger(__name__)
@@ -68,40 +71,50 @@ def _gguf_metadata(prov: dict[str, Any]) -> Callable[[gguf.GGUFWriter], None]:
 Written = tuple[dict[str, int], list[Fallback]]  # tensors per stored type, tensors that kept a wider type
 
 
-def _write_gguf(
-    plan: Any,
-    tmp: Path,
-    quant: str,
-    ckpt: Checkpoint,
-    prov: dict[str, Any],
-    progress: bool,
-    threads: int | None,
-    output_type: str | None = None,
-) -> Written:
-    qt = gguf_quant_type(quant)
-    head = tensor_type(output_type) if output_type else None
-    source_dtypes = {ckpt.info(s).dtype for t in plan.tensors for s in t.sources}
-    types = convert_gguf(plan, tmp, qt, _gguf_metadata(prov), ckpt.release, source_dtypes, progress, threads, head)
+@dataclass(frozen=True)
+class WriteJob:
+    """What a format's writer needs besides the plan and the temporary output."""
+
+    quant: str
+    ckpt: Checkpoint
+    prov: dict[str, Any]
+    dest: Path  # the final output: a computed importance matrix is kept beside it
+    progress: bool = False
+    threads: int | None = None
+    output_type: str | None = None
+    imatrix: Path | None = None
+
+
+def _write_gguf(plan: Any, tmp: Path, job: WriteJob) -> Written:
+    qt = gguf_quant_type(job.quant)
+    head = tensor_type(job.output_type) if job.output_type else None
+    source_dtypes = {job.ckpt.info(s).dtype for t in plan.tensors for s in t.sources}
+    types = convert_gguf(
+        plan,
+        tmp,
+        qt,
+        _gguf_metadata(job.prov),
+        job.ckpt.release,
+        source_dtypes,
+        job.progress,
+        job.threads,
+        head,
+        job.imatrix,
+        imatrix_saved_name(job.dest),
+    )
     return describe_types(types), fallbacks(plan, types, qt)
 
 
-def _write_ct2(
-    plan: Any,
-    tmp: Path,
-    quant: str,
-    ckpt: Checkpoint,
-    prov: dict[str, Any],
-    progress: bool,
-    threads: int | None,
-    output_type: str | None = None,
-) -> Written:
-    if output_type:
+def _write_ct2(plan: Any, tmp: Path, job: WriteJob) -> Written:
+    if job.output_type:
         raise PocketLMError("--output-type is a GGUF option (CTranslate2 quantizes every matrix alike)")
+    if job.imatrix:
+        raise PocketLMError("--imatrix is a GGUF option (it guides llama.cpp's quantizer)")
 
     def source_dtype(t: Any) -> str:
-        return source_float_dtype({ckpt.info(s).dtype for s in t.sources})
+        return source_float_dtype({job.ckpt.info(s).dtype for s in t.sources})
 
-    return write_ct2(plan, tmp, quant, source_dtype, ckpt.release, prov, progress), []
+    return write_ct2(plan, tmp, job.quant, source_dtype, job.ckpt.release, job.prov, job.progress), []
 
 
 WRITERS: dict[str, Callable[..., Written]] = {"gguf": _write_gguf, "ct2": _write_ct2}  # by format
@@ -120,6 +133,7 @@ def convert(
     progress: bool = False,
     threads: int | None = None,
     output_type: str | None = None,
+    imatrix: str | Path | None = None,
 ) -> ConversionSummary:
     """Convert the Hugging Face checkpoint folder `src` and return what was written.
 
@@ -127,6 +141,8 @@ def convert(
     T5 family); `quant` to the architecture's default for that format (`pocketlm convert
     --help` lists them: BLOOM GGUF q4_k_m, T5 CTranslate2 int8, T5 GGUF q8_0).
     `output_type` (GGUF) gives the output head its own tensor type (`TENSOR_TYPES`).
+    `imatrix` (GGUF, llama.cpp's quantizer types): a calibration text, whose importance
+    matrix is computed and kept beside the output as `<stem>.imatrix.gguf`, or such a file.
     The output appears only once complete and verified.
     """
     started = time.perf_counter()
@@ -144,7 +160,10 @@ def convert(
         if generation:  # stored as read (GGUF: a key; CTranslate2: pocketlm.json), mapped by the runtime
             prov[gen_config.METADATA_KEY] = generation
         with atomic_output(dest, force) as tmp:
-            types, fallback_list = WRITERS[fmt.name](plan, tmp, quant_name, ckpt, prov, progress, threads, output_type)
+            job = WriteJob(
+                quant_name, ckpt, prov, dest, progress, threads, output_type, Path(imatrix) if imatrix else None
+            )
+            types, fallback_list = WRITERS[fmt.name](plan, tmp, job)
             size = _size(tmp)
     return ConversionSummary(
         output=str(dest),
@@ -157,4 +176,9 @@ def convert(
         seconds=time.perf_counter() - started,
         fallbacks=fallback_list,
         warnings=[*plan.warnings, *generation_warnings],
+        imatrix=_imatrix_note(Path(imatrix), dest) if imatrix else None,
     )
+
+
+def _imatrix_note(spec: Path, dest: Path) -> str:
+    return spec.name if is_gguf(spec) else f"computed over {spec.name}, kept as {imatrix_saved_name(dest)}"

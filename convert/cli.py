@@ -49,6 +49,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer")
     _add_output_type(p)
+    _add_imatrix(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -65,6 +66,18 @@ def _add_output_type(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_imatrix(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--imatrix",
+        default=None,
+        metavar="FILE",
+        help="GGUF, llama.cpp's quantizer types (q2_k ... q6_k, q4_0 ... q5_1): weigh rounding errors by an "
+        "importance matrix. FILE is a calibration text (UTF-8, a few thousand tokens or more, like what the model "
+        "will read; the matrix is computed with llama.cpp and kept beside the output as <stem>.imatrix.gguf) or "
+        "such an imatrix GGUF (also llama-imatrix's)",
+    )
+
+
 def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="GGUF file to read")
     p.add_argument("output", help="GGUF file to write")
@@ -72,6 +85,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads")
     _add_output_type(p)
+    _add_imatrix(p)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -86,17 +100,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty() and not args.json,
         threads=args.threads,
         output_type=args.output_type,
+        imatrix=args.imatrix,
     )
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.describe())
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .core.errors import ModelLoadError
+    from .core.errors import ModelLoadError, PocketLMError
     from .core.formats import gguf_quant_type, tensor_type
     from .core.gguf_file import read_header
     from .gguf_target import llama_quantize
-    from .output import atomic_output
+    from .imatrix import for_quantize, is_gguf, saved_name
+    from .output import atomic_output, check_writable
 
     src = Path(args.input)
     if src.is_dir():
@@ -105,10 +121,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ModelLoadError(f"{src}: no such file or folder")
     read_header(src)  # a clear error for what is not a (complete) GGUF file
     qt = gguf_quant_type(args.quant)
-    with atomic_output(Path(args.output), args.force) as tmp:
+    out = Path(args.output)
+    check_writable(out, args.force)  # before an importance matrix is computed for it
+    matrix, source, notes = None, "", []
+    if args.imatrix:
+        if qt.direct is not None:
+            raise PocketLMError(f"--imatrix guides llama.cpp's quantizer; {qt.name} does not use it")
+        spec, keep = Path(args.imatrix), saved_name(out)
+        computed = not is_gguf(spec)
+        matrix, source = for_quantize(spec, src, keep if computed else None, args.threads, sys.stderr.isatty())
+        notes.append(
+            f"importance matrix of {source}: {len(matrix.sums)} matrices, {matrix.chunks} chunks"
+            + (f", saved as {keep}" if computed else "")
+        )
+    with atomic_output(out, args.force) as tmp:
         head = tensor_type(args.output_type) if args.output_type else None
-        llama_quantize(src, tmp, qt.file_type, args.threads, head)
-    print(f"wrote {args.output} ({qt.name}{f', output {args.output_type}' if head is not None else ''})")
+        if head is not None:
+            notes.append(f"output {args.output_type}")
+        llama_quantize(src, tmp, qt.file_type, args.threads, head, matrix, source)
+    print(f"wrote {out} ({', '.join([qt.name, *notes])})")
     return 0
 
 

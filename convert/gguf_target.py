@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -23,6 +24,8 @@ from .core import engine
 from .core.errors import CheckpointError, ModelLoadError, PocketLMError
 from .core.formats import FT, Q, QuantType
 from .core.gguf_file import read_header
+from .imatrix import QUANT_KEYS as IMATRIX_KEYS
+from .imatrix import ImportanceMatrix, for_quantize
 from .output import Fallback, fsync_file, partial_sibling, remove
 from .plan import GGUFPlan, TensorPlan
 
@@ -116,11 +119,18 @@ def verify_gguf(path: Path, expected: dict[str, Q]) -> dict[str, Q]:
 
 
 def llama_quantize(
-    src: Path, dst: Path, file_type: FT, threads: int | None = None, output_type: Q | None = None
+    src: Path,
+    dst: Path,
+    file_type: FT,
+    threads: int | None = None,
+    output_type: Q | None = None,
+    imatrix: ImportanceMatrix | None = None,
+    imatrix_source: str = "",
 ) -> None:
     """Quantize a GGUF with llama.cpp's own quantizer (K-quants have no Python encoder).
     `output_type`: the output head's type (a tied head is the token embedding), instead of
-    llama.cpp's choice (q6_k for K-quants)."""
+    llama.cpp's choice (q6_k for K-quants). `imatrix`: column weights for the rounding error;
+    the file then records it under llama-quantize's `quantize.imatrix.*` keys."""
     llama = engine.llama_cpp()
     params = llama.llama_model_quantize_default_params()
     params.ftype = int(file_type)
@@ -128,10 +138,35 @@ def llama_quantize(
         params.output_tensor_type = int(output_type)
     params.nthread = threads or os.cpu_count() or 1
     params.max_buf_size = QUANTIZE_BUF_BYTES
+    keep: list[object] = []  # what params point into, alive until the call returns
+    if imatrix is not None:
+        params.imatrix, keep = imatrix.quantize_data()
+        params.kv_overrides = _kv_overrides(
+            llama,
+            {
+                IMATRIX_KEYS["file"]: imatrix_source,
+                IMATRIX_KEYS["dataset"]: (imatrix.datasets or [""])[0],
+                IMATRIX_KEYS["entries"]: len(imatrix.sums),
+                IMATRIX_KEYS["chunks"]: imatrix.chunks,
+            },
+        )
+        keep.append(params.kv_overrides)
     with engine.quiet_c_output():
         rc = llama.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise PocketLMError(f"llama.cpp could not quantize to {file_type.name}: {engine.recent_log()}")
+
+
+def _kv_overrides(llama: Any, values: dict[str, str | int]) -> Any:
+    """A llama_model_kv_override array (strings at most 127 bytes), ending in an empty key."""
+    array = (llama.llama_model_kv_override * (len(values) + 1))()
+    for item, (key, value) in zip(array, values.items()):
+        item.key = key.encode()
+        if isinstance(value, int):
+            item.tag, item.value.val_i64 = llama.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        else:
+            item.tag, item.value.val_str = llama.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
+    return array
 
 
 def describe_types(types: dict[str, Q]) -> dict[str, int]:
@@ -164,9 +199,16 @@ def convert_gguf(
     progress: bool,
     threads: int | None = None,
     output_type: Q | None = None,
+    imatrix: Path | None = None,
+    imatrix_save: Path | None = None,
 ) -> dict[str, Q]:
     """Produce the final GGUF at `dest_tmp` (verified), directly or through llama.cpp (always
-    when the output head gets a type of its own)."""
+    when the output head gets a type of its own). `imatrix`: a calibration text (the matrix
+    is computed on the intermediate file and saved to `imatrix_save`) or an imatrix GGUF."""
+    if imatrix is not None and quant.direct is not None:
+        raise PocketLMError(
+            f"--imatrix guides llama.cpp's quantizer (q2_k ... q6_k, q4_0 ... q5_1); {quant.name} does not use it"
+        )
     if quant.direct is not None and output_type is None:
         types = write_gguf(plan, dest_tmp, quant.direct, quant.file_type, metadata, release, progress)
         return verify_gguf(dest_tmp, types)
@@ -176,9 +218,10 @@ def convert_gguf(
     try:
         types = write_gguf(plan, intermediate, inter_q, inter_ft, metadata, release, progress)
         verify_gguf(intermediate, types)
+        matrix, source = for_quantize(imatrix, intermediate, imatrix_save, threads, progress) if imatrix else (None, "")
         if progress:
             print(f"quantizing to {quant.name} with llama.cpp ...", flush=True)
-        llama_quantize(intermediate, dest_tmp, quant.file_type, threads, output_type)
+        llama_quantize(intermediate, dest_tmp, quant.file_type, threads, output_type, matrix, source)
     finally:
         remove(intermediate)
     return verify_gguf(dest_tmp, types)

@@ -42,6 +42,7 @@ class ConversionSummary:
     seconds: float
     fallbacks: list[Fallback] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    imatrix: str | None = None  # the importance matrix the quantizer used, and where it was kept
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +61,8 @@ class ConversionSummary:
             lines += [f"    {f.tensor}: {f.used} instead of {f.wanted} ({f.reason})" for f in shown]
             if len(self.fallbacks) > len(shown):
                 lines.append(f"    ... and {len(self.fallbacks) - len(shown)} more")
+        if self.imatrix:
+            lines.append(f"  importance matrix: {self.imatrix}")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 

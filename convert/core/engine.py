@@ -51,6 +51,23 @@ def llama_cpp() -> Any:
     return module
 
 
+def extra_buffer_types() -> bool:
+    """Whether llama.cpp may use its extra CPU weight layouts (repacking, AMX tiles).
+
+    Off on CPUs that report AMX: llama.cpp then runs its AMX kernels, and where a hypervisor
+    does not virtualise the AMX tile state they fault (seen here: SIGSEGV on `ldtilecfg` in
+    `ggml_backend_amx_mul_mat`), killing the process. POCKETLM_LLAMA_AMX=1 turns them back on.
+    """
+    if os.environ.get("POCKETLM_LLAMA_AMX", "").strip() == "1":
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return "amx_tile" not in flags.split()
+
+
 def recent_log(n: int = 3) -> str:
     """The engine's last few log lines, for error messages."""
     lines = [line.strip() for line in list(_recent)[-n:] if line.strip()]

@@ -19,6 +19,7 @@ import gguf
 from .errors import ModelLoadError
 
 MAGIC = b"GGUF"
+IMATRIX_SUFFIX = ".imatrix.gguf"  # an importance matrix kept beside its model (convert/imatrix.py)
 VERSIONS = (2, 3)
 MAX_DIMS = 4
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

@@ -8,7 +8,6 @@ for exactness), and runs token batches asking for exactly the logits rows needed
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from convert.core import engine
+from convert.core.engine import extra_buffer_types
 from convert.core.errors import GenerationError, ModelLoadError
 from convert.core.formats import gguf_quant_name
 
@@ -27,23 +27,6 @@ GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 CTX_STEP = 256  # llama.cpp rounds n_ctx up to a multiple of this
 KV_CELLS_CAP = 16384  # default KV cache of several sequences: n_seq x n_ctx tokens, at most this
 KV_RAM_SHARE = 1 / 8  # ... and at most this share of the machine's RAM
-
-
-def extra_buffer_types() -> bool:
-    """Whether llama.cpp may use its extra CPU weight layouts (repacking, AMX tiles).
-
-    Off on CPUs that report AMX: llama.cpp then runs its AMX kernels, and where a hypervisor
-    does not virtualise the AMX tile state they fault (seen here: SIGSEGV on `ldtilecfg` in
-    `ggml_backend_amx_mul_mat`), killing the process. POCKETLM_LLAMA_AMX=1 turns them back on.
-    """
-    if os.environ.get("POCKETLM_LLAMA_AMX", "").strip() == "1":
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return True
-    return "amx_tile" not in flags.split()
 
 
 def context_size(trained: int | None, max_ctx: int, requested: int | None = None) -> int:

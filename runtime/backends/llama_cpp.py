@@ -20,7 +20,7 @@ from convert.architectures import get as get_architecture
 from convert.core import engine
 from convert.core.errors import ModelLoadError
 from convert.core.formats import gguf_quant_name
-from convert.core.gguf_file import MAGIC, read_header
+from convert.core.gguf_file import IMATRIX_SUFFIX, MAGIC, read_header
 
 from . import Backend, register
 
@@ -57,7 +57,8 @@ class LlamaCpp(Backend):
         from ..source import ModelSource
 
         if path.is_dir() and not (path / "config.json").is_file():
-            ggufs = sorted(path.glob("*.gguf"))  # a folder of one GGUF (a cache entry, a repo snapshot)
+            # a folder of one GGUF (a cache entry, a repo snapshot), maybe with its importance matrix
+            ggufs = [p for p in sorted(path.glob("*.gguf")) if not p.name.endswith(IMATRIX_SUFFIX)]
             path = ggufs[0] if len(ggufs) == 1 else path
         if not path.is_file():
             return None
@@ -66,6 +67,8 @@ class LlamaCpp(Backend):
                 return None
         header = read_header(path)  # refuses truncated/corrupt files before llama.cpp sees them
         meta = header.metadata
+        if meta.get("general.type") == "imatrix":
+            raise ModelLoadError(f"{path}: an importance matrix, not a model (it is for `pocketlm quantize --imatrix`)")
         return ModelSource(
             path, "gguf", header.architecture, gguf_quant_name(meta), path.stat().st_size, metadata=meta, header=header
         )
