@@ -22,9 +22,8 @@ from tqdm import tqdm
 from .checkpoint import iter_rows
 from .core import engine
 from .core.errors import CheckpointError, ModelLoadError, PocketLMError
-from .core.formats import FT, Q, QuantType
-from .core.gguf_file import read_header
-from .imatrix import QUANT_KEYS as IMATRIX_KEYS
+from .core.formats import FT, GGUF_FILE_TYPES, Q, QuantType
+from .core.gguf_file import IMATRIX_KEYS, read_header
 from .imatrix import ImportanceMatrix, for_quantize
 from .output import Fallback, fsync_file, partial_sibling, remove
 from .plan import GGUFPlan, TensorPlan
@@ -139,18 +138,16 @@ def llama_quantize(
     params.nthread = threads or os.cpu_count() or 1
     params.max_buf_size = QUANTIZE_BUF_BYTES
     keep: list[object] = []  # what params point into, alive until the call returns
+    # the source's own pocketlm.quant (f16 for a PocketLM intermediate) must not carry over
+    overrides: dict[str, str | int] = {"pocketlm.quant": GGUF_FILE_TYPES.get(int(file_type), "")}
     if imatrix is not None:
         params.imatrix, keep = imatrix.quantize_data()
-        params.kv_overrides = _kv_overrides(
-            llama,
-            {
-                IMATRIX_KEYS["file"]: imatrix_source,
-                IMATRIX_KEYS["dataset"]: (imatrix.datasets or [""])[0],
-                IMATRIX_KEYS["entries"]: len(imatrix.sums),
-                IMATRIX_KEYS["chunks"]: imatrix.chunks,
-            },
-        )
-        keep.append(params.kv_overrides)
+        overrides[IMATRIX_KEYS["file"]] = imatrix_source
+        overrides[IMATRIX_KEYS["dataset"]] = (imatrix.datasets or [""])[0]
+        overrides[IMATRIX_KEYS["entries"]] = len(imatrix.sums)
+        overrides[IMATRIX_KEYS["chunks"]] = imatrix.chunks
+    params.kv_overrides = _kv_overrides(llama, overrides)
+    keep.append(params.kv_overrides)
     with engine.quiet_c_output():
         rc = llama.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:

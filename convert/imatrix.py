@@ -35,13 +35,6 @@ CHUNK_TOKENS = 512  # tokens per evaluation, as llama-imatrix's default context
 MIN_ROWS = 16  # llama-imatrix ignores matrix products over fewer tokens
 FILE_TYPE = "imatrix"  # general.type of an imatrix GGUF
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
-# What the quantizer records in the file it writes (llama-quantize's keys).
-QUANT_KEYS = {
-    "file": "quantize.imatrix.file",
-    "dataset": "quantize.imatrix.dataset",
-    "entries": "quantize.imatrix.entries_count",
-    "chunks": "quantize.imatrix.chunks_count",
-}
 _GGML_F32 = 0
 _MAX_DIMS, _MAX_SRC, _MAX_NAME, _MAX_OP_PARAMS = 4, 10, 64, 64
 

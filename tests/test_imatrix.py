@@ -188,6 +188,10 @@ def test_quantize_computes_keeps_and_reuses_the_matrix(bloom, calibration, tmp_p
     assert meta["quantize.imatrix.entries_count"] == 8
     assert meta["quantize.imatrix.chunks_count"] == ImportanceMatrix.load(kept).chunks
     assert "quantize.imatrix.file" not in _meta(plain)
+    assert meta["pocketlm.quant"] == _meta(plain)["pocketlm.quant"] == "q3_k_m"  # not the f16 source's
+    info = subprocess.run([sys.executable, "-m", "runtime", "info", str(guided)], capture_output=True, text=True)
+    assert "  quant         q3_k_m" in info.stdout
+    assert f"  imatrix       calib.txt ({meta['quantize.imatrix.chunks_count']} chunks, 8 matrices)" in info.stdout
     # the matrix changed the block matrices' rounding, and nothing else
     a, b = _tensor_bytes(plain), _tensor_bytes(guided)
     changed = {n for n in a if a[n] != b[n]}

@@ -20,6 +20,13 @@ from .errors import ModelLoadError
 
 MAGIC = b"GGUF"
 IMATRIX_SUFFIX = ".imatrix.gguf"  # an importance matrix kept beside its model (convert/imatrix.py)
+# What llama.cpp's quantizer records about the importance matrix it used (llama-quantize's keys).
+IMATRIX_KEYS = {
+    "file": "quantize.imatrix.file",
+    "dataset": "quantize.imatrix.dataset",
+    "entries": "quantize.imatrix.entries_count",
+    "chunks": "quantize.imatrix.chunks_count",
+}
 VERSIONS = (2, 3)
 MAX_DIMS = 4
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

@@ -20,7 +20,7 @@ from convert.architectures import get as get_architecture
 from convert.core import engine
 from convert.core.errors import ModelLoadError
 from convert.core.formats import gguf_quant_name
-from convert.core.gguf_file import IMATRIX_SUFFIX, MAGIC, read_header
+from convert.core.gguf_file import IMATRIX_KEYS, IMATRIX_SUFFIX, MAGIC, read_header
 
 from . import Backend, register
 
@@ -99,6 +99,14 @@ class LlamaCpp(Backend):
             },
             "metadata": meta,
             "on_load": on_load,
+            "imatrix": {
+                "file": meta.get(IMATRIX_KEYS["file"]),
+                "dataset": meta.get(IMATRIX_KEYS["dataset"]),
+                "chunks": meta.get(IMATRIX_KEYS["chunks"]),
+                "matrices": meta.get(IMATRIX_KEYS["entries"]),
+            }
+            if IMATRIX_KEYS["file"] in meta
+            else None,
         }
 
     def open(self, source: Any, choice: Any, n_ctx: int | None, **options: Any) -> Any:
