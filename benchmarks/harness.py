@@ -78,7 +78,7 @@ QUICK = Settings(
     runs=1,
     overhead_runs=3,
     import_repeats=3,
-    fidelity_positions=64,
+    fidelity_positions=1024,
     child_timeout_s=900,
 )
 FULL = Settings(
@@ -94,7 +94,7 @@ FULL = Settings(
     runs=2,
     overhead_runs=7,
     import_repeats=7,
-    fidelity_positions=512,
+    fidelity_positions=4096,
     child_timeout_s=2400,
 )
 
@@ -149,23 +149,41 @@ class ArtifactError(RuntimeError):
     """A conversion that failed: the variant is reported unavailable with this message."""
 
 
-def artifact_path(model: str, fmt: str, quant: str) -> Path:
-    return ARTIFACTS / (f"{model}.{quant}.gguf" if fmt == "gguf" else f"{model}.ct2-{quant}")
+TRAINED = CACHE / "trained"  # benchmarks/reference_models.py's trained checkpoints
+
+
+def artifact_path(model: str, fmt: str, quant: str, output_type: str | None = None, imatrix: bool = False) -> Path:
+    if fmt != "gguf":
+        return ARTIFACTS / f"{model}.ct2-{quant}"
+    head = f"-head_{output_type}" if output_type else ""
+    return ARTIFACTS / f"{model}.{quant}{head}{'-imatrix' if imatrix else ''}.gguf"
 
 
 def source_folder(model: str) -> Path:
-    """The Hugging Face checkpoint folder of a real-shape model (built once) or a small one."""
-    small = CACHE / "small" / model
-    return small if small.is_dir() else ensure_checkpoint(model)
+    """The Hugging Face checkpoint folder of a model: trained (reference_models.py, built
+    there), small (built by a benchmark), or real-shape (built here once)."""
+    for folder in (TRAINED / model, CACHE / "small" / model):
+        if folder.is_dir():
+            return folder
+    return ensure_checkpoint(model)
 
 
-def artifact(model: str, fmt: str, quant: str, rebuild: bool = False) -> Path:
-    """The converted file for (model, format, quant), converted once by `python -m convert`
-    in a child process and cached under results/cache/artifacts/ (--rebuild converts again)."""
-    out = artifact_path(model, fmt, quant)
-    if out.exists() and not rebuild:
-        return out
+def artifact(
+    model: str,
+    fmt: str,
+    quant: str,
+    rebuild: bool = False,
+    output_type: str | None = None,
+    imatrix: Path | None = None,
+) -> Path:
+    """The converted file for (model, format, quant[, head type, importance matrix]),
+    converted once by `python -m convert` in a child process and cached under
+    results/cache/artifacts/ (--rebuild converts again)."""
+    out = artifact_path(model, fmt, quant, output_type, imatrix is not None)
     src = source_folder(model)
+    inputs = [p for p in (src / "config.json", imatrix) if p is not None and p.exists()]
+    if out.exists() and not rebuild and all(out.stat().st_mtime >= p.stat().st_mtime for p in inputs):
+        return out  # converted after its checkpoint (a retrained model converts again) and matrix
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
@@ -183,7 +201,10 @@ def artifact(model: str, fmt: str, quant: str, rebuild: bool = False) -> Path:
         "--threads",
         str(THREADS),
     ]
-    print(f"  converting {model} -> {fmt} {quant}", flush=True)
+    cmd += ["--output-type", output_type] if output_type else []
+    cmd += ["--imatrix", str(imatrix)] if imatrix else []
+    extra = f"{f', head {output_type}' if output_type else ''}{', imatrix' if imatrix else ''}"
+    print(f"  converting {model} -> {fmt} {quant}{extra}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=ROOT)
     if proc.returncode:
         lines = [line for line in (proc.stderr + proc.stdout).strip().splitlines() if line.strip()]
@@ -331,9 +352,11 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def model_config(model: str) -> dict[str, Any]:
-    """config.json of a real-shape or small model."""
-    small = CACHE / "small" / model / "config.json"
-    return json.loads(small.read_text()) if small.is_file() else config(model)
+    """config.json of a real-shape, small or trained model."""
+    for built in (TRAINED / model / "config.json", CACHE / "small" / model / "config.json"):
+        if built.is_file():
+            return json.loads(built.read_text())
+    return config(model)
 
 
 # -- results ------------------------------------------------------------------------------

@@ -98,6 +98,11 @@ def corpus() -> dict[str, list[str]]:
     return out
 
 
+def corpus_sha256() -> str:
+    """Of every corpus file, in name order: a trained model is valid for this corpus only."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CORPUS.glob("*.txt")))).hexdigest()
+
+
 def _heldout_count(n: int) -> int:
     k = max(2, round(n * HELDOUT_FRACTION))
     return k if k < n else n // 2
@@ -647,12 +652,16 @@ TRAINERS = {"trained-bloom": _train_bloom, "trained-t5": _train_t5}
 
 
 def ensure(name: str, rebuild: bool = False, seed: int = SEED) -> Path:
-    """The checkpoint folder of `name` (trained-bloom, trained-t5), trained first if absent."""
+    """The checkpoint folder of `name` (trained-bloom, trained-t5), trained first if absent or
+    trained on another version of the corpus."""
     if name not in TRAINERS:
         raise ValueError(f"unknown reference model {name!r} (one of {', '.join(NAMES)})")
     folder = TRAINED / name
     if (folder / "training.json").is_file() and not rebuild:
-        return folder
+        trained_on = json.loads((folder / "training.json").read_text()).get("corpus_sha256")
+        if trained_on == corpus_sha256():
+            return folder
+        print(f"  {name} was trained on another version of the corpus: training again", flush=True)
     missing = [lang for lang in LANGUAGES if lang not in corpus()]
     if missing:
         print(f"  warning: no corpus for {', '.join(missing)} yet", flush=True)
@@ -666,7 +675,7 @@ def ensure(name: str, rebuild: bool = False, seed: int = SEED) -> Path:
     info["corpus"] = {
         lang: {"train": len(a), "heldout": len(b)} for (lang, a), b in zip(split()[0].items(), split()[1].values())
     }
-    info["corpus_sha256"] = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CORPUS.glob("*.txt")))).hexdigest()
+    info["corpus_sha256"] = corpus_sha256()
     info["wall_s"] = time.perf_counter() - started
     (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)

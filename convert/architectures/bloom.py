@@ -53,7 +53,6 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
     hidden, n_head, n_layer, vocab = hp["hidden"], hp["n_head"], hp["n_layer"], hp["vocab"]
     ffn = 4 * hidden
     prefix = "transformer." if "transformer.word_embeddings.weight" in ckpt else ""
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BLOOM, n_layer)
 
     expected: dict[str, tuple[int, ...]] = {
         "word_embeddings.weight": (vocab, hidden),
@@ -80,10 +79,12 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
             }
         )
 
+    for hf_name, shape in expected.items():  # first: a config's layer count may be absurd
+        expect(ckpt, prefix + hf_name, shape)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BLOOM, n_layer)  # costs time per layer
     tensors = []
     for hf_name, shape in expected.items():
         source = prefix + hf_name
-        expect(ckpt, source, shape)
         target = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise UnsupportedModelError(f"no GGUF name for BLOOM tensor {hf_name}")

@@ -356,6 +356,10 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
     p = T5Params.from_config(ckpt.config, where)
     _check_gguf_support(p, where)
     n_blocks = max(p.n_enc, p.n_dec)  # llama.cpp's block_count; the encoder is padded up to it
+    for stack, n_layers in (("encoder", p.n_enc), ("decoder", p.n_dec)):  # before the per-layer name map
+        if n_layers:
+            last = f"{stack}.block.{n_layers - 1}.layer.0.layer_norm.weight"
+            expect(ckpt, last, (p.d_model,))
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5, n_blocks)
     loader = _Loader(ckpt, p)
 
