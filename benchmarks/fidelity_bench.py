@@ -412,6 +412,7 @@ def measure_heads(s: harness.Settings, rebuild: bool) -> dict[str, Any]:
         )
     return {
         "model": SPEED_MODEL,
+        "cpu": harness.machine_details().get("cpu"),
         "quant": HEAD_QUANT,
         "default": HEAD_DEFAULT,
         "prompt_tokens": s.prompt_tokens,

@@ -525,7 +525,8 @@ def _heads_table(fidelity: dict[str, Any]) -> list[str]:
         f"BLOOM ties its output head to the token embedding, and llama.cpp gives it {heads['default']} under "
         f"K-quants; `--output-type` picks another. Speed: the {heads['model']} shape (random weights, 250880 x 1024 "
         f"head), a {heads['prompt_tokens']}-token prompt then {heads['new_tokens']} tokens, all variants loaded in one "
-        f"process and timed in {heads['rounds']} interleaved rounds (medians). Fidelity: the trained BLOOM (whose head "
+        f"process and timed in {heads['rounds']} interleaved rounds (medians), on {heads.get('cpu') or 'this machine'} "
+        "with 2 threads. Fidelity: the trained BLOOM (whose head "
         "is a smaller share of the model than bloomz-560m's), as above.",
         "",
     ]
