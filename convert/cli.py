@@ -107,11 +107,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .core.errors import ModelLoadError, PocketLMError
+    from .core.errors import ModelLoadError
     from .core.formats import gguf_quant_type, tensor_type
     from .core.gguf_file import read_header
     from .gguf_target import llama_quantize
-    from .imatrix import for_quantize, is_gguf, saved_name
+    from .imatrix import check_applies, for_quantize, is_gguf, saved_name
     from .output import atomic_output, check_writable
 
     src = Path(args.input)
@@ -125,8 +125,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_writable(out, args.force)  # before an importance matrix is computed for it
     matrix, source, notes = None, "", []
     if args.imatrix:
-        if qt.direct is not None:
-            raise PocketLMError(f"--imatrix guides llama.cpp's quantizer; {qt.name} does not use it")
+        check_applies(qt)
         spec, keep = Path(args.imatrix), saved_name(out)
         computed = not is_gguf(spec)
         matrix, source = for_quantize(spec, src, keep if computed else None, args.threads, sys.stderr.isatty())

@@ -24,7 +24,7 @@ from .core import engine
 from .core.errors import CheckpointError, ModelLoadError, PocketLMError
 from .core.formats import FT, GGUF_FILE_TYPES, Q, QuantType
 from .core.gguf_file import IMATRIX_KEYS, read_header
-from .imatrix import ImportanceMatrix, for_quantize
+from .imatrix import ImportanceMatrix, check_applies, for_quantize
 from .output import Fallback, fsync_file, partial_sibling, remove
 from .plan import GGUFPlan, TensorPlan
 
@@ -202,10 +202,8 @@ def convert_gguf(
     """Produce the final GGUF at `dest_tmp` (verified), directly or through llama.cpp (always
     when the output head gets a type of its own). `imatrix`: a calibration text (the matrix
     is computed on the intermediate file and saved to `imatrix_save`) or an imatrix GGUF."""
-    if imatrix is not None and quant.direct is not None:
-        raise PocketLMError(
-            f"--imatrix guides llama.cpp's quantizer (q2_k ... q6_k, q4_0 ... q5_1); {quant.name} does not use it"
-        )
+    if imatrix is not None:
+        check_applies(quant)
     if quant.direct is not None and output_type is None:
         types = write_gguf(plan, dest_tmp, quant.direct, quant.file_type, metadata, release, progress)
         return verify_gguf(dest_tmp, types)

@@ -14,7 +14,6 @@ Files use llama.cpp's imatrix GGUF layout (`<weight>.in_sum2`, `<weight>.counts`
 from __future__ import annotations
 
 import ctypes
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +25,12 @@ from tqdm import tqdm
 
 from .core import engine
 from .core.errors import ModelLoadError, PocketLMError
-from .core.gguf_file import IMATRIX_SUFFIX
+from .core.formats import QuantType
+from .core.gguf_file import IMATRIX_SUFFIX, IMATRIX_TYPE, MAGIC
 from .output import atomic_output
-
-log = logging.getLogger(__name__)
 
 CHUNK_TOKENS = 512  # tokens per evaluation, as llama-imatrix's default context
 MIN_ROWS = 16  # llama-imatrix ignores matrix products over fewer tokens
-FILE_TYPE = "imatrix"  # general.type of an imatrix GGUF
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 _GGML_F32 = 0
 _MAX_DIMS, _MAX_SRC, _MAX_NAME, _MAX_OP_PARAMS = 4, 10, 64, 64
@@ -132,18 +129,18 @@ class ImportanceMatrix:
         the float32 sums as llama-quantize reads a file (so a kept file quantizes the same)."""
         return {k: v.astype(np.float32) / np.float32(max(1, self.counts[k])) for k, v in self.sums.items()}
 
-    def save(self, path: Path, force: bool = True) -> Path:
-        """Write llama.cpp's imatrix GGUF atomically."""
-        writer = gguf.GGUFWriter(path=None, arch=FILE_TYPE)
+    def save(self, path: Path) -> Path:
+        """Write llama.cpp's imatrix GGUF atomically (replacing an older one)."""
+        writer = gguf.GGUFWriter(path=None, arch=IMATRIX_TYPE)
         writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # an imatrix has none
-        writer.add_type(FILE_TYPE)
+        writer.add_type(IMATRIX_TYPE)
         writer.add_array(KEY_DATASETS, self.datasets or ["unknown"])
         writer.add_uint32(KEY_CHUNK_COUNT, self.chunks)
         writer.add_uint32(KEY_CHUNK_SIZE, self.chunk_size)
         for name in sorted(self.sums):
             writer.add_tensor(f"{name}.in_sum2", self.sums[name].astype(np.float32)[None, :])
             writer.add_tensor(f"{name}.counts", np.array([[self.counts[name]]], dtype=np.float32))
-        with atomic_output(path, force) as tmp:
+        with atomic_output(path, True) as tmp:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -162,7 +159,7 @@ class ImportanceMatrix:
         def value(key: str) -> Any:
             return fields[key].contents() if key in fields else None
 
-        if value(gguf.Keys.General.TYPE) != FILE_TYPE and KEY_CHUNK_SIZE not in fields:
+        if value(gguf.Keys.General.TYPE) != IMATRIX_TYPE and KEY_CHUNK_SIZE not in fields:
             raise ModelLoadError(f"{path}: a GGUF file, but not an importance matrix (general.type is not imatrix)")
         out = cls(
             chunk_size=int(value(KEY_CHUNK_SIZE) or 0),
@@ -199,11 +196,19 @@ class ImportanceMatrix:
         return array, keep
 
 
+def check_applies(quant: QuantType) -> None:
+    """Only llama.cpp's quantizer reads an importance matrix; PocketLM writes the others itself."""
+    if quant.direct is not None:
+        raise PocketLMError(
+            f"--imatrix guides llama.cpp's quantizer (q2_k ... q6_k, q4_0 ... q5_1); {quant.name} does not use it"
+        )
+
+
 def is_gguf(path: Path) -> bool:
     """Whether `path` is a GGUF file: `--imatrix` reads one as a matrix, anything else as text."""
     try:
         with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
+            if f.read(4) != MAGIC:
                 return False
     except OSError:
         return False

@@ -90,7 +90,7 @@ def describe(r: dict[str, Any]) -> str:
         lines.append(f"    sha256 {digest}  {name}")
     imatrix = r.get("imatrix")
     if imatrix:  # what llama.cpp's quantizer was guided by
-        lines.append(f"  imatrix       {imatrix['file']} ({imatrix['chunks']} chunks, {imatrix['matrices']} matrices)")
+        lines.append(f"  imatrix       {imatrix['file']} ({imatrix['chunks']} chunks, {imatrix['entries']} matrices)")
     generation = r.get("generation")
     if generation and (generation["defaults"] or generation["not_applied"] or generation["warnings"]):
         shown = ", ".join(f"{k} {v}" for k, v in generation["defaults"].items()) or "none PocketLM applies"

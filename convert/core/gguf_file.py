@@ -19,7 +19,8 @@ import gguf
 from .errors import ModelLoadError
 
 MAGIC = b"GGUF"
-IMATRIX_SUFFIX = ".imatrix.gguf"  # an importance matrix kept beside its model (convert/imatrix.py)
+IMATRIX_TYPE = "imatrix"  # general.type of an importance matrix GGUF (convert/imatrix.py)
+IMATRIX_SUFFIX = ".imatrix.gguf"  # an importance matrix kept beside its model
 # What llama.cpp's quantizer records about the importance matrix it used (llama-quantize's keys).
 IMATRIX_KEYS = {
     "file": "quantize.imatrix.file",

@@ -20,7 +20,7 @@ from convert.architectures import get as get_architecture
 from convert.core import engine
 from convert.core.errors import ModelLoadError
 from convert.core.formats import gguf_quant_name
-from convert.core.gguf_file import IMATRIX_KEYS, IMATRIX_SUFFIX, MAGIC, read_header
+from convert.core.gguf_file import IMATRIX_KEYS, IMATRIX_SUFFIX, IMATRIX_TYPE, MAGIC, read_header
 
 from . import Backend, register
 
@@ -67,7 +67,7 @@ class LlamaCpp(Backend):
                 return None
         header = read_header(path)  # refuses truncated/corrupt files before llama.cpp sees them
         meta = header.metadata
-        if meta.get("general.type") == "imatrix":
+        if meta.get("general.type") == IMATRIX_TYPE:
             raise ModelLoadError(f"{path}: an importance matrix, not a model (it is for `pocketlm quantize --imatrix`)")
         return ModelSource(
             path, "gguf", header.architecture, gguf_quant_name(meta), path.stat().st_size, metadata=meta, header=header
@@ -99,14 +99,7 @@ class LlamaCpp(Backend):
             },
             "metadata": meta,
             "on_load": on_load,
-            "imatrix": {
-                "file": meta.get(IMATRIX_KEYS["file"]),
-                "dataset": meta.get(IMATRIX_KEYS["dataset"]),
-                "chunks": meta.get(IMATRIX_KEYS["chunks"]),
-                "matrices": meta.get(IMATRIX_KEYS["entries"]),
-            }
-            if IMATRIX_KEYS["file"] in meta
-            else None,
+            "imatrix": {k: meta.get(key) for k, key in IMATRIX_KEYS.items()} if IMATRIX_KEYS["file"] in meta else None,
         }
 
     def open(self, source: Any, choice: Any, n_ctx: int | None, **options: Any) -> Any:
