@@ -35,6 +35,7 @@ format: $(VENV)/.installed-test
 bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/convert_bench.py
 	$(PY) benchmarks/speed_bench.py $(BENCH_ARGS)
+	$(PY) benchmarks/ray_bench.py $(BENCH_ARGS)
 
 fidelity: $(VENV)/.installed-bench
 	$(PY) benchmarks/fidelity_bench.py $(BENCH_ARGS)

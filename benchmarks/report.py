@@ -1,4 +1,4 @@
-"""Regenerate benchmarks/README.md from benchmarks/results/*.json (speed, fidelity, serve, beams, convert).
+"""Regenerate benchmarks/README.md from benchmarks/results/*.json (speed, fidelity, serve, beams, ray, convert).
 
     .venv/bin/python benchmarks/report.py
 
@@ -915,9 +915,41 @@ def method() -> list[str]:
     ]
 
 
+def ray_section(result: dict[str, Any] | None) -> list[str]:
+    """Issue 18: the JSONL job in one process vs on 1 and 2 local Ray actors."""
+    if not result:
+        return []
+    out = [
+        "## Scale out on Ray (issue 18)",
+        "",
+        f"From `benchmarks/results/ray.json` (`{result['command']}`, {result['mode']} mode, {result['minutes']} min, "
+        f"{result.get('date', '?')}, {result.get('cpu') or 'CPU ?'}, {result['cores']} cores): {result['model']} "
+        f"(random weights, real shape), {result['prompts']} prompts, {result['new_tokens']} new tokens each, batch "
+        f"size {result['batch_size']}. The whole job end to end (actor start and model load included), settings in "
+        f"turn, median of {result['rounds']} rounds. The threads are split between the actors: on a machine this "
+        "small two actors cannot be faster than one, so the rows measure what Ray costs, not a speed-up; on a "
+        "cluster each node adds its own cores.",
+        "",
+    ]
+    if result["mode"] == "quick":
+        out += ["> **Quick mode**: few prompts and rounds; for checking the script, not for quoting.", ""]
+    rows = [
+        [
+            name,
+            f"{r['median_s']:.1f}",
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['vs_one_process']:.2f}x",
+            f"{r['same_tokens_as_one_process']}/{result['prompts']}",
+        ]
+        for name, r in result["settings"].items()
+    ]
+    out += table(["setting", "job (s)", "new tokens/s", "vs one process", "same tokens as one process"], rows)
+    return out + [""]
+
+
 def main(argv: list[str]) -> int:
     speed, fidelity, convert, serve = load("speed"), load("fidelity"), load("convert"), load("serve")
-    beams = load("beams")
+    beams, ray = load("beams"), load("ray")
     sections: list[Callable[[], list[str]]] = [
         lambda: quick_banner(speed, fidelity),
         lambda: headline(speed, fidelity),
@@ -929,6 +961,7 @@ def main(argv: list[str]) -> int:
         lambda: import_section(speed),
         lambda: serve_section(serve),
         lambda: beam_section(beams),
+        lambda: ray_section(ray),
         lambda: convert_section(convert),
         lambda: fidelity_section(fidelity),
         method,

@@ -4,7 +4,10 @@ Input lines are JSON objects with a "prompt" (text, or a list of token ids) and 
 "id", or bare JSON strings. Each answer is appended to the output as soon as its batch is
 done (and flushed to disk), keyed by the id (or the input line number); on a re-run,
 prompts already answered are skipped, so an interrupted run just continues. Models whose
-engine decodes prompts together (CTranslate2) get a batch at a time; the others go one by one.
+engine decodes prompts together (CTranslate2, or `parallel` sequences) get a batch at a
+time; the others go one by one. Each record has the text, its token ids, the finish reason and
+token counts (and the beam score, every answer with num_return_sequences > 1).
+runtime/ray.py runs the same job over a Ray cluster.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tqdm import tqdm
 
 from convert.core.errors import GenerationError
 
-from .generation import GenerationOptions
-from .model import Model
+from .generation import GenerationOptions, GenerationResult
+from .model import Model, Prompt
 
 
 @dataclass
@@ -31,7 +34,7 @@ class BatchStats:
     output: str
 
 
-def read_prompts(path: Path) -> Iterator[tuple[Any, str | list[int]]]:
+def read_prompts(path: Path) -> Iterator[tuple[Any, Prompt]]:
     """(key, prompt) per non-empty input line; a malformed line is an error naming it."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -72,6 +75,40 @@ def answered_keys(path: Path) -> set[str]:
     return keys
 
 
+def answer(result: GenerationResult) -> dict[str, Any]:
+    """What an output record (or a Ray Data row) says about one prompt's result."""
+    record: dict[str, Any] = {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": len(result.token_ids),
+    }
+    if result.score is not None:
+        record["score"] = result.score
+    if result.others:  # num_return_sequences > 1: every answer, the first repeated
+        record["texts"] = [s.text for s in result.sequences]
+        record["completion_tokens"] = result.completion_tokens
+    return record
+
+
+def write_records(out: IO[str], records: list[dict[str, Any]]) -> None:
+    """Append records as JSON lines, on disk (fsync) before returning: a kill loses no answer."""
+    out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def todo_prompts(input_path: Path, output_path: Path) -> tuple[list[tuple[Any, Prompt]], int]:
+    """The input's (key, prompt) pairs not answered in the output yet, and how many were."""
+    if output_path.is_dir():
+        raise GenerationError(f"{output_path}: is a folder; --output needs a JSONL file")
+    prompts = list(read_prompts(input_path))
+    done = answered_keys(output_path)
+    todo = [(key, p) for key, p in prompts if json.dumps(key) not in done]
+    return todo, len(prompts) - len(todo)
+
+
 def run_jsonl(
     model: Model,
     input_path: Path,
@@ -82,34 +119,14 @@ def run_jsonl(
 ) -> BatchStats:
     if batch_size < 1:
         raise GenerationError(f"batch size {batch_size}: must be at least 1")
-    if output_path.is_dir():
-        raise GenerationError(f"{output_path}: is a folder; --output needs a JSONL file")
-    prompts = list(read_prompts(input_path))
-    done = answered_keys(output_path)
-    todo = [(key, p) for key, p in prompts if json.dumps(key) not in done]
+    todo, skipped = todo_prompts(input_path, output_path)
     size = batch_size if model.batches_prompts else 1
     bar = tqdm(total=len(todo), desc="answering", unit="prompt", disable=not progress)
     with open(output_path, "a", encoding="utf-8") as out:
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             results = model.generate_batch([p for _, p in chunk], options)
-            for (key, prompt), r in zip(chunk, results):
-                record = {
-                    "id": key,
-                    "prompt": prompt,
-                    "text": r.text,
-                    "finish_reason": r.finish_reason,
-                    "prompt_tokens": r.prompt_tokens,
-                    "completion_tokens": len(r.token_ids),
-                }
-                if r.score is not None:
-                    record["score"] = r.score
-                if r.others:  # num_return_sequences > 1: every answer, the first repeated
-                    record["texts"] = [s.text for s in r.sequences]
-                    record["completion_tokens"] = r.completion_tokens
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+            write_records(out, [{"id": key, "prompt": p, **answer(r)} for (key, p), r in zip(chunk, results)])
             bar.update(len(chunk))
     bar.close()
-    return BatchStats(answered=len(todo), skipped=len(prompts) - len(todo), output=str(output_path))
+    return BatchStats(answered=len(todo), skipped=skipped, output=str(output_path))

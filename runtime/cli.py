@@ -173,6 +173,23 @@ def _run(p: argparse.ArgumentParser) -> None:
         help="where --input answers go; re-running skips prompts already answered",
     )
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together with --input (default 16)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="spread --input over a Ray cluster: ADDRESS (ray://host:10001, host:6379, or auto for the one this "
+        "machine joined), or a local Ray instance on this machine when omitted; needs pocketlm[ray]",
+    )
+    p.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --ray: model copies answering at once (default: one per node), each reserving --threads CPUs "
+        "(default: its share of the cluster's CPUs, at most one node's)",
+    )
     p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
     p.add_argument("--json", action="store_true", help="print the result (text, ids, finish reason, speed) as JSON")
     _add_generation_options(p)
@@ -334,6 +351,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.input or args.output:
         if not (args.input and args.output):
             raise PocketLMError("--input and --output go together")
+        if args.ray is not None:
+            return _run_on_ray(args, given)
+        if args.actors is not None:
+            raise PocketLMError("--actors goes with --ray")
         from .batch import run_jsonl
 
         with _load(args, parallel=args.batch_size if args.batch_size > 1 else None) as model:
@@ -365,6 +386,36 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+    return 0
+
+
+def _run_on_ray(args: argparse.Namespace, given: dict[str, Any]) -> int:
+    try:
+        from .ray import run_jsonl
+    except ModuleNotFoundError as e:
+        raise PocketLMError(f"--ray needs Ray ({e.name} is missing): pip install 'pocketlm[ray]'") from None
+    load = {
+        "device": args.device,
+        "threads": args.threads,
+        "n_ctx": args.ctx,
+        "backend": args.backend,
+        "quant": args.load_quant,
+        "compute_type": args.compute_type,
+    }
+    load = {k: v for k, v in load.items() if v is not None and v != "auto"}
+    address = None if args.ray == "local" else args.ray
+    stats = run_jsonl(
+        args.model,
+        Path(args.input),
+        Path(args.output),
+        address,
+        args.actors,
+        args.batch_size,
+        given,
+        load,
+        sys.stderr.isatty(),
+    )
+    print(f"answered {stats.answered} prompts ({stats.skipped} already answered) -> {stats.output}")
     return 0
 
 
