@@ -330,20 +330,22 @@ def _parallel(value: str) -> int | str:
     return int(value)
 
 
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`runtime.load`'s keywords from the engine options."""
+    return {
+        "device": args.device,
+        "threads": args.threads,
+        "n_ctx": args.ctx,
+        "backend": args.backend,
+        "quant": args.load_quant,
+        "compute_type": args.compute_type,
+    }
+
+
 def _load(args: argparse.Namespace, parallel: int | str | None = None, **options: Any) -> Any:
     import runtime
 
-    return runtime.load(
-        args.model,
-        device=args.device,
-        threads=args.threads,
-        n_ctx=args.ctx,
-        backend=args.backend,
-        quant=args.load_quant,
-        compute_type=args.compute_type,
-        parallel=parallel,
-        **options,
-    )
+    return runtime.load(args.model, parallel=parallel, **_load_options(args), **options)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -394,15 +396,7 @@ def _run_on_ray(args: argparse.Namespace, given: dict[str, Any]) -> int:
         from .ray import run_jsonl
     except ModuleNotFoundError as e:
         raise PocketLMError(f"--ray needs Ray ({e.name} is missing): pip install 'pocketlm[ray]'") from None
-    load = {
-        "device": args.device,
-        "threads": args.threads,
-        "n_ctx": args.ctx,
-        "backend": args.backend,
-        "quant": args.load_quant,
-        "compute_type": args.compute_type,
-    }
-    load = {k: v for k, v in load.items() if v is not None and v != "auto"}
+    load = {k: v for k, v in _load_options(args).items() if v is not None and v != "auto"}
     address = None if args.ray == "local" else args.ray
     stats = run_jsonl(
         args.model,
