@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -199,11 +199,20 @@ class TokenStream(Iterator[StreamEvent]):
     """The events of one generation, and its result.
 
     `result` fills as the stream is read and is complete once it is exhausted; `close()` (or
-    leaving a `with` block) stops the generation at once and frees the engine."""
+    leaving a `with` block) stops the generation at once and frees the engine. `cancel()` may
+    be called from any thread (a server noticing its client left): the generation stops at
+    the next engine step, or leaves the queue if it is still waiting, and the stream ends."""
 
-    def __init__(self, events: Generator[StreamEvent, None, None], result: GenerationResult):
+    def __init__(
+        self,
+        events: Generator[StreamEvent, None, None],
+        result: GenerationResult,
+        on_cancel: Callable[[], None] | None = None,
+    ):
         self._events = events
         self.result = result
+        self._on_cancel = on_cancel
+        self.cancelled = False
 
     def __iter__(self) -> TokenStream:
         return self
@@ -222,6 +231,12 @@ class TokenStream(Iterator[StreamEvent]):
 
     def close(self) -> None:
         self._events.close()
+
+    def cancel(self) -> None:
+        """Stop from another thread; whoever reads the stream sees it end (see the class)."""
+        self.cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     def __enter__(self) -> TokenStream:
         return self

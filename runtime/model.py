@@ -60,6 +60,7 @@ class ModelInfo:
     reasons: list[str] = field(default_factory=list)
     parallel: int = 1  # sequences decoded together
     kv_cells: int = 0  # tokens the KV cache holds, all sequences together (0: the engine manages it)
+    kv_bytes: int = 0  # what those tokens take (as `pocketlm info` computes it; 0: not known)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -430,6 +431,11 @@ class StepModel(Model):
     @property
     def kv_cells(self) -> int:
         return self.info.n_ctx
+
+    @property
+    def kv_cells_in_use(self) -> int:
+        """KV cells reserved by running sequences (prompt and new tokens, kept from admission)."""
+        return sum(list(self._busy.values()))
 
     def _wait_idle(self) -> None:
         """Wait (holding the engine lock) until no sequence holds a slot."""

@@ -104,13 +104,19 @@ class Scheduler:
                     self._waiting.append(request)
             self._start_thread()
             self._wake.notify_all()
-        return [TokenStream(self._events(r), r.seq.result) for r in requests]
+        return [TokenStream(self._events(r), r.seq.result, on_cancel=lambda r=r: self._cancel(r)) for r in requests]
 
     @property
     def load(self) -> tuple[int, int]:
         """(requests running, requests waiting)."""
         with self._wake:
             return len(self._running), len(self._waiting)
+
+    @property
+    def sequences_running(self) -> int:
+        """Sequences of the running requests (samples and beams count one each)."""
+        with self._wake:
+            return sum(r.sequences for r in self._running)
 
     def close(self) -> None:
         """Stop: running and waiting requests end with an error; the thread exits."""
@@ -120,6 +126,13 @@ class Scheduler:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+
+    def _cancel(self, request: _Request) -> None:
+        """From any thread: the request ends at the next step (its reader sees the end)."""
+        with self._wake:
+            if not request.finished:
+                request.cancelled = True
+                self._wake.notify_all()
 
     def _events(self, request: _Request) -> Generator[StreamEvent, None, None]:
         try:
@@ -167,6 +180,7 @@ class Scheduler:
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
             request.finished = True
+            request.events.put(_END)  # a reader cancelling from another thread may be waiting
 
     def _gather(self) -> None:
         """Called holding `_wake` (not the engine) before each step: a chance to wait for more."""

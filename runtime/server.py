@@ -1,399 +1,975 @@
-"""An OpenAI-compatible HTTP server over one loaded model, on the standard library alone.
+"""An OpenAI-compatible HTTP server over one loaded model: a Starlette app on uvicorn.
 
     server = make_server(runtime.load("bloomz-560m-q4_k_m.gguf"), port=8000)
-    server.serve_forever()   # or serve(model): blocking, Ctrl-C stops it
+    server.serve_forever()   # or serve(model): blocking; SIGTERM or Ctrl-C stop it gracefully
 
-Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions` and
-`POST /v1/chat/completions`, whole or streamed as server-sent events (`"stream": true`).
-Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
-
-Sampling follows OpenAI's API, not PocketLM's CLI: `temperature` defaults to 1.0 (send 0 for
-greedy decoding); `max_tokens` defaults to 16 for completions and to the server's limit for
-chat. `n` (up to 16 choices), `logprobs` (completions: the number of alternatives; chat:
-`logprobs: true` with `top_logprobs`), `presence_penalty` and `frequency_penalty` have
-OpenAI's meaning; `top_k`, `repetition_penalty`, `no_repeat_ngram_size` and beam search
-(`num_beams`, `length_penalty`, `early_stopping`: transformers' meaning; `n` beams come back;
-temperature defaults to 0 with beams) are accepted as extras. Log-probabilities are the
-model's own, before penalties and temperature. Fields PocketLM cannot honour (`best_of`,
-`echo`, `logit_bias`, ...) are refused unless they hold their neutral value. Unknown fields
-are ignored.
-
-Chat prompts: these are instruction models without a chat template. A lone user message
-(after optional system messages) is sent as `system + "\\n\\n" + user`, or the bare user text;
-longer conversations become a transcript `"{system}\\n\\nUser: ...\\nAssistant: ...\\nUser:
-...\\nAssistant:"`.
+Endpoints (`ENDPOINTS`): `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`,
+`POST /v1/completions` and `POST /v1/chat/completions`, whole or streamed as server-sent
+events (`"stream": true`). Errors have OpenAI's shape, `{"error": {"message", "type", "param",
+"code"}}`. What a request may ask and how it becomes a prompt and options is
+runtime/openai_api.py; this module carries it over HTTP.
 
 Load: `max_concurrent` generations run at once (default: the sequences the model decodes
 together, `runtime.load(parallel=N)`, whose scheduler batches them), `max_queue` more wait,
-further requests get 429 with `Retry-After: 1`. A client that goes away mid-stream frees its
-slot at the next token. `/health` reports parallel, KV cells, running and waiting sequences.
+further requests get 429 with `Retry-After: 1`. Each generation runs in a thread of its own
+(the engine blocks); connections cost no thread. A client that goes away, streaming or not,
+has its generation cancelled and its sequence freed at the next engine step. Connections are
+capped (`max_connections`, by default what the open-file limit leaves): at the cap a new
+connection replaces the one that has waited longest for a request, or is refused with a 503
+and closed when none has waited a second. A request's headers must arrive within
+`Timeouts.header` seconds of connecting (or of the previous response), its body within
+`Timeouts.body`; a stream's client must take each event within `Timeouts.write`. Bodies may
+be chunked.
+
+Shutdown (SIGTERM or SIGINT, or `shutdown()`): no new connections or requests (503), running
+generations may finish within `Timeouts.drain` seconds; then every open stream gets, for each
+unfinished choice, a chunk with `finish_reason: "abort"` and then `data: [DONE]` (a whole
+response comes back with the text so far and `finish_reason: "abort"`), and the server
+returns. A second signal cuts at once.
 
 Security: bound to a loopback address, only requests whose Host is a loopback name or address
 are answered (403 otherwise: a DNS-rebinding page cannot drive the server). Requests from web
 pages (an Origin header) are refused unless their origin was allowed (`cors_origins`, CLI
 `--cors-origin`), which then get CORS headers and preflight answers. An open address without
-an API key is warned about at start.
+an API key is warned about at start. Everything but /health needs the key when one is set.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import errno
+import functools
 import hmac
 import ipaddress
-import itertools
 import json
 import logging
-import secrets
+import resource
+import signal
 import socket
-import socketserver
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+
+import uvicorn
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route, Router
+from starlette.types import Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from convert.core import __version__
 from convert.core.errors import PocketLMError
 
-from .generation import (
-    MAX_SEQUENCES,
-    MAX_TOP_LOGPROBS,
-    GenerationOptions,
-    GenerationResult,
-    StreamEvent,
-    TokenLogprob,
-    TokenStream,
-)
+from .generation import GenerationResult, StreamEvent, TokenLogprob, TokenStream
+from .metrics import CONTENT_TYPE, Metrics
 from .model import Model
+from .openai_api import ApiError, GenerationRequest, Limits, Reply, chat_prompt, parse_request
+
+__all__ = ["ENDPOINTS", "Limits", "Server", "Timeouts", "chat_prompt", "make_app", "make_server", "serve"]
 
 log = logging.getLogger("pocketlm.server")
 
-REQUEST_TIMEOUT = 30.0  # seconds a client may stay silent (or not read) before it is dropped
-DRAIN_SECONDS = 30.0  # how long shutdown waits for running generations to stop
-# OpenAI fields PocketLM cannot honour: accepted only with their neutral value.
-NEUTRAL: dict[str, Any] = {
-    "best_of": 1,
-    "echo": False,
-    "suffix": "",
-    "logit_bias": {},
-    "tools": [],
-}
-# path -> {HTTP method: the Handler method `_<name>` that answers}. A new endpoint is a row here
-# and its method; routing, 404/405 answers, auth and `pocketlm serve --help` follow the table.
+# path -> {HTTP method: the Service method that answers}. A new endpoint is a row here and its
+# method; routing, 404/405 answers, auth and `pocketlm serve --help` follow the table.
 ENDPOINTS: dict[str, dict[str, str]] = {
     "/health": {"GET": "health"},
+    "/metrics": {"GET": "metrics"},
     "/v1/models": {"GET": "models"},
     "/v1/completions": {"POST": "completions"},
     "/v1/chat/completions": {"POST": "chat"},
 }
 PUBLIC = {"/health"}  # answered without the API key
-TYPE_NAMES = {
-    int: "an integer",
-    float: "a number",
-    bool: "a boolean",
-    str: "a string",
-    list: "an array",
-    dict: "an object",
-}
+RESERVED_FDS = 64  # file descriptors kept for the model, the engine and the process itself
+MIN_WAIT_TO_EVICT = 1.0  # seconds a connection must have waited for a request before it can be replaced
 
 
-class ApiError(Exception):
-    """An error response: HTTP status and OpenAI's error fields."""
+@dataclass(frozen=True)
+class Timeouts:
+    """How long the server waits for a client (seconds), and for running work at shutdown."""
+
+    header: float = field(
+        default=10.0, metadata={"help": "for a request's headers, from connecting or the last response"}
+    )
+    body: float = field(default=30.0, metadata={"help": "for a request's body, once its headers are in"})
+    write: float = field(default=30.0, metadata={"help": "for a stream's client to take each event"})
+    keep_alive: float = field(default=5.0, metadata={"help": "an idle connection is kept between requests"})
+    drain: float = field(default=30.0, metadata={"help": "at shutdown for running generations, before they are cut"})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not getattr(self, f.name) > 0:
+                raise PocketLMError(f"--{f.name.replace('_', '-')}-timeout {getattr(self, f.name)}: must be > 0")
+
+
+# -- a generation, seen from the event loop ----------------------------------------------------
+_END = object()
+_ABORT = object()
+
+
+class Generation:
+    """One request's TokenStream, read in a thread of its own (the engine blocks), its events
+    handed to the event loop's queue. `cancel()` (the client left) stops it at the next engine
+    step; `abort()` (shutdown) also ends what the loop reads at once."""
+
+    def __init__(self, model: Model, request: GenerationRequest, limits: Limits):
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._stop = threading.Event()
+        self.stream: TokenStream | None = None
+        self.request = request
+        self.prompt_tokens = 0
+        self.thread = threading.Thread(target=self._run, args=(model, limits), name="pocketlm-request", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is reading
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _run(self, model: Model, limits: Limits) -> None:
+        try:
+            prompt = self.request.prompt
+            if limits.max_prompt_tokens is not None:
+                n = len(model.tokenize(prompt)) if isinstance(prompt, str) else len(prompt)
+                if n > limits.max_prompt_tokens:
+                    over = limits.over("max_prompt_tokens")
+                    message = f"the prompt has {n} tokens; at most {limits.max_prompt_tokens} {over}"
+                    raise ApiError(400, message, param="messages" if self.request.chat else "prompt")
+            self.stream = stream = model.stream_tokens(prompt, self.request.options)
+            if self._stop.is_set():
+                stream.cancel()
+            with stream:
+                for event in stream:
+                    self._put(event)
+                    if self._stop.is_set():
+                        break
+            self._put(_END)
+        except BaseException as e:  # handed to the reader, which answers or logs it
+            self._put(e)
+
+    def cancel(self) -> None:
+        self._stop.set()
+        stream = self.stream
+        if stream is not None:
+            stream.cancel()
+
+    def abort(self) -> None:
+        self.cancel()
+        self._queue.put_nowait(_ABORT)
+
+    async def next(self) -> StreamEvent | object:
+        """The next event, `_END`, or `_ABORT`; the generation's error is raised."""
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    @property
+    def result(self) -> GenerationResult:
+        assert self.stream is not None
+        return self.stream.result
+
+
+# -- admission ------------------------------------------------------------------------------------
+class Slots:
+    """Admission control: `running` generations at once, `waiting` more queued (in order),
+    others refused. Used from the event loop; `wait_idle` from any thread."""
+
+    def __init__(self, running: int, waiting: int):
+        if running < 1 or waiting < 0:
+            raise PocketLMError(
+                f"the server needs max_concurrent >= 1 and max_queue >= 0 (got {running} and {waiting})"
+            )
+        self.running, self.capacity = running, running + waiting
+        self.admitted = 0  # running and waiting
+        self.active = 0  # running
+        self._semaphore: asyncio.Semaphore | None = None
+        self._changed = threading.Condition()
+
+    def enter(self) -> bool:
+        """Take a place (running or waiting); False when the queue is full."""
+        with self._changed:
+            if self.admitted >= self.capacity:
+                return False
+            self.admitted += 1
+            return True
+
+    async def start(self) -> None:
+        """Wait for a running slot (first come, first served)."""
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.running)
+        await self._semaphore.acquire()
+        self.active += 1
+
+    def stop(self) -> None:
+        assert self._semaphore is not None
+        self.active -= 1
+        self._semaphore.release()
+
+    def leave(self) -> None:
+        with self._changed:
+            self.admitted -= 1
+            self._changed.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        return self.admitted - self.active
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.admitted == 0, timeout)
+
+
+# -- the application ------------------------------------------------------------------------------
+class Service:
+    """The OpenAI API over one model, as an ASGI app (`make_app`): routing, the Host, Origin
+    and key checks, admission, generations, metrics. Knows nothing of sockets."""
 
     def __init__(
         self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
+        model: Model,
+        api_key: str | None = None,
+        max_concurrent: int = 0,
+        max_queue: int = 64,
+        limits: Limits | None = None,
+        model_name: str | None = None,
+        cors_origins: Sequence[str] = (),
+        loopback_port: int | None = None,
+        timeouts: Timeouts | None = None,
+        connections: Callable[[], int] | None = None,
     ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.headers = headers or {}
+        self.model, self.api_key = model, api_key
+        self.model_name = model_name or default_name(model)
+        self.limits = limits or Limits()
+        self.timeouts = timeouts or Timeouts()
+        self.parallel = max(1, model.info.parallel)
+        self.slots = Slots(max_concurrent or self.parallel, max_queue)
+        self.cors_origins = {o.rstrip("/") for o in cors_origins}
+        self.loopback_port = loopback_port  # set: only loopback Host names with this port (or none)
+        self.created = int(time.time())
+        self.draining = False  # shutting down: no new generations
+        self.live: set[Generation] = set()
+        self._aborted: asyncio.Event | None = None
+        self.metrics = Metrics(self._gauges(connections))
+        routes = [
+            Route(path, getattr(self, "_" + name), methods=[method])
+            for path, methods in ENDPOINTS.items()
+            for method, name in methods.items()
+        ]
+        self.router = Router(routes)
+        self._threads: set[threading.Thread] = set()
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def _gauges(self, connections: Callable[[], int] | None) -> dict[str, tuple[str, Callable[[], float]]]:
+        model = self.model
 
+        def scheduler_load() -> tuple[int, int]:
+            scheduler = getattr(model, "_scheduler", None)
+            return scheduler.load if scheduler is not None else (0, 0)
 
-# -- requests ---------------------------------------------------------------------------
-@dataclass
-class GenerationRequest:
-    prompt: str | list[int]
-    options: GenerationOptions = field(default_factory=GenerationOptions)
-    stream: bool = False
-    include_usage: bool = False
-    logprobs: bool = False  # the reply carries them
+        def sequences() -> int:
+            scheduler = getattr(model, "_scheduler", None)
+            return scheduler.sequences_running if scheduler is not None else len(self.live)
 
+        gauges: dict[str, tuple[str, Callable[[], float]]] = {
+            "pocketlm_requests_running": ("Generations running", lambda: self.slots.active),
+            "pocketlm_requests_waiting": (
+                "Generations waiting: for a running slot, or in the scheduler for KV cells",
+                lambda: self.slots.waiting + scheduler_load()[1],
+            ),
+            "pocketlm_sequences_running": ("Sequences being decoded (samples and beams count one each)", sequences),
+            "pocketlm_kv_cells_in_use": (
+                "KV cache cells reserved by running sequences (prompt and max new tokens)",
+                lambda: getattr(model, "kv_cells_in_use", 0),
+            ),
+            "pocketlm_kv_cells": (
+                "KV cache cells, all sequences together (0: the engine manages its cache)",
+                lambda: model.info.kv_cells,
+            ),
+        }
+        if connections is not None:
+            gauges["pocketlm_connections"] = ("Open HTTP connections", connections)
+        return gauges
 
-def _field(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
-    """body[name] checked against a JSON type (null counts as absent)."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ApiError(400, f"'{name}' must be {TYPE_NAMES[kind]}", param=name)
-    return value
+    # -- ASGI ---------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        started, status, path = time.perf_counter(), 0, _printable(scope["path"].rstrip("/") or "/")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        origin = headers.get("origin")
+        extra = [] if origin is None or not self.origin_allowed(origin) else _cors_headers(origin)
+        note: dict[str, str] = {}
+        scope.setdefault("state", {})["note"] = note
 
+        async def send_with_cors(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
 
-def _check_neutral(body: dict[str, Any]) -> None:
-    for name, neutral in NEUTRAL.items():
-        value = body.get(name)
-        if value is not None and not (value == neutral and isinstance(value, bool) == isinstance(neutral, bool)):
-            raise ApiError(
-                400,
-                f"'{name}' is not supported by this server (only {json.dumps(neutral)})",
-                param=name,
-                code="unsupported_value",
+        try:
+            response = self._guard(scope, path, headers)
+            if response is None:
+                scope["path"] = path
+                await self.router(scope, receive, send_with_cors)
+            else:
+                await response(scope, receive, send_with_cors)
+        except ApiError as e:
+            note["text"] = e.message
+            await _error(e)(scope, receive, send_with_cors)
+        except Exception:
+            log.exception("error handling %s %s", scope["method"], path)
+            note["text"] = "internal error"
+            if not status:
+                error = ApiError(500, "internal server error", type="server_error", headers={"Connection": "close"})
+                await _error(error)(scope, receive, send_with_cors)
+        finally:
+            endpoint = path if path in ENDPOINTS else "other"
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status or 499)).inc()
+            client = scope.get("client") or ("-", 0)
+            log.info(
+                '%s "%s %s" %s %.2fs %s',
+                client[0],
+                scope["method"],
+                path,
+                status or "-",
+                time.perf_counter() - started,
+                note.get("text", ""),
             )
 
-
-def _stop(body: dict[str, Any]) -> list[str] | None:
-    stop = body.get("stop")
-    if stop is None or isinstance(stop, str):
-        return [stop] if stop else None
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return stop
-    raise ApiError(400, "'stop' must be a string or an array of strings", param="stop")
-
-
-def _completion_prompt(body: dict[str, Any]) -> str | list[int]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt  # token ids
-    if prompt is None:
-        raise ApiError(400, "'prompt' is required", param="prompt")
-    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-        raise ApiError(400, "one prompt per request is supported", param="prompt", code="unsupported_value")
-    raise ApiError(400, "'prompt' must be a string or an array of token ids", param="prompt")
-
-
-def _content(content: Any, i: int) -> str:
-    """A message's text: a string, or text parts; null for assistant turns that made tool calls."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
-    ):
-        return "\n".join(p["text"] for p in content)
-    raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts", param="messages")
-
-
-def chat_prompt(messages: Any) -> str:
-    """The prompt for a conversation (the template is in the module docstring)."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
-    system, turns = [], []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ApiError(400, f"messages[{i}] must be an object", param="messages")
-        role, text = message.get("role"), _content(message.get("content"), i)
-        if role in ("system", "developer"):
-            system.append(text)
-        elif role in ("user", "assistant"):
-            turns.append((role, text))
-        else:
-            raise ApiError(400, f"messages[{i}].role must be system, user or assistant", param="messages")
-    if not turns:
-        raise ApiError(400, "'messages' holds no user message", param="messages")
-    preamble = "\n\n".join(system)
-    if len(turns) == 1 and turns[0][0] == "user":
-        body = turns[0][1]
-    else:
-        body = "\n".join(f"{role.capitalize()}: {text}" for role, text in turns) + "\nAssistant:"
-    return f"{preamble}\n\n{body}" if preamble else body
-
-
-def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
-    """How many alternatives a request's log-probabilities list (None: none asked)."""
-    if chat:
-        if not _field(body, "logprobs", bool, False):
-            if _field(body, "top_logprobs", int, 0):
-                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-            return None
-        top = _field(body, "top_logprobs", int, 0)
-        name = "top_logprobs"
-    else:
-        value = body.get("logprobs")
-        if value is None or value is False:
-            return None
-        top = _field(body, "logprobs", int)
-        name = "logprobs"
-    if not 0 <= top <= MAX_TOP_LOGPROBS:
-        raise ApiError(400, f"'{name}' must be between 0 and {MAX_TOP_LOGPROBS}, got {top}", param=name)
-    return top
-
-
-def _search(body: dict[str, Any]) -> dict[str, Any]:
-    """Beam search and the other transformers options a request may add (extras)."""
-    options: dict[str, Any] = {}
-    for name, kind in [("num_beams", int), ("length_penalty", float), ("no_repeat_ngram_size", int)]:
-        value = _field(body, name, kind)
-        if value is not None:
-            options[name] = value
-    early = body.get("early_stopping")
-    if early is not None:
-        if early not in (True, False, "never"):
-            raise ApiError(400, "'early_stopping' must be true, false or \"never\"", param="early_stopping")
-        options["early_stopping"] = early
-    return options
-
-
-def parse_request(
-    body: dict[str, Any], chat: bool, max_tokens_limit: int, model: Model | None = None
-) -> GenerationRequest:
-    """Check a completion or chat request: its prompt and GenerationOptions (on `model`'s
-    generation defaults, when given, for what the request leaves out)."""
-    _check_neutral(body)
-    _field(body, "model", str)
-    prompt = chat_prompt(body.get("messages")) if chat else _completion_prompt(body)
-    name = "max_tokens"
-    max_tokens = _field(body, "max_tokens", int, 16 if not chat else max_tokens_limit)
-    if chat and body.get("max_completion_tokens") is not None:
-        name, max_tokens = "max_completion_tokens", _field(body, "max_completion_tokens", int)
-    if not 1 <= max_tokens <= max_tokens_limit:
-        raise ApiError(400, f"'{name}' must be between 1 and {max_tokens_limit}, got {max_tokens}", param=name)
-    seed = _field(body, "seed", int)
-    if seed is not None and seed < 0:
-        raise ApiError(400, "'seed' must be >= 0", param="seed")
-    n = _field(body, "n", int, 1)
-    if not 1 <= n <= MAX_SEQUENCES:
-        raise ApiError(400, f"'n' must be between 1 and {MAX_SEQUENCES}, got {n}", param="n")
-    search = _search(body)
-    beams = search.get("num_beams", 1) > 1
-    given: dict[str, Any] = dict(
-        max_new_tokens=max_tokens,
-        stop=tuple(_stop(body) or ()),
-        seed=seed,
-        temperature=_field(body, "temperature", float, 0.0 if beams else 1.0),
-        top_k=_field(body, "top_k", int, 0),
-        top_p=_field(body, "top_p", float, 1.0),
-        repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
-        presence_penalty=_field(body, "presence_penalty", float, 0.0),
-        frequency_penalty=_field(body, "frequency_penalty", float, 0.0),
-        num_return_sequences=n,
-        logprobs=_logprobs(body, chat),
-        **search,
-    )
-    try:
-        options = model.options(**given) if model is not None else GenerationOptions(**given)
-    except PocketLMError as e:
-        field = str(e).split(" ", 1)[0]  # GenerationOptions' messages start with the field's name
-        param = {"num_return_sequences": "n", "max_new_tokens": name}.get(field, field if field in body else None)
-        raise ApiError(400, str(e), param=param) from None
-    stream_options = _field(body, "stream_options", dict, {})
-    return GenerationRequest(
-        prompt,
-        options,
-        stream=_field(body, "stream", bool, False),
-        include_usage=bool(_field(stream_options, "include_usage", bool, False)),
-        logprobs=options.logprobs is not None,
-    )
-
-
-# -- responses --------------------------------------------------------------------------
-class Reply:
-    """The JSON objects of one response: completion or chat, whole or streamed, with one
-    choice per returned sequence and, when asked, OpenAI's log-probability objects."""
-
-    def __init__(self, chat: bool, model: str, token_bytes: Any = None):
-        self.chat, self.model = chat, model
-        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        self.created = int(time.time())
-        self.token_bytes = token_bytes  # token id -> its bytes (for logprobs)
-        self._offsets: dict[int, int] = {}  # completions' text_offset, per choice
-
-    def _wrap(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            **extra,
-        }
-
-    def _choice(self, index: int, body: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
-        return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish}
-
-    def logprobs(self, index: int, items: list[TokenLogprob] | None) -> dict[str, Any] | None:
-        """OpenAI's logprobs object for some tokens of one choice (None when not asked)."""
-        if items is None:
-            return None
-        text = self._text_of
-        if self.chat:
-            content = [
-                {
-                    **self._token(lp.token_id),
-                    "logprob": lp.logprob,
-                    "top_logprobs": [{**self._token(t), "logprob": v} for t, v in lp.top],
-                }
-                for lp in items
+    def _guard(self, scope: Scope, path: str, headers: dict[str, str]) -> Response | None:
+        """The checks before routing (Host, Origin, route, preflight, key); a response ends it."""
+        if not self.host_allowed(headers.get("host")):
+            raise ApiError(403, "this server answers only requests addressed to localhost", code="forbidden_host")
+        origin = headers.get("origin")
+        if not self.origin_allowed(origin):
+            raise ApiError(
+                403, f"origin {_printable(origin or '')} is not allowed (see --cors-origin)", code="forbidden_origin"
+            )
+        route = ENDPOINTS.get(path)
+        method = scope["method"]
+        if route is None:
+            raise ApiError(404, f"no such endpoint: {method} {path}", code="not_found")
+        if method == "OPTIONS" and origin is not None:  # a CORS preflight carries no key
+            preflight = Response(status_code=204)
+            preflight.raw_headers += [
+                (b"Access-Control-Allow-Methods", ", ".join([*route, "OPTIONS"]).encode()),
+                (b"Access-Control-Allow-Headers", b"Authorization, Content-Type"),
+                (b"Access-Control-Max-Age", b"600"),
             ]
-            return {"content": content, "refusal": None}
-        offsets = []
-        for lp in items:
-            offsets.append(self._offsets.get(index, 0))
-            self._offsets[index] = offsets[-1] + len(text(lp.token_id))
-        return {
-            "tokens": [text(lp.token_id) for lp in items],
-            "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [{text(t): v for t, v in lp.top} for lp in items],
-            "text_offset": offsets,
+            return preflight
+        if path not in PUBLIC and not self._authorized(headers.get("authorization", "")):
+            raise ApiError(
+                401,
+                "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if method not in route and not (method == "HEAD" and "GET" in route):
+            raise ApiError(
+                405,
+                f"{path} accepts {', '.join(route)}",
+                code="method_not_allowed",
+                headers={"Allow": ", ".join(route)},
+            )
+        return None
+
+    def host_allowed(self, host: str | None) -> bool:
+        """On loopback, only requests addressed to a loopback name: a page that rebinds its
+        own domain to 127.0.0.1 (DNS rebinding) sends that domain as Host and is refused."""
+        if self.loopback_port is None or host is None:
+            return True
+        name, port = _split_host(host)
+        return is_loopback(name) and port in (None, self.loopback_port)
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Browsers name the page's origin; only those given with --cors-origin may call."""
+        return origin is None or "*" in self.cors_origins or origin.rstrip("/") in self.cors_origins
+
+    def _authorized(self, header: str) -> bool:
+        if not self.api_key:
+            return True
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    # -- endpoints ----------------------------------------------------------------------------
+    async def _health(self, request: Request) -> Response:
+        scheduler = getattr(self.model, "_scheduler", None)
+        running, waiting = scheduler.load if scheduler is not None else (0, 0)
+        body = {
+            "status": "draining" if self.draining else "ok",
+            "model": self.model_name,
+            "parallel": self.parallel,
+            "kv_cells": self.model.info.kv_cells,
+            "running": running,
+            "waiting": waiting,
         }
+        return JSON(body, status_code=503 if self.draining else 200)
 
-    def _text_of(self, token: int) -> str:
-        return self.token_bytes(token).decode("utf-8", "replace")
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
-    def _token(self, token: int) -> dict[str, Any]:
-        data = self.token_bytes(token)
-        return {"token": data.decode("utf-8", "replace"), "bytes": list(data)}
+    async def _models(self, request: Request) -> Response:
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "pocketlm"}
+        return JSON({"object": "list", "data": [card]})
 
-    def whole(
-        self, texts: list[str], logprobs: list[list[TokenLogprob] | None], result: GenerationResult
-    ) -> dict[str, Any]:
-        choices = []
-        for i, (text, lps, r) in enumerate(zip(texts, logprobs, result.sequences)):
-            body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-            choices.append(self._choice(i, body, self.logprobs(i, lps), r.finish_reason))
-        return self._wrap("chat.completion" if self.chat else "text_completion", choices, usage=usage(result))
+    async def _completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
 
-    def chunk(
+    async def _chat(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        arrived = time.perf_counter()
+        body = await self._read_json(request)
+        parsed = parse_request(body, chat, self.limits, self.model)
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", type="server_error", headers={"Connection": "close"})
+        if not self.slots.enter():
+            raise ApiError(
+                429,
+                "the server is busy; retry shortly",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            started = await _first(self.slots.start(), gone, self._abort_event())
+        except BaseException:
+            gone.cancel()
+            self.slots.leave()
+            raise
+        if not started:
+            client_left = gone.done()
+            gone.cancel()
+            self.slots.leave()
+            if client_left:
+                request.state.note["text"] = "client went away while waiting"
+                return Response(status_code=499)  # nobody reads it
+            raise ApiError(503, "the server is shutting down", type="server_error")
+        generation = Generation(self.model, parsed, self.limits)
+        self._threads = {t for t in self._threads if t.is_alive()} | {generation.thread}
+        self.live.add(generation)
+        gone.add_done_callback(lambda _: generation.cancel())
+        streaming = False
+        try:
+            first = await generation.next()
+            if first is _ABORT:
+                raise ApiError(503, "the server is shutting down", type="server_error")
+            reply = Reply(chat, self.model_name, self.model.token_bytes)
+            events = self._events(generation, first, arrived)
+            if parsed.stream:
+                streaming = True  # the stream's response finishes the generation
+                return EventStream(self, generation, reply, events, gone)
+            response = await self._whole(reply, events, generation)
+            request.state.note["text"] = "client went away" if gone.done() else response.note
+            return response
+        except (PocketLMError, UnicodeError) as e:  # UnicodeError: lone surrogates in the JSON
+            raise ApiError(400, str(e), param="prompt") from None
+        finally:
+            if not streaming:
+                self._finish(generation, gone)
+
+    def _finish(self, generation: Generation, gone: asyncio.Future[Any]) -> None:
+        generation.cancel()  # no-op when it ended by itself
+        self.live.discard(generation)
+        gone.cancel()
+        self.slots.stop()
+        self.slots.leave()
+
+    async def _events(self, generation: Generation, first: Any, arrived: float) -> AsyncIterator[Any]:
+        """A generation's events (and `_ABORT`), timed for the metrics."""
+        item, last, tokens = first, 0.0, 0
+        while item is not _END:
+            if isinstance(item, StreamEvent) and item.token_id is not None:
+                now = time.perf_counter()
+                if tokens == 0:
+                    self.metrics.time_to_first_token.observe(now - arrived)
+                else:
+                    self.metrics.time_per_output_token.observe(now - last)
+                last, tokens = now, tokens + 1
+            yield item
+            if item is _ABORT:
+                return
+            item = await generation.next()
+        result = generation.result
+        self.metrics.prompt_tokens.inc(result.prompt_tokens)
+        self.metrics.generation_tokens.inc(result.completion_tokens)
+
+    async def _whole(self, reply: Reply, events: AsyncIterator[Any], generation: Generation) -> JSON:
+        options = generation.request.options
+        n = options.num_return_sequences
+        texts = [""] * n
+        logprobs: list[list[TokenLogprob] | None] = [[] if generation.request.logprobs else None for _ in range(n)]
+        aborted = False
+        async for event in events:
+            if event is _ABORT:
+                aborted = True
+                break
+            texts[event.index] += event.text
+            lps = logprobs[event.index]
+            if lps is not None and event.logprob is not None:
+                lps.append(event.logprob)
+        result = _cut(generation.result, n) if aborted else generation.result
+        response = JSON(reply.whole(texts, logprobs, result))
+        response.note = _summary(result)
+        return response
+
+    async def _read_json(self, request: Request) -> dict[str, Any]:
+        limit = self.limits.max_body_bytes
+        length = request.headers.get("content-length")
+        close = {"Connection": "close"}
+        if length is not None:
+            if not length.isdigit():
+                raise ApiError(400, "invalid Content-Length", headers=close)
+            if int(length) > limit:
+                raise ApiError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)", headers=close)
+
+        async def read() -> bytes:
+            data = bytearray()
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > limit:
+                    raise ApiError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)", headers=close)
+            return bytes(data)
+
+        try:
+            data = await asyncio.wait_for(read(), self.timeouts.body)
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408, f"the request body did not arrive within {self.timeouts.body:g} s", headers=close
+            ) from None
+        except ClientDisconnect:
+            raise ApiError(400, "the client closed before sending its body", headers=close) from None
+
+        def no_constants(name: str) -> Any:
+            raise ValueError(f"{name} is not JSON")
+
+        try:
+            body = json.loads(data, parse_constant=no_constants)
+        except (ValueError, RecursionError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def _abort_event(self) -> asyncio.Event:
+        if self._aborted is None:
+            self._aborted = asyncio.Event()
+        return self._aborted
+
+    def begin_drain(self) -> None:
+        """Shutdown has begun: refuse new generations (503); running ones go on."""
+        self.draining = True
+
+    def abort(self) -> None:
+        """The drain time is over: cut every running generation, refuse every waiting one."""
+        self.draining = True
+        self._abort_event().set()
+        for generation in list(self.live):
+            generation.abort()
+
+    def join_generations(self, timeout: float) -> None:
+        """Wait for the engine threads of cut generations to end (before the model closes)."""
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class EventStream(Response):
+    """A generation as server-sent events; the write deadline drops a client that stops reading."""
+
+    def __init__(
         self,
-        text: str | None = None,
-        finish: str | None = None,
-        role: bool = False,
-        index: int = 0,
-        logprobs: list[TokenLogprob] | None = None,
-    ) -> dict[str, Any]:
-        lp = self.logprobs(index, logprobs) if logprobs else None
-        if not self.chat:
-            return self._wrap("text_completion", [self._choice(index, {"text": text or ""}, lp, finish)])
-        delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-        return self._wrap("chat.completion.chunk", [self._choice(index, {"delta": delta}, lp, finish)])
+        service: Service,
+        generation: Generation,
+        reply: Reply,
+        events: AsyncIterator[Any],
+        gone: asyncio.Future[Any],
+    ):
+        self.status_code, self.background = 200, None
+        self.raw_headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        self.service, self.generation, self.reply, self.events, self.gone = service, generation, reply, events, gone
 
-    def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
-        return self._wrap("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage(result))
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request, reply, note = self.generation.request, self.reply, scope["state"]["note"]
+        n = request.options.num_return_sequences
+        write = self.service.timeouts.write
+
+        async def event(payload: dict[str, Any] | str) -> None:
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            message = {"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True}
+            await asyncio.wait_for(send(message), write)
+
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            if reply.chat:
+                for i in range(n):
+                    await event(reply.chunk(role=True, index=i))
+            aborted = False
+            try:
+                async for item in self.events:
+                    if self.gone.done():
+                        note["text"] = "client went away"
+                        return
+                    if item is _ABORT:
+                        aborted = True
+                        break
+                    logprobs = [item.logprob] if request.logprobs and item.logprob is not None else None
+                    if item.text or logprobs:
+                        await event(reply.chunk(item.text, index=item.index, logprobs=logprobs))
+            except asyncio.TimeoutError:
+                raise
+            except Exception as e:  # headers are sent: report it in the stream
+                if not isinstance(e, (PocketLMError, UnicodeError)):
+                    log.exception("generation failed")
+                await event(ApiError(500, str(e) or "generation failed", type="server_error").body())
+                note["text"] = str(e)
+                return
+            result = _cut(self.generation.result, n) if aborted else self.generation.result
+            for i, r in enumerate(result.sequences[:n]):
+                await event(reply.chunk(finish=r.finish_reason, index=i))
+            if request.include_usage:
+                await event(reply.usage_chunk(result))
+            await event("[DONE]")
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            note["text"] = _summary(result)
+        except asyncio.TimeoutError:  # the client does not read: drop it
+            note["text"] = f"client took no data for {write:g} s"
+            connection = scope.get("pocketlm.connection")
+            if connection is not None:
+                connection.transport.abort()
+        finally:
+            self.service._finish(self.generation, self.gone)
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
-    n = result.completion_tokens
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
+class JSON(Response):
+    """A JSON body as `json.dumps` writes it (as the server always has), and a log note."""
+
+    media_type = "application/json"
+    note = ""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content).encode()
 
 
-# -- the server -------------------------------------------------------------------------
+def _cut(result: GenerationResult, n: int) -> GenerationResult:
+    """A generation cut by shutdown, as a copy: sequences that had not ended by themselves
+    (end of sequence, stop string) finish with "abort"; choices not yet made are empty."""
+    seqs = [
+        dataclasses.replace(
+            r, token_ids=list(r.token_ids), others=[], finish_reason="stop" if r.finish_reason == "stop" else "abort"
+        )
+        for r in result.sequences[:n]
+    ]
+    seqs += [GenerationResult("", [], "abort", result.prompt_tokens, index=i) for i in range(len(seqs), n)]
+    seqs[0].others = seqs[1:]
+    return seqs[0]
+
+
+def _summary(result: GenerationResult) -> str:
+    return f"{result.prompt_tokens}+{result.completion_tokens} tokens, {result.finish_reason}"
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (the request's body must have been read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _first(work: Awaitable[Any], gone: asyncio.Future[Any], aborted: asyncio.Event) -> bool:
+    """Await `work`; False (and `work` cancelled) if the client goes or the server aborts first."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(aborted.wait())
+    try:
+        await asyncio.wait({task, gone, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if task.done() and not task.cancelled() and task.exception() is None:
+        return True  # (if the client left at the same moment, the generation is cancelled at once)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
+
+
+def _error(e: ApiError) -> Response:
+    return JSON(e.body(), status_code=e.status, headers=e.headers)
+
+
+def make_app(model: Model, **kwargs: Any) -> Service:
+    """The ASGI app alone (for Ray Serve's ingress, or any ASGI server): Service's arguments."""
+    return Service(model, **kwargs)
+
+
+# -- the transport --------------------------------------------------------------------------------
+class Connections:
+    """Every open connection, and those waiting for a request (just connected, or idle between
+    requests), oldest first: the connection cap replaces the one that has waited longest."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open: set[Connection] = set()
+        self.waiting: dict[Connection, float] = {}  # insertion order = since when
+        self.refused = self.replaced = self.timed_out = 0
+
+    def admit(self, conn: Connection) -> bool:
+        now = time.monotonic()
+        if len(self.open) >= self.limit:
+            oldest = next(iter(self.waiting), None)
+            if oldest is None or now - self.waiting[oldest] < MIN_WAIT_TO_EVICT:
+                self.refused += 1
+                return False
+            self.replaced += 1
+            oldest.drop()
+        self.open.add(conn)
+        self.waiting[conn] = now
+        return True
+
+    def busy(self, conn: Connection) -> None:
+        self.waiting.pop(conn, None)
+
+    def idle(self, conn: Connection) -> None:
+        self.waiting.pop(conn, None)
+        self.waiting[conn] = time.monotonic()
+
+    def remove(self, conn: Connection) -> None:
+        self.open.discard(conn)
+        self.waiting.pop(conn, None)
+
+
+_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+)
+
+
+class Connection(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with PocketLM's connection cap and header deadline."""
+
+    def __init__(self, *args: Any, connections: Connections, timeouts: Timeouts, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._connections, self._timeouts = connections, timeouts
+        self._deadline: asyncio.TimerHandle | None = None
+        self._seen: Any = None  # the request/response cycle last seen starting
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self._connections.admit(self):
+            body = json.dumps(
+                ApiError(
+                    503, "too many connections; retry shortly", type="server_error", code="too_many_connections"
+                ).body()
+            ).encode()
+            transport.write(_REFUSAL % (len(body), body))
+            transport.close()
+            return
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self._timeouts.header, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self in self._connections.waiting:
+            self._connections.timed_out += 1
+            self.drop()
+
+    def drop(self) -> None:
+        """Close now, without waiting to send anything (the client sent no whole request)."""
+        self._connections.remove(self)
+        self._disarm()
+        self.transport.abort()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and self.cycle is not self._seen:  # a request's headers are in
+            self._seen = self.cycle
+            self.scope["pocketlm.connection"] = self  # type: ignore[typeddict-unknown-key]
+            self._connections.busy(self)
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        if not self.transport.is_closing():
+            self._connections.idle(self)
+            self._arm()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.remove(self)
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def default_max_connections() -> int:
+    """What the open-file limit leaves for connections: the limit, less what the process and
+    engine hold and one accept burst (the listen backlog) of connections being replaced."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 65536
+    return max(8, min(soft, 65536) - RESERVED_FDS - BACKLOG)
+
+
+BACKLOG = 128  # listen backlog, and the most connections asyncio accepts in one go
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, with PocketLM's drain: signals start it, the deadline cuts streams."""
+
+    def __init__(self, config: uvicorn.Config, owner: Server):
+        super().__init__(config)
+        self.owner = owner
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame: Any) -> None:
+        if self.owner._abort_now:  # a third: stop waiting for anything
+            self.force_exit = True
+        elif self.should_exit:  # a second signal: cut running generations now
+            self.owner._abort_soon()
+        else:
+            self.owner.stop_reason = signal.Signals(sig).name
+            self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        owner = self.owner
+        owner.service.begin_drain()
+        loop = asyncio.get_running_loop()
+        owner._loop = loop
+        drain = owner.drain if owner.drain is not None else owner.service.timeouts.drain
+        timer = loop.call_later(drain, owner.service.abort)
+        if owner._abort_now:
+            owner.service.abort()
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
+class Server:
+    """One model behind the OpenAI API on a socket. Use `make_server()`; `serve_forever()`
+    blocks until `shutdown()` (from another thread), SIGTERM or SIGINT."""
+
+    def __init__(
+        self,
+        service: Service,
+        host: str,
+        port: int,
+        max_connections: int | None = None,
+        timeouts: Timeouts | None = None,
+    ):
+        self.service = service
+        self.model, self.model_name, self.slots = service.model, service.model_name, service.slots
+        self.parallel = service.parallel
+        self.timeouts = timeouts or service.timeouts
+        self.connections = Connections(max_connections or default_max_connections())
+        self.stop_reason = ""
+        self.drain: float | None = None
+        self._abort_now = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finished = threading.Event()
+        self._serving = False
+        check_port(port)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(BACKLOG)
+        except OSError as e:
+            sock.close()
+            raise _cannot_listen(host, port, e) from None
+        sock.setblocking(False)
+        self.socket = sock
+        self.host = host
+        if is_loopback(host):
+            service.loopback_port = self.port
+        config = uvicorn.Config(
+            service,
+            http=functools.partial(Connection, connections=self.connections, timeouts=self.timeouts),  # type: ignore[arg-type]
+            loop="asyncio",
+            lifespan="off",
+            proxy_headers=False,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            headers=[("server", f"pocketlm/{__version__}")],
+            backlog=BACKLOG,
+            timeout_keep_alive=int(max(1, self.timeouts.keep_alive)),
+            timeout_graceful_shutdown=int(self.timeouts.drain + 5),
+            h11_max_incomplete_event_size=64 * 1024,
+        )
+        self._uvicorn = _Uvicorn(config, self)
+
+    @property
+    def port(self) -> int:
+        return int(self.socket.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        host = str(self.socket.getsockname()[0])
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def describe(self) -> str:
+        """The start line's details: how many requests are decoded together, the KV budget."""
+        info = self.model.info
+        kv = f", KV cache {info.kv_cells} tokens" if info.kv_cells else ""
+        return f"parallel {self.parallel}{kv}, queue {self.slots.capacity - self.slots.running}"
+
+    def serve_forever(self) -> None:
+        """Serve until shutdown; running generations drain first (see the module docstring)."""
+        self._serving = True
+        try:
+            asyncio.run(self._uvicorn.serve(sockets=[self.socket]))
+        finally:
+            self.service.join_generations(self.timeouts.drain)
+            self._serving = False
+            self._finished.set()
+
+    def shutdown(self, drain: float | None = None) -> None:
+        """Stop (from another thread): no new requests; running generations get `drain` seconds
+        (default `Timeouts.drain`); then they are cut, and serve_forever returns."""
+        self.drain = drain
+        self._uvicorn.should_exit = True
+        if self._serving:
+            self._finished.wait()
+        else:
+            self.socket.close()
+
+    def _abort_soon(self) -> None:
+        self._abort_now = True
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.service.abort)
+
+
 def check_port(port: int) -> None:
     if not 0 <= port <= 65535:
         raise PocketLMError(f"port {port}: must be 0-65535 (0 picks a free one)")
@@ -415,405 +991,6 @@ def check_address(host: str, port: int) -> None:
 def _cannot_listen(host: str, port: int, e: OSError) -> PocketLMError:
     hint = " (another program listens there: choose another --port)" if e.errno == errno.EADDRINUSE else ""
     return PocketLMError(f"cannot listen on {host} port {port}: {e.strerror or e}{hint}")
-
-
-class Slots:
-    """Admission control: `running` generations at once, `waiting` more queued, others refused."""
-
-    def __init__(self, running: int, waiting: int):
-        if running < 1 or waiting < 0:
-            raise PocketLMError(
-                f"the server needs max_concurrent >= 1 and max_queue >= 0 (got {running} and {waiting})"
-            )
-        self._free = threading.Semaphore(running)
-        self._changed = threading.Condition()
-        self.running, self.capacity = running, running + waiting
-        self.admitted = 0
-
-    def enter(self) -> bool:
-        """Wait for a slot; False at once when the queue is full."""
-        with self._changed:
-            if self.admitted >= self.capacity:
-                return False
-            self.admitted += 1
-        self._free.acquire()
-        return True
-
-    def leave(self) -> None:
-        self._free.release()
-        with self._changed:
-            self.admitted -= 1
-            self._changed.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self.admitted == 0, timeout)
-
-
-class Server(ThreadingHTTPServer):
-    """One model behind the OpenAI API. Use `make_server()`."""
-
-    daemon_threads = True
-    request_queue_size = 128  # listen backlog (the default, 5, drops bursts of connections)
-
-    def __init__(
-        self,
-        model: Model,
-        host: str,
-        port: int,
-        api_key: str | None,
-        max_concurrent: int,
-        max_queue: int,
-        max_tokens_limit: int,
-        max_body_bytes: int,
-        model_name: str | None,
-        cors_origins: Sequence[str] = (),
-    ):
-        self.model, self.api_key = model, api_key
-        self.model_name = model_name or default_name(model)
-        self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
-        self.parallel = max(1, model.info.parallel)
-        self.slots = Slots(max_concurrent or self.parallel, max_queue)
-        self.loopback = is_loopback(host)
-        self.cors_origins = {o.rstrip("/") for o in cors_origins}
-        self.stopping = threading.Event()
-        self.created = int(time.time())
-        self._serving = False
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        check_port(port)
-        try:
-            super().__init__((host, port), Handler)
-        except OSError as e:
-            raise _cannot_listen(host, port, e) from None
-
-    def host_allowed(self, host: str | None) -> bool:
-        """On loopback, only requests addressed to a loopback name: a page that rebinds its
-        own domain to 127.0.0.1 (DNS rebinding) sends that domain as Host and is refused."""
-        if not self.loopback or host is None:
-            return True
-        name, port = _split_host(host)
-        return is_loopback(name) and port in (None, self.port)
-
-    def origin_allowed(self, origin: str | None) -> bool:
-        """Browsers name the page's origin; only those given with --cors-origin may call."""
-        return origin is None or "*" in self.cors_origins or origin.rstrip("/") in self.cors_origins
-
-    def describe(self) -> str:
-        """The start line's details: how many requests are decoded together, the KV budget."""
-        info = self.model.info
-        kv = f", KV cache {info.kv_cells} tokens" if info.kv_cells else ""
-        return f"parallel {self.parallel}{kv}, queue {self.slots.capacity - self.slots.running}"
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # skips HTTPServer's reverse DNS lookup
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    @property
-    def url(self) -> str:
-        host = str(self.server_address[0])
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
-
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        self._serving = True
-        super().serve_forever(poll_interval)
-
-    def shutdown(self) -> None:
-        """Stop accepting requests, let running generations stop (at their next token), close."""
-        self.stopping.set()
-        if self._serving:
-            super().shutdown()
-        if not self.slots.wait_idle(DRAIN_SECONDS):
-            log.warning("generations still running after %.0f s; closing anyway", DRAIN_SECONDS)
-        self.server_close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            log.debug("%s went away", client_address[0])
-        else:
-            log.exception("unexpected error serving %s", client_address[0])
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: Server
-    protocol_version = "HTTP/1.1"
-    server_version = f"pocketlm/{__version__}"
-    sys_version = ""
-    timeout = REQUEST_TIMEOUT
-    _body_pending = False  # a request body not read yet: the connection cannot be reused
-    _status = 0
-    _cors: dict[str, str] = {}  # noqa: RUF012 (replaced per request, never mutated)
-
-    ROUTES = ENDPOINTS
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = do_GET
-
-    def _dispatch(self) -> None:
-        started, self._status, note = time.perf_counter(), 0, ""
-        self._body_pending = "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
-        path = _printable(urlsplit(self.path).path.rstrip("/") or "/")
-        try:
-            if not self.server.host_allowed(self.headers.get("Host")):
-                raise ApiError(403, "this server answers only requests addressed to localhost", code="forbidden_host")
-            origin = self.headers.get("Origin")
-            if not self.server.origin_allowed(origin):
-                raise ApiError(
-                    403,
-                    f"origin {_printable(origin or '')} is not allowed (see --cors-origin)",
-                    code="forbidden_origin",
-                )
-            self._cors = {} if origin is None else _cors_headers(origin)
-            route = self.ROUTES.get(path)
-            if route is None:
-                raise ApiError(404, f"no such endpoint: {self.command} {path}", code="not_found")
-            if self.command == "OPTIONS" and origin is not None:  # a CORS preflight carries no key
-                self._preflight(route)
-                return
-            if path not in PUBLIC and not self._authorized():
-                raise ApiError(
-                    401,
-                    "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            if self.command not in route:
-                raise ApiError(
-                    405,
-                    f"{path} accepts {', '.join(route)}",
-                    code="method_not_allowed",
-                    headers={"Allow": ", ".join(route)},
-                )
-            note = getattr(self, "_" + route[self.command])() or ""
-        except ApiError as e:
-            note = e.message
-            self._send(e.status, e.body(), e.headers)
-        except (ConnectionError, TimeoutError):
-            note, self.close_connection = "client went away", True
-        except Exception:
-            log.exception("error handling %s %s", self.command, path)
-            self.close_connection = True
-            if not self._status:
-                self._send(500, ApiError(500, "internal server error", type="server_error").body())
-        finally:
-            log.info(
-                '%s "%s %s" %s %.2fs %s',
-                self.client_address[0],
-                self.command,
-                path,
-                self._status or "-",
-                time.perf_counter() - started,
-                note,
-            )
-
-    # -- endpoints ------------------------------------------------------------------------
-    def _health(self) -> None:
-        server, info = self.server, self.server.model.info
-        scheduler = getattr(server.model, "_scheduler", None)
-        running, waiting = scheduler.load if scheduler is not None else (0, 0)
-        self._send(
-            200,
-            {
-                "status": "ok",
-                "model": server.model_name,
-                "parallel": server.parallel,
-                "kv_cells": info.kv_cells,
-                "running": running,
-                "waiting": waiting,
-            },
-        )
-
-    def _preflight(self, route: dict[str, str]) -> None:
-        methods = ", ".join([*route, "OPTIONS"])
-        self.send_response(204)
-        for name, value in {
-            **self._cors,
-            "Access-Control-Allow-Methods": methods,
-            "Access-Control-Allow-Headers": "Authorization, Content-Type",
-            "Access-Control-Max-Age": "600",
-            "Content-Length": "0",
-        }.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self._status = 204
-
-    def _models(self) -> None:
-        card = {"id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "pocketlm"}
-        self._send(200, {"object": "list", "data": [card]})
-
-    def _completions(self) -> str:
-        return self._generate(self._read_json(), chat=False)
-
-    def _chat(self) -> str:
-        return self._generate(self._read_json(), chat=True)
-
-    def _generate(self, body: dict[str, Any], chat: bool) -> str:
-        server = self.server
-        request = parse_request(body, chat, server.max_tokens_limit, server.model)
-        if not server.slots.enter():
-            raise ApiError(
-                429,
-                "the server is busy; retry shortly",
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
-        try:
-            if server.stopping.is_set():
-                raise ApiError(503, "the server is shutting down", type="server_error")
-            try:
-                events = server.model.stream_tokens(request.prompt, request.options)
-            except (PocketLMError, UnicodeError) as e:  # UnicodeError: lone surrogates in the JSON
-                raise ApiError(400, str(e), param="prompt") from None
-            with events:  # closing releases the model at once if the client went away
-                checked = self._checked(events)
-                reply = Reply(chat, server.model_name, server.model.token_bytes)
-                if request.stream:
-                    self._stream(reply, checked, events.result, request)
-                else:
-                    self._send(200, self._whole(reply, checked, events.result, request))
-        finally:
-            server.slots.leave()
-        result = events.result
-        return f"{result.prompt_tokens}+{result.completion_tokens} tokens, {result.finish_reason}"
-
-    def _checked(self, events: TokenStream) -> Iterator[StreamEvent]:
-        """The events of a generation. The first is computed now, so that errors of the first
-        step are still an error response rather than a broken stream; the stream ends at
-        the current token when the server shuts down."""
-        try:
-            first = next(events, None)
-        except (PocketLMError, UnicodeError) as e:
-            raise ApiError(400, str(e), param="prompt") from None
-        return self._until_stopping(itertools.chain([first] if first else [], events))
-
-    def _until_stopping(self, events: Iterator[StreamEvent]) -> Iterator[StreamEvent]:
-        stopping = self.server.stopping
-        for event in events:
-            yield event
-            if stopping.is_set():  # shutting down: end at this token
-                return
-
-    def _whole(
-        self, reply: Reply, events: Iterator[StreamEvent], result: GenerationResult, request: GenerationRequest
-    ) -> dict[str, Any]:
-        n = request.options.num_return_sequences
-        texts = [""] * n
-        logprobs: list[list[TokenLogprob] | None] = [[] if request.logprobs else None for _ in range(n)]
-        for event in events:
-            texts[event.index] += event.text
-            lps = logprobs[event.index]
-            if lps is not None and event.logprob is not None:
-                lps.append(event.logprob)
-        return reply.whole(texts, logprobs, result)
-
-    def _stream(
-        self, reply: Reply, events: Iterator[StreamEvent], result: GenerationResult, request: GenerationRequest
-    ) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        for name, value in self._cors.items():
-            self.send_header(name, value)
-        self.send_header("Connection", "close")  # no length: the end of the stream is the end of the body
-        self.end_headers()
-        self._status = 200
-        n = request.options.num_return_sequences
-        if reply.chat:
-            for i in range(n):
-                self._event(reply.chunk(role=True, index=i))
-        try:
-            for event in events:
-                logprobs = [event.logprob] if request.logprobs and event.logprob is not None else None
-                if event.text or logprobs:
-                    self._event(reply.chunk(event.text, index=event.index, logprobs=logprobs))
-        except (ConnectionError, TimeoutError):
-            raise
-        except Exception as e:  # headers are sent: report it in the stream
-            if not isinstance(e, PocketLMError):
-                log.exception("generation failed")
-            self._event(ApiError(500, str(e) or "generation failed", type="server_error").body())
-            return
-        for i, r in enumerate(result.sequences[:n]):
-            self._event(reply.chunk(finish=r.finish_reason, index=i))
-        if request.include_usage:
-            self._event(reply.usage_chunk(result))
-        self._event("[DONE]")
-
-    # -- HTTP plumbing --------------------------------------------------------------------
-    def _authorized(self) -> bool:
-        key = self.server.api_key
-        if not key:
-            return True
-        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
-
-    def _read_json(self) -> dict[str, Any]:
-        if "Transfer-Encoding" in self.headers or "Content-Length" not in self.headers:
-            raise ApiError(411, "send the request body with a Content-Length (chunked bodies are not supported)")
-        try:
-            length = int(self.headers["Content-Length"])
-        except ValueError:
-            raise ApiError(400, "invalid Content-Length") from None
-        if not 0 <= length <= self.server.max_body_bytes:
-            raise ApiError(413, f"the request body exceeds {self.server.max_body_bytes} bytes")
-        data = self.rfile.read(length)
-        if len(data) < length:
-            raise ConnectionResetError("the client closed before sending its body")
-        self._body_pending = False
-
-        def no_constants(name: str) -> Any:
-            raise ValueError(f"{name} is not JSON")
-
-        try:
-            body = json.loads(data, parse_constant=no_constants)
-        except (ValueError, RecursionError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
-
-    def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in {**self._cors, **(headers or {})}.items():
-            self.send_header(name, value)
-        if self._body_pending or self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self._status = status
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _event(self, payload: dict[str, Any] | str) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload)
-        self.wfile.write(f"data: {data}\n\n".encode())
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors http.server finds itself (malformed request line or headers): JSON as well."""
-        self.close_connection = True
-        message = message or HTTPStatus(code).phrase
-        log.info(
-            '%s "%s" %d %s', self.client_address[0], _printable(self.requestline or "")[:80], code, _printable(message)
-        )
-        try:
-            self._send(code, ApiError(code, message).body())
-        except OSError:
-            pass
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # _dispatch logs one line per request, when it is done
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.client_address[0], format % args)
 
 
 def is_loopback(host: str) -> bool:
@@ -840,8 +1017,8 @@ def _split_host(host: str) -> tuple[str, int | None]:
     return name, int(port) if port.isdigit() else None
 
 
-def _cors_headers(origin: str) -> dict[str, str]:
-    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+def _cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
+    return [(b"Access-Control-Allow-Origin", origin.encode("latin-1")), (b"Vary", b"Origin")]
 
 
 def _printable(text: str) -> str:
@@ -864,28 +1041,42 @@ def make_server(
     api_key: str | None = None,
     max_concurrent: int | None = None,
     max_queue: int = 64,
-    max_tokens_limit: int = 2048,
-    max_body_bytes: int = 1_000_000,
+    max_tokens_limit: int | None = None,
+    max_body_bytes: int | None = None,
     model_name: str | None = None,
     cors_origins: Sequence[str] = (),
+    limits: Limits | None = None,
+    timeouts: Timeouts | None = None,
+    max_connections: int | None = None,
 ) -> Server:
     """A bound server (port 0 picks a free one: see `.port`, `.url`); call `.serve_forever()`.
 
     `max_concurrent` generations run at once (default: the sequences the model decodes
-    together, `model.info.parallel`), `max_queue` more wait; `cors_origins` may call it from
-    web pages."""
-    return Server(
+    together, `model.info.parallel`), `max_queue` more wait; `limits` bound what one request
+    may ask (`max_tokens_limit`, `max_body_bytes` set two of them); `cors_origins` may call it
+    from web pages; `max_connections` caps open connections (default: what the open-file
+    limit leaves)."""
+    limits = limits or Limits()
+    if max_tokens_limit is not None:
+        limits = replace(limits, max_tokens=max_tokens_limit)
+    if max_body_bytes is not None:
+        limits = replace(limits, max_body_bytes=max_body_bytes)
+    timeouts = timeouts or Timeouts()
+    holder: list[Server] = []
+    service = Service(
         model,
-        host,
-        port,
-        api_key,
-        max_concurrent or 0,
-        max_queue,
-        max_tokens_limit,
-        max_body_bytes,
-        model_name,
-        cors_origins,
+        api_key=api_key,
+        max_concurrent=max_concurrent or 0,
+        max_queue=max_queue,
+        limits=limits,
+        model_name=model_name,
+        cors_origins=cors_origins,
+        timeouts=timeouts,
+        connections=lambda: len(holder[0].connections.open) if holder else 0,
     )
+    server = Server(service, host, port, max_connections, timeouts)
+    holder.append(server)
+    return server
 
 
 def start_warnings(host: str, api_key: str | None) -> list[str]:
@@ -896,14 +1087,11 @@ def start_warnings(host: str, api_key: str | None) -> list[str]:
 
 
 def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, **kw: Any) -> None:
-    """Serve until Ctrl-C (then let running generations stop and return)."""
+    """Serve until SIGTERM or Ctrl-C, then drain (see the module docstring) and return."""
     server = make_server(model, host, port, api_key, **kw)
     for warning in start_warnings(host, api_key):
         print(f"pocketlm: warning: {warning}", file=sys.stderr, flush=True)
     print(f"serving {server.model_name} on {server.url} ({server.describe()}; Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
+    server.serve_forever()
+    if server.stop_reason:
+        log.info("stopped by %s", server.stop_reason)
