@@ -24,14 +24,10 @@ PocketLM's cache, whose lock makes the other actors on that node wait for it and
 
 from __future__ import annotations
 
-import asyncio
-import http.client
 import logging
 import os
 import re
 import socket
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,64 +112,30 @@ class Predictor:
             model.close()
 
 
-# Ray Serve: each replica runs PocketLM's own server on loopback, and the deployment forwards
-# requests to it unchanged, so the API (streaming, errors, 429 when its queue is full, API key)
-# is the one `pocketlm serve` has.
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade", "te"}
-
-
+# Ray Serve: each replica's ingress is the ASGI app `pocketlm serve` runs (runtime/server.py's
+# Service), so the API (streaming, errors, 429 when its queue is full, API key, /metrics) is the
+# one `pocketlm serve` has; Ray's proxy holds the connections.
 class OpenAIReplica:
-    """One Ray Serve replica: a model and the OpenAI-compatible server in front of it."""
+    """One Ray Serve replica: a model and the OpenAI app in front of it."""
 
     def __init__(self, model: str, load: dict[str, Any] | None = None, server: dict[str, Any] | None = None):
         import runtime
 
-        from .server import make_server
+        from .server import make_app
 
         load = dict(load or {})
         load.setdefault("parallel", "auto")
         load.setdefault("threads", _reserved_cpus())
         self.model = runtime.load(model, progress=False, **load)
-        self.server = make_server(self.model, "127.0.0.1", 0, **(server or {}))
-        self._thread = threading.Thread(target=self.server.serve_forever, name="pocketlm-server", daemon=True)
-        self._thread.start()
+        self.service = make_app(self.model, **(server or {}))
 
-    def _forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> http.client.HTTPResponse:
-        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=600)
-        conn.request(method, path, body=body or None, headers=headers)
-        return conn.getresponse()
-
-    async def __call__(self, request: Any) -> Any:
-        from starlette.responses import Response, StreamingResponse
-
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        headers["Host"] = f"127.0.0.1:{self.server.port}"
-        body = await request.body()
-        reply = await asyncio.to_thread(self._forward, request.method, path, body, headers)
-        out_headers = {k: v for k, v in reply.getheaders() if k.lower() not in _HOP_BY_HOP}
-        if reply.getheader("Content-Type", "").startswith("text/event-stream"):
-            return StreamingResponse(_chunks(reply), status_code=reply.status, headers=out_headers)
-        return Response(await asyncio.to_thread(reply.read), status_code=reply.status, headers=out_headers)
-
-    def check_health(self) -> None:
-        """Ray Serve restarts a replica whose server thread has died."""
-        if not self._thread.is_alive():
-            raise RuntimeError("the PocketLM server thread has stopped")
+    def __serve_build_asgi_app__(self) -> Any:  # Serve's ingress calls this once, after __init__
+        return self.service
 
     def __del__(self) -> None:
-        server = getattr(self, "server", None)
-        if server is not None:
-            server.shutdown()
-            self.model.close()
-
-
-def _chunks(reply: http.client.HTTPResponse) -> Iterator[bytes]:
-    try:
-        while chunk := reply.read1(65536):
-            yield chunk
-    finally:
-        reply.close()
+        model = getattr(self, "model", None)
+        if model is not None:
+            model.close()
 
 
 def deployment(
@@ -187,9 +149,9 @@ def deployment(
     """A Ray Serve application: `model` on `replicas` replicas, each reserving `num_cpus`.
 
     `load` goes to `runtime.load` on each replica (threads, n_ctx, parallel, ...), `server` to
-    `make_server` (api_key, max_queue, max_tokens_limit, model_name, cors_origins). Serve lets
-    each replica take as many requests at once as its server runs and queues; beyond that the
-    server answers 429 itself."""
+    `runtime.server.make_app` (api_key, max_queue, max_tokens_limit, limits, model_name,
+    cors_origins). Serve lets each replica take as many requests at once as its app runs and
+    queues; beyond that the app answers 429 itself."""
     from ray import serve
 
     if replicas < 1:
@@ -198,7 +160,8 @@ def deployment(
     # Serve may hand a replica more than its server runs at once: the server queues or refuses.
     max_ongoing = (server.get("max_concurrent") or 64) + server.get("max_queue", 64)
     options = {"ray_actor_options": {"num_cpus": num_cpus}, "max_ongoing_requests": max_ongoing}
-    return serve.deployment(OpenAIReplica, name=name, num_replicas=replicas, **options).bind(model, load, server)
+    replica = serve.ingress()(OpenAIReplica)
+    return serve.deployment(replica, name=name, num_replicas=replicas, **options).bind(model, load, server)
 
 
 def app(args: dict[str, str]) -> Any:

@@ -707,9 +707,22 @@ def _error(e: ApiError) -> Response:
     return JSON(e.body(), status_code=e.status, headers=e.headers)
 
 
-def make_app(model: Model, **kwargs: Any) -> Service:
-    """The ASGI app alone (for Ray Serve's ingress, or any ASGI server): Service's arguments."""
+def make_app(
+    model: Model, max_tokens_limit: int | None = None, max_body_bytes: int | None = None, **kwargs: Any
+) -> Service:
+    """The ASGI app alone (Ray Serve's ingress, or any ASGI server): `Service`'s arguments, and
+    `make_server`'s shortcuts for two limits."""
+    kwargs["limits"] = _limits(kwargs.get("limits"), max_tokens_limit, max_body_bytes)
     return Service(model, **kwargs)
+
+
+def _limits(limits: Limits | None, max_tokens: int | None, max_body_bytes: int | None) -> Limits:
+    limits = limits or Limits()
+    if max_tokens is not None:
+        limits = replace(limits, max_tokens=max_tokens)
+    if max_body_bytes is not None:
+        limits = replace(limits, max_body_bytes=max_body_bytes)
+    return limits
 
 
 # -- the transport --------------------------------------------------------------------------------
@@ -1056,11 +1069,7 @@ def make_server(
     may ask (`max_tokens_limit`, `max_body_bytes` set two of them); `cors_origins` may call it
     from web pages; `max_connections` caps open connections (default: what the open-file
     limit leaves)."""
-    limits = limits or Limits()
-    if max_tokens_limit is not None:
-        limits = replace(limits, max_tokens=max_tokens_limit)
-    if max_body_bytes is not None:
-        limits = replace(limits, max_body_bytes=max_body_bytes)
+    limits = _limits(limits, max_tokens_limit, max_body_bytes)
     timeouts = timeouts or Timeouts()
     holder: list[Server] = []
     service = Service(
