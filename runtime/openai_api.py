@@ -119,6 +119,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False  # the reply carries them
+    chat: bool = False  # the prompt comes from `messages`
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
@@ -315,6 +316,7 @@ def parse_request(
         stream=_field(body, "stream", bool, False),
         include_usage=bool(_field(stream_options, "include_usage", bool, False)),
         logprobs=options.logprobs is not None,
+        chat=chat,
     )
 
 
