@@ -236,19 +236,23 @@ def _doctor(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(p: argparse.ArgumentParser) -> None:
-    from .server import ENDPOINTS
+    import dataclasses
+
+    from .openai_api import Limits
+    from .server import ENDPOINTS, Timeouts, default_max_connections
 
     routes = ", ".join(f"{'/'.join(methods)} {path}" for path, methods in ENDPOINTS.items())
     p.description = (
         f'Serve one model over an OpenAI-compatible HTTP API (streaming with "stream": true): {routes}. '
-        "Binds to localhost unless --host says otherwise."
+        "Binds to localhost unless --host says otherwise. SIGTERM or Ctrl-C stop it: running "
+        'generations may finish within --drain-timeout, then streams end with finish_reason "abort" '
+        "and [DONE]; a second signal cuts at once."
     )
     p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (env POCKETLM_API_KEY)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 429 (default 64)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask (default 2048)")
     p.add_argument(
         "--parallel",
         default="auto",
@@ -270,6 +274,34 @@ def _serve(p: argparse.ArgumentParser) -> None:
         metavar="ORIGIN",
         help="let web pages from ORIGIN (e.g. http://localhost:3000; repeatable) call the server",
     )
+    limits = p.add_argument_group("what one request may ask (beyond a limit: 400 naming it)")
+    for f in dataclasses.fields(Limits):
+        default = "the model's context" if f.default is None else f.default
+        limits.add_argument(
+            Limits.flag(f.name),
+            type=int,
+            default=f.default,
+            metavar="N",
+            help=f"{f.metadata['help']} (default {default})",
+        )
+    conns = p.add_argument_group("connections")
+    conns.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="open connections at once; at the cap a new one replaces the longest idle, or gets 503 "
+        f"(default: what the open-file limit leaves, here {default_max_connections()})",
+    )
+    for f in dataclasses.fields(Timeouts):
+        conns.add_argument(
+            f"--{f.name.replace('_', '-')}-timeout",
+            dest=f"{f.name}_timeout",
+            type=float,
+            default=f.default,
+            metavar="S",
+            help=f"seconds {f.metadata['help']} (default {f.default:g})",
+        )
     _add_load_options(p)
 
 
@@ -520,15 +552,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
     import os
 
-    from .server import check_address, serve
+    from .openai_api import Limits
+    from .server import Timeouts, check_address, serve
 
     if args.max_queue < 0:
         raise PocketLMError(f"--max-queue {args.max_queue}: must be 0 or more")
     parallel = _parallel(args.parallel)
     if args.kv_cells is not None and args.kv_cells < 1:
         raise PocketLMError(f"--kv-cells {args.kv_cells}: must be 1 or more")
+    if args.max_connections is not None and args.max_connections < 1:
+        raise PocketLMError(f"--max-connections {args.max_connections}: must be 1 or more")
+    limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
+    timeouts = Timeouts(**{f.name: getattr(args, f"{f.name}_timeout") for f in dataclasses.fields(Timeouts)})
     check_address(args.host, args.port)  # now, not after loading the model (that can take minutes)
     logging.getLogger("pocketlm.server").setLevel(logging.INFO)  # one line per request
     options = {"kv_cells": args.kv_cells} if args.kv_cells is not None else {}
@@ -539,9 +577,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             api_key=args.api_key or os.environ.get("POCKETLM_API_KEY"),
             max_queue=args.max_queue,
-            max_tokens_limit=args.max_tokens,
             model_name=args.model,
             cors_origins=args.cors_origin,
+            limits=limits,
+            timeouts=timeouts,
+            max_connections=args.max_connections,
         )
     return 0
 
