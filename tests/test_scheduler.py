@@ -134,6 +134,37 @@ def test_a_closed_stream_frees_its_slot_at_the_next_step(bloom):
         assert model.scheduler.load == (0, 0) and not model._busy
 
 
+@pytest.mark.parametrize("kind", ["bloom", "t5_ct2"])
+def test_cancel_from_another_thread_ends_a_running_and_a_waiting_request(kind, request):
+    """What a server does when a client leaves: the reader is blocked in the stream, another
+    thread cancels; the running request stops at the next step, the waiting one leaves the queue."""
+    path = request.getfixturevalue(kind)
+    prompts = PROMPTS if kind == "bloom" else CT2_SOURCES
+    with runtime.load(path, threads=2, parallel=1 if kind == "bloom" else 2) as model:
+        model.scheduler.window = 0  # CTranslate2: no batch window, so the second request waits
+        running = model.scheduler.stream_tokens(prompts[0], max_new_tokens=200, min_new_tokens=200)
+        waiting = model.scheduler.stream_tokens(prompts[1], max_new_tokens=200, min_new_tokens=200)
+        read: dict[str, list] = {"running": [], "waiting": []}
+
+        def reader(name, stream):
+            for event in stream:
+                read[name].append(event)
+
+        threads = [threading.Thread(target=reader, args=item) for item in (("running", running), ("waiting", waiting))]
+        for t in threads:
+            t.start()
+        while not read["running"]:
+            threading.Event().wait(0.01)
+        waiting.cancel()
+        running.cancel()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        assert len(read["running"]) < 200 and running.cancelled
+        assert model.scheduler.load == (0, 0)
+        assert model.generate(prompts[2], max_new_tokens=3).token_ids  # the model is free
+
+
 def test_a_long_prompt_is_prefilled_between_decode_steps(bloom):
     long_prompt = list(range(20, 420))
     with runtime.load(bloom, threads=2, parallel=2, n_ctx=512) as model:
