@@ -109,6 +109,8 @@ def reproduce(speed: dict[str, Any] | None, fidelity: dict[str, Any] | None) -> 
         "make fidelity    # .venv/bin/python benchmarks/fidelity_bench.py (needs matplotlib for the plot)",
         ".venv/bin/python benchmarks/convert_bench.py     # conversion time and memory",
         ".venv/bin/python benchmarks/serve_bench.py       # many callers at once (--quick: minutes)",
+        ".venv/bin/python benchmarks/llama_tools.py       # llama.cpp's llama-server etc. (serve_bench builds it: "
+        "once, about 10 min)",
         ".venv/bin/python benchmarks/beam_bench.py        # beam search vs transformers, vs greedy (--quick: minutes)",
         ".venv/bin/python benchmarks/speed_bench.py --quick --models flan-t5-small   # a few minutes, noisy",
         ".venv/bin/python benchmarks/speed_bench.py --targets-only   # re-judge the last run's figures, measuring "
@@ -562,12 +564,24 @@ def serve_section(serve: dict[str, Any] | None) -> list[str]:
         "continuous batching.",
         "",
     ]
-    rows, judged = [], []
+    llama = serve.get("llama_server")
+    if llama:
+        out += [
+            f"`llama-server -np N`: llama.cpp's own server, built from the llama.cpp source in llama-cpp-python "
+            f"{llama['llama_cpp_python']}'s sdist by benchmarks/llama_tools.py (cmake "
+            f"`{' '.join(llama.get('cmake_flags') or [])}`, {llama.get('build_minutes')} min), run as "
+            f"`{llama['command']}`, N and the KV cache's CELLS those of its twin `pocketlm serve --parallel N` "
+            "(as its /health reports them); the same requests as PocketLM's (both servers stop at end of "
+            "sequence, neither is asked to ignore it).",
+            "",
+        ]
+    rows, judged, twins = [], [], []
     for model, variants in serve["models"].items():
         base = variants.get("pocketlm --parallel 1", {})
         for label, r in variants.items():
-            if "error" in r:
-                rows.append([model, label, *(["-"] * len(clients)), "-", "-", r["error"][:80]])
+            if "error" in r or "skipped" in r:
+                note = r["error"] if "error" in r else f"skipped: {r['skipped']}"
+                rows.append([model, label, *(["-"] * len(clients)), "-", "-", " ".join(note.split())[:80]])
                 continue
             cells = [
                 f"{r[n]['tokens_per_s']:.1f}"
@@ -610,6 +624,19 @@ def serve_section(serve: dict[str, Any] | None) -> list[str]:
                     best[1],
                 ]
             )
+        for label, r in variants.items():
+            ours = variants.get(label.replace("llama-server -np ", "pocketlm --parallel "), {})
+            if not label.startswith("llama-server -np ") or not ours or "error" in ours or "skipped" in ours:
+                continue
+            if "error" in r or "skipped" in r:
+                continue
+            ratios = [
+                f"{ours[n]['tokens_per_s'] / r[n]['tokens_per_s']:.2f}x" if n in ours and n in r else "-"
+                for n in clients
+            ]
+            n_seq = label.rsplit(" ", 1)[-1]
+            cells = f"{ours.get('kv_cells', '?')} / {r.get('kv_cells', '?')}"
+            twins.append([model, f"`--parallel {n_seq}` / `-np {n_seq}`", *ratios, cells])
         theirs = variants.get("llama-cpp-python server")
         if best and theirs and "error" not in theirs:
             ratio = best[0] / theirs[clients[-1]]["tokens_per_s"]
@@ -665,6 +692,14 @@ def serve_section(serve: dict[str, Any] | None) -> list[str]:
         ],
         rows,
     ) + [""]
+    if twins:
+        out += [
+            "PocketLM / llama-server: `pocketlm serve --parallel N` aggregate tokens/s over `llama-server -np N`'s, "
+            "at each client count (above 1: PocketLM is faster).",
+            "",
+        ]
+        header = ["model", "PocketLM / llama-server", *[f"{n} clients" for n in clients], "KV cells"]
+        out += table(header, twins) + [""]
     if serve.get("plot"):
         out += [f"![aggregate tokens/s vs concurrent clients](results/{serve['plot']})", ""]
     window = {w: r for w, r in (serve.get("window") or {}).items() if isinstance(r, dict)}

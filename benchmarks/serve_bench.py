@@ -3,15 +3,24 @@
 For each model (bloomz-560m q4_k_m, flan-t5-small and mt0-large as CTranslate2 int8, the
 runtime's pick, and flan-t5-small as GGUF q8_0, the T5 GGUF path) the server runs in its own
 process, once per `--parallel` setting (1 is the behaviour before continuous batching), and
-for bloomz-560m llama-cpp-python's own OpenAI server runs on the same GGUF. Each round sends
-N completion requests at once (32 new tokens, greedy, each prompt a different 32-token window
-of benchmarks/data/multilingual.txt); aggregate new tokens/s is all completion tokens over the
-round's wall time; latency is per request. Rounds alternate between settings (one server is
-up at a time), medians of repeats. Also: `score()` over 8 candidates, one by one (before) vs
-batched (prompt shared, candidates together), interleaved, median.
+for bloomz-560m two baselines run on the same GGUF: llama-cpp-python's own OpenAI server, and
+llama.cpp's own `llama-server` (built once by benchmarks/llama_tools.py from the llama.cpp
+source of the installed llama-cpp-python, about 10 minutes on 2 cores; reported as skipped
+when it cannot be built) with `-np N` next to each `--parallel N` > 1, the same threads, the
+same KV cache size (`-c`, PocketLM's default for N sequences), one unified KV cache, and
+`--no-repack` (llama.cpp's repacked AMX weights crash under this project's hypervisor:
+PocketLM keeps them off too). Each round sends N completion requests at once (32 new tokens,
+greedy, each prompt a different 32-token window of benchmarks/data/multilingual.txt; the same
+request to every server, whose `usage.completion_tokens` is counted: neither server is told
+to ignore the end of sequence, and with these random weights every reply has its 32 tokens,
+which the bench checks); aggregate new tokens/s is all completion tokens over the round's
+wall time; latency is per request. Servers run one after the other (one is up at a time),
+each through every client count, medians of repeats. Also: `score()` over 8 candidates, one
+by one (before) vs batched (prompt shared, candidates together), interleaved, median.
 
     .venv/bin/python benchmarks/serve_bench.py --quick          # minutes, noisy
     .venv/bin/python benchmarks/serve_bench.py                  # full
+    .venv/bin/python benchmarks/serve_bench.py --quick --models bloomz-560m --only llama-server
 Writes benchmarks/results/serve.json (report.py adds it to benchmarks/README.md).
 """
 
@@ -32,18 +41,26 @@ from pathlib import Path
 from typing import Any
 
 import harness
+import llama_tools
 from common import HERE, ROOT
 
 CLIENTS = (1, 4, 8, 16)
 NEW_TOKENS = 32
 PROMPT_TOKENS = 32
 MODELS: dict[str, dict[str, Any]] = {
-    "bloomz-560m": {"fmt": "gguf", "quant": "q4_k_m", "parallel": (1, 4, 8, 16), "llama_cpp_server": True},
+    "bloomz-560m": {
+        "fmt": "gguf",
+        "quant": "q4_k_m",
+        "parallel": (1, 4, 8, 16),
+        "llama_cpp_server": True,  # llama-cpp-python's server
+        "llama_server": True,  # llama.cpp's llama-server -np N, for each --parallel N > 1
+    },
     "flan-t5-small": {"fmt": "ct2", "quant": "int8", "parallel": (1, 8, 16)},
     "mt0-large": {"fmt": "ct2", "quant": "int8", "parallel": (1, 8, 16)},
     "flan-t5-small (GGUF)": {"model": "flan-t5-small", "fmt": "gguf", "quant": "q8_0", "parallel": (1, 8)},
 }
 TARGETS = {"bloomz-560m": 2.0, "flan-t5-small": 3.0, "mt0-large": 2.5}  # x --parallel 1 at 16 clients
+LLAMA_SERVER = "llama-server"  # label prefix of llama.cpp's server variants
 
 
 def free_port() -> int:
@@ -68,19 +85,22 @@ def post(port: int, body: dict[str, Any], timeout: float = 900) -> tuple[float, 
 class Server:
     """A server process on a free port, up once it answers."""
 
-    def __init__(self, cmd: list[str], health: str, timeout: float = 900):
+    def __init__(self, cmd: list[str], health: str, timeout: float = 900, env: dict[str, str] | None = None):
         self.port = free_port()
         cmd = [a.replace("{port}", str(self.port)) for a in cmd]
         # the server's log goes to a file: an unread pipe fills up and stalls a chatty server
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=harness.child_env(), stdout=self.log, stderr=self.log, text=True
+            cmd, cwd=ROOT, env={**harness.child_env(), **(env or {})}, stdout=self.log, stderr=self.log, text=True
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read()[-400:]}")
+                lines = [line for line in self.log.read().splitlines() if line.strip()]
+                print("\n".join(f"    | {line}" for line in lines[-12:]), flush=True)  # the log's end
+                last = lines[-1].strip() if lines else "no output"
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {last}")
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 conn.request("GET", health)
@@ -120,10 +140,36 @@ def round_of(port: int, batch: list[Any]) -> dict[str, Any]:
     return {"wall": wall, "latencies": [r[0] for r in replies], "tokens": sum(r[1] for r in replies)}
 
 
+def get_json(port: int, path: str) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path)
+    data = conn.getresponse().read()
+    conn.close()
+    return json.loads(data)
+
+
+def usual_kv_cells(parallel: int) -> int:
+    """The KV cache (tokens, all sequences together) `pocketlm serve --parallel N` gives
+    bloomz-560m here: N x its 2048-token context, at most 16384 (runtime/backends/
+    llama_common.py). Only for a llama-server whose PocketLM twin did not run: otherwise its
+    /health gives the figure."""
+    return min(parallel * 2048, 16384)
+
+
+def llama_server_variant(art: str, n: int) -> tuple[str, list[str], str]:
+    """llama.cpp's llama-server with N slots ({llama_bin}: llama_tools' folder, set once built;
+    {kv_cells}: the KV cache its PocketLM twin has)."""
+    cmd = ["{llama_bin}/llama-server", "-m", art, "--host", "127.0.0.1", "--port", "{port}"]
+    cmd += ["-t", str(harness.THREADS), "-np", str(n), "-c", "{kv_cells}"]
+    cmd += ["--kv-unified", "--no-repack", "--no-webui"]
+    return f"{LLAMA_SERVER} -np {n}", cmd, "/health"
+
+
 def variants(model: str, spec: dict[str, Any]) -> list[tuple[str, list[str], str]]:
+    """(label, command, health path) of each server; llama-server -np N follows --parallel N."""
     art = str(harness.artifact(spec.get("model", model), spec["fmt"], spec["quant"]))
     py = sys.executable
-    out = [
+    pocketlm = [
         (
             f"pocketlm --parallel {n}",
             [
@@ -145,6 +191,11 @@ def variants(model: str, spec: dict[str, Any]) -> list[tuple[str, list[str], str
         )
         for n in spec["parallel"]
     ]
+    out = []
+    for n, variant in zip(spec["parallel"], pocketlm):
+        out.append(variant)
+        if spec.get("llama_server") and n > 1:
+            out.append(llama_server_variant(art, n))
     if spec.get("llama_cpp_server"):
         out.append(
             (
@@ -171,23 +222,50 @@ def bench_model(
     model: str, spec: dict[str, Any], clients: tuple[int, ...], repeats: int, only: str | None = None
 ) -> dict[str, Any]:
     rows: dict[str, Any] = {}
-    for label, cmd, health in variants(model, spec):
-        if only and only not in label:
-            continue
+    chosen = [v for v in variants(model, spec) if not only or only in v[0]]
+    llama_bin: Path | None = None
+    skipped = ""
+    if any(label.startswith(LLAMA_SERVER) for label, _, _ in chosen):
+        try:  # before any server runs: a first build takes minutes (and both cores)
+            llama_bin = llama_tools.build(("llama-server",))
+        except llama_tools.ToolsUnavailable as e:
+            skipped = str(e).strip().replace("\n", " ")[:300]
+    kv: dict[str, int] = {}  # --parallel N -> the KV cells PocketLM's /health reported
+    for label, cmd, health in chosen:
+        env = None
+        n_seq = label.rsplit(" ", 1)[-1]
+        if label.startswith(LLAMA_SERVER):
+            if llama_bin is None:
+                print(f"  {model}: {label}: skipped ({skipped})", flush=True)
+                rows[label] = {"skipped": skipped}
+                continue
+            cells = str(kv.get(n_seq) or usual_kv_cells(int(n_seq)))
+            cmd = [a.replace("{llama_bin}", str(llama_bin)).replace("{kv_cells}", cells) for a in cmd]
+            env = {
+                "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(llama_bin), os.environ.get("LD_LIBRARY_PATH")]))
+            }
         print(f"  {model}: {label}", flush=True)
         try:
-            server = Server(cmd, health)
+            server = Server(cmd, health, env=env)
         except RuntimeError as e:
             rows[label] = {"error": str(e)[:300]}
             continue
         try:
-            round_of(server.port, prompts(spec.get("model", model), 1, 9999))  # warm-up
             result: dict[str, Any] = {}
+            if label.startswith("pocketlm"):
+                result["kv_cells"] = get_json(server.port, "/health").get("kv_cells")
+                kv[n_seq] = result["kv_cells"]
+            elif label.startswith(LLAMA_SERVER):
+                result["kv_cells"] = int(cmd[cmd.index("-c") + 1])
+            round_of(server.port, prompts(spec.get("model", model), 1, 9999))  # warm-up
             for n in clients:
                 runs = [
                     round_of(server.port, prompts(spec.get("model", model), n, 100 * r + n)) for r in range(repeats)
                 ]
                 latencies = sorted(x for run in runs for x in run["latencies"])
+                short = [run["tokens"] for run in runs if run["tokens"] != n * NEW_TOKENS]
+                if short:  # an end of sequence, or a server that did not honour max_tokens
+                    print(f"    warning: {label}: {short} new tokens in a round, not {n * NEW_TOKENS}", flush=True)
                 result[str(n)] = {
                     "tokens_per_s": statistics.median(run["tokens"] / run["wall"] for run in runs),
                     "p50_s": latencies[len(latencies) // 2],
@@ -204,6 +282,27 @@ def bench_model(
         finally:
             server.close()
     return rows
+
+
+def llama_server_info(models: dict[str, Any]) -> dict[str, Any] | None:
+    """How the llama-server rows were run, when some were."""
+    measured = [
+        label
+        for rows in models.values()
+        for label, r in rows.items()
+        if label.startswith(LLAMA_SERVER) and "error" not in r and "skipped" not in r
+    ]
+    if not measured:
+        return None
+    built = llama_tools.build_info(llama_tools.cache_dir() / "bin")
+    _, cmd, _ = llama_server_variant("MODEL.gguf", 0)
+    command = " ".join(cmd).replace("{llama_bin}/", "").replace("{port}", "PORT").replace("{kv_cells}", "CELLS")
+    return {
+        "llama_cpp_python": built.get("version"),
+        "cmake_flags": built.get("cmake_flags"),
+        "build_minutes": built.get("minutes"),
+        "command": command.replace("-np 0", "-np N"),
+    }
 
 
 def score_child(args: dict[str, Any]) -> dict[str, Any]:
@@ -245,7 +344,7 @@ def plot(models: dict[str, Any], clients: tuple[int, ...]) -> str | None:
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.2), squeeze=False)
     for ax, (model, variants) in zip(axes[0], models.items()):
         for label, r in variants.items():
-            if "error" not in r:
+            if "error" not in r and "skipped" not in r:
                 ax.plot(clients, [r[str(n)]["tokens_per_s"] for n in clients], marker="o", label=label)
         ax.set_title(model, fontsize=9)
         ax.set_xlabel("concurrent clients", fontsize=8)
@@ -341,6 +440,7 @@ def main() -> None:
         "models": models,
         "score": scores,
         "window": window,
+        "llama_server": llama_server_info(models) or (previous or {}).get("llama_server"),
         "targets": TARGETS,
         "minutes": round((time.time() - started) / 60, 1),
         "command": "python benchmarks/serve_bench.py" + (" --quick" if args.quick else ""),

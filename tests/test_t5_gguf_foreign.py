@@ -9,20 +9,23 @@ times too sharp (greedy unchanged). The runtime applies the scale on load and sa
 The converter is the one vendored in the llama-cpp-python sdist of the installed version (with
 its own gguf-py: the `gguf` package on PyPI lags behind it). It is taken from
 POCKETLM_LLAMA_CPP_SOURCE (a llama.cpp source tree) if set, else from an unpacked sdist in
-/tmp/lcp, else from .cache/llama-cpp-converter/<version>/, which the first run fills with `pip
-download` (about 75 MB, once per machine; the sdist itself is not kept).
+/tmp/lcp, else from .cache/llama-cpp-converter/<version>/, else from the source tree that
+benchmarks/llama_tools.py keeps with its build of llama.cpp's tools, else the first run fills
+.cache/llama-cpp-converter/<version>/ with `pip download` (about 75 MB, once per machine; the
+sdist itself is not kept; download and safe unpacking are llama_tools').
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from importlib.metadata import version as installed_version
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -42,6 +45,18 @@ SCALE = D_MODEL**-0.5
 SCALED = "output scaled by d_model**-0.5"
 
 
+def _llama_tools() -> ModuleType:
+    """benchmarks/llama_tools.py (the sdist's download and safe unpacking), by its path."""
+    spec = importlib.util.spec_from_file_location("llama_tools", REPO / "benchmarks" / "llama_tools.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+llama_tools = _llama_tools()
+
+
 def _is_tree(path: Path) -> bool:
     return all((path / name).is_file() for name in TREE)
 
@@ -50,23 +65,12 @@ def _unpack_converter(sdist: Path, dest: Path) -> None:
     """The converter, its `conversion` package and gguf-py from the sdist, into `dest` (atomic)."""
     work = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
     try:
-        with tarfile.open(sdist) as tar:
-            members = tar.getmembers()
-            found = (m.name for m in members if m.name.endswith(f"/llama.cpp/{CONVERTER}"))
-            root = next((name[: -len(CONVERTER)] for name in found), None)
-            if root is None:
-                pytest.fail(f"{sdist.name} has no vendor/llama.cpp/{CONVERTER}")
-            for member in members:
-                rel = member.name[len(root) :] if member.name.startswith(root) else ""
-                if not member.isfile() or not (rel == CONVERTER or rel.startswith(("conversion/", "gguf-py/"))):
-                    continue
-                if ".." in Path(rel).parts:
-                    pytest.fail(f"{sdist.name}: unsafe member {member.name}")
-                target = work / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                assert source is not None
-                target.write_bytes(source.read())
+        try:
+            llama_tools.unpack_vendored(
+                sdist, work, keep=lambda rel: rel == CONVERTER or rel.startswith(("conversion/", "gguf-py/"))
+            )
+        except llama_tools.ToolsUnavailable as e:
+            pytest.fail(str(e))
         if not _is_tree(work):
             pytest.fail(f"{sdist.name} lacks part of the converter: {TREE}")
         os.replace(work, dest)
@@ -84,8 +88,9 @@ def llama_converter() -> Path:
             pytest.fail(f"POCKETLM_LLAMA_CPP_SOURCE={env}: not a llama.cpp source tree with {', '.join(TREE)}")
         return Path(env)
     cached = REPO / ".cache" / "llama-cpp-converter" / version
-    for tree in (Path(f"/tmp/lcp/llama_cpp_python-{version}/vendor/llama.cpp"), cached):
-        if _is_tree(tree):
+    built = llama_tools.source_tree(version)  # the source benchmarks/llama_tools.py built its tools from
+    for tree in (Path(f"/tmp/lcp/llama_cpp_python-{version}/vendor/llama.cpp"), cached, built):
+        if tree and _is_tree(tree):
             return tree
     return download_converter(version, cached)
 
@@ -94,23 +99,13 @@ def download_converter(version: str, dest: Path) -> Path:
     """Unpack the converter of llama-cpp-python `version`'s sdist (from PyPI, with pip) into `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as download:
-        cmd = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps"]
-        cmd += ["--no-binary", ":all:", "--dest", download]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`{' '.join(cmd)}` took over 20 minutes")
-        sdists = sorted(Path(download).glob("llama_cpp_python-*.tar.gz"))
-        if proc.returncode or not sdists:
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
-            pytest.fail(
-                f"could not download llama-cpp-python {version}'s sdist for llama.cpp's {CONVERTER} "
-                f"(`{' '.join(cmd)}` exited {proc.returncode}):\n{tail}\n"
-                "Without PyPI, point POCKETLM_LLAMA_CPP_SOURCE at a llama.cpp source tree of that version."
-            )
+            sdist = llama_tools.download_sdist(version, Path(download))
+        except llama_tools.ToolsUnavailable as e:
+            pytest.fail(f"llama.cpp's {CONVERTER}: {e}")
         if not _is_tree(dest):  # another run may have unpacked it meanwhile
             shutil.rmtree(dest, ignore_errors=True)  # a partial tree
-            _unpack_converter(sdists[0], dest)
+            _unpack_converter(sdist, dest)
     return dest
 
 
