@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .checkpoint import Bf16Array, Checkpoint
+from .core.checks import count, epsilon
 from .core.errors import CheckpointError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -76,6 +77,17 @@ def config_float(config: dict[str, Any], where: str, key: str, default: float) -
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise UnsupportedModelError(f"{where}: config value {key}={value!r} is not a non-negative number")
     return float(value)
+
+
+def config_context(config: dict[str, Any], where: str, *keys: str, default: int) -> int:
+    """A trained context length: a count llama.cpp holds (1 to INT32_MAX, core/checks.py)."""
+    value = config_int(config, where, *keys, default=default)
+    return count(where, next((k for k in keys if config.get(k) is not None), keys[0]), value, UnsupportedModelError)
+
+
+def config_epsilon(config: dict[str, Any], where: str, key: str, default: float) -> float:
+    """A normalisation epsilon: finite and above 0, as the GGUF loader requires (core/checks.py)."""
+    return epsilon(where, key, config.get(key, default), UnsupportedModelError)
 
 
 def expect(ckpt: Checkpoint, name: str, shape: Iterable[int]) -> None:

@@ -236,6 +236,18 @@ def ram_bytes() -> int | None:
         return None
 
 
+def available_ram_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """RAM that can be allocated without swapping: Linux's MemAvailable, else the RAM's size."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return ram_bytes()
+
+
 def _nvidia_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None or os.path.exists("/proc/driver/nvidia/version")
 

@@ -13,8 +13,9 @@ import gguf
 import numpy as np
 
 from ..checkpoint import Checkpoint
+from ..core.checks import check_config_layers, check_config_token_ids
 from ..core.errors import UnsupportedModelError
-from ..plan import GGUFPlan, TensorPlan, check_all_used, config_float, config_int, expect
+from ..plan import GGUFPlan, TensorPlan, check_all_used, config_context, config_epsilon, config_int, expect
 from ..vocab import add_no_vocab, add_vocab, read_bpe_tokenizer
 from . import Architecture, Target, register
 
@@ -35,8 +36,8 @@ def _hparams(config: dict[str, Any], where: str) -> dict[str, Any]:
         "n_head": n_head,
         "n_layer": config_int(config, where, "n_layer", "num_hidden_layers"),
         "vocab": config_int(config, where, "vocab_size"),
-        "eps": config_float(config, where, "layer_norm_epsilon", 1e-5),
-        "context": config_int(config, where, "seq_length", "n_positions", default=DEFAULT_CONTEXT),
+        "eps": config_epsilon(config, where, "layer_norm_epsilon", 1e-5),
+        "context": config_context(config, where, "seq_length", "n_positions", default=DEFAULT_CONTEXT),
     }
 
 
@@ -53,6 +54,10 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
     hidden, n_head, n_layer, vocab = hp["hidden"], hp["n_head"], hp["n_layer"], hp["vocab"]
     ffn = 4 * hidden
     prefix = "transformer." if "transformer.word_embeddings.weight" in ckpt else ""
+    # before any per-layer work: a config may claim a billion layers, or ids past the vocabulary
+    layers_key = next((k for k in ("n_layer", "num_hidden_layers") if ckpt.config.get(k) is not None), "n_layer")
+    check_config_layers(where, layers_key, n_layer, ckpt.names(), prefix + "h.")
+    check_config_token_ids(ckpt.config, where, vocab)
 
     expected: dict[str, tuple[int, ...]] = {
         "word_embeddings.weight": (vocab, hidden),
@@ -79,7 +84,7 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
             }
         )
 
-    for hf_name, shape in expected.items():  # first: a config's layer count may be absurd
+    for hf_name, shape in expected.items():
         expect(ckpt, prefix + hf_name, shape)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BLOOM, n_layer)  # costs time per layer
     tensors = []

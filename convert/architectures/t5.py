@@ -26,8 +26,9 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..core import engine
+from ..core.checks import check_config_layers, token_id
 from ..core.errors import UnsupportedModelError
-from ..plan import CT2Plan, GGUFPlan, TensorPlan, check_all_used, config_float, config_int, expect
+from ..plan import CT2Plan, GGUFPlan, TensorPlan, check_all_used, config_context, config_epsilon, config_int, expect
 from ..vocab import add_no_vocab, add_vocab, read_t5_tokenizer, t5_vocabulary
 from . import Architecture, Target, register
 
@@ -73,6 +74,38 @@ ACTIVATIONS = {
 }
 
 
+SPECIAL_IDS = {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}  # with T5's defaults
+
+
+def _feed_forward(config: dict[str, Any], where: str) -> tuple[str, bool]:
+    """(activation, gated) as transformers' T5Config reads them: `feed_forward_proj` is ACT or
+    gated-ACT ("gated-gelu" runs gelu_new, the tanh approximation: T0pp's config has no
+    dense_act_fn), a saved `dense_act_fn`/`is_gated_act` wins. Only activations this
+    converter maps are accepted, in both."""
+    proj = config.get("feed_forward_proj", "relu")
+    parts = proj.split("-") if isinstance(proj, str) else []
+    act = "gelu_new" if proj == "gated-gelu" else parts[-1] if parts else None
+    if len(parts) not in (1, 2) or (len(parts) == 2 and parts[0] != "gated") or act not in ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"{where}: feed_forward_proj={proj!r} is not supported (ACT or gated-ACT, ACT one of "
+            f"{', '.join(ACTIVATIONS)})"
+        )
+    dense = config.get("dense_act_fn") or act
+    if not isinstance(dense, str) or dense not in ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"{where}: dense_act_fn={dense!r} is not supported (one of {', '.join(ACTIVATIONS)})"
+        )
+    return dense, bool(config.get("is_gated_act", len(parts) == 2))
+
+
+def _check_counts(ckpt: Checkpoint, p: T5Params, where: str) -> None:
+    """Layer counts and the vocabulary against the checkpoint, before any per-layer work."""
+    names = ckpt.names()
+    check_config_layers(where, "num_layers", p.n_enc, names, "encoder.block.")
+    check_config_layers(where, "num_decoder_layers", p.n_dec, names, "decoder.block.")
+    expect(ckpt, _embedding_name(ckpt), (p.vocab, p.d_model))
+
+
 @dataclass(frozen=True)
 class T5Params:
     d_model: int
@@ -94,12 +127,7 @@ class T5Params:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], where: str) -> T5Params:
-        proj = str(config.get("feed_forward_proj", "relu"))
-        gated = proj.startswith("gated-")
-        # transformers runs "gated-gelu" with the tanh approximation (T0pp's config has no dense_act_fn)
-        act = config.get("dense_act_fn") or ("gelu_new" if proj == "gated-gelu" else proj.split("-")[-1])
-        if not isinstance(act, str) or act not in ACTIVATIONS:
-            raise UnsupportedModelError(f"{where}: unsupported T5 activation {act!r}")
+        act, gated = _feed_forward(config, where)
         if "scale_decoder_outputs" in config:
             scale = bool(config["scale_decoder_outputs"])
         elif config.get("model_type") == "mt5":
@@ -109,6 +137,10 @@ class T5Params:
         else:
             scale = config.get("tie_word_embeddings", True) is not False
         n_enc = config_int(config, where, "num_layers")
+        vocab = config_int(config, where, "vocab_size")
+        ids = {key: config_int(config, where, key, default=d) for key, d in SPECIAL_IDS.items()}
+        for key, value in ids.items():  # a start token past the vocabulary was an IndexError
+            token_id(where, key, value, vocab, UnsupportedModelError)
         return cls(
             d_model=config_int(config, where, "d_model"),
             d_kv=config_int(config, where, "d_kv"),
@@ -116,16 +148,16 @@ class T5Params:
             n_heads=config_int(config, where, "num_heads"),
             n_enc=n_enc,
             n_dec=config_int(config, where, "num_decoder_layers", default=n_enc),
-            vocab=config_int(config, where, "vocab_size"),
+            vocab=vocab,
             buckets=config_int(config, where, "relative_attention_num_buckets", default=32),
             max_distance=config_int(config, where, "relative_attention_max_distance", default=128),
-            eps=config_float(config, where, "layer_norm_epsilon", 1e-6),
+            eps=config_epsilon(config, where, "layer_norm_epsilon", 1e-6),
             activation=act,
-            gated=bool(config.get("is_gated_act", gated)),
+            gated=gated,
             scale_outputs=scale,
-            decoder_start=config_int(config, where, "decoder_start_token_id", default=0),
-            eos=config_int(config, where, "eos_token_id", default=1),
-            pad=config_int(config, where, "pad_token_id", default=0),
+            decoder_start=ids["decoder_start_token_id"],
+            eos=ids["eos_token_id"],
+            pad=ids["pad_token_id"],
         )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -202,6 +234,7 @@ def _head_is_embedding(ckpt: Checkpoint, emb: str) -> bool:
 def plan_ct2(ckpt: Checkpoint) -> CT2Plan:
     where = str(ckpt.folder / "config.json")
     p = T5Params.from_config(ckpt.config, where)
+    _check_counts(ckpt, p, where)
     ct2 = engine.ctranslate2(specs=True)
     specs = ct2.specs
     spec = specs.TransformerSpec.from_config(
@@ -355,11 +388,8 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
     where = str(ckpt.folder / "config.json")
     p = T5Params.from_config(ckpt.config, where)
     _check_gguf_support(p, where)
+    _check_counts(ckpt, p, where)  # before the per-layer name map
     n_blocks = max(p.n_enc, p.n_dec)  # llama.cpp's block_count; the encoder is padded up to it
-    for stack, n_layers in (("encoder", p.n_enc), ("decoder", p.n_dec)):  # before the per-layer name map
-        if n_layers:
-            last = f"{stack}.block.{n_layers - 1}.layer.0.layer_norm.weight"
-            expect(ckpt, last, (p.d_model,))
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5, n_blocks)
     loader = _Loader(ckpt, p)
 
@@ -404,7 +434,7 @@ def plan_gguf(ckpt: Checkpoint) -> GGUFPlan:
         if vocab
         else [f"{ckpt.folder}: no tokenizer.json or spiece.model; the model will run on token ids only"]
     )
-    context = config_int(ckpt.config, where, "n_positions", default=DEFAULT_CONTEXT)
+    context = config_context(ckpt.config, where, "n_positions", default=DEFAULT_CONTEXT)
 
     def set_parameters(w: gguf.GGUFWriter) -> None:
         w.add_context_length(context)

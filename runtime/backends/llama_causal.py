@@ -23,6 +23,7 @@ import numpy as np
 
 from convert.architectures import get as get_architecture
 from convert.core.errors import GenerationError, ModelLoadError
+from convert.core.gguf_file import GGUFHeader
 
 from ..model import BytePieces, Decoding, StepModel
 from .llama_common import LlamaSession, OwnsSession
@@ -45,6 +46,7 @@ class LlamaCppModel(OwnsSession, StepModel):
         reasons: Sequence[str] = (),
         n_seq: int = 1,
         kv_cells: int | None = None,
+        header: GGUFHeader | None = None,
     ):
         super().__init__()
         if n_seq < 1:
@@ -52,7 +54,7 @@ class LlamaCppModel(OwnsSession, StepModel):
         if kv_cells is not None and kv_cells < 1:
             raise GenerationError(f"kv_cells={kv_cells}: the KV cache must hold at least 1 token")
         self._s = s = LlamaSession(
-            path, n_gpu_layers, threads, n_ctx, DEFAULT_MAX_CTX, n_batch, kv_type, n_seq, kv_cells
+            path, n_gpu_layers, threads, n_ctx, DEFAULT_MAX_CTX, n_batch, kv_type, n_seq, kv_cells, header
         )
         if s.has_encoder:
             s.close()

@@ -1,39 +1,49 @@
 """One loaded llama.cpp model and context, through llama-cpp-python's C API.
 
-Both GGUF backends (causal and encoder-decoder) own one `LlamaSession`: it loads the file,
-creates the context (an f32 model gets an f32 KV cache and no flash attention: it is asked
-for exactness), and runs token batches asking for exactly the logits rows needed.
+Both GGUF backends (causal and encoder-decoder) own one `LlamaSession`: it checks the file's
+metadata against its tensors (convert/core/checks.py: llama.cpp trusts them, and aborts or
+allocates without bound on hostile values), decides the context and the KV cache's memory
+(`plan_context`, also what `pocketlm info` shows), loads the file, creates the context (an
+f32 model gets an f32 KV cache and no flash attention: it is asked for exactness), and runs
+token batches asking for exactly the logits rows needed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from convert.core import engine
+from convert.core.checks import INT32_MAX, GGUFDims, check_gguf, kv_cell_bytes
 from convert.core.engine import extra_buffer_types
 from convert.core.errors import GenerationError, ModelLoadError
 from convert.core.formats import gguf_quant_name
+from convert.core.gguf_file import GGUFHeader, read_header
 
 from ..generation import MAX_SEQUENCES
 from ..model import ModelInfo
-from ..platform import ram_bytes
+from ..platform import available_ram_bytes, ram_bytes
+
+log = logging.getLogger(__name__)
 
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 CTX_STEP = 256  # llama.cpp rounds n_ctx up to a multiple of this
 KV_CELLS_CAP = 16384  # default KV cache of several sequences: n_seq x n_ctx tokens, at most this
 KV_RAM_SHARE = 1 / 8  # ... and at most this share of the machine's RAM
+KV_AVAILABLE_SHARE = 1 / 2  # any KV cache: at most this share of the RAM available beside the weights
+MIB = 2**20
 
 
-def context_size(trained: int | None, max_ctx: int, requested: int | None = None) -> int:
-    """One sequence's context: as requested, else the trained length capped at `max_ctx`,
-    rounded up as llama.cpp does."""
-    n_ctx = requested or min(trained or max_ctx, max_ctx) or max_ctx
-    return -(-n_ctx // CTX_STEP) * CTX_STEP
+def context_size(trained: int, max_ctx: int, requested: int | None = None) -> int:
+    """One sequence's context: as requested (rounded up as llama.cpp does), else the trained
+    length capped at `max_ctx` (never more than the model was trained for)."""
+    return -(-requested // CTX_STEP) * CTX_STEP if requested else min(trained, max_ctx)
 
 
 def default_kv_cells(n_ctx: int, n_seq: int, cell_bytes: int) -> int:
@@ -48,6 +58,62 @@ def default_kv_cells(n_ctx: int, n_seq: int, cell_bytes: int) -> int:
     return max(n_ctx, cells)
 
 
+def kv_ram_budget(model_bytes: int) -> int | None:
+    """Bytes a KV cache may take here: KV_AVAILABLE_SHARE of the RAM available once the
+    weights (`model_bytes`) are in memory; None when the machine does not say."""
+    available = available_ram_bytes()
+    return None if available is None else int(max(0, available - model_bytes) * KV_AVAILABLE_SHARE)
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    """The context asked of llama.cpp, decided before it allocates anything."""
+
+    n_ctx: int  # one sequence's context
+    kv_cells: int  # tokens the KV cache holds, all sequences together (llama_context_params.n_ctx)
+    cell_bytes: int  # bytes of one token in the cache (convert.core.checks.kv_cell_bytes)
+    warning: str | None = None  # why the default context was cut
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_cells * self.cell_bytes
+
+
+def plan_context(
+    path: Any,
+    dims: GGUFDims,
+    max_ctx: int,
+    n_ctx: int | None = None,
+    n_seq: int = 1,
+    kv_cells: int | None = None,
+    exact: bool = False,
+    model_bytes: int = 0,
+) -> ContextPlan:
+    """One sequence's context and the KV cache of `n_seq` sequences: as asked (`n_ctx`,
+    `kv_cells`), else the trained context capped at `max_ctx` and `default_kv_cells`; in
+    int32, and within `kv_ram_budget`: a default cache larger than that is cut to fit (with
+    a warning), one asked for is refused. `exact` caches in f32 (else f16)."""
+    for name, value in (("n_ctx", n_ctx), ("kv_cells", kv_cells)):
+        if value is not None and not 1 <= value <= INT32_MAX:
+            raise ModelLoadError(f"{name}={value}: a context holds 1 to {INT32_MAX} tokens")
+    seq_ctx = context_size(dims.n_ctx_train, max_ctx, n_ctx)
+    cell_bytes = kv_cell_bytes(dims, 4 if exact else 2)
+    cells = kv_cells if kv_cells is not None else default_kv_cells(seq_ctx, n_seq, cell_bytes)
+    total = -(-max(cells, seq_ctx) // CTX_STEP) * CTX_STEP
+    budget = kv_ram_budget(model_bytes)
+    fits = min(INT32_MAX, INT32_MAX if budget is None else budget // cell_bytes) // CTX_STEP * CTX_STEP
+    if total <= fits:
+        return ContextPlan(seq_ctx, total, cell_bytes)
+    need = f"a KV cache of {total} tokens ({total * cell_bytes / MIB:.1f} MiB)"
+    spare = f"this machine can spare {budget / MIB:.1f} MiB" if budget is not None else "llama.cpp counts in int32"
+    if fits == 0:
+        raise ModelLoadError(f"{path}: {need} does not fit: {spare}, not even {CTX_STEP} tokens")
+    if n_ctx is not None or kv_cells is not None:
+        raise ModelLoadError(f"{path}: {need} does not fit: {spare} (at most {fits} tokens: ask for fewer)")
+    warning = f"{path}: {need} does not fit: {spare}; the KV cache holds {fits} tokens instead"
+    return ContextPlan(min(seq_ctx, fits), fits, cell_bytes, warning)
+
+
 class LlamaSession:
     def __init__(
         self,
@@ -60,15 +126,24 @@ class LlamaSession:
         kv_type: str | None = None,
         n_seq: int = 1,
         kv_cells: int | None = None,
+        header: GGUFHeader | None = None,
     ):
         """`n_ctx` is one sequence's context; `n_batch=None` makes the batch as large (an
         encoder needs the whole source in one batch). `n_seq` requests may be in the KV cache
         at once, sharing its `kv_cells` cells (default: n_seq x n_ctx, at most KV_CELLS_CAP);
         the cache has `n_seq_max` sequence ids, at least MAX_SEQUENCES, for the samples and
-        beams of a request (ids cost nothing: the cells are one pool)."""
+        beams of a request (ids cost nothing: the cells are one pool). `header` is the file's
+        parsed header when the caller has it (else it is read here)."""
         self.path = path
         self.llama = llama = engine.llama_cpp()
         self.model = self.ctx = self.batch = None
+        header = header if header is not None else read_header(path)
+        dims = check_gguf(header, path)  # before llama.cpp sees the file: it trusts these numbers
+        self.quant = gguf_quant_name(header.metadata)
+        exact = (kv_type or ("f32" if self.quant == "f32" else "f16")) == "f32"
+        plan = plan_context(path, dims, max_ctx, n_ctx, n_seq, kv_cells, exact, Path(path).stat().st_size)
+        if plan.warning:
+            log.warning(plan.warning)
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         mparams.use_extra_bufts = extra_buffer_types()
@@ -78,21 +153,9 @@ class LlamaSession:
             raise ModelLoadError(f"{path}: llama.cpp could not load this model: {engine.recent_log()}")
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.architecture = self.meta("general.architecture") or "unknown"
-        file_type = self.meta("general.file_type")
-        self.quant = gguf_quant_name(
-            {"pocketlm.quant": self.meta("pocketlm.quant"), "general.file_type": int(file_type) if file_type else None}
-        )
-        n_ctx = context_size(llama.llama_model_n_ctx_train(self.model), max_ctx, n_ctx)
-        exact = (kv_type or ("f32" if self.quant == "f32" else "f16")) == "f32"
-        m = self.model
-        kv_width = llama.llama_model_n_embd(m) * llama.llama_model_n_head_kv(m) // max(1, llama.llama_model_n_head(m))
-        cell_bytes = 2 * llama.llama_model_n_layer(m) * kv_width * (4 if exact else 2)
-        if kv_cells is None:
-            kv_cells = default_kv_cells(n_ctx, n_seq, cell_bytes)
-        total = -(-max(kv_cells, n_ctx) // CTX_STEP) * CTX_STEP
         cparams = llama.llama_context_default_params()
-        cparams.n_ctx = total
-        cparams.n_batch = cparams.n_ubatch = min(n_batch or n_ctx, total)
+        cparams.n_ctx = plan.kv_cells
+        cparams.n_batch = cparams.n_ubatch = min(n_batch or plan.n_ctx, plan.kv_cells)
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.type_k = cparams.type_v = GGML_TYPE_F32 if exact else GGML_TYPE_F16
         cparams.no_perf = True
@@ -106,8 +169,8 @@ class LlamaSession:
             self.close()
             raise ModelLoadError(f"{path}: llama.cpp could not create a context: {engine.recent_log()}")
         self.kv_cells = llama.llama_n_ctx(self.ctx)
-        self.n_ctx = min(n_ctx, self.kv_cells)
-        self.kv_bytes = self.kv_cells * cell_bytes
+        self.n_ctx = min(plan.n_ctx, self.kv_cells)
+        self.kv_bytes = self.kv_cells * plan.cell_bytes
         self.n_batch = llama.llama_n_ubatch(self.ctx)
         self.n_seq = n_seq
         self.batch = llama.llama_batch_init(self.n_batch, 0, self.n_seq_max)
@@ -136,6 +199,7 @@ class LlamaSession:
             reasons=list(reasons),
             parallel=self.n_seq,
             kv_cells=self.kv_cells,
+            kv_bytes=self.kv_bytes,
         )
 
     # -- metadata and vocabulary ---------------------------------------------------------

@@ -18,9 +18,10 @@ from typing import Any
 
 from convert.architectures import get as get_architecture
 from convert.core import engine
+from convert.core.checks import check_gguf
 from convert.core.errors import ModelLoadError
 from convert.core.formats import gguf_quant_name
-from convert.core.gguf_file import IMATRIX_KEYS, IMATRIX_SUFFIX, IMATRIX_TYPE, MAGIC, read_header
+from convert.core.gguf_file import IMATRIX_KEYS, IMATRIX_SUFFIX, MAGIC, read_header
 
 from . import Backend, register
 
@@ -67,8 +68,7 @@ class LlamaCpp(Backend):
                 return None
         header = read_header(path)  # refuses truncated/corrupt files before llama.cpp sees them
         meta = header.metadata
-        if meta.get("general.type") == IMATRIX_TYPE:
-            raise ModelLoadError(f"{path}: an importance matrix, not a model (it is for `pocketlm quantize --imatrix`)")
+        check_gguf(header, path)  # llama.cpp trusts its numbers: refuse what would abort or exhaust it
         return ModelSource(
             path, "gguf", header.architecture, gguf_quant_name(meta), path.stat().st_size, metadata=meta, header=header
         )
@@ -116,6 +116,7 @@ class LlamaCpp(Backend):
             n_ctx=n_ctx,
             reasons=choice.reasons,
             n_seq=choice.parallel,
+            header=source.header,
             **options,
         )
 
@@ -169,23 +170,17 @@ class LlamaCpp(Backend):
 
     def kv_budget(self, source: Any, parallel: int) -> tuple[int, int] | None:
         from .llama_causal import DEFAULT_MAX_CTX as CAUSAL_CTX
-        from .llama_common import context_size, default_kv_cells
+        from .llama_common import plan_context
         from .llama_seq2seq import DEFAULT_MAX_CTX as SEQ2SEQ_CTX
 
-        meta, arch = source.metadata, source.architecture
-        registered = get_architecture(arch)
+        registered = get_architecture(source.architecture)
         cap = SEQ2SEQ_CTX if registered is not None and registered.encoder_decoder else CAUSAL_CTX
-        trained = meta.get(f"{arch}.context_length")
-        n_ctx = context_size(trained if isinstance(trained, int) and trained > 0 else None, cap)
-        layers, width = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.embedding_length")
-        heads, kv_heads = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.attention.head_count_kv")
-        if not all(isinstance(v, int) and v > 0 for v in (layers, width, heads)):
-            return default_kv_cells(n_ctx, parallel, 1), 0
-        # as llama.cpp sizes the cache (LlamaSession.kv_bytes): n_embd x n_head_kv / n_head per layer
-        kv_width = width * (kv_heads if isinstance(kv_heads, int) and kv_heads > 0 else heads) // heads
-        cell_bytes = 2 * layers * kv_width * (4 if source.quant == "f32" else 2)
-        cells = default_kv_cells(n_ctx, parallel, cell_bytes)
-        return cells, cells * cell_bytes
+        dims = check_gguf(source.header, source.path)
+        # what LlamaSession will ask of llama.cpp, decided the same way
+        plan = plan_context(
+            source.path, dims, cap, n_seq=parallel, exact=source.quant == "f32", model_bytes=source.size_bytes
+        )
+        return plan.kv_cells, plan.kv_bytes
 
     def report(self, facts: LlamaFacts | None) -> dict[str, Any]:
         return {"llama.cpp GPU backend": (facts.gpu if facts else None) or "none (CPU only)"}

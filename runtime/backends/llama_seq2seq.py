@@ -88,15 +88,24 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
         n_seq: int = 1,
         kv_cells: int | None = None,
         output_scale: float | None = None,
+        header: GGUFHeader | None = None,
     ):
         """`output_scale` multiplies every logit (None: d_model**-0.5 for a tied T5 written
-        without it, see `lacks_output_scale`, else 1)."""
+        without it, see `lacks_output_scale`, else 1); `header` is the file's, when read."""
         super().__init__()
         if n_seq < 1:
             raise GenerationError(f"n_seq={n_seq}: the KV cache must hold at least 1 sequence")
         # The encoder takes every source of a cohort in one micro-batch: the batch is the context.
         self._s = s = LlamaSession(
-            path, n_gpu_layers, threads, n_ctx, DEFAULT_MAX_CTX, n_batch=None, n_seq=n_seq, kv_cells=kv_cells
+            path,
+            n_gpu_layers,
+            threads,
+            n_ctx,
+            DEFAULT_MAX_CTX,
+            n_batch=None,
+            n_seq=n_seq,
+            kv_cells=kv_cells,
+            header=header,
         )
         if not s.has_encoder:
             s.close()
@@ -108,10 +117,10 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
         self._followers: dict[int, list[int]] = {}  # slot -> slots of more sequences of its source
         self._cohort_sources = 0  # source tokens of the sequences encoded together
         self.parallel_sequences = n_seq
-        if output_scale is None:  # the header is read again only for a T5 PocketLM did not write
+        if output_scale is None:  # the header matters only for a T5 PocketLM did not write
             foreign_t5 = s.architecture == "t5" and s.meta("pocketlm.converter") is None
             output_scale = 1.0
-            if foreign_t5 and lacks_output_scale(read_header(path), Path(path)):
+            if foreign_t5 and lacks_output_scale(header or read_header(path), Path(path)):
                 output_scale = s.llama.llama_model_n_embd(s.model) ** -0.5
                 reasons = [*reasons, output_scale_reason(output_scale)]
         elif output_scale != 1.0:
