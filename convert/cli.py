@@ -107,6 +107,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .core.checks import check_gguf
     from .core.errors import ModelLoadError
     from .core.formats import gguf_quant_type, tensor_type
     from .core.gguf_file import read_header
@@ -119,7 +120,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ModelLoadError(f"{src}: a folder; quantize takes a GGUF file")
     if not src.exists():
         raise ModelLoadError(f"{src}: no such file or folder")
-    read_header(src)  # a clear error for what is not a (complete) GGUF file
+    check_gguf(read_header(src), src)  # a clear error for what is not a complete GGUF model, before llama.cpp
     qt = gguf_quant_type(args.quant)
     out = Path(args.output)
     check_writable(out, args.force)  # before an importance matrix is computed for it
