@@ -22,7 +22,7 @@ from .ct2_target import source_float_dtype, write_ct2
 from .gguf_target import convert_gguf, describe_types, fallbacks
 from .imatrix import is_gguf
 from .imatrix import saved_name as imatrix_saved_name
-from .output import ConversionSummary, Fallback, atomic_output
+from .output import ConversionSummary, Fallback, atomic_output, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ def convert(
     `output_type` (GGUF) gives the output head its own tensor type (`TENSOR_TYPES`).
     `imatrix` (GGUF, llama.cpp's quantizer types): a calibration text, whose importance
     matrix is computed and kept beside the output as `<stem>.imatrix.gguf`, or such a file.
-    The output appears only once complete and verified.
+    The output appears only once complete and verified. `force` lets it replace a file, or a
+    folder PocketLM wrote (a CTranslate2 output); never another folder, never an input.
     """
     started = time.perf_counter()
     src = Path(src)
@@ -154,12 +155,14 @@ def convert(
         fmt, target = arch.target(format)
         quant_name = arch.quant(fmt.name, quant)
         dest = Path(output) if output is not None else default_output(src, fmt.name, quant_name)
+        inputs = (src, imatrix)
+        dest = check_writable(dest, force, inputs)  # now: planning can take a while
         plan = target.plan(ckpt)  # validates every tensor before anything is written
         prov = {**provenance(ckpt, quant_name), "architecture": arch.name}
         generation, _, generation_warnings = gen_config.read(ckpt.folder, ckpt.config)
         if generation:  # stored as read (GGUF: a key; CTranslate2: pocketlm.json), mapped by the runtime
             prov[gen_config.METADATA_KEY] = generation
-        with atomic_output(dest, force) as tmp:
+        with atomic_output(dest, force, inputs) as tmp:
             job = WriteJob(
                 quant_name, ckpt, prov, dest, progress, threads, output_type, Path(imatrix) if imatrix else None
             )

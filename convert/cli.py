@@ -46,7 +46,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format", default=None, choices=names, help="output format (default: the architecture's first, listed below)"
     )
-    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument(
+        "--force", action="store_true", help="replace the output if it is a file, or a folder PocketLM wrote"
+    )
     p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer")
     _add_output_type(p)
     _add_imatrix(p)
@@ -82,7 +84,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="GGUF file to read")
     p.add_argument("output", help="GGUF file to write")
     p.add_argument("-q", "--quant", default="q4_k_m", help="quant type (default q4_k_m)")
-    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument(
+        "--force", action="store_true", help="replace the output if it is a file, or a folder PocketLM wrote"
+    )
     p.add_argument("--threads", type=int, default=None, help="quantizer threads")
     _add_output_type(p)
     _add_imatrix(p)
@@ -122,8 +126,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ModelLoadError(f"{src}: no such file or folder")
     check_gguf(read_header(src), src)  # a clear error for what is not a complete GGUF model, before llama.cpp
     qt = gguf_quant_type(args.quant)
-    out = Path(args.output)
-    check_writable(out, args.force)  # before an importance matrix is computed for it
+    inputs = (src, args.imatrix)
+    out = check_writable(args.output, args.force, inputs)  # before an importance matrix is computed for it
     matrix, source, notes = None, "", []
     if args.imatrix:
         check_applies(qt)
@@ -134,7 +138,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"importance matrix of {source}: {len(matrix.sums)} matrices, {matrix.chunks} chunks"
             + (f", saved as {keep}" if computed else "")
         )
-    with atomic_output(out, args.force) as tmp:
+    with atomic_output(out, args.force, inputs) as tmp:
         head = tensor_type(args.output_type) if args.output_type else None
         if head is not None:
             notes.append(f"output {args.output_type}")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .checkpoint import iter_rows
 from .core import engine
-from .core.ct2_file import BINARY_VERSION, DTYPE_IDS, ITEMSIZE, read_model_bin
+from .core.ct2_file import BINARY_VERSION, DTYPE_IDS, ITEMSIZE, METADATA_FILE, read_model_bin
 from .core.errors import PocketLMError, UnsupportedModelError
 from .core.formats import FORMATS
 from .output import fsync_file
@@ -236,7 +236,7 @@ def write_ct2(
     for name, source in plan.files.items():
         (folder / name).write_bytes(source if isinstance(source, bytes) else source.read_bytes())
     info = {**metadata, **plan.runtime, "format": "ctranslate2", "quant": quant}
-    (folder / "pocketlm.json").write_text(json.dumps(info, indent=2) + "\n")
+    (folder / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
     counts: dict[str, int] = {}
     for dtype, _ in written.values():
         counts[dtype] = counts.get(dtype, 0) + 1

@@ -8,6 +8,7 @@ same way, which is removed afterwards.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 from collections import Counter
@@ -27,6 +28,11 @@ from .core.gguf_file import IMATRIX_KEYS, read_header
 from .imatrix import ImportanceMatrix, check_applies, for_quantize
 from .output import Fallback, fsync_file, partial_sibling, remove
 from .plan import GGUFPlan, TensorPlan
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +157,30 @@ def llama_quantize(
     with engine.quiet_c_output():
         rc = llama.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
+        full = _why_unwritable(dst)
+        if full is not None:  # the one line names the output and the cause (atomic_output's)
+            raise full
         raise PocketLMError(f"llama.cpp could not quantize to {file_type.name}: {engine.recent_log()}")
+
+
+def _why_unwritable(path: Path) -> OSError | None:
+    """Why `path` could not be written, when its file system or a file-size limit says so
+    (llama.cpp's C++ streams report only "iostream error")."""
+    try:
+        fs = os.statvfs(path.parent)
+        size = path.stat().st_size if path.exists() else 0
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return None
+    cause = None
+    if fs.f_flag & os.ST_RDONLY:
+        cause = errno.EROFS
+    elif fs.f_bavail * fs.f_frsize < 1 << 20:
+        cause = errno.ENOSPC
+    elif resource is not None:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and size + (1 << 20) >= limit:
+            cause = errno.EFBIG
+    return None if cause is None else OSError(cause, os.strerror(cause), str(path))
 
 
 def _kv_overrides(llama: Any, values: dict[str, str | int]) -> Any:

@@ -12,12 +12,13 @@ import errno
 import glob
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .core.errors import OutputError, OutputExistsError
+from .core.ct2_file import written_by_pocketlm
+from .core.errors import OutputError, OutputExistsError, PocketLMError
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -78,17 +79,54 @@ def partial_sibling(tmp: Path, tag: str) -> Path:
     return tmp.with_name(f"{base}{tag}.{os.getpid()}{PARTIAL_SUFFIX}")
 
 
-def check_writable(dest: Path, force: bool) -> None:
-    if dest.exists() and not force:
+def output_path(dest: str | Path) -> Path:
+    """`dest` with a file name: `.`, `..` and `/` name folders, resolved to say which."""
+    dest = Path(dest)
+    return dest.resolve() if dest.name in ("", ".", "..") else dest
+
+
+def _check_apart(dest: Path, src: Path) -> None:
+    """The output must never be an input, lie inside one, or hold one."""
+    out, given = dest.resolve(), Path(src).resolve()
+    same = out == given
+    with contextlib.suppress(OSError):
+        same = same or os.path.samefile(out, given)
+    if same:
+        raise OutputExistsError(f"{dest}: this is the input {src}; the output needs a path of its own")
+    if given in out.parents:
+        raise OutputExistsError(f"{dest}: inside the input folder {src}; write the output elsewhere")
+    if out in given.parents:
+        raise OutputExistsError(f"{dest}: holds the input {src}; the output needs a path of its own")
+
+
+def check_writable(dest: str | Path, force: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """The output path, once it is known that writing it harms nothing.
+
+    `--force` replaces a file, or a folder PocketLM wrote (its pocketlm.json says so); never
+    another folder, never an input (nor what holds one or lies inside one)."""
+    dest = output_path(dest)
+    if not dest.name:
+        raise OutputExistsError(f"{dest}: not a path a model can be written to")
+    for src in inputs:
+        if src is not None:
+            _check_apart(dest, Path(src))
+    if dest.is_dir() and not dest.is_symlink() and not written_by_pocketlm(dest):
+        raise OutputExistsError(
+            f"{dest}: a folder PocketLM did not write (--force replaces only files and PocketLM's own output "
+            "folders); name a new output path"
+        )
+    if (dest.exists() or dest.is_symlink()) and not force:
         raise OutputExistsError(f"{dest}: already exists (use --force to overwrite)")
     if not dest.parent.is_dir():
         raise OutputExistsError(f"{dest.parent}: output folder does not exist")
+    return dest
 
 
 def remove(path: Path) -> None:
+    """Remove a temporary if it is there (best effort: what cannot be removed stays)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    else:
+    elif os.path.lexists(path):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
@@ -118,25 +156,67 @@ WRITE_ERRORS = {
     errno.EDQUOT: "the disk quota is exceeded",
     errno.EROFS: "the file system is read-only",
     errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted",
 }
 
 
+def write_failure(path: Path | str, error: OSError, verb: str = "write", note: str = "") -> OutputError:
+    """The one line for an OSError met writing `path`: the path, and what the system said."""
+    reason = WRITE_ERRORS.get(error.errno or 0) or error.strerror or str(error)
+    return OutputError(f"{path}: cannot {verb} it: {reason}{note}")
+
+
 @contextlib.contextmanager
-def atomic_output(dest: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path; on success it replaces `dest`, on any failure it is removed."""
-    dest = Path(dest)
-    check_writable(dest, force)
-    remove_stale_partials(dest)
-    tmp = partial_path(dest)
-    remove(tmp)
+def writing(path: Path | str, verb: str = "write", note: str = "") -> Iterator[None]:
+    """Around code that only writes `path`: any OSError becomes one line naming it."""
     try:
-        yield tmp
-        if dest.is_dir() and not dest.is_symlink():
-            remove(dest)  # os.replace cannot replace a non-empty folder
-        os.replace(tmp, dest)
+        yield
     except OSError as e:
-        if e.errno in WRITE_ERRORS:
-            raise OutputError(f"{dest}: cannot write it: {WRITE_ERRORS[e.errno]} (nothing was left behind)") from None
+        raise write_failure(path, e, verb, note) from None
+
+
+def _is_output(name: object, dest: Path) -> bool:
+    """Whether an OSError's file is `dest`, one of its temporaries, or inside them."""
+    if not isinstance(name, (str, os.PathLike)):
+        return False
+    path = Path(name)
+    for p in (path, *path.parents):
+        if p.parent == dest.parent and (
+            p.name == dest.name or (p.name.startswith(f".{dest.name}") and p.name.endswith(PARTIAL_SUFFIX))
+        ):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def atomic_output(dest: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """Yield a temporary path; on success it replaces `dest`, on any failure it is removed.
+
+    A replaced output stays in place until the new one is complete (a folder is set aside
+    under a temporary name for the moment of the swap, then removed)."""
+    dest = check_writable(dest, force, inputs)
+    tmp = partial_path(dest)
+    old = partial_path(dest, ".replaced")
+    try:
+        remove_stale_partials(dest)
+        remove(tmp)
+        yield tmp
+        check_writable(dest, force)  # again: the path may have changed while the output was written
+        if dest.is_dir() and not dest.is_symlink():  # os.replace cannot replace a non-empty folder
+            os.replace(dest, old)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                os.replace(old, dest)
+                raise
+            remove(old)
+        else:
+            os.replace(tmp, dest)
+    except OSError as e:
+        if _is_output(e.filename, dest) or (e.filename is None and e.errno in WRITE_ERRORS):
+            raise write_failure(dest, e, note=" (nothing was left behind)") from None
+        if e.errno in WRITE_ERRORS:  # another file (an input read on the way): name it
+            raise PocketLMError(f"{e.filename}: {e.strerror or e}") from None
         raise
     finally:
         remove(tmp)

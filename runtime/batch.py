@@ -12,6 +12,7 @@ runtime/ray.py runs the same job over a Ray cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -21,7 +22,8 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from convert.core.errors import GenerationError
+from convert.core.errors import GenerationError, OutputError
+from convert.output import writing
 
 from .generation import GenerationOptions, GenerationResult
 from .model import Model, Prompt
@@ -64,7 +66,7 @@ def answered_keys(path: Path) -> set[str]:
     data = path.read_bytes()
     keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
     if keep != data:
-        with open(path, "r+b") as f:
+        with writing(path), open(path, "r+b") as f:
             f.truncate(len(keep))
     keys = set()
     for line in keep.decode("utf-8").splitlines():
@@ -93,10 +95,12 @@ def answer(result: GenerationResult) -> dict[str, Any]:
 
 
 def write_records(out: IO[str], records: list[dict[str, Any]]) -> None:
-    """Append records as JSON lines, on disk (fsync) before returning: a kill loses no answer."""
-    out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    out.flush()
-    os.fsync(out.fileno())
+    """Append records as JSON lines, on disk (fsync) before returning: a kill loses no answer.
+    A full or read-only disk is one line naming the file; what was written before stays."""
+    with writing(out.name, note=" (the answers before are kept: the same command resumes)"):
+        out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def todo_prompts(input_path: Path, output_path: Path) -> tuple[list[tuple[Any, Prompt]], int]:
@@ -122,11 +126,23 @@ def run_jsonl(
     todo, skipped = todo_prompts(input_path, output_path)
     size = batch_size if model.batches_prompts else 1
     bar = tqdm(total=len(todo), desc="answering", unit="prompt", disable=not progress)
-    with open(output_path, "a", encoding="utf-8") as out:
-        for start in range(0, len(todo), size):
-            chunk = todo[start : start + size]
-            results = model.generate_batch([p for _, p in chunk], options)
-            write_records(out, [{"id": key, "prompt": p, **answer(r)} for (key, p), r in zip(chunk, results)])
-            bar.update(len(chunk))
-    bar.close()
+    created = not output_path.exists()
+    try:
+        with writing(output_path):
+            out = open(output_path, "a", encoding="utf-8")
+        try:
+            for start in range(0, len(todo), size):
+                chunk = todo[start : start + size]
+                results = model.generate_batch([p for _, p in chunk], options)
+                write_records(out, [{"id": key, "prompt": p, **answer(r)} for (key, p), r in zip(chunk, results)])
+                bar.update(len(chunk))
+        finally:
+            with contextlib.suppress(OSError):  # every record was flushed; after a failed one, closing fails again
+                out.close()
+    except OutputError:
+        if created and output_path.is_file() and output_path.stat().st_size == 0:
+            output_path.unlink()  # nothing was answered: no empty file is left behind
+        raise
+    finally:
+        bar.close()
     return BatchStats(answered=len(todo), skipped=skipped, output=str(output_path))

@@ -6,7 +6,10 @@ again. Each entry holds the model and a `manifest.json` (source repo and revisio
 known, sha256 of every input and of the output, quant, converter version). Before reuse the
 output is checked against the manifest (re-hashed whenever its size or mtime changed): a
 corrupted entry is rebuilt. Content hashes are remembered per (path, size, mtime), so a
-cache hit costs no re-hashing.
+cache hit costs no re-hashing. A manifest, hashes.json or model metadata that is not the JSON
+PocketLM wrote (any shape or type) makes a broken entry: rebuilt with a warning, listed as
+broken, removable. A cache that cannot be written is one error line naming it; one that is
+read-only still serves the entries it holds.
 
 Location: $POCKETLM_CACHE, else `pocketlm/` next to the Hugging Face hub cache ($HF_HOME,
 default ~/.cache/huggingface).
@@ -27,7 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from convert.core import __version__
+from convert.core.errors import PocketLMError, first_line
 from convert.core.formats import FORMATS
+from convert.core.jsonfile import OPTIONAL_STRING, Each, MalformedJSON, Shape, read_json
+from convert.output import remove as remove_file
+from convert.output import write_failure, writing
 
 try:
     import fcntl
@@ -44,16 +51,34 @@ def cache_root() -> Path:
     return Path(hf_home) / "pocketlm"
 
 
+HASHES_SHAPE = Each({"size": int, "mtime_ns": int, "sha256": str})
+MANIFEST_SHAPE: dict[str, Shape] = {
+    "output": str,
+    "output_sha256": str,
+    "format?": str,
+    "quant?": str,
+    "converter_version?": str,
+    "created?": str,
+    "size_bytes?": int,
+    "source?": {"repo?": OPTIONAL_STRING, "revision?": OPTIONAL_STRING, "folder?": str, "sha256?": Each(str)},
+}
+
+
 class _HashMemo:
     """sha256 of files, remembered by (path, size, mtime) in the cache's hashes.json."""
 
     def __init__(self) -> None:
         self.path = cache_root() / "hashes.json"
-        try:
-            self.known: dict[str, Any] = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            self.known = {}
+        self.known: dict[str, Any] = {}
         self.dirty = False
+        try:
+            self.known = read_json(self.path, HASHES_SHAPE)
+        except (FileNotFoundError, NotADirectoryError):  # no memo yet
+            pass
+        except (OSError, MalformedJSON) as e:  # rewritten whole on the next save
+            why = e if isinstance(e, MalformedJSON) else f"{self.path}: unreadable ({e.strerror or e})"
+            log.warning("%s; the files it remembered are hashed again", why)
+            self.dirty = True
 
     def sha256(self, file: Path) -> str:
         from convert.checkpoint import sha256_file
@@ -68,13 +93,33 @@ class _HashMemo:
         self.dirty = True
         return digest
 
-    def save(self) -> None:
+    def save(self, quiet: bool = False) -> None:
+        """Write what was learned (a memo: when it cannot be written, files are hashed again)."""
         if not self.dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.known))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.known))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            remove_file(tmp)
+            if not quiet:
+                log.warning("%s; files will be hashed again next time", write_failure(self.path, e))
+
+
+def read_manifest(entry: Path) -> dict[str, Any]:
+    """An entry's manifest. OSError when it has none (an incomplete entry), MalformedJSON when
+    it is not what PocketLM writes (a broken entry)."""
+    path = entry / "manifest.json"
+    try:
+        manifest: dict[str, Any] = read_json(path, MANIFEST_SHAPE)
+    except IsADirectoryError:
+        raise MalformedJSON(f"{path}: a folder, not a file") from None
+    name = manifest["output"]
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise MalformedJSON(f"{path}: output {name!r} is not a file name in the entry")
+    return manifest
 
 
 def _files(output: Path) -> list[Path]:
@@ -100,7 +145,7 @@ def entry_key(hashes: dict[str, str], fmt: str, quant: str) -> str:
 def _locked(path: Path) -> Iterator[None]:
     """Serialise work on one entry across processes (two servers starting at once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    with open(path, "a") as f:
         if fcntl:
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -112,58 +157,107 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _valid(entry: Path, memo: _HashMemo) -> Path | None:
     """The entry's output if its manifest is there and the output matches it."""
+    from convert.core.ct2_file import read_folder_metadata
+
     try:
-        manifest = json.loads((entry / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = read_manifest(entry)
+    except OSError:  # no manifest: absent, or a conversion that did not finish
         return None
-    output = entry / manifest.get("output", "")
-    if not output.exists() or output == entry:
+    except MalformedJSON as e:
+        log.warning("cached conversion %s is broken (%s); rebuilding it", entry.name, e)
         return None
-    if output_sha256(output, memo) != manifest.get("output_sha256"):
-        log.warning("cached conversion %s does not match its manifest (corrupted?); rebuilding it", entry.name)
+    output = entry / manifest["output"]
+    try:
+        if not output.exists():
+            log.warning("cached conversion %s lacks its model %s; rebuilding it", entry.name, output.name)
+            return None
+        if output.is_dir():
+            read_folder_metadata(output)
+        if output_sha256(output, memo) != manifest["output_sha256"]:
+            log.warning("cached conversion %s does not match its manifest (corrupted?); rebuilding it", entry.name)
+            return None
+    except (OSError, PocketLMError) as e:
+        log.warning("cached conversion %s is broken (%s); rebuilding it", entry.name, first_line(e))
         return None
     return output
 
 
 def converted(folder: Path, fmt: str, quant: str, progress: bool = False) -> Path:
     """The cached conversion of `folder` to `fmt`/`quant`, converting it first if needed."""
-    from convert import convert
+    memo = _HashMemo()
+    try:
+        output = _converted(folder, fmt, quant, progress, memo)
+    except BaseException:
+        memo.save(quiet=True)  # the error is the one line to show
+        raise
+    memo.save()
+    return output
+
+
+def _converted(folder: Path, fmt: str, quant: str, progress: bool, memo: _HashMemo) -> Path:
     from convert.checkpoint import Checkpoint, source_identity
 
-    memo = _HashMemo()
     with Checkpoint(folder) as ckpt:
         hashes = {f.name: memo.sha256(f) for f in ckpt.source_files()}
         repo, revision = source_identity(folder, ckpt.config)
     key = entry_key(hashes, fmt, quant)
     root = cache_root() / "converted"
     entry = root / key
-    try:
-        with _locked(root / f".{key}.lock"):
-            output = _valid(entry, memo)
+    with contextlib.ExitStack() as locked:
+        try:
+            locked.enter_context(_locked(root / f".{key}.lock"))
+        except OSError as e:
+            output = _valid(entry, memo)  # a read-only cache still serves what it holds
             if output is not None:
                 return output
-            shutil.rmtree(entry, ignore_errors=True)
-            entry.mkdir(parents=True)
-            output = entry / FORMATS[fmt].output_name("model")
-            if progress:
-                print(f"converting {repo or folder} to {fmt} {quant} (first use; cached in {entry})", flush=True)
-            summary = convert(folder, output, quant=quant, format=fmt, force=True, progress=progress)
-            manifest = {
-                "source": {"repo": repo, "revision": revision, "folder": str(folder.resolve()), "sha256": hashes},
-                "format": fmt,
-                "quant": quant,
-                "converter_version": __version__,
-                "output": output.name,
-                "output_sha256": output_sha256(output, memo),
-                "size_bytes": summary.size_bytes,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            tmp = entry / "manifest.json.tmp"
-            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-            os.replace(tmp, entry / "manifest.json")  # written last: an entry without it is incomplete
+            raise write_failure(root, e, note=" (the conversion cache: POCKETLM_CACHE can move it)") from None
+        output = _valid(entry, memo)
+        if output is not None:
             return output
-    finally:
-        memo.save()
+        with writing(entry, "replace"):
+            if entry.exists():
+                shutil.rmtree(entry)
+            entry.mkdir(parents=True)
+        try:
+            return _build(entry, folder, fmt, quant, progress, memo, hashes, repo, revision)
+        except BaseException:
+            shutil.rmtree(entry, ignore_errors=True)  # an entry without its manifest would be a leftover
+            raise
+
+
+def _build(
+    entry: Path,
+    folder: Path,
+    fmt: str,
+    quant: str,
+    progress: bool,
+    memo: _HashMemo,
+    hashes: dict[str, str],
+    repo: str | None,
+    revision: str | None,
+) -> Path:
+    from convert import convert
+
+    output = entry / FORMATS[fmt].output_name("model")
+    if progress:
+        print(f"converting {repo or folder} to {fmt} {quant} (first use; cached in {entry})", flush=True)
+    summary = convert(folder, output, quant=quant, format=fmt, force=True, progress=progress)
+    manifest = {
+        "source": {"repo": repo, "revision": revision, "folder": str(folder.resolve()), "sha256": hashes},
+        "format": fmt,
+        "quant": quant,
+        "converter_version": __version__,
+        "output": output.name,
+        "output_sha256": output_sha256(output, memo),
+        "size_bytes": summary.size_bytes,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = entry / "manifest.json"
+    tmp = entry / "manifest.json.tmp"
+    with writing(path, note=" (the conversion was not kept)"):
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, path)  # written last: an entry without it is incomplete
+    return output
 
 
 @dataclass
@@ -171,6 +265,7 @@ class Entry:
     key: str
     path: Path
     manifest: dict[str, Any]
+    broken: str | None = None  # why the manifest is not what PocketLM writes
 
     @property
     def source(self) -> str:
@@ -181,17 +276,25 @@ class Entry:
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in _files(self.path))
+        total = 0
+        for f in _files(self.path):
+            with contextlib.suppress(OSError):
+                total += f.stat().st_size
+        return total
 
 
 def entries() -> list[Entry]:
-    """Complete conversions in the cache (entries without a manifest are ignored)."""
+    """Conversions in the cache that finished (have a manifest), broken ones included;
+    entries without a manifest (incomplete, or being written) are left out."""
     out = []
     for manifest in sorted((cache_root() / "converted").glob("*/manifest.json")):
+        entry = manifest.parent
         try:
-            out.append(Entry(manifest.parent.name, manifest.parent, json.loads(manifest.read_text())))
-        except (OSError, json.JSONDecodeError):
-            continue
+            out.append(Entry(entry.name, entry, read_manifest(entry)))
+        except MalformedJSON as e:
+            out.append(Entry(entry.name, entry, {}, broken=str(e)))
+        except OSError as e:
+            out.append(Entry(entry.name, entry, {}, broken=f"{manifest}: unreadable ({e.strerror or e})"))
     return out
 
 
@@ -201,5 +304,6 @@ def remove(selector: str) -> list[Entry]:
         e for e in entries() if e.key.startswith(selector) or e.manifest.get("source", {}).get("repo") == selector
     ]
     for e in matched:
-        shutil.rmtree(e.path, ignore_errors=True)
+        with writing(e.path, "remove"):
+            shutil.rmtree(e.path)
     return matched

@@ -519,6 +519,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             "size_bytes": e.size_bytes,
             "created": e.manifest.get("created"),
             "path": str(e.path),
+            "broken": e.broken,
         }
         for e in entries()
     ]
@@ -528,7 +529,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no converted models in {cache_root()}")
     for r in rows:
-        print(f"{r['key'][:12]}  {r['format']:<4} {r['quant']:<8} {r['size_bytes'] / 2**20:>9.1f} MiB  {r['source']}")
+        if r["broken"]:
+            print(f"{r['key'][:12]}  broken: {r['broken']} (pocketlm rm {r['key'][:12]} removes it)")
+            continue
+        fmt, quant = r["format"] or "?", r["quant"] or "?"
+        print(f"{r['key'][:12]}  {fmt:<4} {quant:<8} {r['size_bytes'] / 2**20:>9.1f} MiB  {r['source']}")
     return 0
 
 
@@ -539,7 +544,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
     if not removed:
         raise PocketLMError(f"nothing in the cache matches {' '.join(args.selector)} (see pocketlm list)")
     for e in removed:
-        print(f"removed {e.key[:12]} ({e.source}, {e.manifest.get('quant')})")
+        what = "broken" if e.broken else f"{e.source}, {e.manifest.get('quant')}"
+        print(f"removed {e.key[:12]} ({what})")
     return 0
 
 

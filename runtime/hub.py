@@ -12,12 +12,14 @@ instead of the API) means "the Hub is not reachable", and the cached snapshot is
 there is one. Metadata calls give up after `metadata_timeout()` seconds (10 by default;
 POCKETLM_HUB_TIMEOUT, else HF_HUB_ETAG_TIMEOUT); a download that receives nothing for
 HF_HUB_DOWNLOAD_TIMEOUT seconds is resumed (5 times, with Range requests), then given up in
-one line; what arrived stays, and the next command continues it (`_fetch_blob`).
+one line; what arrived stays, and the next command continues it (`_fetch_blob`). A local
+disk that is full or read-only is not a network fault: one line names the folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import logging
 import os
@@ -26,6 +28,7 @@ import socket
 import ssl
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from typing import Any, TypeVar
 
 from convert.checkpoint import MODEL_FILES, find_weight_files, sha256_file
 from convert.core.errors import CheckpointError, ModelLoadError, PocketLMError, first_line
+from convert.output import write_failure, writing
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,24 @@ def endpoint() -> str:
     return constants.ENDPOINT
 
 
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # only file systems give these
+
+
+def disk_fault(error: BaseException) -> OSError | None:
+    """The local file-system error behind `error` (a full or read-only disk, a folder this
+    process may not write), if that is what it is."""
+    cause: BaseException | None = error
+    for _ in range(8):
+        if cause is None:
+            return None
+        if isinstance(cause, OSError) and (
+            cause.errno in DISK_ERRNOS or (isinstance(cause, PermissionError) and cause.filename is not None)
+        ):
+            return cause
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    return None
+
+
 def network_fault(error: BaseException) -> str | None:
     """What went wrong on the way to the Hub, or None if `error` is not a network fault.
 
@@ -115,6 +137,8 @@ def network_fault(error: BaseException) -> str | None:
         portal = "html" in error.response.headers.get("content-type", "")
         return f"{where} answered HTTP {status}" + (" with an HTML page (a proxy or captive portal?)" if portal else "")
     if isinstance(error, (httpx2.TransportError, OSError)):
+        if disk_fault(error) is not None:
+            return None
         chain, cause = [], error
         while cause is not None and len(chain) < 8:
             chain.append(cause)
@@ -346,7 +370,8 @@ def pull(
                 _fetch_blob(ref, name, info.sha, seconds, progress)
         # By the name asked for (not info.sha), so the cache records the branch -> commit ref
         # that offline use resolves later; the weights are in blobs/ already, only linked here.
-        with _progress_bars(progress):
+        with _progress_bars(progress), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Not enough free disk space")  # a full disk is one error line
             if ggufs and not weights:
                 name = patterns[0]
                 return Path(hf_hub_download(ref.repo, name, revision=ref.revision, etag_timeout=seconds))
@@ -354,6 +379,9 @@ def pull(
                 snapshot_download(ref.repo, revision=ref.revision, allow_patterns=patterns, etag_timeout=seconds)
             )
     except Exception as e:
+        disk = disk_fault(e)
+        if disk is not None:
+            raise write_failure(disk.filename or _storage(ref), disk) from None
         reason = network_fault(e)
         if reason is None:
             raise
@@ -414,10 +442,17 @@ def _fetch_blob(ref: HubRef, name: str, commit: str | None, seconds: float, prog
                 ) as response:
                     hf_raise_for_status(response)
                     resumed = have and response.status_code == 206
-                    with open(partial, "ab" if resumed else "wb") as f:
-                        for chunk in response.iter_bytes(1 << 20):
-                            f.write(chunk)
-                            bar.update(len(chunk))
+                    try:
+                        with open(partial, "ab" if resumed else "wb") as f:
+                            for chunk in response.iter_bytes(1 << 20):
+                                f.write(chunk)
+                                bar.update(len(chunk))
+                    except OSError as e:  # the disk, not the network: kept for the next command to resume
+                        kept = partial.exists() and partial.stat().st_size > 0
+                        if partial.exists() and not kept:
+                            partial.unlink()
+                        note = " (what arrived is kept: with room, the same command resumes)" if kept else ""
+                        raise write_failure(partial, e, note=note) from None
             except Exception as e:
                 reason = network_fault(e)
                 if reason is None or attempt == DOWNLOAD_TRIES - 1:
@@ -435,7 +470,8 @@ def _fetch_blob(ref: HubRef, name: str, commit: str | None, seconds: float, prog
         raise ModelLoadError(
             f"downloading {ref} gave a {name} whose sha256 differs from the Hub's: run the same command again"
         )
-    os.replace(partial, blob)
+    with writing(blob):
+        os.replace(partial, blob)
 
 
 def _fall_back(ref: HubRef, quant: str | None, reason: str) -> Path:
