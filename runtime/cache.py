@@ -298,10 +298,17 @@ def entries() -> list[Entry]:
     return out
 
 
+MIN_KEY_PREFIX = 4  # so that `rm ""` or `rm a` cannot empty the cache
+
+
 def remove(selector: str) -> list[Entry]:
-    """Remove entries whose key starts with `selector` or whose source repo is `selector`."""
+    """Remove entries whose key starts with `selector` (at least MIN_KEY_PREFIX characters) or
+    whose source repo is `selector`."""
+    by_key = len(selector) >= MIN_KEY_PREFIX
     matched = [
-        e for e in entries() if e.key.startswith(selector) or e.manifest.get("source", {}).get("repo") == selector
+        e
+        for e in entries()
+        if (by_key and e.key.startswith(selector)) or e.manifest.get("source", {}).get("repo") == selector
     ]
     for e in matched:
         with writing(e.path, "remove"):

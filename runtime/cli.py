@@ -224,7 +224,7 @@ def _list(p: argparse.ArgumentParser) -> None:
 
 def _rm(p: argparse.ArgumentParser) -> None:
     p.description = "Remove cached conversions by key (or key prefix, see `pocketlm list`) or source repo id."
-    p.add_argument("selector", nargs="+", help="key, key prefix, or org/name")
+    p.add_argument("selector", nargs="+", help="key, key prefix (4 characters or more), or org/name")
 
 
 def _doctor(p: argparse.ArgumentParser) -> None:

@@ -174,6 +174,9 @@ def test_list_and_rm(tmp_path, hub):
     assert pocketlm(e, "pull", "tiny/bloom", "--convert").returncode == 0
     listing = pocketlm(e, "list")
     assert "tiny/bloom@" in listing.stdout and "MiB" in listing.stdout
+    for too_short in ("", listing.stdout[:1], listing.stdout[:3]):  # `rm ""` matched every key
+        assert pocketlm(e, "rm", too_short).returncode == 1
+    assert "tiny/bloom@" in pocketlm(e, "list").stdout
     removed = pocketlm(e, "rm", "tiny/bloom")
     assert removed.returncode == 0 and "removed" in removed.stdout
     assert json.loads(pocketlm(e, "list", "--json").stdout) == []
