@@ -208,10 +208,12 @@ class TokenStream(Iterator[StreamEvent]):
         events: Generator[StreamEvent, None, None],
         result: GenerationResult,
         on_cancel: Callable[[], None] | None = None,
+        on_deliver: Callable[[Callable[[Any], None]], None] | None = None,
     ):
         self._events = events
         self.result = result
         self._on_cancel = on_cancel
+        self._on_deliver = on_deliver
         self.cancelled = False
 
     def __iter__(self) -> TokenStream:
@@ -237,6 +239,16 @@ class TokenStream(Iterator[StreamEvent]):
         self.cancelled = True
         if self._on_cancel is not None:
             self._on_cancel()
+
+    def deliver(self, sink: Callable[[Any], None]) -> bool:
+        """Instead of being iterated, hand each event to `sink` from the thread that makes it,
+        then None at the end (or the exception that ended it); False when this stream can only
+        be iterated (its generation runs in the reader's thread). A server uses this to take
+        tokens without a thread of its own per request."""
+        if self._on_deliver is None:
+            return False
+        self._on_deliver(sink)
+        return True
 
     def __enter__(self) -> TokenStream:
         return self

@@ -39,13 +39,44 @@ log = logging.getLogger(__name__)
 _END = object()  # the last item of a request's queue
 
 
+class _Events:
+    """A request's events on their way to its reader: a queue its stream reads, or, once
+    `divert`ed, a function the scheduler's thread calls with each (a server's event loop)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sink: Any = None
+        self._lock = threading.Lock()
+
+    def put(self, item: Any) -> None:
+        with self._lock:
+            if self._sink is None:
+                self._queue.put(item)
+                return
+        self._sink(item)
+
+    def get(self) -> Any:
+        return self._queue.get()
+
+    def divert(self, sink: Any) -> None:
+        """From now on hand every item to `sink` (those already queued first, in order)."""
+        with self._lock:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                sink(item)
+            self._sink = sink
+
+
 class _Request:
     """A request in the scheduler: its sequences' Search (or, for engines that decode batches
     by themselves, its Decoding and budget), and the queue of its events."""
 
     def __init__(self, seq: Decoding, budget: int, reserve: int, search: Search | None = None):
         self.seq, self.budget, self.reserve, self.search = seq, budget, reserve, search
-        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.events = _Events()
         self.cancelled = False
         self.finished = False
         self.admitted = False
@@ -104,7 +135,15 @@ class Scheduler:
                     self._waiting.append(request)
             self._start_thread()
             self._wake.notify_all()
-        return [TokenStream(self._events(r), r.seq.result, on_cancel=lambda r=r: self._cancel(r)) for r in requests]
+        return [
+            TokenStream(
+                self._events(r),
+                r.seq.result,
+                on_cancel=lambda r=r: self._cancel(r),
+                on_deliver=lambda sink, r=r: r.events.divert(lambda item: sink(None if item is _END else item)),
+            )
+            for r in requests
+        ]
 
     @property
     def load(self) -> tuple[int, int]:

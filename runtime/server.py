@@ -11,8 +11,9 @@ runtime/openai_api.py; this module carries it over HTTP.
 
 Load: `max_concurrent` generations run at once (default: the sequences the model decodes
 together, `runtime.load(parallel=N)`, whose scheduler batches them), `max_queue` more wait,
-further requests get 429 with `Retry-After: 1`. Each generation runs in a thread of its own
-(the engine blocks); connections cost no thread. A client that goes away, streaming or not,
+further requests get 429 with `Retry-After: 1`. Connections cost no thread; the scheduler's
+thread hands tokens to the event loop (a model decoding one sequence at a time runs each
+generation in a thread of its own). A client that goes away, streaming or not,
 has its generation cancelled and its sequence freed at the next engine step. Connections are
 capped (`max_connections`, by default what the open-file limit leaves): at the cap a new
 connection replaces the one that has waited longest for a request, or is refused with a 503
@@ -113,9 +114,11 @@ _ABORT = object()
 
 
 class Generation:
-    """One request's TokenStream, read in a thread of its own (the engine blocks), its events
-    handed to the event loop's queue. `cancel()` (the client left) stops it at the next engine
-    step; `abort()` (shutdown) also ends what the loop reads at once."""
+    """One request's TokenStream, its events handed to the event loop's queue: by the model's
+    scheduler thread when it decodes many requests together, else read in a thread of its own
+    (the engine blocks). A short-lived thread starts it (tokenizing a long prompt must not hold
+    up the event loop). `cancel()` (the client left) stops it at the next engine step; `abort()`
+    (shutdown) also ends what the loop reads at once."""
 
     def __init__(self, model: Model, request: GenerationRequest, limits: Limits):
         self._loop = asyncio.get_running_loop()
@@ -123,7 +126,6 @@ class Generation:
         self._stop = threading.Event()
         self.stream: TokenStream | None = None
         self.request = request
-        self.prompt_tokens = 0
         self.thread = threading.Thread(target=self._run, args=(model, limits), name="pocketlm-request", daemon=True)
         self.thread.start()
 
@@ -143,6 +145,8 @@ class Generation:
             self.stream = stream = model.stream_tokens(prompt, self.request.options)
             if self._stop.is_set():
                 stream.cancel()
+            if stream.deliver(self._delivered):  # a scheduler's thread hands the tokens over
+                return
             with stream:
                 for event in stream:
                     self._put(event)
@@ -151,6 +155,9 @@ class Generation:
             self._put(_END)
         except BaseException as e:  # handed to the reader, which answers or logs it
             self._put(e)
+
+    def _delivered(self, item: Any) -> None:
+        self._put(_END if item is None else item)
 
     def cancel(self) -> None:
         self._stop.set()
@@ -647,6 +654,7 @@ class EventStream(Response):
             connection = scope.get("pocketlm.connection")
             if connection is not None:
                 connection.transport.abort()
+                await asyncio.sleep(0)  # uvicorn sees the connection lost before the app returns
         finally:
             self.service._finish(self.generation, self.gone)
 
@@ -870,6 +878,11 @@ class _Uvicorn(uvicorn.Server):
             self.owner.stop_reason = signal.Signals(sig).name
             self.should_exit = True
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.owner.on_ready is not None:  # listening, signals handled: say so
+            self.owner.on_ready()
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         owner = self.owner
         owner.service.begin_drain()
@@ -903,6 +916,7 @@ class Server:
         self.timeouts = timeouts or service.timeouts
         self.connections = Connections(max_connections or default_max_connections())
         self.stop_reason = ""
+        self.on_ready: Callable[[], None] | None = None  # called once it listens and handles signals
         self.drain: float | None = None
         self._abort_now = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1100,7 +1114,8 @@ def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str 
     server = make_server(model, host, port, api_key, **kw)
     for warning in start_warnings(host, api_key):
         print(f"pocketlm: warning: {warning}", file=sys.stderr, flush=True)
-    print(f"serving {server.model_name} on {server.url} ({server.describe()}; Ctrl-C to stop)", flush=True)
+    line = f"serving {server.model_name} on {server.url} ({server.describe()}; Ctrl-C to stop)"
+    server.on_ready = lambda: print(line, flush=True)
     server.serve_forever()
     if server.stop_reason:
         log.info("stopped by %s", server.stop_reason)
