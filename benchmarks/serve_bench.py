@@ -7,15 +7,21 @@ for bloomz-560m two baselines run on the same GGUF: llama-cpp-python's own OpenA
 llama.cpp's own `llama-server` (built once by benchmarks/llama_tools.py from the llama.cpp
 source of the installed llama-cpp-python, about 10 minutes on 2 cores; reported as skipped
 when it cannot be built) with `-np N` next to each `--parallel N` > 1, the same threads, the
-same KV cache size (`-c`, PocketLM's default for N sequences), one unified KV cache, and
-`--no-repack` (llama.cpp's repacked AMX weights crash under this project's hypervisor:
-PocketLM keeps them off too). Each round sends N completion requests at once (32 new tokens,
-greedy, each prompt a different 32-token window of benchmarks/data/multilingual.txt; the same
-request to every server, whose `usage.completion_tokens` is counted: neither server is told
+same KV cache size (`-c`, PocketLM's default for N sequences), one unified KV cache, and the
+same weight layout: `--no-repack` exactly where PocketLM turns llama.cpp's extra buffer types
+off (CPUs that report AMX, whose repacked AMX weights crash under this project's hypervisor;
+`convert.core.engine.extra_buffer_types`). The layout matters: on this project's Xeon the
+repacked q4_K weights make a 512-token prefill 32% slower and a 16-sequence decode step 5%
+faster, so a server with a different layout measures that, not the server. Each round sends N
+completion requests at once (32 new tokens, greedy, each prompt a different window of
+benchmarks/data/multilingual.txt: 110 characters for BLOOM, 32 tokens for the T5 family; the
+same request to every server, whose `usage.completion_tokens` is counted: neither server is told
 to ignore the end of sequence, and with these random weights every reply has its 32 tokens,
 which the bench checks); aggregate new tokens/s is all completion tokens over the round's
-wall time; latency is per request. Servers run one after the other (one is up at a time),
-each through every client count, medians of repeats. Also: `score()` over 8 candidates, one
+wall time; latency is per request. Servers run one after the other, each through every client
+count, medians of repeats, except `pocketlm --parallel N` and its `llama-server -np N` twin:
+both are up at once and their rounds alternate (the same prompts to each), so the ratio between
+them is measured under the same machine load. Also: `score()` over 8 candidates, one
 by one (before) vs batched (prompt shared, candidates together), interleaved, median.
 
     .venv/bin/python benchmarks/serve_bench.py --quick          # minutes, noisy
@@ -43,6 +49,8 @@ from typing import Any
 import harness
 import llama_tools
 from common import HERE, ROOT
+
+from convert.core.engine import extra_buffer_types
 
 CLIENTS = (1, 4, 8, 16)
 NEW_TOKENS = 32
@@ -161,7 +169,7 @@ def llama_server_variant(art: str, n: int) -> tuple[str, list[str], str]:
     {kv_cells}: the KV cache its PocketLM twin has)."""
     cmd = ["{llama_bin}/llama-server", "-m", art, "--host", "127.0.0.1", "--port", "{port}"]
     cmd += ["-t", str(harness.THREADS), "-np", str(n), "-c", "{kv_cells}"]
-    cmd += ["--kv-unified", "--no-repack", "--no-webui"]
+    cmd += ["--kv-unified", "--no-webui"] + ([] if extra_buffer_types() else ["--no-repack"])
     return f"{LLAMA_SERVER} -np {n}", cmd, "/health"
 
 
@@ -218,6 +226,38 @@ def variants(model: str, spec: dict[str, Any]) -> list[tuple[str, list[str], str
     return out
 
 
+def _groups(chosen: list[tuple[str, list[str], str]]) -> list[list[tuple[str, list[str], str]]]:
+    """Servers measured together: `pocketlm --parallel N` and its `llama-server -np N` twin
+    (up at once, rounds alternating between them), every other server alone."""
+    out: list[list[tuple[str, list[str], str]]] = []
+    for variant in chosen:
+        twin = out and out[-1][0][0].startswith("pocketlm") and len(out[-1]) == 1
+        if variant[0].startswith(LLAMA_SERVER) and twin and out[-1][0][0].split()[-1] == variant[0].split()[-1]:
+            out[-1].append(variant)
+        else:
+            out.append([variant])
+    return out
+
+
+def _summary(label: str, n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    latencies = sorted(x for run in runs for x in run["latencies"])
+    short = [run["tokens"] for run in runs if run["tokens"] != n * NEW_TOKENS]
+    if short:  # an end of sequence, or a server that did not honour max_tokens
+        print(f"    warning: {label}: {short} new tokens in a round, not {n * NEW_TOKENS}", flush=True)
+    row = {
+        "tokens_per_s": statistics.median(run["tokens"] / run["wall"] for run in runs),
+        "p50_s": latencies[len(latencies) // 2],
+        "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        "new_tokens": statistics.median(run["tokens"] for run in runs),
+    }
+    print(
+        f"    {label}, {n:>2} clients: {row['tokens_per_s']:.1f} tok/s, p50 {row['p50_s']:.2f} s, "
+        f"p95 {row['p95_s']:.2f} s",
+        flush=True,
+    )
+    return row
+
+
 def bench_model(
     model: str, spec: dict[str, Any], clients: tuple[int, ...], repeats: int, only: str | None = None
 ) -> dict[str, Any]:
@@ -231,56 +271,51 @@ def bench_model(
         except llama_tools.ToolsUnavailable as e:
             skipped = str(e).strip().replace("\n", " ")[:300]
     kv: dict[str, int] = {}  # --parallel N -> the KV cells PocketLM's /health reported
-    for label, cmd, health in chosen:
-        env = None
-        n_seq = label.rsplit(" ", 1)[-1]
-        if label.startswith(LLAMA_SERVER):
-            if llama_bin is None:
-                print(f"  {model}: {label}: skipped ({skipped})", flush=True)
-                rows[label] = {"skipped": skipped}
-                continue
-            cells = str(kv.get(n_seq) or usual_kv_cells(int(n_seq)))
-            cmd = [a.replace("{llama_bin}", str(llama_bin)).replace("{kv_cells}", cells) for a in cmd]
-            env = {
-                "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(llama_bin), os.environ.get("LD_LIBRARY_PATH")]))
-            }
-        print(f"  {model}: {label}", flush=True)
+    for group in _groups(chosen):
+        servers: dict[str, Server] = {}
+        results: dict[str, dict[str, Any]] = {}
         try:
-            server = Server(cmd, health, env=env)
-        except RuntimeError as e:
-            rows[label] = {"error": str(e)[:300]}
-            continue
-        try:
-            result: dict[str, Any] = {}
-            if label.startswith("pocketlm"):
-                result["kv_cells"] = get_json(server.port, "/health").get("kv_cells")
-                kv[n_seq] = result["kv_cells"]
-            elif label.startswith(LLAMA_SERVER):
-                result["kv_cells"] = int(cmd[cmd.index("-c") + 1])
-            round_of(server.port, prompts(spec.get("model", model), 1, 9999))  # warm-up
+            for label, cmd, health in group:  # a PocketLM server first: its twin takes its KV size
+                env = None
+                n_seq = label.rsplit(" ", 1)[-1]
+                if label.startswith(LLAMA_SERVER):
+                    if llama_bin is None:
+                        print(f"  {model}: {label}: skipped ({skipped})", flush=True)
+                        rows[label] = {"skipped": skipped}
+                        continue
+                    cells = str(kv.get(n_seq) or usual_kv_cells(int(n_seq)))
+                    cmd = [a.replace("{llama_bin}", str(llama_bin)).replace("{kv_cells}", cells) for a in cmd]
+                    path = os.pathsep.join(filter(None, [str(llama_bin), os.environ.get("LD_LIBRARY_PATH")]))
+                    env = {"LD_LIBRARY_PATH": path}
+                print(f"  {model}: {label}", flush=True)
+                try:
+                    server = Server(cmd, health, env=env)
+                except RuntimeError as e:
+                    rows[label] = {"error": str(e)[:300]}
+                    continue
+                servers[label] = server
+                results[label] = {}
+                if label.startswith("pocketlm"):
+                    results[label]["kv_cells"] = kv[n_seq] = get_json(server.port, "/health").get("kv_cells")
+                elif label.startswith(LLAMA_SERVER):
+                    results[label]["kv_cells"] = int(cmd[cmd.index("-c") + 1])
+                round_of(server.port, prompts(spec.get("model", model), 1, 9999))  # warm-up
+            labels = list(servers)
             for n in clients:
-                runs = [
-                    round_of(server.port, prompts(spec.get("model", model), n, 100 * r + n)) for r in range(repeats)
-                ]
-                latencies = sorted(x for run in runs for x in run["latencies"])
-                short = [run["tokens"] for run in runs if run["tokens"] != n * NEW_TOKENS]
-                if short:  # an end of sequence, or a server that did not honour max_tokens
-                    print(f"    warning: {label}: {short} new tokens in a round, not {n * NEW_TOKENS}", flush=True)
-                result[str(n)] = {
-                    "tokens_per_s": statistics.median(run["tokens"] / run["wall"] for run in runs),
-                    "p50_s": latencies[len(latencies) // 2],
-                    "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-                    "new_tokens": statistics.median(run["tokens"] for run in runs),
-                }
-                print(
-                    f"    {n:>2} clients: {result[str(n)]['tokens_per_s']:.1f} tok/s, "
-                    f"p50 {result[str(n)]['p50_s']:.2f} s, p95 {result[str(n)]['p95_s']:.2f} s",
-                    flush=True,
-                )
-            result["peak_rss_mib"] = round(server.peak_rss_mib(), 1)
-            rows[label] = result
+                runs: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+                for r in range(repeats):  # the same prompts to each server, in alternating order
+                    for label in labels if r % 2 == 0 else labels[::-1]:
+                        runs[label].append(
+                            round_of(servers[label].port, prompts(spec.get("model", model), n, 100 * r + n))
+                        )
+                for label in labels:
+                    results[label][str(n)] = _summary(label, n, runs[label])
+            for label in labels:
+                results[label]["peak_rss_mib"] = round(servers[label].peak_rss_mib(), 1)
+                rows[label] = results[label]
         finally:
-            server.close()
+            for server in servers.values():
+                server.close()
     return rows
 
 
