@@ -8,7 +8,6 @@ that looks like a finished model.
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import os
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.ct2_file import written_by_pocketlm
-from .core.errors import OutputError, OutputExistsError, PocketLMError
+from .core.errors import WRITE_ERRORS, OutputExistsError, PocketLMError, write_failure
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -148,31 +147,6 @@ def remove_stale_partials(dest: Path) -> None:
         pid = stale.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             remove(stale)
-
-
-WRITE_ERRORS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EFBIG: "the file is too large for this file system or limit",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "the operation is not permitted",
-}
-
-
-def write_failure(path: Path | str, error: OSError, verb: str = "write", note: str = "") -> OutputError:
-    """The one line for an OSError met writing `path`: the path, and what the system said."""
-    reason = WRITE_ERRORS.get(error.errno or 0) or error.strerror or str(error)
-    return OutputError(f"{path}: cannot {verb} it: {reason}{note}")
-
-
-@contextlib.contextmanager
-def writing(path: Path | str, verb: str = "write", note: str = "") -> Iterator[None]:
-    """Around code that only writes `path`: any OSError becomes one line naming it."""
-    try:
-        yield
-    except OSError as e:
-        raise write_failure(path, e, verb, note) from None
 
 
 def _is_output(name: object, dest: Path) -> bool:

@@ -22,8 +22,7 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from convert.core.errors import GenerationError, OutputError
-from convert.output import writing
+from convert.core.errors import GenerationError, OutputError, writing
 
 from .generation import GenerationOptions, GenerationResult
 from .model import Model, Prompt

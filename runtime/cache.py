@@ -30,11 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from convert.core import __version__
-from convert.core.errors import PocketLMError, first_line
+from convert.core.errors import PocketLMError, first_line, write_failure, writing
 from convert.core.formats import FORMATS
 from convert.core.jsonfile import OPTIONAL_STRING, Each, MalformedJSON, Shape, read_json
-from convert.output import remove as remove_file
-from convert.output import write_failure, writing
 
 try:
     import fcntl
@@ -103,7 +101,8 @@ class _HashMemo:
             tmp.write_text(json.dumps(self.known))
             os.replace(tmp, self.path)
         except OSError as e:
-            remove_file(tmp)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             if not quiet:
                 log.warning("%s; files will be hashed again next time", write_failure(self.path, e))
 

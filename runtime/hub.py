@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from convert.checkpoint import MODEL_FILES, find_weight_files, sha256_file
-from convert.core.errors import CheckpointError, ModelLoadError, PocketLMError, first_line
-from convert.output import write_failure, writing
+from convert.core.errors import CheckpointError, ModelLoadError, PocketLMError, first_line, write_failure, writing
 
 log = logging.getLogger(__name__)
 

@@ -91,14 +91,19 @@ def test_restricted_unpickler_refuses_code(tmp_path, call):
     assert not marker.exists(), "the pickle's code ran"
 
 
+def _out(folder):
+    """An output beside the checkpoint folder (one inside it is refused)."""
+    return folder.parent / f"{folder.name}-out.gguf"
+
+
 def test_malicious_checkpoint_fails_conversion_with_one_line(tmp_path):
     make_bloom(tmp_path, storage="bin", hidden=40, n_head=5)
     marker = tmp_path / "pwned"
     _malicious_bin(tmp_path / "pytorch_model.bin", _Evil(os.system, f"touch {marker}"))
     with pytest.raises(UnsafePickleError) as e:
-        convert(tmp_path, tmp_path / "out.gguf", quant="f16")
+        convert(tmp_path, _out(tmp_path), quant="f16")
     assert "posix.system" in str(e.value) or "os.system" in str(e.value)
-    assert not marker.exists() and not (tmp_path / "out.gguf").exists()
+    assert not marker.exists() and not (_out(tmp_path)).exists()
 
 
 def test_legacy_torch_format_is_refused_clearly(tmp_path):
@@ -128,7 +133,7 @@ def test_missing_tensor_is_named(tmp_path):
     make_bloom(tmp_path, hidden=40, n_head=5)
     _rewrite_safetensors(tmp_path, lambda t: t.pop("transformer.h.1.mlp.dense_4h_to_h.bias"))
     with pytest.raises(CheckpointError, match=r"tensor transformer\.h\.1\.mlp\.dense_4h_to_h\.bias is missing"):
-        convert(tmp_path, tmp_path / "out.gguf", quant="f16")
+        convert(tmp_path, _out(tmp_path), quant="f16")
 
 
 def test_shape_mismatch_names_file_and_tensor(tmp_path):
@@ -140,14 +145,14 @@ def test_shape_mismatch_names_file_and_tensor(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"model\.safetensors: tensor .* has shape \[320, 40\], expected \[320, 45\]"
     ):
-        convert(tmp_path, tmp_path / "out.gguf", quant="f16")
+        convert(tmp_path, _out(tmp_path), quant="f16")
 
 
 def test_unmapped_tensor_is_an_error(tmp_path):
     make_bloom(tmp_path, hidden=40, n_head=5)
     _rewrite_safetensors(tmp_path, lambda t: t.update({"transformer.extra.weight": np.zeros(3, np.float32)}))
     with pytest.raises(UnsupportedModelError, match="transformer.extra.weight"):
-        convert(tmp_path, tmp_path / "out.gguf", quant="f16")
+        convert(tmp_path, _out(tmp_path), quant="f16")
 
 
 def test_unknown_architecture_lists_supported(tmp_path):
@@ -156,7 +161,7 @@ def test_unknown_architecture_lists_supported(tmp_path):
     config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*supported: .*BloomForCausalLM"):
-        convert(tmp_path, tmp_path / "out.gguf")
+        convert(tmp_path, _out(tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,11 @@ Anything else escaping is a bug in PocketLM.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+
 
 class PocketLMError(Exception):
     """Base class of the errors PocketLM reports to users as one line."""
@@ -46,3 +51,28 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     """An exception's message as one line of output (its type's name when it has none)."""
     text = str(error).strip()
     return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+WRITE_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EFBIG: "the file is too large for this file system or limit",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted",
+}
+
+
+def write_failure(path: Path | str, error: OSError, verb: str = "write", note: str = "") -> OutputError:
+    """The one line for an OSError met writing `path`: the path, and what the system said."""
+    reason = WRITE_ERRORS.get(error.errno or 0) or error.strerror or str(error)
+    return OutputError(f"{path}: cannot {verb} it: {reason}{note}")
+
+
+@contextlib.contextmanager
+def writing(path: Path | str, verb: str = "write", note: str = "") -> Iterator[None]:
+    """Around code that only writes `path`: any OSError becomes one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise write_failure(path, e, verb, note) from None
