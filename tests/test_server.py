@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -29,11 +30,15 @@ PROMPT = "Translate to English: Je t'aime."
 KEY = "sk-test-secret"
 
 
+def tiny_gguf(folder: Path, quant: str) -> Path:
+    """The tiny random BLOOM the server tests run, converted into `folder` as `quant`."""
+    hf = build_random_bloom(folder / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2)
+    return convert(hf, folder / "m.gguf", quant=quant).output
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    folder = build_random_bloom(tmp / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2)
-    gguf = convert(folder, tmp / "m.gguf", quant="q8_0").output
+    gguf = tiny_gguf(tmp_path_factory.mktemp("server"), "q8_0")
     m = runtime.load(gguf, n_ctx=256, threads=1)  # one thread: no spinning when the CPUs are busy
     m.generate(PROMPT, max_new_tokens=2)  # llama.cpp's first call is slow: not in any test's timing
     yield m
@@ -63,9 +68,7 @@ def server(model):
 def exact(tmp_path_factory):
     """The same model in f32 (f32 KV cache) and its server: sampled outputs do not depend on
     how the prompt's cache was built (q8_0's matmuls round differently at other batch sizes)."""
-    tmp = tmp_path_factory.mktemp("server-f32")
-    folder = build_random_bloom(tmp / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2)
-    with runtime.load(convert(folder, tmp / "m.gguf", quant="f32").output, n_ctx=256, threads=1) as m:
+    with runtime.load(tiny_gguf(tmp_path_factory.mktemp("server-f32"), "f32"), n_ctx=256, threads=1) as m:
         with running(m, max_concurrent=2, max_tokens_limit=128, model_name="tiny") as s:
             with openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
                 yield m, c

@@ -24,11 +24,9 @@ from typing import Any
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_server import PROMPT, SlowModel, assert_error, hard_close, request, running
+from test_server import PROMPT, SlowModel, assert_error, hard_close, request, running, tiny_gguf
 
 import runtime
-from convert import convert
-from convert.synthetic import build_random_bloom
 from runtime.cli import main
 from runtime.generation import TokenStream
 from runtime.openai_api import Limits
@@ -39,9 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faults")
-    folder = build_random_bloom(tmp / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2)
-    return convert(folder, tmp / "m.gguf", quant="q8_0").output
+    return tiny_gguf(tmp_path_factory.mktemp("faults"), "q8_0")
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from convert import convert
-from convert.synthetic import build_random_bloom
+from test_server import tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW, IDLE, NORMAL = 1000, 200, 32
@@ -60,13 +58,19 @@ def _complete(port: int, prompt: str) -> tuple[int, str, float]:
 async def _flood(port: int, stop: asyncio.Event, counts: dict[str, int]) -> None:
     header = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 
-    async def slow() -> None:
+    async def connect() -> asyncio.StreamWriter | None:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
             counts["not connected"] += 1
-            return
+            return None
         counts["connected"] += 1
+        return writer
+
+    async def slow() -> None:
+        writer = await connect()
+        if writer is None:
+            return
         try:
             for byte in header:  # never a whole request
                 writer.write(bytes([byte]))
@@ -82,23 +86,17 @@ async def _flood(port: int, stop: asyncio.Event, counts: dict[str, int]) -> None
             writer.close()
 
     async def idle() -> None:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            counts["not connected"] += 1
-            return
-        counts["connected"] += 1
-        await stop.wait()
-        writer.close()
+        writer = await connect()
+        if writer is not None:
+            await stop.wait()
+            writer.close()
 
     await asyncio.gather(*[slow() for _ in range(SLOW)], *[idle() for _ in range(IDLE)])
 
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("load")
-    folder = build_random_bloom(tmp / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2)
-    return convert(folder, tmp / "m.gguf", quant="f32").output  # f32: batching changes no logit
+    return tiny_gguf(tmp_path_factory.mktemp("load"), "f32")  # f32: batching changes no logit
 
 
 def test_slow_idle_and_normal_clients_under_an_open_file_limit_of_1024(gguf):

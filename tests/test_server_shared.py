@@ -13,11 +13,9 @@ import time
 from typing import Any
 
 import pytest
-from test_server import running
+from test_server import running, tiny_gguf
 
 import runtime
-from convert import convert
-from convert.synthetic import build_random_bloom
 from runtime.server import Server, is_loopback, make_server, start_warnings
 
 PROMPTS = ["Translate to English: Je t'aime.", "What is a GGUF file?", "Bonjour.", "Is it raining?"]
@@ -25,9 +23,7 @@ PROMPTS = ["Translate to English: Je t'aime.", "What is a GGUF file?", "Bonjour.
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("shared")
-    folder = build_random_bloom(tmp / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512, std=0.2)
-    return convert(folder, tmp / "m.gguf", quant="f32").output
+    return tiny_gguf(tmp_path_factory.mktemp("shared"), "f32")
 
 
 def call(server: Server, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None):
