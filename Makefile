@@ -16,7 +16,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || sysctl -n hw.n
 .PHONY: run test lint format bench fidelity setup setup-test clean
 
 run: $(VENV)/.installed
-	$(PY) -m runtime.demo $(MODEL)
+	$(PY) -m pocketlm.cli.demo $(MODEL)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)

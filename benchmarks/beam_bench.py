@@ -192,9 +192,9 @@ def greedy_options(n: int) -> dict[str, Any]:
 
 class PocketLMBeams:
     def __init__(self, path: Path):
-        import runtime
+        import pocketlm
 
-        self.model = runtime.load(path, threads=THREADS)
+        self.model = pocketlm.load(path, threads=THREADS)
         self.clock = EngineClock(self.model)
 
     def run(self, ids: list[int], n: int, beams: bool) -> dict[str, Any]:

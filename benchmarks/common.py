@@ -171,7 +171,7 @@ def bloom_checkpoint(name: str = "bloomz-560m") -> Path:
     folder = CACHE / f"{name}-shape"
     if (folder / "model.safetensors").is_file():
         return folder
-    from convert.synthetic import SAMPLE_TEXT, random_bloom_weights, train_bloom_tokenizer
+    from pocketlm.converters.synthetic import SAMPLE_TEXT, random_bloom_weights, train_bloom_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = config(name)

@@ -25,7 +25,7 @@ PLAN = {
 
 def command(tool: str, src: str, out: str, quant: str) -> list[str]:
     if tool == "pocketlm":
-        return [sys.executable, "-m", "convert", src, "-o", out, "--quant", quant, "--force", "--json"]
+        return [sys.executable, "-m", "pocketlm.converters", src, "-o", out, "--quant", quant, "--force", "--json"]
     return [
         sys.executable,
         "-m",

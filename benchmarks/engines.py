@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from harness import THREADS
 
-from runtime.backends.llama_common import extra_buffer_types
+from pocketlm.backends.llama_common import extra_buffer_types
 
 
 @dataclass
@@ -132,13 +132,13 @@ def hf_logits(model: Any, ids: Sequence[int], decoder_ids: Sequence[int] | None 
 
 
 def load_pocketlm(path: Path, compute_type: str | None = None) -> Any:
-    """runtime.load with THREADS threads; compute_type only when given (else the runtime picks)."""
-    import runtime
+    """pocketlm.load with THREADS threads; compute_type only when given (else the runtime picks)."""
+    import pocketlm
 
     options: dict[str, Any] = {"threads": THREADS}
     if compute_type:
         options["compute_type"] = compute_type
-    return runtime.load(path, **options)
+    return pocketlm.load(path, **options)
 
 
 class PocketLMRunner:
@@ -367,7 +367,7 @@ def hf_decode_weight_bytes(folder: Path, seq2seq: bool, bytes_per_element: float
 
 def gguf_decode_weight_bytes(path: Path) -> int:
     """Weight bytes one decode step reads from a GGUF file (its real quantized sizes)."""
-    from convert.core.gguf_file import read_header
+    from pocketlm.converters.core.gguf_file import read_header
 
     header = read_header(path)
     tensors = {t.name: t for t in header.tensors}

@@ -253,7 +253,7 @@ def imatrix_for(model: str) -> tuple[Path, dict[str, Any]]:
     calib = harness.ARTIFACTS / f"{model}.calibration.txt"
     f32 = artifact(model, "gguf", "f32")
     if not path.is_file() or path.stat().st_mtime < f32.stat().st_mtime:
-        from convert.imatrix import compute
+        from pocketlm.converters.imatrix import compute
 
         text = "\n\n".join(reference_models.train_paragraphs())
         calib.write_text(text, encoding="utf-8")
@@ -265,7 +265,7 @@ def imatrix_for(model: str) -> tuple[Path, dict[str, Any]]:
             json.dumps({"seconds": time.perf_counter() - started, "chunks": matrix.chunks})
         )
     info = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
-    from convert.imatrix import ImportanceMatrix
+    from pocketlm.converters.imatrix import ImportanceMatrix
 
     matrix = ImportanceMatrix.load(path)
     # how unequal the columns are: the matrix can only help where some columns carry far more
@@ -372,7 +372,7 @@ def measure(model: str, s: harness.Settings, rebuild: bool, task_items: int) -> 
 
 def parameters(gguf_file: Path) -> int:
     """Weights in a model: the elements of its f32 GGUF's tensors."""
-    from convert.core.gguf_file import read_header
+    from pocketlm.converters.core.gguf_file import read_header
 
     return sum(int(np.prod(t.shape)) for t in read_header(gguf_file).tensors)
 

@@ -116,7 +116,7 @@ class Variant:
     engine: str  # "transformers" | "pocketlm"
     format: str = "hf"  # hf | gguf | ct2
     quant: str = "fp32"  # file quant type ("auto" for a checkpoint folder given to PocketLM)
-    compute_type: str | None = None  # CTranslate2 compute type given to runtime.load (None: its pick)
+    compute_type: str | None = None  # CTranslate2 compute type given to pocketlm.load (None: its pick)
     omp_wait_policy: str | None = None  # OMP_WAIT_POLICY for the child (torch's OpenMP threads)
 
     @property
@@ -124,7 +124,7 @@ class Variant:
         if self.engine == "transformers":
             return "transformers fp32" + (f" (OMP_WAIT_POLICY={self.omp_wait_policy})" if self.omp_wait_policy else "")
         if self.is_auto:
-            return "runtime.load(checkpoint folder): its own pick"
+            return "pocketlm.load(checkpoint folder): its own pick"
         if self.format == "ct2":
             return f"ct2 {self.quant} file, compute {self.compute_type or 'auto'}"
         return f"gguf {self.quant}"
@@ -300,14 +300,14 @@ def text_ids() -> list[int]:
 
     The real-shape checkpoints carry stand-in tokenizers (T5's cannot spell real words), so
     the text is tokenized once with a byte-level BPE of 1024 ids trained on the text itself
-    (BLOOM's pre-tokenizer, convert.synthetic): natural-text token statistics, ids valid in
+    (BLOOM's pre-tokenizer, pocketlm.converters.synthetic): natural-text token statistics, ids valid in
     every model's vocabulary. Cached next to the text's sha256."""
     text = TEXT.read_text(encoding="utf-8")
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     cached = CACHE / f"text_ids.{digest}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    from convert.synthetic import train_bloom_tokenizer
+    from pocketlm.converters.synthetic import train_bloom_tokenizer
 
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
     ids = train_bloom_tokenizer(paragraphs, TEXT_VOCAB).encode(text).ids

@@ -9,7 +9,7 @@ import runpy
 
 import llama_cpp.llama_cpp as C
 
-from runtime.backends.llama_common import extra_buffer_types
+from pocketlm.backends.llama_common import extra_buffer_types
 
 default_params = C.llama_model_default_params
 

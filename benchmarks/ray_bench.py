@@ -28,9 +28,9 @@ from common import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-import runtime  # noqa: E402
-from runtime import batch  # noqa: E402
-from runtime import ray as on_ray  # noqa: E402
+import pocketlm  # noqa: E402
+from pocketlm.cli import batch  # noqa: E402
+from pocketlm.serving import ray_cluster as on_ray  # noqa: E402
 
 MODEL, QUANT = "bloomz-560m", "q4_k_m"
 NEW_TOKENS, PROMPT_TOKENS, BATCH = 16, 32, 16
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     on_ray.connect()
 
     def one_process(out: Path) -> None:
-        with runtime.load(gguf, threads=cores, parallel=BATCH, progress=False) as model:
+        with pocketlm.load(gguf, threads=cores, parallel=BATCH, progress=False) as model:
             batch.run_jsonl(model, source, out, BATCH, options=model.options(**options))
 
     def ray_actors(actors: int):

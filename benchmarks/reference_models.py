@@ -385,7 +385,7 @@ def _train_bloom(folder: Path, seed: int) -> dict[str, Any]:
     import torch
     from transformers import BloomConfig, BloomForCausalLM
 
-    from convert.synthetic import SPECIAL_TOKENS, train_bloom_tokenizer
+    from pocketlm.converters.synthetic import SPECIAL_TOKENS, train_bloom_tokenizer
 
     r = BLOOM
     started = time.perf_counter()
@@ -688,7 +688,19 @@ def ensure(name: str, rebuild: bool = False, seed: int = SEED) -> Path:
 
 def _convert(src: Path, out: Path, fmt: str, quant: str) -> None:
     """`python -m convert` in a child process (seconds for these sizes: always afresh)."""
-    cmd = [sys.executable, "-m", "convert", str(src), "-o", str(out), "--format", fmt, "--quant", quant, "--force"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pocketlm.converters",
+        str(src),
+        "-o",
+        str(out),
+        "--format",
+        fmt,
+        "--quant",
+        quant,
+        "--force",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
@@ -700,7 +712,7 @@ def check(name: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    import runtime
+    import pocketlm
 
     _seed(SEED)
     folder = ensure(name)
@@ -715,7 +727,7 @@ def check(name: str) -> dict[str, Any]:
     for fmt, quant, path in targets:
         _convert(folder, path, fmt, quant)
         row: dict[str, Any] = {}
-        with runtime.load(str(path), threads=THREADS) as model:
+        with pocketlm.load(str(path), threads=THREADS) as model:
             row["backend"] = model.info.backend
             errors = []
             if t5:

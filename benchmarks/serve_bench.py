@@ -10,7 +10,7 @@ when it cannot be built) with `-np N` next to each `--parallel N` > 1, the same 
 same KV cache size (`-c`, PocketLM's default for N sequences), one unified KV cache, and the
 same weight layout: `--no-repack` exactly where PocketLM turns llama.cpp's extra buffer types
 off (CPUs that report AMX, whose repacked AMX weights crash under this project's hypervisor;
-`convert.core.engine.extra_buffer_types`). The layout matters: on this project's Xeon the
+`pocketlm.converters.core.engine.extra_buffer_types`). The layout matters: on this project's Xeon the
 repacked q4_K weights make a 512-token prefill 32% slower and a 16-sequence decode step 5%
 faster, so a server with a different layout measures that, not the server. Each round sends N
 completion requests at once (32 new tokens, greedy, each prompt a different window of
@@ -50,7 +50,7 @@ import harness
 import llama_tools
 from common import HERE, ROOT
 
-from convert.core.engine import extra_buffer_types
+from pocketlm.converters.core.engine import extra_buffer_types
 
 CLIENTS = (1, 4, 8, 16)
 NEW_TOKENS = 32
@@ -344,12 +344,12 @@ def score_child(args: dict[str, Any]) -> dict[str, Any]:
     """score() over 8 candidates: one by one as before vs batched, interleaved."""
     import numpy as np
 
-    import runtime
+    import pocketlm
 
     ids = harness.text_ids()
     context = harness.prompt(ids, 64, 1)
     candidates = [harness.prompt(ids, 1 + i % 4, 50 + i) for i in range(8)]
-    with runtime.load(args["path"], threads=harness.THREADS, parallel=args["parallel"]) as model:
+    with pocketlm.load(args["path"], threads=harness.THREADS, parallel=args["parallel"]) as model:
 
         def one_by_one() -> None:
             for cand in candidates:
@@ -394,11 +394,11 @@ def plot(models: dict[str, Any], clients: tuple[int, ...]) -> str | None:
 
 def window_child(args: dict[str, Any]) -> dict[str, Any]:
     """CTranslate2's batch window: requests sent at once by N threads, for each window."""
-    import runtime
+    import pocketlm
 
     ids = harness.text_ids()
     out: dict[str, Any] = {}
-    with runtime.load(args["path"], threads=harness.THREADS, parallel=16) as model:
+    with pocketlm.load(args["path"], threads=harness.THREADS, parallel=16) as model:
         model.generate(harness.prompt(ids, PROMPT_TOKENS, 1, eos=1), max_new_tokens=4)
         for window in args["windows"]:
             model.scheduler.window = window

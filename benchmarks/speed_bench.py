@@ -7,7 +7,7 @@ converter and runtime handle it), each in its own fresh processes: load time, pe
 to first token, prompt and decode tokens/s at batch 1 (fixed lengths, end of sequence
 ignored), and for the T5 family the throughput of one batch of 16 prompts. Also: PocketLM's
 overhead over calling llama.cpp / CTranslate2 directly, the machine's memory bandwidth and
-each variant's decode speed as a fraction of it (roofline), and `import runtime` time.
+each variant's decode speed as a fraction of it (roofline), and `import pocketlm` time.
 Writes benchmarks/results/speed.json, then regenerates benchmarks/README.md (report.py).
 
     .venv/bin/python benchmarks/speed_bench.py --quick            # minutes, noisy
@@ -61,7 +61,7 @@ def variants(model: str) -> list[Variant]:
     out = [Variant(model, "transformers"), Variant(model, "transformers", omp_wait_policy="PASSIVE")]
     if not is_seq2seq(model):
         return out + [Variant(model, "pocketlm", "gguf", q) for q in BLOOM_GGUF]
-    out.append(Variant(model, "pocketlm", "hf", "auto"))  # runtime.load(checkpoint folder): its own pick
+    out.append(Variant(model, "pocketlm", "hf", "auto"))  # pocketlm.load(checkpoint folder): its own pick
     out += [Variant(model, "pocketlm", "ct2", CT2_FILE, c) for c in CT2_COMPUTE]
     return out + [Variant(model, "pocketlm", "gguf", q) for q in T5_GGUF]
 
@@ -388,10 +388,10 @@ def measure_overhead(model: str, s: Settings, rebuild: bool) -> dict[str, Any]:
 
 
 def import_time(s: Settings) -> dict[str, Any]:
-    """`import runtime` in fresh interpreters (after one unmeasured run that writes .pyc files)."""
+    """`import pocketlm` in fresh interpreters (after one unmeasured run that writes .pyc files)."""
     import subprocess
 
-    code = "import time; t = time.perf_counter(); import runtime; print(time.perf_counter() - t)"
+    code = "import time; t = time.perf_counter(); import pocketlm; print(time.perf_counter() - t)"
     samples = []
     for i in range(s.import_repeats + 1):
         out = subprocess.run(
@@ -473,7 +473,7 @@ def evaluate_targets(
             detail,
         )
     add(
-        "`import runtime`",
+        "`import pocketlm`",
         f"< {TARGETS['import_s']:g} s",
         imp.get("seconds"),
         None if imp.get("seconds") is None else imp["seconds"] < TARGETS["import_s"],
@@ -493,7 +493,7 @@ def _numbers(row: dict[str, Any] | None, base: dict[str, Any] | None, key: str, 
 
 
 def _pick_note(auto: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """What runtime.load(checkpoint) picked, and how it ranks among the PocketLM variants
+    """What pocketlm.load(checkpoint) picked, and how it ranks among the PocketLM variants
     measured, at batch 1 and for the 16-prompt batch (CTranslate2 compute types compared as
     they ran: "int8" runs as "int8_float32" on this CPU)."""
     info, picked_compute = auto["info"], auto.get("compute_type")
@@ -567,7 +567,7 @@ def main(argv: list[str]) -> int:
     bandwidth = max(v for k, v in bw.items() if k.startswith("gbps"))
     print(f"  {bandwidth:.1f} GB/s", flush=True)
     imp = import_time(s)
-    print(f"  import runtime: {imp['seconds']:.3f} s", flush=True)
+    print(f"  import pocketlm: {imp['seconds']:.3f} s", flush=True)
 
     for model in args.models:
         print(f"[{s.mode}] {model}", flush=True)

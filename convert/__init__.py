@@ -1,6 +1,6 @@
 """PocketLM converters: Hugging Face checkpoints to GGUF and CTranslate2.
 
-    from convert import convert
+    from pocketlm.converters import convert
     summary = convert("path/to/bloomz-560m", "bloomz-560m-q4_k_m.gguf", quant="q4_k_m")
 
 Reads checkpoints with numpy only: torch and transformers are never imported. The heavy

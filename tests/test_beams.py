@@ -14,11 +14,11 @@ import pytest
 import torch
 from reference import make_bloom, make_t5
 
-import runtime
-from convert import convert
-from convert.core.errors import GenerationError
-from runtime.generation import GenerationOptions
-from runtime.search import log_softmax
+import pocketlm
+from pocketlm.converters import convert
+from pocketlm.converters.core.errors import GenerationError
+from pocketlm.core.generation import GenerationOptions
+from pocketlm.core.search import log_softmax
 
 BLOOM_PROMPTS = [[5, 6, 7, 8, 9, 10], [60, 61, 62, 60, 61]]
 T5_SOURCES = [[5, 9, 12, 30, 1], [40, 41, 42, 43, 44, 45, 1]]
@@ -136,7 +136,7 @@ def _check(ours, theirs):
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
 def test_bloom_gguf_beams_equal_transformers(bloom, case):
     hf, gguf = bloom
-    with runtime.load(gguf, threads=2) as model:
+    with pocketlm.load(gguf, threads=2) as model:
         for ids in BLOOM_PROMPTS:
             _check(_ours(model, ids, 12, *case), _hf_beams(hf, ids, False, 12, *case))
 
@@ -144,7 +144,7 @@ def test_bloom_gguf_beams_equal_transformers(bloom, case):
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
 def test_t5_gguf_beams_equal_transformers(t5, case):
     hf, gguf, _ = t5
-    with runtime.load(gguf, threads=2) as model:
+    with pocketlm.load(gguf, threads=2) as model:
         for ids in T5_SOURCES:
             _check(_ours(model, ids, 10, *case), _hf_beams(hf, ids, True, 10, *case))
 
@@ -154,7 +154,7 @@ def test_t5_ct2_beams_equal_transformers_with_its_stopping_rule(t5, case):
     hf, _, ct2 = t5
     beams, ret, lp, ngram, early = case
     pinned = True if early is False else early  # CTranslate2 stops at num_beams finished
-    with runtime.load(ct2, threads=2) as model:
+    with pocketlm.load(ct2, threads=2) as model:
         for ids in T5_SOURCES:
             expected = _hf_beams(hf, ids, True, 10, beams, ret, lp, ngram, pinned, renormalize=True)
             _check(_ours(model, ids, 10, *case), expected)
@@ -164,9 +164,9 @@ def test_beams_in_the_scheduler_equal_beams_alone(bloom):
     """Beams are sequences of the scheduler: with other requests running they give the same."""
     _, gguf = bloom
     options = GenerationOptions(max_new_tokens=12, num_beams=4, num_return_sequences=4)
-    with runtime.load(gguf, threads=2) as model:
+    with pocketlm.load(gguf, threads=2) as model:
         alone = [model.generate(p, options) for p in BLOOM_PROMPTS]
-    with runtime.load(gguf, threads=2, parallel=4) as model:
+    with pocketlm.load(gguf, threads=2, parallel=4) as model:
         others = [model.stream_tokens(p, max_new_tokens=12, temperature=0.8, seed=3) for p in BLOOM_PROMPTS]
         together = model.generate(BLOOM_PROMPTS, options)
         for stream in others:
@@ -186,7 +186,7 @@ def test_logprobs_are_log_softmax_of_the_models_logits(gentle):
         (t5_gguf, T5_SOURCES[0], True),
         (t5_ct2, T5_SOURCES[0], True),
     ]:
-        with runtime.load(path, threads=2) as model:
+        with pocketlm.load(path, threads=2) as model:
             for options in [
                 GenerationOptions(max_new_tokens=8, logprobs=3),
                 GenerationOptions(max_new_tokens=8, logprobs=2, num_beams=3, num_return_sequences=2),
@@ -210,7 +210,7 @@ def test_seeded_samples_are_reproducible_and_differ(gentle):
     gguf, t5_gguf, t5_ct2 = gentle
     options = GenerationOptions(max_new_tokens=10, temperature=1.0, seed=11, num_return_sequences=4)
     for path, ids in [(gguf, BLOOM_PROMPTS[0]), (t5_gguf, T5_SOURCES[0]), (t5_ct2, T5_SOURCES[0])]:
-        with runtime.load(path, threads=2) as model:
+        with pocketlm.load(path, threads=2) as model:
             first = [r.token_ids for r in model.generate(ids, options).sequences]
             again = [r.token_ids for r in model.generate(ids, options).sequences]
             one = model.generate(ids, GenerationOptions.of(options, num_return_sequences=1)).token_ids
@@ -222,7 +222,7 @@ def test_seeded_samples_are_reproducible_and_differ(gentle):
 def test_samples_share_the_prompts_cells(gentle):
     """n samples evaluate the prompt once: the others start from a copy of its cells."""
     gguf = gentle[0]
-    with runtime.load(gguf, threads=2) as model:
+    with pocketlm.load(gguf, threads=2) as model:
         evaluated = []
         evaluate = model._evaluate
 
@@ -251,7 +251,7 @@ def test_clear_errors():
 
 def test_beams_that_do_not_fit_the_cache_are_refused(bloom):
     _, gguf = bloom
-    with runtime.load(gguf, threads=2, n_ctx=256) as model:
+    with pocketlm.load(gguf, threads=2, n_ctx=256) as model:
         with pytest.raises(GenerationError, match="KV cache cells"):
             model.generate(BLOOM_PROMPTS[0], max_new_tokens=200, num_beams=4)
 
@@ -266,9 +266,9 @@ def test_groups_through_every_scheduler_equal_alone(t5, gentle):
         GenerationOptions(max_new_tokens=8, logprobs=1),
     ]
     for path in (t5_gguf, t5_ct2):
-        with runtime.load(path, threads=2) as model:
+        with pocketlm.load(path, threads=2) as model:
             alone = [[r.token_ids for r in model.generate(T5_SOURCES[0], o).sequences] for o in asks]
-        with runtime.load(path, threads=2, parallel=4) as model:
+        with pocketlm.load(path, threads=2, parallel=4) as model:
             streams = [model.stream_tokens(T5_SOURCES[0], o) for o in asks]
             plain = model.stream_tokens(T5_SOURCES[1], max_new_tokens=8)
             for stream in [*streams, plain]:
@@ -281,7 +281,7 @@ def test_generation_defaults_choose_beams_and_calls_override_them(gentle):
     """A model's generation_config defaults (here num_beams 3) apply to calls that leave them
     out; a call's own options win."""
     gguf = gentle[0]
-    with runtime.load(gguf, threads=2) as model:
+    with pocketlm.load(gguf, threads=2) as model:
         explicit = model.generate(BLOOM_PROMPTS[0], max_new_tokens=6, num_beams=3, num_return_sequences=2)
         greedy = model.generate(BLOOM_PROMPTS[0], max_new_tokens=6)
         model.generation_defaults = {"num_beams": 3, "num_return_sequences": 2}

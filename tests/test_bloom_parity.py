@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from reference import hf_greedy, hf_logits, make_bloom, random_ids
 
-import runtime
-from convert import convert
-from convert.core.formats import GGUF_QUANTS as QUANT_TYPES
+import pocketlm
+from pocketlm.converters import convert
+from pocketlm.converters.core.formats import GGUF_QUANTS as QUANT_TYPES
 
 # (name, make_bloom kwargs): odd widths, 5 heads, eps 1e-6, every storage layout and dtype.
 SHAPES = {
@@ -32,7 +32,7 @@ def _convert_and_load(folder, quant):
     out = folder / f"model-{quant}.gguf"
     if not out.exists():
         convert(folder / "hf", out, quant=quant)
-    return runtime.load(out, n_ctx=256)
+    return pocketlm.load(out, n_ctx=256)
 
 
 def test_f32_logits_match_transformers(bloom):
@@ -67,7 +67,7 @@ def test_f32_parity_with_large_activations(tmp_path):
     ids = random_ids(48, ref.config.vocab_size, seed=5)
     expected = hf_logits(ref, ids)
     convert(tmp_path / "hf", tmp_path / "m.gguf", quant="f32")
-    with runtime.load(tmp_path / "m.gguf", n_ctx=256) as model:
+    with pocketlm.load(tmp_path / "m.gguf", n_ctx=256) as model:
         got = model.logits(ids)
     assert np.abs(got - expected).max() / np.abs(expected).max() <= 2e-3
     assert (got.argmax(-1) == expected.argmax(-1)).all()
@@ -107,7 +107,7 @@ def test_every_quant_type_converts_loads_and_generates(bloom_256, quant):
     assert summary.quant == quant and not summary.fallbacks
     main_type = quant[:4] if "_k" in quant else quant  # q4_k_m is mostly q4_k tensors
     assert main_type in summary.types, summary.types
-    with runtime.load(summary.output, n_ctx=128) as model:
+    with pocketlm.load(summary.output, n_ctx=128) as model:
         assert model.info.quant == quant
         result = model.generate(random_ids(8, 512), max_new_tokens=8)
         assert len(result.token_ids) == 8 and result.finish_reason == "length"

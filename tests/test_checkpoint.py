@@ -14,10 +14,10 @@ import pytest
 import torch
 from reference import STORAGES, make_bloom, save
 
-from convert import convert
-from convert.checkpoint import Checkpoint, write_safetensors
-from convert.core.errors import CheckpointError, UnsafePickleError, UnsupportedModelError
-from convert.torch_pickle import TorchZipFile
+from pocketlm.converters import convert
+from pocketlm.converters.checkpoint import Checkpoint, write_safetensors
+from pocketlm.converters.core.errors import CheckpointError, UnsafePickleError, UnsupportedModelError
+from pocketlm.converters.torch_pickle import TorchZipFile
 
 
 def _torch_state(folder):

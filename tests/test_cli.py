@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-import convert.gguf_target as gguf_target
-from convert import convert
-from convert.synthetic import build_random_bloom
+import pocketlm.converters.gguf_target as gguf_target
+from pocketlm.converters import convert
+from pocketlm.converters.synthetic import build_random_bloom
 
 
-def pocketlm(*args, stdin=None):
+def run_cli(*args, stdin=None):
     return subprocess.run(
-        [sys.executable, "-m", "runtime", *map(str, args)],
+        [sys.executable, "-m", "pocketlm", *map(str, args)],
         capture_output=True,
         text=True,
         input=stdin,
@@ -33,7 +33,7 @@ def hf_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gguf_path(hf_folder):
     out = hf_folder.parent / "m-q8_0.gguf"
-    proc = pocketlm("convert", hf_folder, "-o", out, "--quant", "q8_0", "--json")
+    proc = run_cli("convert", hf_folder, "-o", out, "--quant", "q8_0", "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["output"] == str(out) and summary["quant"] == "q8_0" and summary["tensors"] == 29
@@ -42,7 +42,7 @@ def gguf_path(hf_folder):
 
 
 def test_info_shows_provenance(gguf_path, hf_folder):
-    proc = pocketlm("info", gguf_path, "--json")
+    proc = run_cli("info", gguf_path, "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["architecture"] == "bloom" and info["quant"] == "q8_0" and info["tokenizer"] == "gpt2"
@@ -51,18 +51,18 @@ def test_info_shows_provenance(gguf_path, hf_folder):
         digest = hashlib.sha256((hf_folder / name).read_bytes()).hexdigest()
         assert info["source"]["files"][name] == digest
     assert info["would_run_on"]["backend"] == "llama.cpp"
-    text = pocketlm("info", gguf_path).stdout
+    text = run_cli("info", gguf_path).stdout
     assert "sha256" in text and "would run on" in text
 
 
 def test_run_streams_the_same_text_as_json(gguf_path):
-    streamed = pocketlm("run", gguf_path, "Translate to English: Je t'aime.", "--max-new-tokens", "12")
-    as_json = pocketlm("run", gguf_path, "Translate to English: Je t'aime.", "--max-new-tokens", "12", "--json")
+    streamed = run_cli("run", gguf_path, "Translate to English: Je t'aime.", "--max-new-tokens", "12")
+    as_json = run_cli("run", gguf_path, "Translate to English: Je t'aime.", "--max-new-tokens", "12", "--json")
     assert streamed.returncode == as_json.returncode == 0, streamed.stderr + as_json.stderr
     result = json.loads(as_json.stdout)
     assert streamed.stdout == result["text"] + "\n"
     assert result["finish_reason"] in ("length", "stop") and result["prompt_tokens"] > 0
-    from_stdin = pocketlm(
+    from_stdin = run_cli(
         "run", gguf_path, "-", "--max-new-tokens", "12", "--no-stream", stdin="Translate to English: Je t'aime."
     )
     assert from_stdin.stdout == streamed.stdout
@@ -71,9 +71,9 @@ def test_run_streams_the_same_text_as_json(gguf_path):
 def test_quantize_requantizes_a_gguf(hf_folder, tmp_path):
     f32 = tmp_path / "m-f32.gguf"
     convert(hf_folder, f32, quant="f32")
-    proc = pocketlm("quantize", f32, tmp_path / "m-q4_0.gguf", "--quant", "q4_0")
+    proc = run_cli("quantize", f32, tmp_path / "m-q4_0.gguf", "--quant", "q4_0")
     assert proc.returncode == 0, proc.stderr
-    info = json.loads(pocketlm("info", tmp_path / "m-q4_0.gguf", "--json").stdout)
+    info = json.loads(run_cli("info", tmp_path / "m-q4_0.gguf", "--json").stdout)
     assert "q4_0" in info["tensor_types"]
 
 
@@ -85,23 +85,23 @@ def _one_line_error(proc, pattern):
 
 
 def test_user_errors_are_one_line(tmp_path, gguf_path, hf_folder):
-    _one_line_error(pocketlm("convert", tmp_path / "nope", "-o", tmp_path / "x.gguf"), "not a folder")
-    _one_line_error(pocketlm("convert", tmp_path, "-o", tmp_path / "x.gguf"), "config.json: missing")
-    _one_line_error(pocketlm("convert", hf_folder, "-o", gguf_path), "already exists (use --force")
+    _one_line_error(run_cli("convert", tmp_path / "nope", "-o", tmp_path / "x.gguf"), "not a folder")
+    _one_line_error(run_cli("convert", tmp_path, "-o", tmp_path / "x.gguf"), "config.json: missing")
+    _one_line_error(run_cli("convert", hf_folder, "-o", gguf_path), "already exists (use --force")
     _one_line_error(
-        pocketlm("convert", hf_folder, "-o", tmp_path / "x.gguf", "--quant", "q9"), "unknown GGUF quant type"
+        run_cli("convert", hf_folder, "-o", tmp_path / "x.gguf", "--quant", "q9"), "unknown GGUF quant type"
     )
     (tmp_path / "notes.txt").write_text("hello")
-    _one_line_error(pocketlm("run", tmp_path / "notes.txt", "hi"), "not a GGUF file")
+    _one_line_error(run_cli("run", tmp_path / "notes.txt", "hi"), "not a GGUF file")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(gguf_path.read_bytes()[:3000])
-    _one_line_error(pocketlm("run", truncated, "hi"), "truncated.gguf")
-    _one_line_error(pocketlm("run", gguf_path, "--ids", "1,x"), "--ids")
+    _one_line_error(run_cli("run", truncated, "hi"), "truncated.gguf")
+    _one_line_error(run_cli("run", gguf_path, "--ids", "1,x"), "--ids")
     assert not (tmp_path / "x.gguf").exists()
 
 
 def test_module_entry_points_have_help():
-    for module in ("runtime", "convert"):
+    for module in ("pocketlm", "pocketlm.converters"):
         proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage:" in proc.stdout
 
@@ -132,7 +132,7 @@ def test_source_repo_and_revision_recorded_from_hf_cache_layout(tmp_path):
     snapshot = tmp_path / "hub" / "models--bigscience--bloomz-560m" / "snapshots" / revision
     build_random_bloom(snapshot, hidden=64, n_layer=1, n_head=4, vocab_size=512)
     convert(snapshot, tmp_path / "m.gguf", quant="f16")
-    info = json.loads(pocketlm("info", tmp_path / "m.gguf", "--json").stdout)
+    info = json.loads(run_cli("info", tmp_path / "m.gguf", "--json").stdout)
     assert info["source"]["repo"] == "bigscience/bloomz-560m"
     assert info["source"]["revision"] == revision
     assert info["metadata"]["general.source.url"] == "https://huggingface.co/bigscience/bloomz-560m"
@@ -152,7 +152,7 @@ def test_main_job_uses_bloomz_from_the_hf_cache(tmp_path):
         "POCKETLM_CACHE": str(tmp_path / "cache"),
     }
     run = lambda: subprocess.run(
-        [sys.executable, "-m", "runtime.demo"], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-m", "pocketlm.cli.demo"], capture_output=True, text=True, env=env, timeout=600
     )
     first = run()
     assert first.returncode == 0, first.stderr
@@ -169,21 +169,21 @@ def test_t5_convert_run_info(tmp_path):
     tok = make_t5_tokenizer(tmp_path / "spm", CORPUS, pieces=180)
     make_t5(tmp_path / "hf", vocab=300, tokenizer_files={"tokenizer.json": tok["tokenizer.json"]})
     out = tmp_path / "t5-ct2"
-    proc = pocketlm("convert", tmp_path / "hf", "-o", out, "--json")
+    proc = run_cli("convert", tmp_path / "hf", "-o", out, "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert (summary["format"], summary["quant"], summary["architecture"]) == ("ct2", "int8", "t5")
-    info = json.loads(pocketlm("info", out, "--json").stdout)
+    info = json.loads(run_cli("info", out, "--json").stdout)
     assert info["format"] == "ct2" and info["tokenizer"] == "tokenizer.json" and info["quant"] == "int8"
     assert info["would_run_on"]["backend"] == "ctranslate2" and info["would_run_on"]["compute_type"] == "int8"
     assert (
         info["source"]["files"]["config.json"]
         == hashlib.sha256((tmp_path / "hf" / "config.json").read_bytes()).hexdigest()
     )
-    run = pocketlm("run", out, "Translate to English: Je t'aime.", "--max-new-tokens", "8", "--json")
+    run = run_cli("run", out, "Translate to English: Je t'aime.", "--max-new-tokens", "8", "--json")
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["prompt_tokens"] > 1
     _one_line_error(
-        pocketlm("convert", tmp_path / "hf", "-o", tmp_path / "x", "--quant", "q4_k_m"),
+        run_cli("convert", tmp_path / "hf", "-o", tmp_path / "x", "--quant", "q4_k_m"),
         "unknown CTranslate2 quant type",
     )

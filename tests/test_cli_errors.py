@@ -18,8 +18,8 @@ import sys
 import pytest
 from fake_hub import FakeHub, folder_files
 
-from convert import convert
-from convert.synthetic import build_random_bloom
+from pocketlm.converters import convert
+from pocketlm.converters.synthetic import build_random_bloom
 
 CASES = [
     # missing file
@@ -165,7 +165,7 @@ def test_bad_input_is_one_line(tmp_path, files, hub, busy_port, args, code, says
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "POCKETLM_"))}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", POCKETLM_HUB_TIMEOUT="5")
     proc = subprocess.run(
-        [*prefix, sys.executable, "-m", "runtime", *argv],
+        [*prefix, sys.executable, "-m", "pocketlm", *argv],
         capture_output=True,
         text=True,
         env=env,
@@ -187,7 +187,7 @@ def test_unexpected_exception_is_one_line_and_v_shows_it(tmp_path):
     """A bug (here: a JSONL writer that raises something no one expected) prints its name on
     one line and points to -v, which shows the traceback; exit 70."""
     code = (
-        "import sys, runtime.cli as cli\n"
+        "import sys, pocketlm.cli.main as cli\n"
         "def boom(args): raise ZeroDivisionError('the unexpected')\n"
         "cli.COMMANDS['doctor'] = boom\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
@@ -205,7 +205,7 @@ def test_unexpected_exception_is_one_line_and_v_shows_it(tmp_path):
 
 def test_matrix_covers_every_subcommand():
     """Every subcommand that takes a model, a file or a name has rows in the matrix above."""
-    from runtime.cli import COMMANDS
+    from pocketlm.cli.main import COMMANDS
 
     covered = {args.split()[0] for args, _, _ in CASES}
     assert set(COMMANDS) - {"doctor", "list"} <= covered, set(COMMANDS) - covered

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import runtime
-from convert import convert
+import pocketlm
+from pocketlm.converters import convert
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -38,7 +38,7 @@ def _drop_in(monkeypatch, tmp_path, package, fixture: str, name: str):
 
 @pytest.fixture()
 def gpt2_arch(monkeypatch, tmp_path):
-    import convert.architectures as registry
+    import pocketlm.converters.architectures as registry
 
     registry.discover()  # the built-in ones first: teardown restores exactly these
     saved = dict(registry.ARCHITECTURES), dict(registry._BY_NAME)
@@ -51,8 +51,8 @@ def gpt2_arch(monkeypatch, tmp_path):
 
 @pytest.fixture()
 def fake_backend(monkeypatch, tmp_path):
-    import runtime.backends as registry
-    from runtime.platform import detect_facts
+    import pocketlm.backends as registry
+    from pocketlm.loading.platform import detect_facts
 
     registry.discover()
     module = _drop_in(monkeypatch, tmp_path, registry, "fake_backend.py", "fake")
@@ -79,7 +79,7 @@ def gpt2_checkpoint(tmp_path_factory):
 def test_a_dropped_in_architecture_converts_and_runs_at_parity(gpt2_arch, gpt2_checkpoint, tmp_path, monkeypatch):
     import torch
 
-    from convert.cli import convert_epilog
+    from pocketlm.converters.cli import convert_epilog
 
     folder, ref = gpt2_checkpoint
     assert "gpt2" in convert_epilog() and "GPT-2: GGUF q8_0" in convert_epilog()
@@ -88,7 +88,7 @@ def test_a_dropped_in_architecture_converts_and_runs_at_parity(gpt2_arch, gpt2_c
     ids = [5, 17, 250, 3, 99, 42, 7]
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0].numpy()
-    with runtime.load(summary.output, threads=2) as model:
+    with pocketlm.load(summary.output, threads=2) as model:
         got = model.logits(ids)
         assert model.info.architecture == "gpt2"
         # llama.cpp's CPU GELU reads an f16 table (its input rounded to f16): 1.2e-4 here, 2e-4 allowed
@@ -96,7 +96,7 @@ def test_a_dropped_in_architecture_converts_and_runs_at_parity(gpt2_arch, gpt2_c
         assert got.shape == expected.shape and err <= 2e-4, f"max abs diff {err:.2e} x max|logit|"
     # a checkpoint folder: the runtime converts it with the architecture's own default quant
     monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "cache"))
-    with runtime.load(folder, progress=False, threads=2) as model:
+    with pocketlm.load(folder, progress=False, threads=2) as model:
         assert (model.info.format, model.info.quant) == ("gguf", "q8_0")
         assert any("convert the checkpoint to gguf q8_0" in r for r in model.info.reasons)
 
@@ -110,18 +110,18 @@ def test_greedy_generation_of_a_dropped_in_architecture_matches_transformers(gpt
         hf = ref.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)[
             0, len(ids) :
         ].tolist()
-    with runtime.load(convert(folder, tmp_path / "g.gguf", quant="f32").output, threads=2) as model:
+    with pocketlm.load(convert(folder, tmp_path / "g.gguf", quant="f32").output, threads=2) as model:
         assert model.generate(ids, max_new_tokens=8, min_new_tokens=8).token_ids == hf
 
 
 def test_a_dropped_in_backend_needs_no_other_edit(fake_backend, tmp_path, capsys):
-    from runtime.backends import get_backend
-    from runtime.cli import build_parser, main
+    from pocketlm.backends import get_backend
+    from pocketlm.cli.main import build_parser, main
 
     folder = tmp_path / "counter"
     folder.mkdir()
     (folder / "fake-model.json").write_text(json.dumps({"architecture": "counter"}))
-    with runtime.load(folder) as model:  # found by its own format, chosen by its own decision
+    with pocketlm.load(folder) as model:  # found by its own format, chosen by its own decision
         assert (model.info.backend, model.info.device) == ("fake", "tpu")
         assert any("the fake engine runs on tpu" in r for r in model.info.reasons)
         result = model.generate("ab", max_new_tokens=4)
@@ -145,39 +145,47 @@ def test_a_dropped_in_backend_needs_no_other_edit(fake_backend, tmp_path, capsys
     assert capsys.readouterr().out.strip() == "cde"
 
 
+def _imports(path: Path) -> list[str]:
+    """The absolute module names a file imports (anywhere in it)."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    return names
+
+
 def test_runtime_reads_only_the_shared_parts_of_convert():
-    """Layering: convert never imports the runtime; the runtime imports from convert only its
-    shared core, the registry, the checkpoint reader, its CLI and convert() itself."""
+    """Layering: the converters never import the rest of pocketlm; the rest imports from the
+    converters only their shared core, the registry, the checkpoint reader, their CLI and
+    convert() itself."""
     allowed = {
-        "convert",
-        "convert.core",
-        "convert.architectures",
-        "convert.checkpoint",
-        "convert.cli",
-        "convert.synthetic",
+        "pocketlm.converters",
+        "pocketlm.converters.api",
+        "pocketlm.converters.core",
+        "pocketlm.converters.architectures",
+        "pocketlm.converters.checkpoint",
+        "pocketlm.converters.cli",
+        "pocketlm.converters.synthetic",
     }
     for path in (ROOT / "runtime").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "convert":
-                module = node.module if not node.module.startswith("convert.core") else "convert.core"
-                assert module in allowed, f"{path.relative_to(ROOT)} imports {node.module}"
+        for name in _imports(path):
+            if name.startswith("pocketlm.converters"):
+                module = "pocketlm.converters.core" if name.startswith("pocketlm.converters.core") else name
+                assert module in allowed, f"{path.relative_to(ROOT)} imports {name}"
     for path in (ROOT / "convert").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = (
-                [node.module]
-                if isinstance(node, ast.ImportFrom) and node.module
-                else [a.name for a in node.names]
-                if isinstance(node, ast.Import)
-                else []
-            )
-            assert not any(n.split(".")[0] == "runtime" for n in names), f"{path.relative_to(ROOT)} imports the runtime"
+        for name in _imports(path):
+            top = name.split(".")[:2]
+            assert top[0] != "pocketlm" or top == ["pocketlm", "converters"], f"{path.relative_to(ROOT)} imports {name}"
 
 
 def test_python_m_convert_runs_without_the_runtime(tmp_path):
     code = (
         "import runpy, sys; sys.argv = ['convert', '--help']\n"
-        "try:\n    runpy.run_module('convert', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-        "print('RUNTIME' if any(m == 'runtime' or m.startswith('runtime.') for m in sys.modules) else 'ALONE')"
+        "try:\n    runpy.run_module('pocketlm.converters', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "rest = [m for m in sys.modules if m.startswith('pocketlm.') and not m.startswith('pocketlm.converters')]\n"
+        "print('RUNTIME' if rest else 'ALONE')"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -185,9 +193,9 @@ def test_python_m_convert_runs_without_the_runtime(tmp_path):
 
 
 def test_a_gguf_header_is_read_once_per_load_and_per_info(tmp_path, monkeypatch, capsys):
-    import convert.core.gguf_file as gguf_file
-    from convert.synthetic import build_random_bloom
-    from runtime.cli import main
+    import pocketlm.converters.core.gguf_file as gguf_file
+    from pocketlm.cli.main import main
+    from pocketlm.converters.synthetic import build_random_bloom
 
     path = convert(
         build_random_bloom(tmp_path / "hf", hidden=64, n_layer=1, n_head=4, vocab_size=512),
@@ -197,7 +205,7 @@ def test_a_gguf_header_is_read_once_per_load_and_per_info(tmp_path, monkeypatch,
     reads = []
     real = gguf_file._parse
     monkeypatch.setattr(gguf_file, "_parse", lambda c, keep: reads.append(c.path) or real(c, keep))
-    with runtime.load(path):
+    with pocketlm.load(path):
         pass
     assert len(reads) == 1
     assert main(["info", str(path), "--json"]) == 0 and json.loads(capsys.readouterr().out)["format"] == "gguf"

@@ -23,10 +23,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convert.checkpoint import Checkpoint, SafetensorsFile, write_safetensors
-from convert.core.errors import CheckpointError, ModelLoadError, PocketLMError, UnsafePickleError
-from convert.core.gguf_file import read_header
-from convert.torch_pickle import TorchZipFile
+from pocketlm.converters.checkpoint import Checkpoint, SafetensorsFile, write_safetensors
+from pocketlm.converters.core.errors import CheckpointError, ModelLoadError, PocketLMError, UnsafePickleError
+from pocketlm.converters.core.gguf_file import read_header
+from pocketlm.converters.torch_pickle import TorchZipFile
 
 # POCKETLM_FUZZ_EXAMPLES=5000 for a longer hunt than the suite's default
 FUZZ = settings(
@@ -207,7 +207,7 @@ def test_pickle_globals_outside_the_allow_list_are_refused_and_logged(tmp_path, 
     marker = tmp_path / "ran"
     path = tmp_path / "x.bin"
     path.write_bytes(_torch_zip(obj={"w": _Call(module, name, (f"touch {marker}",))}))
-    with caplog.at_level(logging.WARNING, logger="convert.torch_pickle"), pytest.raises(UnsafePickleError):
+    with caplog.at_level(logging.WARNING, logger="pocketlm.converters.torch_pickle"), pytest.raises(UnsafePickleError):
         TorchZipFile(path)
     assert not marker.exists()
     assert any("refused pickle global" in r.getMessage() for r in caplog.records)
@@ -226,7 +226,7 @@ json_values = st.recursive(
 
 @pytest.fixture(scope="module")
 def bloom_dir(tmp_path_factory):
-    from convert.synthetic import build_random_bloom
+    from pocketlm.converters.synthetic import build_random_bloom
 
     return build_random_bloom(tmp_path_factory.mktemp("cfg") / "hf", hidden=32, n_layer=1, n_head=2, vocab_size=300)
 
@@ -253,7 +253,7 @@ def bloom_dir(tmp_path_factory):
     )
 )
 def test_config_values_of_any_type(tmp_path, bloom_dir, patch):
-    from convert import convert
+    from pocketlm.converters import convert
 
     folder = tmp_path / "hf"
     folder.mkdir(exist_ok=True)
@@ -290,7 +290,7 @@ def test_index_files_of_any_shape(tmp_path, index):
 
 @pytest.fixture(scope="module")
 def valid_gguf(tmp_path_factory, bloom_dir):
-    from convert import convert
+    from pocketlm.converters import convert
 
     out = tmp_path_factory.mktemp("g") / "m.gguf"
     convert(bloom_dir, out, quant="q8_0")
@@ -350,8 +350,8 @@ def test_pickle_memo_index_cannot_force_a_huge_allocation(tmp_path):
 def test_spiece_model_corrupted(tmp_path, t5_tokenizer_files, flips, cut):
     """A damaged spiece.model is read or refused with PocketLM's error, and what is read
     either builds a tokenizer or is refused the same way: never another exception."""
-    from convert.core.errors import UnsupportedModelError
-    from convert.core.sentencepiece import read_spm_model, t5_tokenizer
+    from pocketlm.converters.core.errors import UnsupportedModelError
+    from pocketlm.converters.core.sentencepiece import read_spm_model, t5_tokenizer
 
     data = t5_tokenizer_files["spiece.model"].read_bytes()
     path = tmp_path / "spiece.model"

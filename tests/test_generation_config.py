@@ -11,14 +11,14 @@ import gguf
 import pytest
 from reference import make_t5, random_ids
 
-import runtime
-from convert import convert
-from convert.core import generation_config as stored
-from convert.synthetic import build_random_bloom
-from runtime.cli import main
-from runtime.generation import GenerationOptions
-from runtime.generation_config import TRANSFORMERS_DEFAULTS, generation_defaults, model_generation_defaults
-from runtime.source import inspect
+import pocketlm
+from pocketlm.cli.main import main
+from pocketlm.converters import convert
+from pocketlm.converters.core import generation_config as stored
+from pocketlm.converters.synthetic import build_random_bloom
+from pocketlm.core.generation import GenerationOptions
+from pocketlm.loading.defaults import TRANSFORMERS_DEFAULTS, generation_defaults, model_generation_defaults
+from pocketlm.loading.source import inspect
 
 FILE_CONFIG = {"num_beams": 2, "no_repeat_ngram_size": 3, "max_new_tokens": 7, "transformers_version": "4.40.0"}
 EXPECTED = {"max_new_tokens": 7, "no_repeat_ngram_size": 3, "num_beams": 2}
@@ -210,7 +210,7 @@ def test_gguf_keeps_the_generation_config(bloom, capsys):
     reader = gguf.GGUFReader(out)
     field = reader.fields[stored.GGUF_KEY]
     assert json.loads(bytes(field.parts[field.data[0]]).decode()) == FILE_CONFIG  # raw, as the file had it
-    with runtime.load(out) as model:
+    with pocketlm.load(out) as model:
         check_defaults(model, model.tokenize("Translate to English: Je t'aime."))
     found = info(out, capsys)
     assert found["defaults"] == EXPECTED and found["source"].startswith(str(out))
@@ -222,7 +222,7 @@ def test_ct2_keeps_the_generation_config(t5_ct2, capsys):
     folder = Path(t5_ct2)
     meta = json.loads((folder / "pocketlm.json").read_text())
     assert meta[stored.METADATA_KEY] == {**FILE_CONFIG, "decoder_start_token_id": 0}
-    with runtime.load(folder) as model:
+    with pocketlm.load(folder) as model:
         check_defaults(model, random_ids(6, model.info.vocab_size) + [1])
     assert info(folder, capsys)["defaults"] == EXPECTED
 
@@ -236,7 +236,7 @@ def test_a_checkpoint_folder_is_converted_with_it(bloom, capsys, monkeypatch, tm
         "not_applied": {},
         "warnings": [],
     }
-    with runtime.load(folder) as model:
+    with pocketlm.load(folder) as model:
         assert model.generation_defaults == EXPECTED
         assert model.info.format == "gguf"
 
@@ -266,7 +266,7 @@ def test_a_broken_generation_config_is_a_warning(tmp_path, caplog):
     assert any("generation_config.json: unreadable" in w for w in summary.warnings)
     (folder / "generation_config.json").write_text(json.dumps({"num_beams": -3, "max_new_tokens": 5}))
     out = convert(folder, tmp_path / "n.gguf", quant="f32").output
-    with caplog.at_level("WARNING"), runtime.load(out) as model:
+    with caplog.at_level("WARNING"), pocketlm.load(out) as model:
         assert model.generation_defaults == {"max_new_tokens": 5}
     assert [r.getMessage() for r in caplog.records if "num_beams" in r.getMessage()] == [
         f"{out} ({stored.GGUF_KEY}): num_beams -3 is not a whole number >= 1; ignored"

@@ -29,17 +29,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import make_t5
 
-import runtime
-from convert import convert
-from convert.architectures.t5 import _feed_forward
-from convert.core.checks import check_gguf
-from convert.core.errors import ModelLoadError
-from convert.core.gguf_file import read_header
-from convert.synthetic import build_random_bloom
-from runtime.backends import llama_common
-from runtime.platform import available_ram_bytes, ram_bytes
-from runtime.report import model_report
-from runtime.source import inspect
+import pocketlm
+from pocketlm.backends import llama_common
+from pocketlm.cli.report import model_report
+from pocketlm.converters import convert
+from pocketlm.converters.architectures.t5 import _feed_forward
+from pocketlm.converters.core.checks import check_gguf
+from pocketlm.converters.core.errors import ModelLoadError
+from pocketlm.converters.core.gguf_file import read_header
+from pocketlm.converters.synthetic import build_random_bloom
+from pocketlm.loading.platform import available_ram_bytes, ram_bytes
+from pocketlm.loading.source import inspect
 
 ADDRESS_SPACE = 3 << 30  # what a command may map: the bugs took 1.5 GB within a second, and grew
 MIB = 2**20
@@ -72,13 +72,13 @@ def _capped() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
 
 
-def pocketlm(*argv: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+def run_cli(*argv: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
     """Run the CLI in a subprocess of bounded address space; its result and wall time."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "POCKETLM_"))}
     env["HF_HUB_OFFLINE"] = "1"
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime", *argv],
+        [sys.executable, "-m", "pocketlm", *argv],
         capture_output=True,
         text=True,
         env=env,
@@ -199,7 +199,7 @@ def test_cli_refuses_hostile_gguf_in_one_line_with_bounded_memory(models, tmp_pa
         "run": ["run", str(path), "--ids", "5,6,7", "--max-new-tokens", "2"],
         "quantize": ["quantize", str(path), str(tmp_path / "q.gguf"), "--quant", "q8_0"],
     }[command]
-    proc, _ = pocketlm(*argv)
+    proc, _ = run_cli(*argv)
     assert_one_line_error(proc, str(path), f"{key}={_shown(value)}")
     assert not (tmp_path / "q.gguf").exists()
 
@@ -211,9 +211,9 @@ def test_models_opened_directly_check_their_file_too(models, tmp_path):
     t5 = patch_gguf(models["t5"], tmp_path / "t.gguf", "t5.attention.layer_norm_rms_epsilon", math.nan)
     code = (
         "import sys\n"
-        "from convert.core.errors import ModelLoadError\n"
-        "from runtime.backends.llama_causal import LlamaCppModel\n"
-        "from runtime.backends.llama_seq2seq import LlamaSeq2SeqModel\n"
+        "from pocketlm.converters.core.errors import ModelLoadError\n"
+        "from pocketlm.backends.llama_causal import LlamaCppModel\n"
+        "from pocketlm.backends.llama_seq2seq import LlamaSeq2SeqModel\n"
         "for cls, path in ((LlamaCppModel, sys.argv[1]), (LlamaSeq2SeqModel, sys.argv[2])):\n"
         "    try:\n"
         "        cls(path)\n"
@@ -248,11 +248,11 @@ def _llama_kv_log(records: list[logging.LogRecord]) -> tuple[float, int]:
 
 @pytest.mark.parametrize("model", ["bloom", "t5"])
 def test_kv_bytes_are_what_llama_cpp_allocates_and_what_info_shows(models, caplog, model):
-    """The one formula (convert.core.checks.kv_cell_bytes) against llama.cpp's own figure, on a
+    """The one formula (pocketlm.converters.core.checks.kv_cell_bytes) against llama.cpp's own figure, on a
     T5 whose heads are wider than d_model / n_heads (the old formula said half)."""
     run = model_report(str(models[model]), threads=2)["would_run_on"]
     with caplog.at_level(logging.DEBUG, logger="pocketlm.llama_cpp"):
-        with runtime.load(models[model], threads=2, parallel="auto") as served:
+        with pocketlm.load(models[model], threads=2, parallel="auto") as served:
             info = served.info
     assert (info.kv_cells, info.kv_bytes) == (run["serving_kv_cells"], run["serving_kv_bytes"])
     assert _llama_kv_log(caplog.records) == (round(info.kv_bytes / MIB, 2), info.kv_cells)
@@ -268,27 +268,27 @@ def test_default_context_is_cut_to_the_ram_and_info_shows_the_cut(models, monkey
     monkeypatch.setattr(llama_common, "available_ram_bytes", lambda: available)
     run = model_report(str(path), threads=2)["would_run_on"]
     assert (run["serving_kv_cells"], run["serving_kv_bytes"]) == (budget_cells, budget_cells * cell)
-    with caplog.at_level(logging.WARNING, logger="runtime.backends.llama_common"):
-        with runtime.load(path, threads=2, parallel="auto") as model:
+    with caplog.at_level(logging.WARNING, logger="pocketlm.backends.llama_common"):
+        with pocketlm.load(path, threads=2, parallel="auto") as model:
             assert (model.info.kv_cells, model.info.kv_bytes) == (budget_cells, budget_cells * cell)
             assert model.info.n_ctx == budget_cells  # from the trained 2048
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "does not fit" in warnings[0] and "holds 1024 tokens instead" in warnings[0]
     with pytest.raises(ModelLoadError, match=r"does not fit: this machine can spare 0.5 MiB \(at most 1024 tokens"):
-        runtime.load(path, threads=2, n_ctx=4096)
+        pocketlm.load(path, threads=2, n_ctx=4096)
     monkeypatch.setattr(llama_common, "available_ram_bytes", lambda: path.stat().st_size + 100 * cell)
     with pytest.raises(ModelLoadError, match="this machine can spare 0.0 MiB, not even 256 tokens"):
-        runtime.load(path, threads=2)
+        pocketlm.load(path, threads=2)
 
 
 def test_context_is_int32_and_never_past_the_trained_length_unless_asked(models, tmp_path):
     path = patch_gguf(models["bloom"], tmp_path / "short.gguf", "bloom.context_length", 100)
-    with runtime.load(path, threads=2) as model:
+    with pocketlm.load(path, threads=2) as model:
         assert model.info.n_ctx == 100 and model.info.kv_cells == 256  # llama.cpp's cells come in 256s
-    with runtime.load(path, threads=2, n_ctx=300) as model:
+    with pocketlm.load(path, threads=2, n_ctx=300) as model:
         assert model.info.n_ctx == 512  # asked for: past the trained 100, rounded up as llama.cpp does
     for n_ctx in (2**31, 4_000_000_000):  # in a subprocess: a regression would allocate for them
-        proc, _ = pocketlm("run", str(path), "--ids", "5,6", "--ctx", str(n_ctx))
+        proc, _ = run_cli("run", str(path), "--ids", "5,6", "--ctx", str(n_ctx))
         assert_one_line_error(proc, f"n_ctx={n_ctx}: a context holds 1 to 2147483647 tokens")
 
 
@@ -333,7 +333,7 @@ CONFIG_CASES = [
 def test_hostile_config_is_one_line_in_bounded_time_and_memory(models, tmp_path, model, options, changes, says):
     folder = with_config(models[model], tmp_path / "hf", **changes)
     out = tmp_path / "out"
-    proc, seconds = pocketlm("convert", str(folder), "-o", str(out), *options)
+    proc, seconds = run_cli("convert", str(folder), "-o", str(out), *options)
     assert_one_line_error(proc, f"{folder / 'config.json'}: ", says)
     assert seconds < 8, seconds  # n_layer 1e9 took 17-19 s and 3 GB before
     assert not out.exists()

@@ -15,8 +15,8 @@ import textwrap
 import pytest
 from fake_hub import FakeHub, folder_files
 
-from convert import convert
-from convert.synthetic import build_random_bloom
+from pocketlm.converters import convert
+from pocketlm.converters.synthetic import build_random_bloom
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def env(tmp_path, hub, **extra):
     return e
 
 
-def pocketlm(env_vars, *args):
+def run_cli(env_vars, *args):
     return subprocess.run(
-        [sys.executable, "-m", "runtime", *map(str, args)], capture_output=True, text=True, env=env_vars, timeout=600
+        [sys.executable, "-m", "pocketlm", *map(str, args)], capture_output=True, text=True, env=env_vars, timeout=600
     )
 
 
@@ -61,19 +61,19 @@ def python(env_vars, code):
 
 def test_run_by_hub_id_pulls_only_one_weight_format_then_works_offline(tmp_path, hub):
     e = env(tmp_path, hub)
-    first = pocketlm(e, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "6", "--json")
+    first = run_cli(e, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "6", "--json")
     assert first.returncode == 0, first.stderr
     fetched = set(hub.downloads("tiny/bloom"))
     assert {"config.json", "tokenizer.json", "model.safetensors"} <= fetched
     assert "pytorch_model.bin" not in fetched and "README.md" not in fetched
     answer = json.loads(first.stdout)["text"]
     # the converted model is cached next to the hub cache, with a manifest
-    listing = json.loads(pocketlm(e, "list", "--json").stdout)
+    listing = json.loads(run_cli(e, "list", "--json").stdout)
     assert len(listing) == 1 and listing[0]["source"].startswith("tiny/bloom@") and listing[0]["quant"] == "q4_k_m"
     assert listing[0]["path"].startswith(str(tmp_path / "hf" / "pocketlm"))
     # offline: same answer, and not a single request reaches the hub
     before = len(hub.requests)
-    offline = pocketlm(
+    offline = run_cli(
         env(tmp_path, hub, HF_HUB_OFFLINE="1"), "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "6", "--json"
     )
     assert offline.returncode == 0, offline.stderr
@@ -82,7 +82,7 @@ def test_run_by_hub_id_pulls_only_one_weight_format_then_works_offline(tmp_path,
 
 
 def test_offline_without_cache_says_what_is_missing(tmp_path, hub):
-    proc = pocketlm(env(tmp_path, hub, HF_HUB_OFFLINE="1"), "run", "tiny/bloom", "Bonjour.")
+    proc = run_cli(env(tmp_path, hub, HF_HUB_OFFLINE="1"), "run", "tiny/bloom", "Bonjour.")
     assert proc.returncode == 1 and not hub.requests
     line = proc.stderr.strip()
     assert len(line.splitlines()) == 1 and "tiny/bloom is not available here" in line
@@ -91,11 +91,11 @@ def test_offline_without_cache_says_what_is_missing(tmp_path, hub):
 
 def test_unknown_repo_and_revision_are_one_line_errors(tmp_path, hub):
     e = env(tmp_path, hub)
-    missing = pocketlm(e, "pull", "tiny/nothing")
+    missing = run_cli(e, "pull", "tiny/nothing")
     assert (
         missing.returncode == 1 and "no such model on the Hub" in missing.stderr and "Traceback" not in missing.stderr
     )
-    bad_rev = pocketlm(e, "pull", "tiny/bloom@v9")
+    bad_rev = run_cli(e, "pull", "tiny/bloom@v9")
     assert bad_rev.returncode == 1 and "no such revision" in bad_rev.stderr
 
 
@@ -105,28 +105,28 @@ def test_revision_pin_is_honoured(tmp_path, hub, bloom_files):
     config["layer_norm_epsilon"] = 1e-3
     old = hub.add("tiny/bloom", {**files, "config.json": json.dumps(config).encode()}, ref="v1")
     e = env(tmp_path, hub)
-    pulled = pocketlm(e, "pull", "tiny/bloom@v1")
+    pulled = run_cli(e, "pull", "tiny/bloom@v1")
     assert pulled.returncode == 0, pulled.stderr
     folder = pulled.stdout.strip().splitlines()[-1]
     assert (
         folder.endswith(old)
         and json.loads(open(os.path.join(folder, "config.json")).read())["layer_norm_epsilon"] == 1e-3
     )
-    main = pocketlm(e, "pull", "tiny/bloom").stdout.strip().splitlines()[-1]
+    main = run_cli(e, "pull", "tiny/bloom").stdout.strip().splitlines()[-1]
     assert main != folder
 
 
 def test_gguf_repo_downloads_one_file(tmp_path, hub):
     e = env(tmp_path, hub)
-    chosen = pocketlm(e, "pull", "tiny/bloom-gguf", "--quant", "q8_0")
+    chosen = run_cli(e, "pull", "tiny/bloom-gguf", "--quant", "q8_0")
     assert chosen.returncode == 0, chosen.stderr
     assert chosen.stdout.strip().endswith("bloom.Q8_0.gguf")
     assert hub.downloads("tiny/bloom-gguf") == ["bloom.Q8_0.gguf"]
-    default = pocketlm(e, "run", "tiny/bloom-gguf", "Bonjour.", "--max-new-tokens", "3", "--json")
+    default = run_cli(e, "run", "tiny/bloom-gguf", "Bonjour.", "--max-new-tokens", "3", "--json")
     assert default.returncode == 0, default.stderr
     assert "using q4_k_m" in default.stderr and "bloom.Q4_K_M.gguf" in hub.downloads("tiny/bloom-gguf")
     assert "bloom.F16.gguf" not in hub.downloads("tiny/bloom-gguf")
-    wrong = pocketlm(e, "pull", "tiny/bloom-gguf", "--quant", "q2_k")
+    wrong = run_cli(e, "pull", "tiny/bloom-gguf", "--quant", "q2_k")
     assert wrong.returncode == 1 and "no q2_k GGUF file; available: f16, q4_k_m, q8_0" in wrong.stderr
 
 
@@ -136,7 +136,7 @@ def test_interrupted_download_resumes(tmp_path, hub):
     data = os.urandom(16 << 20)
     hub.add("tiny/big", {"config.json": b"{}", "model.safetensors": data})
     hub.flaky.add("tiny/big/model.safetensors")
-    proc = pocketlm(env(tmp_path, hub), "pull", "tiny/big")
+    proc = run_cli(env(tmp_path, hub), "pull", "tiny/big")
     gets = [r for m, p, r in hub.requests if m == "GET" and p.endswith("model.safetensors")]
     assert len(gets) == 2 and gets[0] is None and gets[1] and gets[1].startswith("bytes=") and gets[1] != "bytes=0-", (
         gets
@@ -149,12 +149,12 @@ def test_interrupted_download_resumes(tmp_path, hub):
 
 def test_corrupted_cached_conversion_is_rebuilt(tmp_path, hub):
     e = env(tmp_path, hub)
-    assert pocketlm(e, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "2").returncode == 0
-    entry = json.loads(pocketlm(e, "list", "--json").stdout)[0]
+    assert run_cli(e, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "2").returncode == 0
+    entry = json.loads(run_cli(e, "list", "--json").stdout)[0]
     with open(entry["path"] + "/model.gguf", "r+b") as f:  # flip bytes in the middle of the file
         f.seek(os.path.getsize(entry["path"] + "/model.gguf") // 2)
         f.write(b"\xff" * 64)
-    again = pocketlm(e, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "2")
+    again = run_cli(e, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "2")
     assert again.returncode == 0, again.stderr
     assert "does not match its manifest" in again.stderr
     manifest = json.loads(open(entry["path"] + "/manifest.json").read())
@@ -162,7 +162,7 @@ def test_corrupted_cached_conversion_is_rebuilt(tmp_path, hub):
         e,
         f"""
         from pathlib import Path
-        from runtime.cache import _HashMemo, output_sha256
+        from pocketlm.loading.cache import _HashMemo, output_sha256
         print(output_sha256(Path({entry["path"]!r}) / "model.gguf", _HashMemo()))
     """,
     )
@@ -171,13 +171,13 @@ def test_corrupted_cached_conversion_is_rebuilt(tmp_path, hub):
 
 def test_list_and_rm(tmp_path, hub):
     e = env(tmp_path, hub)
-    assert pocketlm(e, "pull", "tiny/bloom", "--convert").returncode == 0
-    listing = pocketlm(e, "list")
+    assert run_cli(e, "pull", "tiny/bloom", "--convert").returncode == 0
+    listing = run_cli(e, "list")
     assert "tiny/bloom@" in listing.stdout and "MiB" in listing.stdout
     for too_short in ("", listing.stdout[:1], listing.stdout[:3]):  # `rm ""` matched every key
-        assert pocketlm(e, "rm", too_short).returncode == 1
-    assert "tiny/bloom@" in pocketlm(e, "list").stdout
-    removed = pocketlm(e, "rm", "tiny/bloom")
+        assert run_cli(e, "rm", too_short).returncode == 1
+    assert "tiny/bloom@" in run_cli(e, "list").stdout
+    removed = run_cli(e, "rm", "tiny/bloom")
     assert removed.returncode == 0 and "removed" in removed.stdout
-    assert json.loads(pocketlm(e, "list", "--json").stdout) == []
-    assert pocketlm(e, "rm", "tiny/bloom").returncode == 1
+    assert json.loads(run_cli(e, "list", "--json").stdout) == []
+    assert run_cli(e, "rm", "tiny/bloom").returncode == 1

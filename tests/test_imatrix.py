@@ -13,14 +13,14 @@ import pytest
 import torch
 from reference import make_bloom, make_t5, random_ids
 
-import runtime
-from convert import convert
-from convert.core.errors import PocketLMError
-from convert.core.formats import FT
-from convert.core.gguf_file import read_header
-from convert.gguf_target import llama_quantize
-from convert.imatrix import ImportanceMatrix, compute
-from convert.synthetic import SAMPLE_TEXT, train_bloom_tokenizer
+import pocketlm
+from pocketlm.converters import convert
+from pocketlm.converters.core.errors import PocketLMError
+from pocketlm.converters.core.formats import FT
+from pocketlm.converters.core.gguf_file import read_header
+from pocketlm.converters.gguf_target import llama_quantize
+from pocketlm.converters.imatrix import ImportanceMatrix, compute
+from pocketlm.converters.synthetic import SAMPLE_TEXT, train_bloom_tokenizer
 
 CHUNK = 64
 BLOOM_VOCAB = 512
@@ -131,7 +131,7 @@ def test_t5_matrix_covers_encoder_and_decoder(tmp_path, t5_tokenizer_files):
     out = tmp_path / "t5-q3_k_m.gguf"
     llama_quantize(f32, out, FT.MOSTLY_Q3_K_M, threads=2, imatrix=matrix, imatrix_source="ids")
     assert _meta(out)["quantize.imatrix.entries_count"] == len(matrix.sums)
-    with runtime.load(out, threads=2) as model:
+    with pocketlm.load(out, threads=2) as model:
         assert np.isfinite(model.logits(pairs[0][0], pairs[0][1])).all()
 
 
@@ -169,7 +169,7 @@ def _meta(path):
 
 def _quantize(*args):
     return subprocess.run(
-        [sys.executable, "-m", "runtime", "quantize", *map(str, args)], capture_output=True, text=True
+        [sys.executable, "-m", "pocketlm", "quantize", *map(str, args)], capture_output=True, text=True
     )
 
 
@@ -189,7 +189,7 @@ def test_quantize_computes_keeps_and_reuses_the_matrix(bloom, calibration, tmp_p
     assert meta["quantize.imatrix.chunks_count"] == ImportanceMatrix.load(kept).chunks
     assert "quantize.imatrix.file" not in _meta(plain)
     assert meta["pocketlm.quant"] == _meta(plain)["pocketlm.quant"] == "q3_k_m"  # not the f16 source's
-    info = subprocess.run([sys.executable, "-m", "runtime", "info", str(guided)], capture_output=True, text=True)
+    info = subprocess.run([sys.executable, "-m", "pocketlm", "info", str(guided)], capture_output=True, text=True)
     assert "  quant         q3_k_m" in info.stdout
     assert f"  imatrix       calib.txt ({meta['quantize.imatrix.chunks_count']} chunks, 8 matrices)" in info.stdout
     # the matrix changed the block matrices' rounding, and nothing else
@@ -201,7 +201,7 @@ def test_quantize_computes_keeps_and_reuses_the_matrix(bloom, calibration, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert "saved as" not in proc.stdout
     assert _tensor_bytes(again) == b
-    with runtime.load(guided, threads=2) as model:
+    with pocketlm.load(guided, threads=2) as model:
         assert len(model.generate("Translate to English:", max_new_tokens=4, min_new_tokens=4).token_ids) == 4
 
 
@@ -264,7 +264,7 @@ def test_a_folder_with_its_kept_matrix_loads_the_model(bloom, calibration, tmp_p
     folder.mkdir()
     assert _quantize(bloom[3], folder / "m.gguf", "-q", "q4_k_m", "--imatrix", calibration).returncode == 0
     assert sorted(p.name for p in folder.iterdir()) == ["m.gguf", "m.imatrix.gguf"]
-    with runtime.load(folder, threads=2) as model:
+    with pocketlm.load(folder, threads=2) as model:
         assert model.info.path == str(folder / "m.gguf")
     with pytest.raises(PocketLMError, match="m.imatrix.gguf: an importance matrix, not a model"):
-        runtime.load(folder / "m.imatrix.gguf", threads=2)
+        pocketlm.load(folder / "m.imatrix.gguf", threads=2)

@@ -11,7 +11,7 @@ import time
 import pytest
 from reference import make_t5
 
-from convert.synthetic import build_random_bloom
+from pocketlm.converters.synthetic import build_random_bloom
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def bloom(tmp_path_factory):
 
 
 def _convert_cmd(src, out, quant, fmt="gguf"):
-    return [sys.executable, "-m", "convert", str(src), "-o", str(out), "--quant", quant, "--format", fmt]
+    return [sys.executable, "-m", "pocketlm.converters", str(src), "-o", str(out), "--quant", quant, "--format", fmt]
 
 
 def _wait_for_partial(folder, proc, timeout=60):
@@ -61,7 +61,7 @@ LIMITED = textwrap.dedent(
     import resource, signal, sys
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk: writes fail with an error
     resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
-    from runtime.cli import main
+    from pocketlm.cli.main import main
     sys.exit(main({args!r}))
     """
 )
@@ -86,6 +86,6 @@ def test_full_disk_is_one_clear_line_and_leaves_nothing(bloom, tmp_path, quant, 
     assert lines[0].startswith("pocketlm: error:")
     assert list(out_dir.iterdir()) == []
     # with room again, the same command works
-    ok = subprocess.run([sys.executable, "-m", "runtime", *args], capture_output=True, text=True, timeout=600)
+    ok = subprocess.run([sys.executable, "-m", "pocketlm", *args], capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stderr
     assert [p.name for p in out_dir.iterdir()] == [out.name]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub, closed_port, folder_files
 
-from convert.synthetic import build_random_bloom
+from pocketlm.converters.synthetic import build_random_bloom
 
 NETFAULT = Path(__file__).parent / "netfault"  # sitecustomize: *.invalid does not resolve
 HUB_MIN = Path(sys.prefix) / "hub-min"
@@ -65,10 +65,10 @@ def env(tmp_path: Path, endpoint: str, hub_dir: Path | None = None, **extra: str
     return e
 
 
-def pocketlm(env_vars: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_cli(env_vars: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime", *args], capture_output=True, text=True, env=env_vars, timeout=300
+        [sys.executable, "-m", "pocketlm", *args], capture_output=True, text=True, env=env_vars, timeout=300
     )
     return proc, time.monotonic() - started
 
@@ -103,7 +103,7 @@ def test_metadata_fault_without_cache_is_one_line_within_the_bound(tmp_path, hub
     make, says = FAULTS[fault]
     endpoint, mode = make(hub)
     hub.fault = mode
-    proc, seconds = pocketlm(env(tmp_path, endpoint, hub_dir), "pull", "tiny/bloom")
+    proc, seconds = run_cli(env(tmp_path, endpoint, hub_dir), "pull", "tiny/bloom")
     lines = stderr_lines(proc)
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("pocketlm: error: tiny/bloom is not available here (the Hub is not reachable: ")
@@ -115,13 +115,13 @@ def test_metadata_fault_without_cache_is_one_line_within_the_bound(tmp_path, hub
 @pytest.mark.parametrize("hub_dir", hub_versions())
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_metadata_fault_with_cache_uses_the_cached_snapshot(tmp_path, hub, fault, hub_dir):
-    first, _ = pocketlm(env(tmp_path, hub.url, hub_dir), "pull", "tiny/bloom")
+    first, _ = run_cli(env(tmp_path, hub.url, hub_dir), "pull", "tiny/bloom")
     assert first.returncode == 0, first.stderr
     folder = first.stdout.strip().splitlines()[-1]
     make, says = FAULTS[fault]
     endpoint, mode = make(hub)
     hub.fault = mode
-    proc, seconds = pocketlm(env(tmp_path, endpoint, hub_dir), "pull", "tiny/bloom")
+    proc, seconds = run_cli(env(tmp_path, endpoint, hub_dir), "pull", "tiny/bloom")
     lines = stderr_lines(proc)
     assert proc.returncode == 0 and proc.stdout.strip() == folder, proc.stderr
     assert len(lines) == 1 and "the Hub is not reachable (" in lines[0] and f"using the cached {folder}" in lines[0], (
@@ -134,11 +134,11 @@ def test_metadata_fault_with_cache_uses_the_cached_snapshot(tmp_path, hub, fault
 def test_run_falls_back_and_never_prints_a_traceback(tmp_path, hub):
     """The issue's first two cases: `run` with the Hub refused, before and after a pull."""
     refused = env(tmp_path, f"http://127.0.0.1:{closed_port()}")
-    proc, _ = pocketlm(refused, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "3")
+    proc, _ = run_cli(refused, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "3")
     assert proc.returncode == 1 and len(stderr_lines(proc)) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "refused the connection" in proc.stderr
-    assert pocketlm(env(tmp_path, hub.url), "pull", "tiny/bloom")[0].returncode == 0
-    proc, _ = pocketlm(refused, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "3", "--json")
+    assert run_cli(env(tmp_path, hub.url), "pull", "tiny/bloom")[0].returncode == 0
+    proc, _ = run_cli(refused, "run", "tiny/bloom", "Bonjour.", "--max-new-tokens", "3", "--json")
     assert proc.returncode == 0 and '"text"' in proc.stdout, proc.stderr
     assert "using the cached" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -148,7 +148,7 @@ def test_silent_server_is_given_up_after_the_default_ten_seconds(tmp_path, hub):
     hub.fault = "hang"
     e = env(tmp_path, hub.url)
     del e["POCKETLM_HUB_TIMEOUT"]
-    proc, seconds = pocketlm(e, "pull", "tiny/bloom")
+    proc, seconds = run_cli(e, "pull", "tiny/bloom")
     assert proc.returncode == 1 and "within 10 s" in proc.stderr, proc.stderr
     assert 10 <= seconds < 10 + SLACK, seconds
 
@@ -157,13 +157,11 @@ def test_hf_etag_timeout_and_pocketlm_setting_change_the_bound(tmp_path, hub):
     hub.fault = "hang"
     e = env(tmp_path, hub.url, HF_HUB_ETAG_TIMEOUT="1")
     del e["POCKETLM_HUB_TIMEOUT"]
-    proc, seconds = pocketlm(e, "pull", "tiny/bloom")
+    proc, seconds = run_cli(e, "pull", "tiny/bloom")
     assert "within 1 s" in proc.stderr and seconds < 1 + SLACK, proc.stderr
-    proc, _ = pocketlm(
-        env(tmp_path, hub.url, HF_HUB_ETAG_TIMEOUT="1", POCKETLM_HUB_TIMEOUT="1.5"), "pull", "tiny/bloom"
-    )
+    proc, _ = run_cli(env(tmp_path, hub.url, HF_HUB_ETAG_TIMEOUT="1", POCKETLM_HUB_TIMEOUT="1.5"), "pull", "tiny/bloom")
     assert "within 1.5 s" in proc.stderr, proc.stderr
-    proc, _ = pocketlm(env(tmp_path, hub.url, POCKETLM_HUB_TIMEOUT="soon"), "pull", "tiny/bloom")
+    proc, _ = run_cli(env(tmp_path, hub.url, POCKETLM_HUB_TIMEOUT="soon"), "pull", "tiny/bloom")
     assert proc.returncode == 1 and stderr_lines(proc) == [
         "pocketlm: error: POCKETLM_HUB_TIMEOUT='soon': not a number of seconds"
     ]
@@ -178,7 +176,7 @@ def test_broken_download_gives_up_in_one_line_and_resumes_next_time(tmp_path, hu
     hub.add("tiny/big", {"config.json": b"{}", "model.safetensors": data})
     hub.file_faults["tiny/big/model.safetensors"] = fault
     e = env(tmp_path, hub.url)
-    proc, seconds = pocketlm(e, "pull", "tiny/big")
+    proc, seconds = run_cli(e, "pull", "tiny/big")
     errors = [line for line in stderr_lines(proc) if line.startswith("pocketlm:")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert len(errors) == 1 and errors[0].startswith("pocketlm: error: downloading tiny/big failed ("), proc.stderr
@@ -188,7 +186,7 @@ def test_broken_download_gives_up_in_one_line_and_resumes_next_time(tmp_path, hu
     assert seconds < 6 * (1 + 1) + SLACK  # 6 tries of HF_HUB_DOWNLOAD_TIMEOUT=1 s and 1 s pauses
     hub.file_faults.clear()
     before = len(hub.requests)
-    proc, _ = pocketlm(e, "pull", "tiny/big")
+    proc, _ = run_cli(e, "pull", "tiny/big")
     assert proc.returncode == 0, proc.stderr
     ranges = [r for m, p, r in hub.requests[before:] if m == "GET" and p.endswith("model.safetensors")]
     assert len(ranges) == 1 and ranges[0] and ranges[0].startswith("bytes="), ranges
@@ -197,10 +195,10 @@ def test_broken_download_gives_up_in_one_line_and_resumes_next_time(tmp_path, hu
 
 
 def test_offline_makes_no_request_even_when_the_hub_is_broken(tmp_path, hub):
-    assert pocketlm(env(tmp_path, hub.url), "pull", "tiny/bloom")[0].returncode == 0
+    assert run_cli(env(tmp_path, hub.url), "pull", "tiny/bloom")[0].returncode == 0
     hub.fault = "hang"
     before = len(hub.requests)
-    proc, seconds = pocketlm(env(tmp_path, hub.url, HF_HUB_OFFLINE="1"), "pull", "tiny/bloom")
+    proc, seconds = run_cli(env(tmp_path, hub.url, HF_HUB_OFFLINE="1"), "pull", "tiny/bloom")
     assert proc.returncode == 0 and len(hub.requests) == before and not stderr_lines(proc), proc.stderr
     assert seconds < SLACK
 
@@ -231,7 +229,7 @@ def test_main_job_downloads_bloomz_then_reuses_it(tmp_path, bloom_files):
         )
         e = env(tmp_path, hub.url, POCKETLM_CACHE=str(tmp_path / "cache"))
         run = lambda: subprocess.run(
-            [sys.executable, "-m", "runtime.demo"], capture_output=True, text=True, env=e, timeout=600
+            [sys.executable, "-m", "pocketlm.cli.demo"], capture_output=True, text=True, env=e, timeout=600
         )
         first = run()
         assert first.returncode == 0, first.stderr
@@ -251,7 +249,7 @@ def test_main_job_without_the_hub_says_so_in_one_line_and_runs_the_synthetic_pip
     endpoint, mode = make(hub)
     hub.fault = mode
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime.demo"],
+        [sys.executable, "-m", "pocketlm.cli.demo"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -35,14 +35,14 @@ def _run(code: str, tmp_path, forbidden: tuple[str, ...] = ("torch", "transforme
 def test_full_pipeline_without_torch(tmp_path):
     code = f"""
     from pathlib import Path
-    from convert import convert
-    from convert.synthetic import build_random_bloom
-    import runtime
+    from pocketlm.converters import convert
+    from pocketlm.converters.synthetic import build_random_bloom
+    import pocketlm
 
     folder = build_random_bloom(Path({str(tmp_path)!r}) / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512)
     for quant in ("f32", "q8_0", "q4_k_m"):
         summary = convert(folder, Path({str(tmp_path)!r}) / f"m-{{quant}}.gguf", quant=quant)
-        with runtime.load(summary.output, n_ctx=128) as model:
+        with pocketlm.load(summary.output, n_ctx=128) as model:
             ids = model.tokenize("Translate to English: Je t'aime.")
             result = model.generate("Translate to English: Je t'aime.", max_new_tokens=8)
             assert len(result.token_ids) >= 1, result
@@ -60,9 +60,9 @@ def test_full_pipeline_without_torch(tmp_path):
 def test_cli_and_main_job_without_torch(tmp_path):
     code = f"""
     from pathlib import Path
-    from convert.synthetic import build_random_bloom
-    from runtime import demo
-    from runtime.cli import main
+    from pocketlm.converters.synthetic import build_random_bloom
+    from pocketlm.cli import demo
+    from pocketlm.cli.main import main
 
     folder = build_random_bloom(Path({str(tmp_path)!r}) / "hf", hidden=64, n_layer=2, n_head=4, vocab_size=512)
     out = str(Path({str(tmp_path)!r}) / "m.gguf")
@@ -88,18 +88,18 @@ def test_t5_ct2_path_never_imports_torch_even_when_installed(tmp_path):
     code = f"""
     import sys
     from pathlib import Path
-    from convert import convert
-    from convert.synthetic import build_random_bloom
-    import runtime
+    from pocketlm.converters import convert
+    from pocketlm.converters.synthetic import build_random_bloom
+    import pocketlm
 
     root = Path({str(tmp_path)!r})
     for quant in ("int8", "float32"):
         summary = convert(root / "hf", root / f"ct2-{{quant}}", quant=quant)
-        with runtime.load(summary.output) as model:
+        with pocketlm.load(summary.output) as model:
             assert model.generate("Translate to English: Je t'aime.", max_new_tokens=5).token_ids
             assert model.score("Is it good?", ["yes", "no"])
     bloom = build_random_bloom(root / "bloom", hidden=64, n_layer=1, n_head=4, vocab_size=512)
-    with runtime.load(convert(bloom, root / "b.gguf", quant="q8_0").output) as model:
+    with pocketlm.load(convert(bloom, root / "b.gguf", quant="q8_0").output) as model:
         model.generate("Bonjour.", max_new_tokens=3)
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
     assert not leaked, leaked
@@ -122,8 +122,8 @@ def test_spiece_only_t5_without_sentencepiece(tmp_path, t5_tokenizer_files, hf_t
     code = f"""
     import json, shutil
     from pathlib import Path
-    from convert import convert
-    import runtime
+    from pocketlm.converters import convert
+    import pocketlm
 
     root, expected = Path({str(tmp_path)!r}), {expected!r}
     ct2 = Path(convert(root / "hf", root / "ct2", quant="int8").output)
@@ -134,7 +134,7 @@ def test_spiece_only_t5_without_sentencepiece(tmp_path, t5_tokenizer_files, hf_t
     (old / "tokenizer.json").unlink()
     (old / "pocketlm.json").write_text(json.dumps({{**info, "tokenizer": "spiece.model"}}))
     for folder in (ct2, old):
-        with runtime.load(folder) as model:
+        with pocketlm.load(folder) as model:
             for text, ids in expected.items():
                 assert model.tokenize(text) == ids, (folder, text)
             assert model.generate("Translate to English: Je t'aime.", max_new_tokens=3).token_ids

@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub, folder_files
 
-from convert import convert
-from convert.core.errors import OutputExistsError, PocketLMError
-from convert.core.jsonfile import Each, problem
-from convert.synthetic import build_random_bloom
+from pocketlm.converters import convert
+from pocketlm.converters.core.errors import OutputExistsError, PocketLMError
+from pocketlm.converters.core.jsonfile import Each, problem
+from pocketlm.converters.synthetic import build_random_bloom
 
 
 def environment(**extra):
@@ -40,9 +40,9 @@ def environment(**extra):
     return env
 
 
-def pocketlm(*args, cwd=None, **env):
+def run_cli(*args, cwd=None, **env):
     return subprocess.run(
-        [sys.executable, "-m", "runtime", *map(str, args)],
+        [sys.executable, "-m", "pocketlm", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -123,9 +123,9 @@ def precious(tmp_path):
 
 def test_force_never_replaces_a_folder_pocketlm_did_not_write(tmp_path, bloom, gguf_f16, precious):
     before = snapshot(precious)
-    one_line_error(pocketlm("convert", bloom, "-o", precious, "--force"), precious, "a folder PocketLM did not write")
-    one_line_error(pocketlm("convert", bloom, "-o", precious), precious, "a folder PocketLM did not write")
-    one_line_error(pocketlm("quantize", gguf_f16, precious, "-q", "q8_0", "--force"), "did not write")
+    one_line_error(run_cli("convert", bloom, "-o", precious, "--force"), precious, "a folder PocketLM did not write")
+    one_line_error(run_cli("convert", bloom, "-o", precious), precious, "a folder PocketLM did not write")
+    one_line_error(run_cli("quantize", gguf_f16, precious, "-q", "q8_0", "--force"), "did not write")
     with pytest.raises(OutputExistsError, match="did not write"):
         convert(bloom, precious, quant="f16", force=True)
     assert snapshot(precious) == before
@@ -149,7 +149,7 @@ def test_the_output_is_never_the_input_nor_holds_it_nor_lies_in_it(tmp_path, blo
     before = snapshot(tmp_path)
     out = output.format(ckpt=ckpt, parent=tmp_path)
     for force in (["--force"], []):
-        one_line_error(pocketlm("convert", ckpt, "-o", out, "--quant", "f16", *force), says)
+        one_line_error(run_cli("convert", ckpt, "-o", out, "--quant", "f16", *force), says)
     with pytest.raises(OutputExistsError, match=says):
         convert(ckpt, out, quant="f16", force=True)
     assert snapshot(tmp_path) == before
@@ -160,9 +160,9 @@ def test_quantize_refuses_its_own_input(tmp_path, gguf_f16):
     shutil.copy(gguf_f16, model)
     before = model.read_bytes()
     for out in (model, tmp_path / "." / "m.gguf"):
-        one_line_error(pocketlm("quantize", model, out, "-q", "q8_0", "--force"), "this is the input")
+        one_line_error(run_cli("quantize", model, out, "-q", "q8_0", "--force"), "this is the input")
     os.link(model, tmp_path / "hard.gguf")  # the same file under another name
-    one_line_error(pocketlm("quantize", model, tmp_path / "hard.gguf", "-q", "q8_0", "--force"), "this is the input")
+    one_line_error(run_cli("quantize", model, tmp_path / "hard.gguf", "-q", "q8_0", "--force"), "this is the input")
     assert model.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["hard.gguf", "m.gguf"]
 
 
@@ -173,12 +173,12 @@ def test_dot_and_root_are_one_line_not_an_internal_error(tmp_path, bloom, output
     (cwd / "keep.txt").write_text("keep")
     before = snapshot(tmp_path)
     for force in (["--force"], []):
-        one_line_error(pocketlm("convert", bloom, "-o", output, "--quant", "f16", *force, cwd=cwd))
+        one_line_error(run_cli("convert", bloom, "-o", output, "--quant", "f16", *force, cwd=cwd))
     assert snapshot(tmp_path) == before
 
 
 def test_force_replaces_a_file_only_once_the_new_one_is_complete(tmp_path, bloom, monkeypatch):
-    import convert.api as api
+    import pocketlm.converters.api as api
 
     out = tmp_path / "m.gguf"
     out.write_bytes(b"the old model")
@@ -206,12 +206,12 @@ def test_force_replaces_a_file_only_once_the_new_one_is_complete(tmp_path, bloom
 
 
 def test_force_replaces_a_folder_pocketlm_wrote_and_only_once_complete(tmp_path, t5, monkeypatch):
-    import convert.api as api
+    import pocketlm.converters.api as api
 
     out = tmp_path / "m-ct2"
     convert(t5, out, quant="int8")
     assert json.loads((out / "pocketlm.json").read_text())["quant"] == "int8"
-    one_line_error(pocketlm("convert", t5, "-o", out, "--quant", "float32"), "already exists (use --force")
+    one_line_error(run_cli("convert", t5, "-o", out, "--quant", "float32"), "already exists (use --force")
     old = snapshot(out)
     real = api.WRITERS["ct2"]
     seen = []
@@ -237,7 +237,7 @@ def test_force_replaces_a_folder_pocketlm_wrote_and_only_once_complete(tmp_path,
     assert snapshot(out) == before and [p.name for p in tmp_path.iterdir()] == ["m-ct2"]
     # a folder that only looks like one (pocketlm.json of another shape) is not PocketLM's
     (out / "pocketlm.json").write_text("[]")
-    one_line_error(pocketlm("convert", t5, "-o", out, "--force"), "a folder PocketLM did not write")
+    one_line_error(run_cli("convert", t5, "-o", out, "--force"), "a folder PocketLM did not write")
 
 
 # -- a disk that refuses: real mounts when permitted ----------------------------------------
@@ -266,23 +266,23 @@ def remount(path: Path, options: str) -> None:
 @pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])  # written here, and by llama.cpp's quantizer
 def test_read_only_and_full_output_folders(tmp_path, bloom, quant):
     with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
-        line = one_line_error(pocketlm("convert", bloom, "-o", ro / "m.gguf", "--quant", quant))
+        line = one_line_error(run_cli("convert", bloom, "-o", ro / "m.gguf", "--quant", quant))
         why = "the file system is read-only (nothing was left behind)"
         assert line == f"pocketlm: error: {ro / 'm.gguf'}: cannot write it: {why}"
     with tmpfs(tmp_path / "full", "size=64k") as full:
         one_line_error(
-            pocketlm("convert", bloom, "-o", full / "m.gguf", "--quant", quant), full / "m.gguf", "the disk is full"
+            run_cli("convert", bloom, "-o", full / "m.gguf", "--quant", quant), full / "m.gguf", "the disk is full"
         )
         assert list(full.iterdir()) == []
 
 
 def test_read_only_and_full_quantize_and_ct2_outputs(tmp_path, gguf_f16, t5):
     with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
-        one_line_error(pocketlm("quantize", gguf_f16, ro / "q.gguf", "-q", "q4_k_m"), ro / "q.gguf", "read-only")
-        one_line_error(pocketlm("convert", t5, "-o", ro / "ct2"), ro / "ct2", "read-only")
+        one_line_error(run_cli("quantize", gguf_f16, ro / "q.gguf", "-q", "q4_k_m"), ro / "q.gguf", "read-only")
+        one_line_error(run_cli("convert", t5, "-o", ro / "ct2"), ro / "ct2", "read-only")
     with tmpfs(tmp_path / "full", "size=64k") as full:
-        one_line_error(pocketlm("quantize", gguf_f16, full / "q.gguf", "-q", "q4_k_m"), "the disk is full")
-        one_line_error(pocketlm("convert", t5, "-o", full / "ct2", "--quant", "float32"), "the disk is full")
+        one_line_error(run_cli("quantize", gguf_f16, full / "q.gguf", "-q", "q4_k_m"), "the disk is full")
+        one_line_error(run_cli("convert", t5, "-o", full / "ct2", "--quant", "float32"), "the disk is full")
         assert list(full.iterdir()) == []
 
 
@@ -290,21 +290,21 @@ def test_batch_output_on_read_only_and_full_disks(tmp_path, gguf_f16):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Bonjour."}\n')
     with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
-        run = pocketlm("run", gguf_f16, "--input", prompts, "--output", ro / "a.jsonl", "--max-new-tokens", "2")
+        run = run_cli("run", gguf_f16, "--input", prompts, "--output", ro / "a.jsonl", "--max-new-tokens", "2")
         one_line_error(run, ro / "a.jsonl", "read-only")
     with tmpfs(tmp_path / "full", "size=4k") as full:
         (full / "filler").write_bytes(b"x" * 4096)
-        run = pocketlm("run", gguf_f16, "--input", prompts, "--output", full / "a.jsonl", "--max-new-tokens", "2")
+        run = run_cli("run", gguf_f16, "--input", prompts, "--output", full / "a.jsonl", "--max-new-tokens", "2")
         one_line_error(run, full / "a.jsonl", "the disk is full")
         assert [p.name for p in full.iterdir()] == ["filler"]  # no empty answers file either
 
 
 def test_cache_on_read_only_and_full_disks(tmp_path, bloom):
     with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
-        proc = pocketlm("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=ro / "cache")
+        proc = run_cli("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=ro / "cache")
         one_line_error(proc, ro / "cache", "read-only", "POCKETLM_CACHE")
     with tmpfs(tmp_path / "full", "size=96k") as full:
-        proc = pocketlm("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=full / "cache")
+        proc = run_cli("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=full / "cache")
         one_line_error(proc, "the disk is full")
         converted = full / "cache" / "converted"
         assert [p.name for p in converted.iterdir() if not p.name.endswith(".lock")] == [] and not leftovers(full)
@@ -313,17 +313,17 @@ def test_cache_on_read_only_and_full_disks(tmp_path, bloom):
 def test_a_read_only_cache_still_serves_its_entries_and_rm_says_why_it_cannot(tmp_path, bloom):
     with tmpfs(tmp_path / "disk", "size=4m") as disk:
         cache = disk / "cache"
-        first = pocketlm("run", bloom, "Bonjour.", "--max-new-tokens", "2", "--json", POCKETLM_CACHE=cache)
+        first = run_cli("run", bloom, "Bonjour.", "--max-new-tokens", "2", "--json", POCKETLM_CACHE=cache)
         assert first.returncode == 0, first.stderr
         remount(disk, "ro")
         try:
-            again = pocketlm("run", bloom, "Bonjour.", "--max-new-tokens", "2", "--json", POCKETLM_CACHE=cache)
+            again = run_cli("run", bloom, "Bonjour.", "--max-new-tokens", "2", "--json", POCKETLM_CACHE=cache)
             assert again.returncode == 0 and json.loads(again.stdout)["text"] == json.loads(first.stdout)["text"]
-            listing = pocketlm("list", "--json", POCKETLM_CACHE=cache)
+            listing = run_cli("list", "--json", POCKETLM_CACHE=cache)
             assert listing.returncode == 0 and len(json.loads(listing.stdout)) == 1
             key = json.loads(listing.stdout)[0]["key"]
             before = snapshot(cache)
-            one_line_error(pocketlm("rm", key[:8], POCKETLM_CACHE=cache), key, "cannot remove it", "read-only")
+            one_line_error(run_cli("rm", key[:8], POCKETLM_CACHE=cache), key, "cannot remove it", "read-only")
             assert snapshot(cache) == before
         finally:
             remount(disk, "rw")
@@ -337,15 +337,15 @@ def test_hub_downloads_on_read_only_and_full_disks(tmp_path, bloom):
         env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "POCKETLM_HUB_TIMEOUT": "5"}
         with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
             for args in (["pull", "tiny/bloom"], ["run", "tiny/bloom", "Bonjour."]):
-                one_line_error(pocketlm(*args, HF_HOME=ro / "hf", **env), ro / "hf", "cannot write it", "read-only")
+                one_line_error(run_cli(*args, HF_HOME=ro / "hf", **env), ro / "hf", "cannot write it", "read-only")
         with tmpfs(tmp_path / "full", "size=100k") as full:
             for args in (["pull", "tiny/bloom"], ["run", "tiny/bloom", "Bonjour."]):
-                line = one_line_error(pocketlm(*args, HF_HOME=full / "hf", **env), "cannot write it: the disk is full")
+                line = one_line_error(run_cli(*args, HF_HOME=full / "hf", **env), "cannot write it: the disk is full")
                 assert ".pocketlm-partial" not in line or "the same command resumes" in line, line
             kept = leftovers(full)
             assert all(k.endswith(".pocketlm-partial") for k in kept), kept
             remount(full, "size=4m")  # room again: the same command finishes the download
-            assert pocketlm("pull", "tiny/bloom", HF_HOME=full / "hf", **env).returncode == 0
+            assert run_cli("pull", "tiny/bloom", HF_HOME=full / "hf", **env).returncode == 0
             assert not leftovers(full)
 
 
@@ -362,7 +362,7 @@ FAIL_WRITES = """
         return real(self, *args, **kwargs)
 
     pathlib.Path.{method} = failing
-    from runtime.cli import main
+    from pocketlm.cli.main import main
     sys.exit(main({args!r}))
 """
 
@@ -383,13 +383,13 @@ def test_manifest_write_failure_is_one_line_and_keeps_no_half_entry(tmp_path, bl
     one_line_error(proc, f"manifest.json: cannot write it: {says} (the conversion was not kept)")
     entries = [p for p in (cache / "converted").iterdir() if not p.name.endswith(".lock")]
     assert entries == [] and not leftovers(cache)
-    assert pocketlm("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=cache).returncode == 0
+    assert run_cli("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=cache).returncode == 0
 
 
 def test_cache_folder_that_cannot_be_written_is_one_line(tmp_path, bloom):
     cache = tmp_path / "cache"
     cache.write_text("a file where the cache folder should be")
-    proc = pocketlm("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
+    proc = run_cli("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
     one_line_error(proc, cache / "converted", "cannot write it", "POCKETLM_CACHE")
     assert cache.read_text() == "a file where the cache folder should be"
 
@@ -402,7 +402,7 @@ def test_file_size_limit_in_the_cache_is_one_line_and_leaves_nothing(tmp_path, b
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
-        from runtime.cli import main
+        from pocketlm.cli.main import main
         sys.exit(main(["run", {str(bloom)!r}, "Bonjour.", "--max-new-tokens", "2"]))
     """
     one_line_error(python(code, POCKETLM_CACHE=cache), "model.gguf: cannot write it: the file is too large")
@@ -416,13 +416,13 @@ def test_download_write_failure_is_one_line_not_a_network_fault(tmp_path, bloom)
         hub.add("tiny/bloom", folder_files(bloom))
         code = """
             import builtins, errno, os, sys
-            import runtime.hub as hub
+            import pocketlm.loading.hub as hub
             def failing_open(path, mode="r", *args, **kwargs):
                 if str(path).endswith(".pocketlm-partial") and ("w" in mode or "a" in mode):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 return builtins.open(path, mode, *args, **kwargs)
             hub.open = failing_open
-            from runtime.cli import main
+            from pocketlm.cli.main import main
             sys.exit(main(["pull", "tiny/bloom"]))
         """
         proc = python(code, HF_HOME=tmp_path / "hf", HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1")
@@ -437,7 +437,7 @@ def test_download_write_failure_is_one_line_not_a_network_fault(tmp_path, bloom)
 @pytest.fixture(scope="module")
 def warm_cache(tmp_path_factory, bloom):
     cache = tmp_path_factory.mktemp("warm") / "cache"
-    proc = pocketlm("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
+    proc = run_cli("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
     assert proc.returncode == 0, proc.stderr
     return cache
 
@@ -483,20 +483,20 @@ def test_malformed_manifest_is_a_broken_entry_that_run_rebuilds_and_rm_removes(t
     real = json.loads(manifest.read_text())
     manifest.write_bytes(_broken_manifest(kind, real))
 
-    listing = pocketlm("list", POCKETLM_CACHE=cache)
+    listing = run_cli("list", POCKETLM_CACHE=cache)
     assert listing.returncode == 0 and not listing.stderr, listing.stderr
     assert f"{entry.name[:12]}  broken: {manifest}" in listing.stdout, listing.stdout
-    rows = json.loads(pocketlm("list", "--json", POCKETLM_CACHE=cache).stdout)
+    rows = json.loads(run_cli("list", "--json", POCKETLM_CACHE=cache).stdout)
     assert len(rows) == 1 and rows[0]["broken"] and rows[0]["key"] == entry.name
 
-    run = pocketlm("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
+    run = run_cli("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
     assert run.returncode == 0, run.stderr
     warnings = run.stderr.strip().splitlines()
     assert len(warnings) == 1 and "is broken" in warnings[0] and "rebuilding it" in warnings[0], warnings
     assert json.loads(manifest.read_text())["output_sha256"] == real["output_sha256"]  # rebuilt, the same
 
     manifest.write_bytes(_broken_manifest(kind, real))
-    removed = pocketlm("rm", entry.name[:8], POCKETLM_CACHE=cache)
+    removed = run_cli("rm", entry.name[:8], POCKETLM_CACHE=cache)
     assert removed.returncode == 0 and f"removed {entry.name[:12]} (broken)" in removed.stdout, removed.stderr
     assert not entry.exists()
 
@@ -519,9 +519,9 @@ def test_malformed_hashes_json_is_rehashed_and_rewritten(tmp_path, bloom, warm_c
     content = content.replace(b"KEY", str((bloom / "config.json").resolve()).encode())
     (cache / "hashes.json").write_bytes(content)
     for command in (["list"], ["run", bloom, "Bonjour.", "--max-new-tokens", "2"]):
-        proc = pocketlm(*command, POCKETLM_CACHE=cache)
+        proc = run_cli(*command, POCKETLM_CACHE=cache)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    run = pocketlm("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
+    run = run_cli("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
     assert run.returncode == 0 and not run.stderr.strip(), run.stderr  # rewritten whole: no warning now
     assert isinstance(json.loads((cache / "hashes.json").read_text()), dict)
 
@@ -530,30 +530,30 @@ def test_malformed_hashes_json_warns_in_one_line(tmp_path, bloom, warm_cache):
     cache = tmp_path / "cache"
     shutil.copytree(warm_cache, cache)
     (cache / "hashes.json").write_text("[]")
-    run = pocketlm("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
+    run = run_cli("run", bloom, "Bonjour.", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
     assert run.returncode == 0, run.stderr
     assert run.stderr.strip().splitlines() == [
-        f"WARNING runtime.cache: {cache / 'hashes.json'}: expected an object, found an array; "
+        f"WARNING pocketlm.loading.cache: {cache / 'hashes.json'}: expected an object, found an array; "
         "the files it remembered are hashed again"
     ]
 
 
 def test_malformed_pocketlm_json_in_a_cached_ct2_entry_is_rebuilt(tmp_path, t5):
     cache = tmp_path / "cache"
-    first = pocketlm("run", t5, "--ids", "1,2,3", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
+    first = run_cli("run", t5, "--ids", "1,2,3", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
     assert first.returncode == 0, first.stderr
     meta = _entry(cache) / "model-ct2" / "pocketlm.json"
     real = meta.read_bytes()
     for content in (b"[]", b'{"tokenizer": 5}', b"\xff"):
         meta.write_bytes(content)
-        assert pocketlm("list", POCKETLM_CACHE=cache).returncode == 0
-        run = pocketlm("run", t5, "--ids", "1,2,3", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
+        assert run_cli("list", POCKETLM_CACHE=cache).returncode == 0
+        run = run_cli("run", t5, "--ids", "1,2,3", "--max-new-tokens", "2", POCKETLM_CACHE=cache)
         assert run.returncode == 0, run.stderr
         warnings = run.stderr.strip().splitlines()
         assert len(warnings) == 1 and "rebuilding it" in warnings[0], warnings
         assert meta.read_bytes() == real
     meta.write_bytes(b"[]")
-    removed = pocketlm("rm", _entry(cache).name[:8], POCKETLM_CACHE=cache)
+    removed = run_cli("rm", _entry(cache).name[:8], POCKETLM_CACHE=cache)
     assert removed.returncode == 0 and not (cache / "converted" / meta.parent.parent.name).exists()
 
 
@@ -563,7 +563,7 @@ def test_malformed_pocketlm_json_in_a_model_folder_is_one_line(tmp_path, t5, con
     convert(t5, folder)
     (folder / "pocketlm.json").write_bytes(content)
     for args in (["run", folder, "--ids", "1,2", "--max-new-tokens", "2"], ["info", folder]):
-        one_line_error(pocketlm(*args), folder / "pocketlm.json", "malformed model metadata")
+        one_line_error(run_cli(*args), folder / "pocketlm.json", "malformed model metadata")
 
 
 def test_json_shapes_are_checked_field_by_field():

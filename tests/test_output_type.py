@@ -11,11 +11,11 @@ import sys
 import gguf
 import pytest
 
-import runtime
-from convert import convert
-from convert.core.errors import PocketLMError
-from convert.core.gguf_file import read_header
-from convert.synthetic import build_random_bloom
+import pocketlm
+from pocketlm.converters import convert
+from pocketlm.converters.core.errors import PocketLMError
+from pocketlm.converters.core.gguf_file import read_header
+from pocketlm.converters.synthetic import build_random_bloom
 
 Q = gguf.GGMLQuantizationType
 
@@ -40,7 +40,7 @@ def test_convert_gives_the_head_its_type_and_changes_nothing_else(bloom, tmp_pat
     assert {k: v for k, v in types.items() if k != "token_embd.weight"} == {
         k: v for k, v in default.items() if k != "token_embd.weight"
     }
-    with runtime.load(out, threads=2) as model:
+    with pocketlm.load(out, threads=2) as model:
         assert len(model.generate([5, 6, 7], max_new_tokens=3, min_new_tokens=3).token_ids) == 3
 
 
@@ -48,7 +48,7 @@ def test_quantize_command_takes_it(bloom, tmp_path):
     f32 = convert(bloom, tmp_path / "f32.gguf", quant="f32").output
     out = tmp_path / "q.gguf"
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime", "quantize", f32, str(out), "-q", "q4_k_m", "--output-type", "q5_k"],
+        [sys.executable, "-m", "pocketlm", "quantize", f32, str(out), "-q", "q4_k_m", "--output-type", "q5_k"],
         capture_output=True,
         text=True,
     )
@@ -56,7 +56,7 @@ def test_quantize_command_takes_it(bloom, tmp_path):
     assert "output q5_k" in proc.stdout
     assert _types(out)["token_embd.weight"] == Q.Q5_K
     bad = subprocess.run(
-        [sys.executable, "-m", "runtime", "quantize", f32, str(tmp_path / "x.gguf"), "--output-type", "q9"],
+        [sys.executable, "-m", "pocketlm", "quantize", f32, str(tmp_path / "x.gguf"), "--output-type", "q9"],
         capture_output=True,
         text=True,
     )

@@ -1,14 +1,14 @@
-"""The decision table of runtime.platform.choose, with invented machines (no hardware needed)."""
+"""The decision table of pocketlm.loading.platform.choose, with invented machines (no hardware needed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from convert.core.errors import ModelLoadError
-from runtime.backends.ctranslate2 import CT2Facts
-from runtime.backends.llama_cpp import LlamaFacts
-from runtime.backends.llama_cpp import gpu_backend as llama_gpu_backend
-from runtime.platform import ModelFacts, PlatformFacts, choose
+from pocketlm.backends.ctranslate2 import CT2Facts
+from pocketlm.backends.llama_cpp import LlamaFacts
+from pocketlm.backends.llama_cpp import gpu_backend as llama_gpu_backend
+from pocketlm.converters.core.errors import ModelLoadError
+from pocketlm.loading.platform import ModelFacts, PlatformFacts, choose
 
 GIB = 2**30
 BLOOM_GGUF = ModelFacts("gguf", "bloom", "q4_k_m", 400 << 20)

@@ -1,4 +1,4 @@
-"""PocketLM on Ray (runtime/ray.py), on a local Ray instance limited to 2 CPUs.
+"""PocketLM on Ray (runtime/serving/ray_cluster.py), on a local Ray instance limited to 2 CPUs.
 
 A Ray Data job over a few hundred prompts on two actors gives what one process gives; a
 checkpoint folder is converted once on the node, the other actor waiting on the cache lock;
@@ -25,12 +25,12 @@ import ray.cloudpickle
 import ray.data
 from ray import serve
 
-import runtime
-from convert import convert
-from convert.synthetic import build_random_bloom
-from runtime.batch import answer, run_jsonl
-from runtime.ray import Predictor, deployment
-from runtime.ray import run_jsonl as run_jsonl_on_ray
+import pocketlm
+from pocketlm.cli.batch import answer, run_jsonl
+from pocketlm.converters import convert
+from pocketlm.converters.synthetic import build_random_bloom
+from pocketlm.serving.ray_cluster import Predictor, deployment
+from pocketlm.serving.ray_cluster import run_jsonl as run_jsonl_on_ray
 
 # The predictor subclasses below live in this test module, which Ray's workers cannot import.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -71,7 +71,7 @@ def cluster(tmp_path_factory):
 
 def _run(*args, timeout=600):
     return subprocess.run(
-        [sys.executable, "-m", "runtime", "run", *map(str, args)],
+        [sys.executable, "-m", "pocketlm", "run", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -157,7 +157,7 @@ def test_data_job_on_two_actors_matches_one_process(bloom, cluster):
     prompts = _prompts(300)
     rows = _data_job(gguf, prompts, RecordingPredictor)
     assert len({r["actor"] for r in rows}) == 2  # both actors answered
-    with runtime.load(gguf, threads=2, parallel=16) as model:
+    with pocketlm.load(gguf, threads=2, parallel=16) as model:
         alone = [answer(r) for r in model.generate_batch(prompts, max_new_tokens=NEW)]
     for row, expected in zip(rows, alone):
         assert list(row["prompt"]) == prompts[row["id"]]
@@ -176,7 +176,7 @@ def test_a_checkpoint_folder_is_converted_once_per_node(bloom, cluster, tmp_path
     assert len(list(tmp_path.iterdir())) == 2 and len(loads) == 1
     entries = [e for e in (cluster / "converted").iterdir() if not e.name.startswith(".")]
     assert len(entries) == 1
-    with runtime.load(folder, threads=2) as model:
+    with pocketlm.load(folder, threads=2) as model:
         st = os.stat(model.info.path)
         assert loads == {f"{model.info.path}:{st.st_ino}:{st.st_mtime_ns}"}
         assert Path(model.info.path).parent == entries[0]
@@ -193,7 +193,7 @@ def test_data_job_scores_candidates(bloom, cluster):
         Predictor, fn_constructor_kwargs={"model": str(gguf)}, batch_size=2, concurrency=1, num_cpus=1
     )
     got = ds.take_all()
-    with runtime.load(gguf, threads=2) as model:
+    with pocketlm.load(gguf, threads=2) as model:
         for row, item in zip(got, rows):
             expected = model.score(item["prompt"], item["candidates"])
             assert np.allclose(row["scores"], expected, rtol=1e-5)
@@ -219,7 +219,7 @@ def test_a_killed_actors_batch_is_retried_and_written_once(bloom, cluster, tmp_p
     prompts = tmp_path / "in.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(_prompts(200, 2))))
     alone = tmp_path / "alone.jsonl"
-    with runtime.load(gguf, threads=2, parallel=16) as model:
+    with pocketlm.load(gguf, threads=2, parallel=16) as model:
         run_jsonl(model, prompts, alone, 16, options=model.options(max_new_tokens=NEW))
     KilledOnce.marker = str(tmp_path / "killed")
     out = tmp_path / "out.jsonl"
@@ -240,7 +240,7 @@ def test_cli_joins_a_running_cluster_by_address(bloom, cluster, tmp_path):
     address = ray.get_runtime_context().gcs_address
     proc = _run(gguf, "--input", prompts, "--output", out, "--max-new-tokens", NEW, "--ray", address)
     assert proc.returncode == 0, proc.stderr
-    with runtime.load(gguf, threads=2) as model:
+    with pocketlm.load(gguf, threads=2) as model:
         for i, r in enumerate(json.loads(line) for line in out.read_text().splitlines()):
             assert r["id"] == i + 1 and r["text"] == model.generate(r["prompt"], max_new_tokens=NEW).text
 
@@ -266,7 +266,7 @@ def test_serve_deployment_with_two_replicas_answers_the_openai_client(bloom, clu
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(complete, prompts))
-    with runtime.load(gguf, threads=2) as model:
+    with pocketlm.load(gguf, threads=2) as model:
         for prompt, reply in zip(prompts, replies):
             expected = model.generate(prompt, max_new_tokens=NEW)
             assert reply.choices[0].text == expected.text

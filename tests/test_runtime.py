@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import runtime
-from convert import convert
-from convert.core.errors import GenerationError
-from convert.synthetic import build_random_bloom
+import pocketlm
+from pocketlm.converters import convert
+from pocketlm.converters.core.errors import GenerationError
+from pocketlm.converters.synthetic import build_random_bloom
 
 PROMPTS = ["Translate to English: Je t'aime.", "一个传奇的开端，", "def add(a, b):", "Привет, мир! 🙂"]
 
@@ -19,7 +19,7 @@ def model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rt")
     build_random_bloom(folder / "hf", hidden=128, n_layer=2, n_head=4, vocab_size=768, std=0.2)
     summary = convert(folder / "hf", folder / "m.gguf", quant="f32")
-    m = runtime.load(summary.output, n_ctx=256)
+    m = pocketlm.load(summary.output, n_ctx=256)
     yield m
     m.close()
 

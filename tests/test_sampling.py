@@ -12,9 +12,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from convert.core.errors import GenerationError
-from runtime.generation import GenerationOptions
-from runtime.sampling import Sampler, penalize_repetition
+from pocketlm.converters.core.errors import GenerationError
+from pocketlm.core.generation import GenerationOptions
+from pocketlm.core.sampling import Sampler, penalize_repetition
 
 
 def _hf_support(logits, temperature, top_k, top_p):
@@ -94,7 +94,7 @@ def test_tiny_temperature_is_nearly_greedy_not_nan():
 def test_openai_penalties_follow_their_definition():
     """OpenAI: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty,
     counting generated tokens only."""
-    from runtime.sampling import penalize_openai
+    from pocketlm.core.sampling import penalize_openai
 
     logits = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
     out = penalize_openai(logits, [3, 3, 1], presence=0.5, frequency=0.25)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from reference import make_t5
 
-import runtime
-from convert import convert
-from convert.synthetic import build_random_bloom
-from runtime.generation import GenerationOptions
+import pocketlm
+from pocketlm.converters import convert
+from pocketlm.converters.synthetic import build_random_bloom
+from pocketlm.core.generation import GenerationOptions
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [100, 101, 102], [33, 34, 35, 36, 37, 38, 39, 40, 41], [7] * 20]
 
@@ -55,7 +55,7 @@ def _recording(model):
 def _alone(path, prompts, options, **load):
     """Tokens and per-step logits of each prompt decoded by itself."""
     out = {}
-    with runtime.load(path, threads=2, **load) as model:
+    with pocketlm.load(path, threads=2, **load) as model:
         for p in prompts:
             seq = model._decoding(p, options)
             rows, tokens = [], []
@@ -81,7 +81,7 @@ def _close(a, b, bound):
 def test_sequences_joining_at_different_steps_match_each_alone(bloom):
     options = GenerationOptions(max_new_tokens=12, min_new_tokens=12)
     alone = _alone(bloom, PROMPTS, options)
-    with runtime.load(bloom, threads=2, parallel=3) as model:
+    with pocketlm.load(bloom, threads=2, parallel=3) as model:
         assert model.info.parallel == 3 and model.info.kv_cells >= 3 * 1
         logits = _recording(model)
         first = model.stream_tokens(PROMPTS[0], options)
@@ -102,9 +102,9 @@ def test_sequences_joining_at_different_steps_match_each_alone(bloom):
 
 def test_seeded_sampling_is_reproducible_whatever_else_runs(bloom):
     seeded = GenerationOptions(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=7)
-    with runtime.load(bloom, threads=2) as model:
+    with pocketlm.load(bloom, threads=2) as model:
         alone = model.generate(PROMPTS[0], seeded).token_ids
-    with runtime.load(bloom, threads=2, parallel=4) as model:
+    with pocketlm.load(bloom, threads=2, parallel=4) as model:
         others = [model.stream_tokens(p, max_new_tokens=16, temperature=1.3, seed=i) for i, p in enumerate(PROMPTS[1:])]
         mine = model.generate(PROMPTS[0], seeded).token_ids
         for stream in others:
@@ -113,16 +113,16 @@ def test_seeded_sampling_is_reproducible_whatever_else_runs(bloom):
 
 
 def test_generate_of_a_list_goes_through_the_scheduler(bloom):
-    with runtime.load(bloom, threads=2) as model:
+    with pocketlm.load(bloom, threads=2) as model:
         expected = [model.generate(p, max_new_tokens=8).token_ids for p in PROMPTS]
-    with runtime.load(bloom, threads=2, parallel=2) as model:
+    with pocketlm.load(bloom, threads=2, parallel=2) as model:
         results = model.generate(PROMPTS, max_new_tokens=8)
         assert [r.token_ids for r in results] == expected
         assert model.scheduler.steps < sum(len(r.token_ids) for r in results)  # shared steps
 
 
 def test_a_closed_stream_frees_its_slot_at_the_next_step(bloom):
-    with runtime.load(bloom, threads=2, parallel=2) as model:
+    with pocketlm.load(bloom, threads=2, parallel=2) as model:
         a = model.stream_tokens(PROMPTS[0], max_new_tokens=200, min_new_tokens=200)
         b = model.stream_tokens(PROMPTS[1], max_new_tokens=200, min_new_tokens=200)
         next(a), next(b)
@@ -140,7 +140,7 @@ def test_cancel_from_another_thread_ends_a_running_and_a_waiting_request(kind, r
     thread cancels; the running request stops at the next step, the waiting one leaves the queue."""
     path = request.getfixturevalue(kind)
     prompts = PROMPTS if kind == "bloom" else CT2_SOURCES
-    with runtime.load(path, threads=2, parallel=1 if kind == "bloom" else 2) as model:
+    with pocketlm.load(path, threads=2, parallel=1 if kind == "bloom" else 2) as model:
         model.scheduler.window = 0  # CTranslate2: no batch window, so the second request waits
         running = model.scheduler.stream_tokens(prompts[0], max_new_tokens=200, min_new_tokens=200)
         waiting = model.scheduler.stream_tokens(prompts[1], max_new_tokens=200, min_new_tokens=200)
@@ -167,7 +167,7 @@ def test_cancel_from_another_thread_ends_a_running_and_a_waiting_request(kind, r
 
 def test_a_long_prompt_is_prefilled_between_decode_steps(bloom):
     long_prompt = list(range(20, 420))
-    with runtime.load(bloom, threads=2, parallel=2, n_ctx=512) as model:
+    with pocketlm.load(bloom, threads=2, parallel=2, n_ctx=512) as model:
         model.scheduler.prefill_chunk = 64
         fed: list[list[int]] = []
         evaluate = model._evaluate
@@ -190,10 +190,10 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(bloom):
 
 def test_the_kv_budget_is_never_overcommitted(bloom):
     options = GenerationOptions(max_new_tokens=40, min_new_tokens=40)
-    with runtime.load(bloom, threads=2) as model:
+    with pocketlm.load(bloom, threads=2) as model:
         expected = [model.generate(p, options).token_ids for p in PROMPTS[:2]]
     # 256 cells: each request reserves prompt + 40; the third of these must wait
-    with runtime.load(bloom, threads=2, parallel=3, n_ctx=256, kv_cells=100) as model:
+    with pocketlm.load(bloom, threads=2, parallel=3, n_ctx=256, kv_cells=100) as model:
         peak = []
         admit = model._admit
 
@@ -211,7 +211,7 @@ def test_t5_gguf_sequences_arriving_together_match_each_alone(t5_gguf):
     sources = [[5, 9, 12, 1], [40, 41, 42, 43, 44, 45, 1], [77, 1]]
     options = GenerationOptions(max_new_tokens=8, min_new_tokens=8)
     alone = _alone(t5_gguf, sources, options)
-    with runtime.load(t5_gguf, threads=2, parallel=3) as model:
+    with pocketlm.load(t5_gguf, threads=2, parallel=3) as model:
         logits = _recording(model)
         results = model.generate(sources, options)
         assert model.scheduler.steps == 8  # one engine call per step for the three
@@ -223,9 +223,9 @@ def test_t5_gguf_sequences_arriving_together_match_each_alone(t5_gguf):
 
 
 def test_t5_gguf_requests_arriving_later_wait_for_the_next_cohort(t5_gguf):
-    with runtime.load(t5_gguf, threads=2) as model:
+    with pocketlm.load(t5_gguf, threads=2) as model:
         expected = [model.generate(s, max_new_tokens=6).token_ids for s in ([5, 9, 1], [40, 41, 1])]
-    with runtime.load(t5_gguf, threads=2, parallel=2) as model:
+    with pocketlm.load(t5_gguf, threads=2, parallel=2) as model:
         first = model.stream_tokens([5, 9, 1], max_new_tokens=6, min_new_tokens=6)
         next(first)
         later = model.stream_tokens([40, 41, 1], max_new_tokens=6)
@@ -253,9 +253,9 @@ CT2_SOURCES = [[5, 9, 12, 1], [40, 41, 42, 43, 44, 45, 1], [77, 1], [3, 4, 5, 6,
 
 def test_ctranslate2_requests_waiting_together_run_as_one_batch(t5_ct2):
     options = GenerationOptions(max_new_tokens=10)
-    with runtime.load(t5_ct2) as model:
+    with pocketlm.load(t5_ct2) as model:
         alone = [model.generate(s, options) for s in CT2_SOURCES]
-    with runtime.load(t5_ct2, parallel=4) as model:
+    with pocketlm.load(t5_ct2, parallel=4) as model:
         assert model.info.parallel == 4
         batch = model.scheduler.generate_batch(CT2_SOURCES, options)  # submitted together: one batch
         assert model.scheduler.steps == 1
@@ -272,11 +272,11 @@ def test_ctranslate2_requests_waiting_together_run_as_one_batch(t5_ct2):
 
 
 def test_ctranslate2_batches_stop_each_request_on_its_own(t5_ct2):
-    with runtime.load(t5_ct2) as model:
+    with pocketlm.load(t5_ct2) as model:
         long = model.generate(CT2_SOURCES[1], max_new_tokens=12).token_ids
         short = model.generate(CT2_SOURCES[0], max_new_tokens=3).token_ids
         sampled = model.generate(CT2_SOURCES[2], max_new_tokens=8, temperature=0.8, seed=3).token_ids
-    with runtime.load(t5_ct2, parallel=4) as model:
+    with pocketlm.load(t5_ct2, parallel=4) as model:
         results = model.scheduler.generate_batch([CT2_SOURCES[1], CT2_SOURCES[0]], GenerationOptions(max_new_tokens=12))
         assert results[0].token_ids == long
         cut = model.stream_tokens(CT2_SOURCES[0], max_new_tokens=3)
@@ -307,9 +307,9 @@ CANDIDATES = [[70], [71, 72], [73, 74, 75, 76], [80, 81, 82], [90, 91]]
 @pytest.mark.parametrize("parallel", [1, 6])
 def test_score_shares_the_prompt_and_batches_the_candidates(bloom, parallel):
     prompt = list(range(10, 60))
-    with runtime.load(bloom, threads=2) as model:
+    with pocketlm.load(bloom, threads=2) as model:
         expected = _score_one_by_one(model, prompt, CANDIDATES)
-    with runtime.load(bloom, threads=2, parallel=parallel) as model:
+    with pocketlm.load(bloom, threads=2, parallel=parallel) as model:
         calls = []
         evaluate = model._s.evaluate
 
@@ -330,13 +330,13 @@ def test_score_shares_the_prompt_and_batches_the_candidates(bloom, parallel):
 
 
 def test_ctranslate2_score_is_one_batch(t5_ct2):
-    with runtime.load(t5_ct2) as model:
+    with pocketlm.load(t5_ct2) as model:
         expected = _score_one_by_one(model, CT2_SOURCES[1], CANDIDATES)
         assert model.score(CT2_SOURCES[1], CANDIDATES) == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
 def test_ctranslate2_batch_window_gathers_requests_arriving_close_together(t5_ct2):
-    with runtime.load(t5_ct2, parallel=4) as model:
+    with pocketlm.load(t5_ct2, parallel=4) as model:
         model.scheduler.window = 0.5
         first = model.stream_tokens(CT2_SOURCES[0], max_new_tokens=4)
         threading.Event().wait(0.05)
@@ -347,19 +347,19 @@ def test_ctranslate2_batch_window_gathers_requests_arriving_close_together(t5_ct
 
 
 def test_info_reports_how_a_server_would_batch(bloom, capsys):
-    from runtime.cli import main
+    from pocketlm.cli.main import main
 
     assert main(["info", str(bloom), "--json"]) == 0
     run = json.loads(capsys.readouterr().out)["would_run_on"]
     assert run["serving_parallel"] == 16 and run["serving_kv_cells"] == 16384  # 16 x 2048, capped
-    with runtime.load(bloom, threads=2, parallel="auto") as model:
+    with pocketlm.load(bloom, threads=2, parallel="auto") as model:
         assert model.info.parallel == 16
         assert model.kv_cells == run["serving_kv_cells"] and model._s.kv_bytes == run["serving_kv_bytes"]
 
 
 def _penalized_greedy(model, prompt, n, presence, frequency):
     """Greedy decoding under OpenAI's penalties, from the model's own teacher-forced logits."""
-    from runtime.sampling import penalize_openai
+    from pocketlm.core.sampling import penalize_openai
 
     tokens: list[int] = []
     for _ in range(n):
@@ -375,10 +375,10 @@ def _penalized_greedy(model, prompt, n, presence, frequency):
 def test_presence_and_frequency_penalties_on_every_backend(bloom, t5_ct2, kind):
     path, prompt = (bloom, PROMPTS[0]) if kind == "llama" else (t5_ct2, CT2_SOURCES[1])
     options = GenerationOptions(max_new_tokens=10, min_new_tokens=10, presence_penalty=1.5, frequency_penalty=0.7)
-    with runtime.load(path, threads=2) as model:
+    with pocketlm.load(path, threads=2) as model:
         expected = _penalized_greedy(model, prompt, 10, 1.5, 0.7)
         assert model.generate(prompt, options).token_ids == expected
         plain = model.generate(prompt, max_new_tokens=10, min_new_tokens=10).token_ids
-    with runtime.load(path, threads=2, parallel=2) as model:  # the scheduler's path too
+    with pocketlm.load(path, threads=2, parallel=2) as model:  # the scheduler's path too
         assert model.generate([prompt, prompt], options)[1].token_ids == expected
     assert len(set(expected)) > len(set(plain)) or expected != plain  # the penalties changed the text

@@ -1,4 +1,4 @@
-"""runtime.load on every kind of input, the conversion cache, overrides, batch files, doctor."""
+"""pocketlm.load on every kind of input, the conversion cache, overrides, batch files, doctor."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from reference import make_t5
 
-import runtime
-from convert import convert
-from convert.core.errors import ModelLoadError
-from convert.synthetic import build_random_bloom
-from runtime.backends.ctranslate2 import CT2Facts
-from runtime.backends.llama_cpp import LlamaFacts
-from runtime.doctor import recommendations
-from runtime.platform import PlatformFacts
+import pocketlm
+from pocketlm.backends.ctranslate2 import CT2Facts
+from pocketlm.backends.llama_cpp import LlamaFacts
+from pocketlm.cli.doctor import recommendations
+from pocketlm.converters import convert
+from pocketlm.converters.core.errors import ModelLoadError
+from pocketlm.converters.synthetic import build_random_bloom
+from pocketlm.loading.platform import PlatformFacts
 
 
 @pytest.fixture()
@@ -35,7 +35,7 @@ def bloom_folder(tmp_path_factory):
 
 
 def test_checkpoint_folder_is_converted_once_and_reused(bloom_folder, cache):
-    with runtime.load(bloom_folder, progress=False) as model:
+    with pocketlm.load(bloom_folder, progress=False) as model:
         first = model.info.path
         text = model.generate("Bonjour.", max_new_tokens=8).text
         assert model.info.quant == "q4_k_m" and model.info.format == "gguf"
@@ -49,32 +49,32 @@ def test_checkpoint_folder_is_converted_once_and_reused(bloom_folder, cache):
         and "model.safetensors" in manifest["source"]["sha256"]
     )
     mtime = (entries[0].parent / "model.gguf").stat().st_mtime_ns
-    with runtime.load(bloom_folder, progress=False) as model:  # reused: same file, untouched
+    with pocketlm.load(bloom_folder, progress=False) as model:  # reused: same file, untouched
         assert model.info.path == first and model.generate("Bonjour.", max_new_tokens=8).text == text
     assert (entries[0].parent / "model.gguf").stat().st_mtime_ns == mtime
-    with runtime.load(bloom_folder, quant="q8_0", progress=False) as model:  # another quant, another entry
+    with pocketlm.load(bloom_folder, quant="q8_0", progress=False) as model:  # another quant, another entry
         assert model.info.quant == "q8_0"
     assert len(list((cache / "converted").glob("*/manifest.json"))) == 2
 
 
 def test_changed_checkpoint_is_converted_again(tmp_path, cache):
     folder = build_random_bloom(tmp_path / "hf", hidden=64, n_layer=1, n_head=4, vocab_size=512)
-    with runtime.load(folder, quant="f16", progress=False) as model:
+    with pocketlm.load(folder, quant="f16", progress=False) as model:
         first = model.info.path
     config = json.loads((folder / "config.json").read_text())
     config["layer_norm_epsilon"] = 1e-6
     (folder / "config.json").write_text(json.dumps(config))
-    with runtime.load(folder, quant="f16", progress=False) as model:
+    with pocketlm.load(folder, quant="f16", progress=False) as model:
         assert model.info.path != first
 
 
 def test_t5_checkpoint_folder_converts_for_the_faster_engine(tmp_path, cache):
     make_t5(tmp_path / "hf", head="untied")
-    with runtime.load(tmp_path / "hf", progress=False) as model:  # this machine: CPU only
+    with pocketlm.load(tmp_path / "hf", progress=False) as model:  # this machine: CPU only
         assert (model.info.backend, model.info.format, model.info.quant) == ("ctranslate2", "ct2", "int8")
         assert len(model.generate([5, 6, 7, 1], max_new_tokens=4).token_ids) >= 1
         assert any("seq2seq on CPU" in r for r in model.info.reasons)
-    with runtime.load(tmp_path / "hf", backend="llama.cpp", progress=False) as model:
+    with pocketlm.load(tmp_path / "hf", backend="llama.cpp", progress=False) as model:
         assert (model.info.backend, model.info.format, model.info.quant) == ("llama.cpp", "gguf", "q8_0")
         assert len(model.generate([5, 6, 7, 1], max_new_tokens=4).token_ids) >= 1
     assert len(list((cache / "converted").glob("*/manifest.json"))) == 2
@@ -84,17 +84,17 @@ def test_environment_overrides(bloom_folder, tmp_path, monkeypatch):
     out = convert(bloom_folder, tmp_path / "m.gguf", quant="q8_0").output
     monkeypatch.setenv("POCKETLM_THREADS", "1")
     monkeypatch.setenv("POCKETLM_DEVICE", "cpu")
-    with runtime.load(out) as model:
+    with pocketlm.load(out) as model:
         assert model.info.threads == 1 and model.info.device == "cpu"
         assert "1 threads (given)" in model.info.reasons and "device cpu (given)" in model.info.reasons
     monkeypatch.setenv("POCKETLM_BACKEND", "ctranslate2")
     with pytest.raises(ModelLoadError, match="cannot run a gguf model"):
-        runtime.load(out)
+        pocketlm.load(out)
 
 
 def test_bloomz_prompt_without_final_punctuation_warns_once(bloom_folder, tmp_path, caplog):
     out = convert(bloom_folder, tmp_path / "m.gguf", quant="q8_0").output
-    with runtime.load(out) as model, caplog.at_level(logging.WARNING):
+    with pocketlm.load(out) as model, caplog.at_level(logging.WARNING):
         model.generate("Translate to English: Je t'aime.", max_new_tokens=2)
         assert not [r for r in caplog.records if "punctuation" in r.getMessage()]
         model.generate("Translate to English: Je t'aime", max_new_tokens=2)
@@ -135,7 +135,7 @@ def test_batch_jsonl_is_resumable(bloom_folder, tmp_path):
     assert "answered 6 prompts (0 already answered)" in first.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == ["p0", "p1", 3, "p2", "p3", "p4"]
-    with runtime.load(gguf) as model:
+    with pocketlm.load(gguf) as model:
         assert records[0]["text"] == model.generate("Question 0: what is 0 + 0?", max_new_tokens=6).text
     # a run killed mid-write leaves a torn line and misses the rest: the re-run repairs and completes
     out.write_text("\n".join(out.read_text().splitlines()[:3]) + '\n{"id": "p2", "te')
@@ -150,7 +150,7 @@ def test_batch_input_errors_name_the_line(bloom_folder, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{not json}\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime", "run", gguf, "--input", bad, "--output", tmp_path / "o.jsonl"],
+        [sys.executable, "-m", "pocketlm", "run", gguf, "--input", bad, "--output", tmp_path / "o.jsonl"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -188,7 +188,7 @@ def test_doctor_recommendations():
 
 def test_doctor_command_json():
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime", "doctor", "--json"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "pocketlm", "doctor", "--json"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -199,10 +199,10 @@ def test_doctor_command_json():
 def test_ctranslate2_sampling_means_what_the_sampler_means(tmp_path):
     """CTranslate2 samples inside the engine; its first-token frequencies must follow the same
     temperature/top-k/top-p distribution PocketLM's own sampler draws from."""
-    from runtime.generation import GenerationOptions
+    from pocketlm.core.generation import GenerationOptions
 
     make_t5(tmp_path / "hf", vocab=140, head="untied")
-    model = runtime.load(convert(tmp_path / "hf", tmp_path / "ct2", quant="float32").output)
+    model = pocketlm.load(convert(tmp_path / "hf", tmp_path / "ct2", quant="float32").output)
     src = [5, 9, 12, 1]
     logits = model.logits(src)[0].astype(np.float64)
     params = GenerationOptions(temperature=0.7, top_k=8, top_p=0.9)

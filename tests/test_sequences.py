@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import runtime
-from convert import convert
-from convert.core.errors import GenerationError
-from convert.synthetic import build_random_bloom
-from runtime.generation import GenerationOptions
+import pocketlm
+from pocketlm.converters import convert
+from pocketlm.converters.core.errors import GenerationError
+from pocketlm.converters.synthetic import build_random_bloom
+from pocketlm.core.generation import GenerationOptions
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [100, 101, 102], [33, 34, 35, 36, 37, 38, 39, 40, 41]]
 STEPS = 6
@@ -38,9 +38,9 @@ def _greedy(model, seqs, steps):
 
 def test_sequences_decoded_together_match_each_alone(gguf):
     options = GenerationOptions(max_new_tokens=STEPS)
-    with runtime.load(gguf, threads=2) as model:
+    with pocketlm.load(gguf, threads=2) as model:
         alone = [_greedy(model, [model._decoding(p, options)], STEPS)[0] for p in PROMPTS]
-    with runtime.load(gguf, threads=2, parallel=len(PROMPTS)) as model:
+    with pocketlm.load(gguf, threads=2, parallel=len(PROMPTS)) as model:
         assert model.parallel_sequences == len(PROMPTS)
         seqs = [model._decoding(p, options) for p in PROMPTS]
         together = _greedy(model, seqs, STEPS)
@@ -52,7 +52,7 @@ def test_sequences_decoded_together_match_each_alone(gguf):
 
 def test_a_free_slot_with_the_longest_shared_prefix_is_reused(gguf):
     options = GenerationOptions(max_new_tokens=4)
-    with runtime.load(gguf, threads=2, parallel=2) as model:
+    with pocketlm.load(gguf, threads=2, parallel=2) as model:
         first = model.generate(PROMPTS[0], options)
         model.generate(PROMPTS[1], options)  # fills the other slot
         extended = PROMPTS[0] + first.token_ids[:2]
@@ -67,7 +67,7 @@ def test_a_free_slot_with_the_longest_shared_prefix_is_reused(gguf):
 
 def test_every_slot_busy_is_a_clear_error(gguf):
     options = GenerationOptions(max_new_tokens=2)
-    with runtime.load(gguf, threads=2) as model:
+    with pocketlm.load(gguf, threads=2) as model:
         held = [model._decoding(PROMPTS[0], options) for _ in range(model.sequence_slots)]
         with model._lock:
             for seq in held:

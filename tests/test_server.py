@@ -20,11 +20,11 @@ from typing import Any
 import openai
 import pytest
 
-import runtime
-from convert import convert
-from convert.synthetic import build_random_bloom
-from runtime.generation import TokenStream
-from runtime.server import Server, chat_prompt, make_server, serve
+import pocketlm
+from pocketlm.converters import convert
+from pocketlm.converters.synthetic import build_random_bloom
+from pocketlm.core.generation import TokenStream
+from pocketlm.serving.server import Server, chat_prompt, make_server, serve
 
 PROMPT = "Translate to English: Je t'aime."
 KEY = "sk-test-secret"
@@ -39,7 +39,7 @@ def tiny_gguf(folder: Path, quant: str) -> Path:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     gguf = tiny_gguf(tmp_path_factory.mktemp("server"), "q8_0")
-    m = runtime.load(gguf, n_ctx=256, threads=1)  # one thread: no spinning when the CPUs are busy
+    m = pocketlm.load(gguf, n_ctx=256, threads=1)  # one thread: no spinning when the CPUs are busy
     m.generate(PROMPT, max_new_tokens=2)  # llama.cpp's first call is slow: not in any test's timing
     yield m
     m.close()
@@ -68,7 +68,7 @@ def server(model):
 def exact(tmp_path_factory):
     """The same model in f32 (f32 KV cache) and its server: sampled outputs do not depend on
     how the prompt's cache was built (q8_0's matmuls round differently at other batch sizes)."""
-    with runtime.load(tiny_gguf(tmp_path_factory.mktemp("server-f32"), "f32"), n_ctx=256, threads=1) as m:
+    with pocketlm.load(tiny_gguf(tmp_path_factory.mktemp("server-f32"), "f32"), n_ctx=256, threads=1) as m:
         with running(m, max_concurrent=2, max_tokens_limit=128, model_name="tiny") as s:
             with openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
                 yield m, c
@@ -537,7 +537,7 @@ def test_load_200_requests_from_32_clients_complete_with_stable_memory(model):
 # -- several choices, log-probabilities, beams (issue 16) ---------------------------------
 def _logprob_rows(model, prompt_ids, tokens):
     """log-softmax of the teacher-forced logits predicting each token."""
-    from runtime.search import log_softmax
+    from pocketlm.core.search import log_softmax
 
     rows = model.logits([*prompt_ids, *tokens])[len(prompt_ids) - 1 :]
     return [log_softmax(r) for r in rows]

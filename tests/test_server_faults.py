@@ -26,11 +26,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_server import PROMPT, SlowModel, assert_error, hard_close, request, running, tiny_gguf
 
-import runtime
-from runtime.cli import main
-from runtime.generation import TokenStream
-from runtime.openai_api import Limits
-from runtime.server import Timeouts, make_app
+import pocketlm
+from pocketlm.cli.main import main
+from pocketlm.core.generation import TokenStream
+from pocketlm.serving.openai_api import Limits
+from pocketlm.serving.server import Timeouts, make_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def gguf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(gguf):
-    m = runtime.load(gguf, n_ctx=256, threads=1)
+    m = pocketlm.load(gguf, n_ctx=256, threads=1)
     m.generate(PROMPT, max_new_tokens=2)
     yield m
     m.close()
@@ -349,10 +349,10 @@ def test_metrics_count_what_was_sent(model):
 SERVE_SLOWLY = """
 import sys, time, contextlib
 sys.path.insert(0, {tests!r})
-import runtime
-from runtime.server import Timeouts, serve
+import pocketlm
+from pocketlm.serving.server import Timeouts, serve
 from test_server import SlowModel
-model = runtime.load({gguf!r}, n_ctx=256, threads=1, parallel=4)
+model = pocketlm.load({gguf!r}, n_ctx=256, threads=1, parallel=4)
 serve(SlowModel(model, 0.05), port=0, timeouts=Timeouts(drain={drain}))
 model.close()
 print("exited cleanly", flush=True)
@@ -426,7 +426,7 @@ def test_a_signal_drains_then_ends_every_stream_with_abort_and_done(gguf, tmp_pa
 
 def test_pocketlm_serve_exits_0_on_sigterm(gguf):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime", "serve", str(gguf), "--port", "0", "--threads", "1", "--ctx", "256"],
+        [sys.executable, "-m", "pocketlm", "serve", str(gguf), "--port", "0", "--threads", "1", "--ctx", "256"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from test_server import running, tiny_gguf
 
-import runtime
-from runtime.server import Server, is_loopback, make_server, start_warnings
+import pocketlm
+from pocketlm.serving.server import Server, is_loopback, make_server, start_warnings
 
 PROMPTS = ["Translate to English: Je t'aime.", "What is a GGUF file?", "Bonjour.", "Is it raining?"]
 
@@ -43,7 +43,10 @@ def completion(prompt: str, n: int = 16, **extra: Any) -> dict[str, Any]:
 # -- security ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(gguf):
-    with runtime.load(gguf, n_ctx=256, threads=1) as model, running(model, cors_origins=["http://localhost:3000"]) as s:
+    with (
+        pocketlm.load(gguf, n_ctx=256, threads=1) as model,
+        running(model, cors_origins=["http://localhost:3000"]) as s,
+    ):
         yield s
 
 
@@ -96,7 +99,7 @@ def test_an_allowed_origin_gets_its_preflight_and_cors_headers(server):
 
 
 def test_without_cors_origins_no_page_may_call(gguf):
-    with runtime.load(gguf, n_ctx=256, threads=1) as model, running(model) as server:
+    with pocketlm.load(gguf, n_ctx=256, threads=1) as model, running(model) as server:
         status, headers, _ = call(
             server, "POST", "/v1/completions", completion("Hi.", 2), {"Origin": "http://localhost:3000"}
         )
@@ -108,7 +111,7 @@ def test_an_open_address_without_a_key_is_warned_about(gguf, capfd):
     assert start_warnings("127.0.0.1", None) == [] and start_warnings("0.0.0.0", "k") == []
     assert "without --api-key" in start_warnings("0.0.0.0", None)[0]
     assert is_loopback("localhost") and is_loopback("::1") and is_loopback("127.3.4.5") and not is_loopback("10.0.0.1")
-    with runtime.load(gguf, n_ctx=256, threads=1) as model:
+    with pocketlm.load(gguf, n_ctx=256, threads=1) as model:
         server = make_server(model, host="0.0.0.0", port=0)
         try:  # not on loopback: any Host is fine (users reach it by the machine's name or address)
             thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -120,13 +123,13 @@ def test_an_open_address_without_a_key_is_warned_about(gguf, capfd):
 
 # -- parallel ----------------------------------------------------------------------------------
 def _alone(gguf, prompts, n=16):
-    with runtime.load(gguf, n_ctx=256, threads=1) as model:
+    with pocketlm.load(gguf, n_ctx=256, threads=1) as model:
         return [model.generate(p, max_new_tokens=n, temperature=0).text for p in prompts]
 
 
 def test_parallel_requests_are_decoded_together_and_answer_as_alone(gguf):
     expected = _alone(gguf, PROMPTS)
-    with runtime.load(gguf, n_ctx=256, threads=1, parallel=4) as model, running(model) as server:
+    with pocketlm.load(gguf, n_ctx=256, threads=1, parallel=4) as model, running(model) as server:
         status, _, health = call(server, "GET", "/health")
         assert health["parallel"] == 4 and health["kv_cells"] >= 256 and server.slots.running == 4
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -155,7 +158,7 @@ def _rss_kib() -> int:
 def test_load_64_clients_accepted_ones_answer_as_alone_the_rest_get_429(gguf):
     """More clients than slots + queue, mixed stream / non-stream, some hanging up mid-stream."""
     expected = dict(zip(PROMPTS, _alone(gguf, PROMPTS, 12)))
-    with runtime.load(gguf, n_ctx=256, threads=1, parallel=4) as model, running(model, max_queue=12) as server:
+    with pocketlm.load(gguf, n_ctx=256, threads=1, parallel=4) as model, running(model, max_queue=12) as server:
         call(server, "POST", "/v1/completions", completion(PROMPTS[0], 2))  # warm
         idle_threads, idle_rss = threading.active_count(), _rss_kib()
 
@@ -203,7 +206,7 @@ def test_load_64_clients_accepted_ones_answer_as_alone_the_rest_get_429(gguf):
 
 
 def test_presence_and_frequency_penalties_reach_the_sampler(gguf):
-    with runtime.load(gguf, n_ctx=256, threads=1) as model, running(model) as server:
+    with pocketlm.load(gguf, n_ctx=256, threads=1) as model, running(model) as server:
         expected = model.generate(PROMPTS[0], max_new_tokens=12, presence_penalty=1.0, frequency_penalty=0.5).text
         body = completion(PROMPTS[0], 12, presence_penalty=1.0, frequency_penalty=0.5)
         status, _, reply = call(server, "POST", "/v1/completions", body)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from reference import hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids
 
-import runtime
-from convert import convert
-from convert.core.ct2_file import read_model_bin
-from convert.core.errors import GenerationError
-from convert.core.formats import CT2_QUANTS as QUANT_TYPES
+import pocketlm
+from pocketlm.converters import convert
+from pocketlm.converters.core.ct2_file import read_model_bin
+from pocketlm.converters.core.errors import GenerationError
+from pocketlm.converters.core.formats import CT2_QUANTS as QUANT_TYPES
 
 CONFIGS = {
     "t5-original-relu-tied-scaled": dict(ff="relu", head="tied-scaled"),
@@ -32,7 +32,7 @@ def t5(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref = make_t5(folder / "hf", **CONFIGS[request.param])
     summary = convert(folder / "hf", folder / "ct2", quant="float32")
-    model = runtime.load(summary.output)
+    model = pocketlm.load(summary.output)
     yield ref, model
     model.close()
 
@@ -109,10 +109,10 @@ def test_int8_top1_agreement(wide_t5):
     variables, aliases = read_model_bin(folder / "int8" / "model.bin")
     assert variables["decoder/projection/weight"][0] == "int8" and "decoder/projection/weight_scale" in variables
     # The converted int8 weights, computed in float32: the conversion's own error.
-    with runtime.load(summary.output, compute_type="float32") as model:
+    with pocketlm.load(summary.output, compute_type="float32") as model:
         weights_agree, weights_greedy = _agreement(ref, model)
     # The runtime's default on CPU for int8 models: int8 compute also quantizes activations.
-    with runtime.load(summary.output) as model:
+    with pocketlm.load(summary.output) as model:
         assert model.info.quant == "int8" and any("compute type int8" in r for r in model.info.reasons)
         compute_agree, compute_greedy = _agreement(ref, model)
     print(
@@ -131,7 +131,7 @@ def test_every_quant_type_converts_loads_and_runs(wide_t5, quant):
     variables, _ = read_model_bin(folder / f"q-{quant}" / "model.bin")
     head_dtype = variables["decoder/projection/weight"][0]
     assert head_dtype == {"int16": "int16", "float16": "float16", "bfloat16": "bfloat16"}.get(quant, "int8")
-    with runtime.load(summary.output) as model:
+    with pocketlm.load(summary.output) as model:
         src = random_ids(12, 256, 7) + [1]
         assert len(model.generate(src, max_new_tokens=6).token_ids) == 6
         dec = [0] + random_ids(15, 256, 8)
@@ -166,7 +166,7 @@ def test_default_format_is_ct2_int8_and_metadata_is_written(tmp_path):
 
 
 def test_interrupted_ct2_conversion_leaves_nothing(tmp_path, monkeypatch):
-    import convert.ct2_target as ct2_target
+    import pocketlm.converters.ct2_target as ct2_target
 
     make_t5(tmp_path / "hf", head="untied")
     calls = {"n": 0}

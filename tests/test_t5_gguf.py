@@ -1,7 +1,7 @@
 """T5-family -> GGUF -> llama.cpp (encoder-decoder `t5`) matches transformers.
 
 Same checkpoints as the CTranslate2 tests, converted with format="gguf" and run by
-runtime.backends.llama_seq2seq on llama.cpp's C API.
+pocketlm.backends.llama_seq2seq on llama.cpp's C API.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from reference import T5_CORPUS, T5_PIECES, T5_PROBES, hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids
 
-from convert import convert
-from convert.core.errors import GenerationError, UnsupportedModelError
-from convert.core.gguf_file import read_header
-from runtime.backends.llama_seq2seq import LlamaSeq2SeqModel
+from pocketlm.backends.llama_seq2seq import LlamaSeq2SeqModel
+from pocketlm.converters import convert
+from pocketlm.converters.core.errors import GenerationError, UnsupportedModelError
+from pocketlm.converters.core.gguf_file import read_header
 
 CONFIGS = {
     "t5-original-relu-tied-scaled": dict(ff="relu", head="tied-scaled"),

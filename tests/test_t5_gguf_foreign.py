@@ -31,11 +31,11 @@ import numpy as np
 import pytest
 from reference import T5_PIECES, hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids, write_state
 
-import runtime
-from convert import convert
-from convert.core.gguf_file import read_header
-from runtime.backends.llama_seq2seq import lacks_output_scale
-from runtime.report import describe, model_report
+import pocketlm
+from pocketlm.backends.llama_seq2seq import lacks_output_scale
+from pocketlm.cli.report import describe, model_report
+from pocketlm.converters import convert
+from pocketlm.converters.core.gguf_file import read_header
 
 REPO = Path(__file__).resolve().parent.parent
 CONVERTER = "convert_hf_to_gguf.py"
@@ -191,7 +191,7 @@ def test_what_llama_cpps_converter_writes(files):
 @pytest.mark.parametrize("name", ["tied-scaled", "tied-bin-lm-head"])
 def test_tied_t5_is_scaled_on_load(files, name):
     ref, path = files[name]
-    with runtime.load(path, threads=2) as model:
+    with pocketlm.load(path, threads=2) as model:
         assert any(r.startswith(SCALED) for r in model.info.reasons), model.info.reasons
         worst = _worst(model, ref)
         print(f"\n{name}: max logit difference {worst:.1e} x max|logit|")
@@ -202,7 +202,7 @@ def test_tied_t5_is_scaled_on_load(files, name):
             assert score == pytest.approx(_log_likelihood(ref, src, cand), rel=1e-4, abs=1e-4)
         assert model.generate(src, max_new_tokens=16).token_ids == hf_seq2seq_greedy(ref, src, 16)
     # Unscaled, the same file is sqrt(d_model) = 8 times too sharp (what it was before the fix).
-    with runtime.load(path, threads=2, output_scale=1.0) as raw:
+    with pocketlm.load(path, threads=2, output_scale=1.0) as raw:
         assert _worst(raw, ref, D_MODEL**0.5) <= 1e-4
         assert not any(r.startswith(SCALED) for r in raw.info.reasons)
 
@@ -214,18 +214,18 @@ def test_generation_samples_from_the_scaled_logits(files, tmp_path):
     own = convert(path.parent / "tied-scaled", tmp_path / "own.gguf", format="gguf", quant="f32").output
     src = random_ids(10, ref.config.vocab_size, 40) + [1]
     options = dict(max_new_tokens=24, temperature=1.0, top_k=0, seed=7)
-    with runtime.load(own, threads=2) as model:
+    with pocketlm.load(own, threads=2) as model:
         assert not any(r.startswith(SCALED) for r in model.info.reasons)
         expected = model.generate(src, **options).token_ids
-    with runtime.load(path, threads=2) as model:
+    with pocketlm.load(path, threads=2) as model:
         assert model.generate(src, **options).token_ids == expected
-    with runtime.load(path, threads=2, output_scale=1.0) as model:
+    with pocketlm.load(path, threads=2, output_scale=1.0) as model:
         assert model.generate(src, **options).token_ids != expected  # 8x sharper: other draws
 
 
 def test_untied_t5_is_left_alone(files):
     ref, path = files["flan-untied"]
-    with runtime.load(path, threads=2) as model:
+    with pocketlm.load(path, threads=2) as model:
         assert not any(r.startswith(SCALED) for r in model.info.reasons)
         # gated GELU: llama.cpp's f16 GELU table costs ~4e-4 (PocketLM's own file of this
         # checkpoint measures the same; tests/test_t5_gguf.py allows 1e-3); a wrong scale is 0.875
@@ -236,10 +236,10 @@ def test_tied_unscaled_checkpoint_needs_output_scale_1(files):
     """A tied T5 saved with scale_decoder_outputs: false converts to a file identical to an
     original T5's but for its name: it is scaled too (documented), and output_scale=1.0 undoes it."""
     ref, path = files["tied-unscaled"]
-    with runtime.load(path, threads=2) as model:
+    with pocketlm.load(path, threads=2) as model:
         assert any(r.startswith(SCALED) for r in model.info.reasons)
         assert _worst(model, ref, SCALE) <= 1e-4
-    with runtime.load(path, threads=2, output_scale=1.0) as model:
+    with pocketlm.load(path, threads=2, output_scale=1.0) as model:
         assert _worst(model, ref) <= 1e-4
 
 

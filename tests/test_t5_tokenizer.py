@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from reference import T5_CORPUS, T5_PIECES, T5_PROBES, make_t5
 
-import runtime
-from convert import convert
-from convert.core.sentencepiece import read_spm_model, t5_tokenizer
+import pocketlm
+from pocketlm.converters import convert
+from pocketlm.converters.core.sentencepiece import read_spm_model, t5_tokenizer
 
 CORPUS, PROBES, PIECES = T5_CORPUS, T5_PROBES, T5_PIECES
 
@@ -24,7 +24,7 @@ def model(request, tmp_path_factory, t5_tokenizer_files):
     make_t5(folder / "hf", vocab=vocab, tokenizer_files={request.param: t5_tokenizer_files[request.param]})
     summary = convert(folder / "hf", folder / "ct2", quant="float32")
     assert not summary.warnings
-    with runtime.load(summary.output) as m:
+    with pocketlm.load(summary.output) as m:
         yield m
 
 
@@ -40,7 +40,7 @@ def test_decode_matches_hf(model, hf_t5_tokenizer, text):
 
 
 def test_sentinels_and_padding_ids(model, hf_t5_tokenizer):
-    vocab = json.loads((runtime.loader.Path(model.info.path) / "shared_vocabulary.json").read_text())
+    vocab = json.loads((pocketlm.loading.load.Path(model.info.path) / "shared_vocabulary.json").read_text())
     for i in (0, 50, 99):
         token = f"<extra_id_{i}>"
         assert vocab.index(token) == hf_t5_tokenizer.convert_tokens_to_ids(token) == PIECES + 99 - i
@@ -112,7 +112,7 @@ def test_folder_naming_spiece_model_still_tokenizes_like_hf(spiece_only, tmp_pat
     (old / "tokenizer.json").unlink()
     info = json.loads((old / "pocketlm.json").read_text())
     (old / "pocketlm.json").write_text(json.dumps({**info, "tokenizer": "spiece.model"}))
-    with runtime.load(old) as m:
+    with pocketlm.load(old) as m:
         for text in PROBES + CORPUS:
             ids = hf_t5_tokenizer(text)["input_ids"]
             assert m.tokenize(text) == ids, text

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.text import StopMatcher, TextStream
+from pocketlm.core.text import StopMatcher, TextStream
 
 
 def _feed(chunks, stop=None):

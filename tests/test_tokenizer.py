@@ -7,9 +7,9 @@ import json
 import pytest
 from reference import make_bloom
 
-import runtime
-from convert import convert
-from convert.synthetic import SAMPLE_TEXT, train_bloom_tokenizer
+import pocketlm
+from pocketlm.converters import convert
+from pocketlm.converters.synthetic import SAMPLE_TEXT, train_bloom_tokenizer
 
 CORPUS = SAMPLE_TEXT + [
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!",
@@ -51,7 +51,7 @@ def tokenized(tmp_path_factory):
     make_bloom(folder / "hf", vocab=n + 7, tokenizer=tokenizer)  # padded id space, as BLOOM's
     summary = convert(folder / "hf", folder / "tok.gguf", quant="f16")
     assert not summary.warnings
-    model = runtime.load(summary.output, n_ctx=256)
+    model = pocketlm.load(summary.output, n_ctx=256)
     yield tokenizer, model
     model.close()
 
@@ -98,9 +98,9 @@ def test_no_tokenizer_converts_with_warning_and_runs_on_ids(tmp_path):
     make_bloom(tmp_path / "hf")
     summary = convert(tmp_path / "hf", tmp_path / "m.gguf", quant="f16")
     assert any("no tokenizer" in w for w in summary.warnings)
-    with runtime.load(summary.output, n_ctx=64) as model:
+    with pocketlm.load(summary.output, n_ctx=64) as model:
         assert not model.info.has_tokenizer
         result = model.generate([5, 6, 7], max_new_tokens=4)
         assert len(result.token_ids) == 4 and result.text == ""
-        with pytest.raises(runtime.PocketLMError, match="no tokenizer"):
+        with pytest.raises(pocketlm.PocketLMError, match="no tokenizer"):
             model.generate("text needs a tokenizer")

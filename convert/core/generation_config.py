@@ -5,7 +5,7 @@ has none, from the generation keys of `config.json` (`GenerationConfig.from_mode
 `read()` does the same, and the converters store what it returns unchanged (the raw dict, so a
 later PocketLM can apply more of it): GGUF files as JSON text under `GGUF_KEY`, CTranslate2
 folders under `METADATA_KEY` in pocketlm.json. The runtime maps it to its options
-(`runtime/generation_config.py`).
+(`runtime/loading/defaults.py`).
 """
 
 from __future__ import annotations

@@ -16,13 +16,13 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from convert.core.errors import ModelLoadError
-from convert.core.plugins import import_modules
+from pocketlm.converters.core.errors import ModelLoadError
+from pocketlm.converters.core.plugins import import_modules
 
 if TYPE_CHECKING:
-    from ..model import Model
-    from ..platform import Choice, ModelFacts, PlatformFacts
-    from ..source import ModelSource
+    from pocketlm.core.model import Model
+    from pocketlm.loading.platform import Choice, ModelFacts, PlatformFacts
+    from pocketlm.loading.source import ModelSource
 
 
 class Backend(ABC):

@@ -23,15 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from convert.core import engine
-from convert.core.ct2_file import is_ct2_folder, read_folder_metadata, read_model_bin
-from convert.core.errors import ModelLoadError, PocketLMError
-
-from ..generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob, TokenStream
-from ..model import Decoding, Model, ModelInfo, Prompt, Seq2Seq
-from ..search import logprobs_of
-from ..tokenizer import IncrementalDecoder, load_tokenizer, require
-from . import Backend, register
+from pocketlm.backends import Backend, register
+from pocketlm.converters.core import engine
+from pocketlm.converters.core.ct2_file import is_ct2_folder, read_folder_metadata, read_model_bin
+from pocketlm.converters.core.errors import ModelLoadError, PocketLMError
+from pocketlm.core.generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob, TokenStream
+from pocketlm.core.model import Decoding, Model, ModelInfo, Prompt, Seq2Seq
+from pocketlm.core.search import logprobs_of
+from pocketlm.core.tokenizer import IncrementalDecoder, load_tokenizer, require
 
 log = logging.getLogger(__name__)
 
@@ -310,9 +309,9 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
         tokens = [[self._index[t] for t in r.hypotheses[0]] for r in results]
         return [(list(tokens[i % copies]), None) for i in range(n)]
 
-    # -- decoding many requests together (runtime/scheduler.py EngineBatches) -----------------
+    # -- decoding many requests together (runtime/core/scheduler.py EngineBatches) -----------------
     def _make_scheduler(self) -> Any:
-        from ..scheduler import EngineBatches
+        from pocketlm.core.scheduler import EngineBatches
 
         return EngineBatches(self)
 
@@ -388,7 +387,7 @@ class CTranslate2(Backend):
 
     # -- models -----------------------------------------------------------------------------
     def inspect(self, path: Path) -> Any:
-        from ..source import ModelSource
+        from pocketlm.loading.source import ModelSource
 
         if not (path.is_dir() and is_ct2_folder(path)):
             return None
@@ -450,7 +449,7 @@ class CTranslate2(Backend):
             return CT2Facts(0, frozenset({"float32"}))
 
     def decide(self, model: Any, facts: Any, device: str, threads: int, reasons: list[str]) -> Any:
-        from ..platform import Choice
+        from pocketlm.loading.platform import Choice
 
         ct2 = facts.engine(self.name) or CT2Facts(0, frozenset({"float32"}))
         quant = model.quant or ""

@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from convert.architectures import get as get_architecture
-from convert.core.errors import GenerationError, ModelLoadError
-from convert.core.gguf_file import GGUFHeader
-
-from ..model import BytePieces, Decoding, StepModel
-from .llama_common import LlamaSession, OwnsSession
+from pocketlm.backends.llama_common import LlamaSession, OwnsSession
+from pocketlm.converters.architectures import get as get_architecture
+from pocketlm.converters.core.errors import GenerationError, ModelLoadError
+from pocketlm.converters.core.gguf_file import GGUFHeader
+from pocketlm.core.model import BytePieces, Decoding, StepModel
 
 DEFAULT_MAX_CTX = 2048
 

@@ -19,16 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from convert.core import engine
-from convert.core.checks import INT32_MAX, GGUFDims, check_gguf, kv_cell_bytes
-from convert.core.engine import extra_buffer_types
-from convert.core.errors import GenerationError, ModelLoadError
-from convert.core.formats import gguf_quant_name
-from convert.core.gguf_file import GGUFHeader, read_header
-
-from ..generation import MAX_SEQUENCES
-from ..model import ModelInfo
-from ..platform import available_ram_bytes, ram_bytes
+from pocketlm.converters.core import engine
+from pocketlm.converters.core.checks import INT32_MAX, GGUFDims, check_gguf, kv_cell_bytes
+from pocketlm.converters.core.engine import extra_buffer_types
+from pocketlm.converters.core.errors import GenerationError, ModelLoadError
+from pocketlm.converters.core.formats import gguf_quant_name
+from pocketlm.converters.core.gguf_file import GGUFHeader, read_header
+from pocketlm.core.generation import MAX_SEQUENCES
+from pocketlm.core.model import ModelInfo
+from pocketlm.loading.platform import available_ram_bytes, ram_bytes
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ class ContextPlan:
 
     n_ctx: int  # one sequence's context
     kv_cells: int  # tokens the KV cache holds, all sequences together (llama_context_params.n_ctx)
-    cell_bytes: int  # bytes of one token in the cache (convert.core.checks.kv_cell_bytes)
+    cell_bytes: int  # bytes of one token in the cache (pocketlm.converters.core.checks.kv_cell_bytes)
     warning: str | None = None  # why the default context was cut
 
     @property

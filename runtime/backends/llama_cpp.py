@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convert.architectures import get as get_architecture
-from convert.core import engine
-from convert.core.checks import check_gguf
-from convert.core.errors import ModelLoadError
-from convert.core.formats import gguf_quant_name
-from convert.core.gguf_file import IMATRIX_KEYS, IMATRIX_SUFFIX, MAGIC, read_header
-
-from . import Backend, register
+from pocketlm.backends import Backend, register
+from pocketlm.converters.architectures import get as get_architecture
+from pocketlm.converters.core import engine
+from pocketlm.converters.core.checks import check_gguf
+from pocketlm.converters.core.errors import ModelLoadError
+from pocketlm.converters.core.formats import gguf_quant_name
+from pocketlm.converters.core.gguf_file import IMATRIX_KEYS, IMATRIX_SUFFIX, MAGIC, read_header
 
 REINSTALL = "CMAKE_ARGS='-D{flag}=on' pip install --force-reinstall --no-cache-dir llama-cpp-python"
 
@@ -55,7 +54,7 @@ class LlamaCpp(Backend):
 
     # -- models -----------------------------------------------------------------------------
     def inspect(self, path: Path) -> Any:
-        from ..source import ModelSource
+        from pocketlm.loading.source import ModelSource
 
         if path.is_dir() and not (path / "config.json").is_file():
             # a folder of one GGUF (a cache entry, a repo snapshot), maybe with its importance matrix
@@ -81,7 +80,7 @@ class LlamaCpp(Backend):
         on_load = []  # what loading changes, also in the loaded model's info.reasons
         width = header.metadata.get(f"{arch}.embedding_length")
         if arch == "t5" and isinstance(width, int) and width > 0:
-            from .llama_seq2seq import lacks_output_scale, output_scale_reason
+            from pocketlm.backends.llama_seq2seq import lacks_output_scale, output_scale_reason
 
             if lacks_output_scale(header, source.path):
                 on_load.append(output_scale_reason(width**-0.5))
@@ -105,9 +104,9 @@ class LlamaCpp(Backend):
     def open(self, source: Any, choice: Any, n_ctx: int | None, **options: Any) -> Any:
         arch = get_architecture(source.architecture)
         if arch is not None and arch.encoder_decoder:
-            from .llama_seq2seq import LlamaSeq2SeqModel as GGUFModel
+            from pocketlm.backends.llama_seq2seq import LlamaSeq2SeqModel as GGUFModel
         else:
-            from .llama_causal import LlamaCppModel as GGUFModel  # type: ignore[assignment]
+            from pocketlm.backends.llama_causal import LlamaCppModel as GGUFModel  # type: ignore[assignment]
         return GGUFModel(
             source.path,
             n_gpu_layers=choice.n_gpu_layers,
@@ -130,7 +129,7 @@ class LlamaCpp(Backend):
         return LlamaFacts(gpu_backend(info, bool(llama.llama_supports_gpu_offload())))
 
     def decide(self, model: Any, facts: Any, device: str, threads: int, reasons: list[str]) -> Any:
-        from ..platform import Choice
+        from pocketlm.loading.platform import Choice
 
         gpu = (facts.engine(self.name) or LlamaFacts()).gpu
         if device == "auto":
@@ -169,9 +168,9 @@ class LlamaCpp(Backend):
         return 16
 
     def kv_budget(self, source: Any, parallel: int) -> tuple[int, int] | None:
-        from .llama_causal import DEFAULT_MAX_CTX as CAUSAL_CTX
-        from .llama_common import plan_context
-        from .llama_seq2seq import DEFAULT_MAX_CTX as SEQ2SEQ_CTX
+        from pocketlm.backends.llama_causal import DEFAULT_MAX_CTX as CAUSAL_CTX
+        from pocketlm.backends.llama_common import plan_context
+        from pocketlm.backends.llama_seq2seq import DEFAULT_MAX_CTX as SEQ2SEQ_CTX
 
         registered = get_architecture(source.architecture)
         cap = SEQ2SEQ_CTX if registered is not None and registered.encoder_decoder else CAUSAL_CTX

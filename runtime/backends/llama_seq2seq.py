@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.core.errors import GenerationError, ModelLoadError
-from convert.core.gguf_file import GGUFHeader, TensorEntry, read_header
-
-from ..model import BytePieces, Decoding, Seq2Seq, StepModel
-from ..tokenizer import IncrementalDecoder
-from .llama_common import LlamaSession, OwnsSession
+from pocketlm.backends.llama_common import LlamaSession, OwnsSession
+from pocketlm.converters.core.errors import GenerationError, ModelLoadError
+from pocketlm.converters.core.gguf_file import GGUFHeader, TensorEntry, read_header
+from pocketlm.core.model import BytePieces, Decoding, Seq2Seq, StepModel
+from pocketlm.core.tokenizer import IncrementalDecoder
 
 DEFAULT_MAX_CTX = 1024  # source tokens and decoder tokens; capped by the model's training length
 
@@ -67,7 +66,7 @@ def _same_data(path: Path, a: TensorEntry, b: TensorEntry, chunk: int = 1 << 22)
 
 
 class _LlamaText:
-    """The model's tokenize/detokenize as a runtime.tokenizer Tokenizer (for IncrementalDecoder)."""
+    """The model's tokenize/detokenize as a pocketlm.core.tokenizer Tokenizer (for IncrementalDecoder)."""
 
     def __init__(self, model: LlamaSeq2SeqModel):
         self.encode, self.decode = model.tokenize, model.detokenize

@@ -25,8 +25,8 @@ def find_local_bloomz(arg: str | None) -> Path | None:
     for candidate in (arg, os.environ.get("POCKETLM_BLOOMZ_DIR")):
         if candidate and (Path(candidate) / "config.json").is_file():
             return Path(candidate)
-    from convert.core.errors import PocketLMError
-    from runtime.hub import HubRef, cached
+    from pocketlm.converters.core.errors import PocketLMError
+    from pocketlm.loading.hub import HubRef, cached
 
     try:
         return cached(HubRef(REPO_ID))
@@ -36,8 +36,8 @@ def find_local_bloomz(arg: str | None) -> Path | None:
 
 def download_bloomz() -> tuple[Path | None, str]:
     """bloomz-560m from the Hub, or None and the one-line reason it could not be had."""
-    from convert.core.errors import PocketLMError
-    from runtime.hub import HubRef, endpoint, offline, pull
+    from pocketlm.converters.core.errors import PocketLMError
+    from pocketlm.loading.hub import HubRef, endpoint, offline, pull
 
     if offline():
         return None, "HF_HUB_OFFLINE=1, so nothing is downloaded"
@@ -58,11 +58,11 @@ def download_bloomz() -> tuple[Path | None, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import runtime
-    from convert import convert
-    from convert.core.errors import PocketLMError
-    from convert.synthetic import build_random_bloom
-    from runtime.cache import cache_root
+    import pocketlm
+    from pocketlm.converters import convert
+    from pocketlm.converters.core.errors import PocketLMError
+    from pocketlm.converters.synthetic import build_random_bloom
+    from pocketlm.loading.cache import cache_root
 
     argv = sys.argv[1:] if argv is None else argv
     cache = cache_root()
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"reusing {out}")
         started = time.perf_counter()
-        with runtime.load(out) as model:
+        with pocketlm.load(out) as model:
             info = model.info
             print(
                 f"{label}loaded {info.architecture} {info.quant} on {info.backend}/{info.device}, "

@@ -7,7 +7,7 @@ prompts already answered are skipped, so an interrupted run just continues. Mode
 engine decodes prompts together (CTranslate2, or `parallel` sequences) get a batch at a
 time; the others go one by one. Each record has the text, its token ids, the finish reason and
 token counts (and the beam score, every answer with num_return_sequences > 1).
-runtime/ray.py runs the same job over a Ray cluster.
+runtime/serving/ray_cluster.py runs the same job over a Ray cluster.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from convert.core.errors import GenerationError, OutputError, writing
-
-from .generation import GenerationOptions, GenerationResult
-from .model import Model, Prompt
+from pocketlm.converters.core.errors import GenerationError, OutputError, writing
+from pocketlm.core.generation import GenerationOptions, GenerationResult
+from pocketlm.core.model import Model, Prompt
 
 
 @dataclass

@@ -7,7 +7,7 @@ stall running streams for the whole of its prefill. Every sequence keeps its own
 sampler, stop strings and budget; its events reach the caller through a queue. A caller that
 closes its stream (a client that went away) frees the sequence's slot at the next step.
 
-A request is a `Search` (runtime/search.py): one sequence usually, or its samples or beams,
+A request is a `Search` (runtime/core/search.py): one sequence usually, or its samples or beams,
 each a sequence of the engine's cache (`model.sequence_slots` in all). It is admitted when
 fewer than `parallel_sequences` requests run, slots are free for its sequences and the KV
 cells it reserves (prompt plus each sequence's new tokens) fit next to those of the running
@@ -26,13 +26,13 @@ from collections import deque
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from .generation import GenerationOptions, GenerationResult, StreamEvent, TokenStream
+from pocketlm.core.generation import GenerationOptions, GenerationResult, StreamEvent, TokenStream
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from .model import Decoding, Prompt, StepModel
-    from .search import Search
+    from pocketlm.core.model import Decoding, Prompt, StepModel
+    from pocketlm.core.search import Search
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class Scheduler:
         requests = [self._request(prompt, options) for prompt in prompts]
         with self._wake:
             if self._closed:
-                from convert.core.errors import GenerationError
+                from pocketlm.converters.core.errors import GenerationError
 
                 raise GenerationError("the model is closed")
             for request in requests:
@@ -209,7 +209,7 @@ class Scheduler:
                     log.debug("scheduler step failed: %s", e)
                     for request in list(self._running):
                         self._finish(request, error=e)
-        from convert.core.errors import GenerationError
+        from pocketlm.converters.core.errors import GenerationError
 
         with self.model._lock:
             for request in list(self._running) + list(self._waiting):

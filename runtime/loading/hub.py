@@ -34,8 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from convert.checkpoint import MODEL_FILES, find_weight_files, sha256_file
-from convert.core.errors import CheckpointError, ModelLoadError, PocketLMError, first_line, write_failure, writing
+from pocketlm.converters.checkpoint import MODEL_FILES, find_weight_files, sha256_file
+from pocketlm.converters.core.errors import (
+    CheckpointError,
+    ModelLoadError,
+    PocketLMError,
+    first_line,
+    write_failure,
+    writing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +208,7 @@ def offline() -> bool:
 def gguf_quant(filename: str) -> str | None:
     """The quant type in a GGUF file name (e.g. bloomz-560m.Q4_K_M.gguf -> q4_k_m)."""
     name = filename.lower()
-    from convert.core.formats import FORMATS
+    from pocketlm.converters.core.formats import FORMATS
 
     for quant in sorted(FORMATS["gguf"].quants, key=len, reverse=True):
         if re.search(rf"(^|[^a-z0-9]){quant}([^a-z0-9]|$)", name):

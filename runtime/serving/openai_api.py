@@ -1,6 +1,6 @@
 """OpenAI's API as data: a completion or chat request checked into a prompt and
 GenerationOptions, and the response objects (whole, streamed chunks, log-probabilities).
-No HTTP here: runtime/server.py carries these over the network.
+No HTTP here: runtime/serving/server.py carries these over the network.
 
 Sampling follows OpenAI's API, not PocketLM's CLI: `temperature` defaults to 1.0 (send 0 for
 greedy decoding); `max_tokens` defaults to 16 for completions and to the server's limit for
@@ -28,16 +28,15 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from convert.core.errors import PocketLMError
-
-from .generation import (
+from pocketlm.converters.core.errors import PocketLMError
+from pocketlm.core.generation import (
     MAX_SEQUENCES,
     MAX_TOP_LOGPROBS,
     GenerationOptions,
     GenerationResult,
     TokenLogprob,
 )
-from .model import Model
+from pocketlm.core.model import Model
 
 # OpenAI fields PocketLM cannot honour: accepted only with their neutral value.
 NEUTRAL: dict[str, Any] = {

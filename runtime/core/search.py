@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob
-from .sampling import banned_ngram_tokens, penalize_openai, penalize_repetition
+from pocketlm.core.generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob
+from pocketlm.core.sampling import banned_ngram_tokens, penalize_openai, penalize_repetition
 
 if TYPE_CHECKING:
-    from .model import Decoding, StepModel
+    from pocketlm.core.model import Decoding, StepModel
 
 
 def log_softmax(logits: np.ndarray, dtype: type = np.float64) -> np.ndarray:

@@ -3,7 +3,7 @@
 Batch inference, one model per actor, each actor batching its prompts through the scheduler:
 
     import ray
-    from runtime.ray import Predictor
+    from pocketlm.serving.ray_cluster import Predictor
     ds = ray.data.read_json("prompts.jsonl")           # a "prompt" column: text or token ids
     ds = ds.map_batches(Predictor, fn_constructor_kwargs={"model": "bigscience/mt0-small",
                         "options": {"max_new_tokens": 32}}, concurrency=4, batch_size=16)
@@ -12,12 +12,12 @@ Batch inference, one model per actor, each actor batching its prompts through th
 Serving, the OpenAI-compatible app on N replicas behind Ray Serve's HTTP proxy:
 
     from ray import serve
-    from runtime.ray import deployment
+    from pocketlm.serving.ray_cluster import deployment
     serve.run(deployment("bloomz-560m-q4_k_m.gguf", replicas=2))   # or, from a shell:
-    # serve run runtime.ray:app model=bloomz-560m-q4_k_m.gguf replicas=2
+    # serve run pocketlm.serving.ray_cluster:app model=bloomz-560m-q4_k_m.gguf replicas=2
 
 `pocketlm run MODEL --input in.jsonl --output out.jsonl --ray [ADDRESS]` is `run_jsonl` below.
-Models are resolved on each worker as `runtime.load` resolves them: a path must exist on every
+Models are resolved on each worker as `pocketlm.load` resolves them: a path must exist on every
 node (a shared filesystem) or be a hub id; a checkpoint folder is converted once per node into
 PocketLM's cache, whose lock makes the other actors on that node wait for it and reuse it.
 """
@@ -33,10 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from convert.core.errors import PocketLMError, first_line
-
-from .batch import BatchStats, answer, todo_prompts, write_records
-from .model import Prompt
+from pocketlm.cli.batch import BatchStats, answer, todo_prompts, write_records
+from pocketlm.converters.core.errors import PocketLMError, first_line
+from pocketlm.core.model import Prompt
 
 try:
     import ray
@@ -74,7 +73,7 @@ class Predictor:
     index of the best. A column mixing text and token ids cannot be one Ray block: keep them
     in separate datasets.
     `options` are generation options (`GenerationOptions` fields); the rest goes to
-    `runtime.load` (device, threads, n_ctx, backend, quant, compute_type)."""
+    `pocketlm.load` (device, threads, n_ctx, backend, quant, compute_type)."""
 
     def __init__(
         self,
@@ -84,12 +83,12 @@ class Predictor:
         keep_prompt: bool = True,
         **load: Any,
     ):
-        import runtime
+        import pocketlm
 
         self.keep_prompt = keep_prompt
         load.setdefault("parallel", batch_size if batch_size > 1 else None)
         load.setdefault("threads", _reserved_cpus())
-        self.model = runtime.load(model, progress=False, **load)
+        self.model = pocketlm.load(model, progress=False, **load)
         self.options = self.model.options(**(options or {}))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -112,21 +111,20 @@ class Predictor:
             model.close()
 
 
-# Ray Serve: each replica's ingress is the ASGI app `pocketlm serve` runs (runtime/server.py's
+# Ray Serve: each replica's ingress is the ASGI app `pocketlm serve` runs (runtime/serving/server.py's
 # Service), so the API (streaming, errors, 429 when its queue is full, API key, /metrics) is the
 # one `pocketlm serve` has; Ray's proxy holds the connections.
 class OpenAIReplica:
     """One Ray Serve replica: a model and the OpenAI app in front of it."""
 
     def __init__(self, model: str, load: dict[str, Any] | None = None, server: dict[str, Any] | None = None):
-        import runtime
-
-        from .server import make_app
+        import pocketlm
+        from pocketlm.serving.server import make_app
 
         load = dict(load or {})
         load.setdefault("parallel", "auto")
         load.setdefault("threads", _reserved_cpus())
-        self.model = runtime.load(model, progress=False, **load)
+        self.model = pocketlm.load(model, progress=False, **load)
         self.service = make_app(self.model, **(server or {}))
 
     def __serve_build_asgi_app__(self) -> Any:  # Serve's ingress calls this once, after __init__
@@ -148,8 +146,8 @@ def deployment(
 ) -> Any:
     """A Ray Serve application: `model` on `replicas` replicas, each reserving `num_cpus`.
 
-    `load` goes to `runtime.load` on each replica (threads, n_ctx, parallel, ...), `server` to
-    `runtime.server.make_app` (api_key, max_queue, max_tokens_limit, limits, model_name,
+    `load` goes to `pocketlm.load` on each replica (threads, n_ctx, parallel, ...), `server` to
+    `pocketlm.serving.server.make_app` (api_key, max_queue, max_tokens_limit, limits, model_name,
     cors_origins). Serve lets each replica take as many requests at once as its app runs and
     queues; beyond that the app answers 429 itself."""
     from ray import serve
@@ -165,11 +163,11 @@ def deployment(
 
 
 def app(args: dict[str, str]) -> Any:
-    """The builder `serve run runtime.ray:app model=PATH [replicas=N] [num_cpus=C] [threads=T]
+    """The builder `serve run pocketlm.serving.ray_cluster:app model=PATH [replicas=N] [num_cpus=C] [threads=T]
     [parallel=P] [api_key=KEY]` calls."""
     args = dict(args)
     if "model" not in args:
-        raise PocketLMError("serve run runtime.ray:app needs model=PATH_OR_HUB_ID")
+        raise PocketLMError("serve run pocketlm.serving.ray_cluster:app needs model=PATH_OR_HUB_ID")
     load = {k: int(args.pop(k)) for k in ("threads", "n_ctx") if k in args}
     if "parallel" in args:
         value = args.pop("parallel")
@@ -178,7 +176,7 @@ def app(args: dict[str, str]) -> Any:
     replicas, num_cpus = int(args.pop("replicas", 1)), float(args.pop("num_cpus", 1))
     model = args.pop("model")
     if args:
-        raise PocketLMError(f"serve run runtime.ray:app: unknown arguments {', '.join(sorted(args))}")
+        raise PocketLMError(f"serve run pocketlm.serving.ray_cluster:app: unknown arguments {', '.join(sorted(args))}")
     return deployment(model, replicas, num_cpus, load, server)
 
 
@@ -213,8 +211,8 @@ def _check_reachable(address: str, timeout: float = 10) -> None:
 def _check_model(model: str) -> None:
     """Fail here, in one line, for a model this machine can see is wrong (workers would each
     fail the same way, deep in Ray's logs); paths only the workers have go to them unchecked."""
-    from .hub import parse_ref
-    from .source import inspect
+    from pocketlm.loading.hub import parse_ref
+    from pocketlm.loading.source import inspect
 
     if Path(model).expanduser().exists():
         inspect(Path(model).expanduser())
@@ -245,7 +243,7 @@ def run_jsonl(
     progress: bool = False,
     predictor: type[Predictor] = Predictor,
 ) -> BatchStats:
-    """`pocketlm run --ray`: the resumable JSONL job of runtime/batch.py on `actors` Ray actors
+    """`pocketlm run --ray`: the resumable JSONL job of runtime/cli/batch.py on `actors` Ray actors
     (default: one per node), each reserving and using load["threads"] CPUs (default: one node's
     CPUs, or the actors' share of the cluster's when fewer). Answers are appended as batches
     finish, in the order they finish; a batch whose actor dies runs again on a restarted actor

@@ -6,8 +6,8 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
-from .cache import cache_root
-from .platform import GIB, ModelFacts, PlatformFacts, choose, detect_facts
+from pocketlm.loading.cache import cache_root
+from pocketlm.loading.platform import GIB, ModelFacts, PlatformFacts, choose, detect_facts
 
 LIBRARIES = ("gguf", "tokenizers", "numpy")  # what every backend's models need besides the engines
 
@@ -21,8 +21,8 @@ def _version(package: str) -> str | None:
 
 def samples() -> dict[str, ModelFacts]:
     """One model of each kind PocketLM converts to, and each kind of checkpoint folder."""
-    from convert.architectures import architectures
-    from convert.core.formats import FORMATS
+    from pocketlm.converters.architectures import architectures
+    from pocketlm.converters.core.formats import FORMATS
 
     out = {}
     for arch in architectures():
@@ -35,7 +35,7 @@ def samples() -> dict[str, ModelFacts]:
 
 def recommendations(facts: PlatformFacts) -> list[str]:
     """Actionable advice from the facts (pure, so every branch is testable)."""
-    from .backends import backends
+    from pocketlm.backends import backends
 
     tips = [tip for backend in backends() for tip in backend.advice(facts)]
     if facts.machine in ("x86_64", "AMD64") and facts.cpu_features and "avx2" not in facts.cpu_features:
@@ -46,9 +46,8 @@ def recommendations(facts: PlatformFacts) -> list[str]:
 
 
 def doctor_report() -> dict[str, Any]:
-    from convert.core.errors import PocketLMError
-
-    from .backends import backends
+    from pocketlm.backends import backends
+    from pocketlm.converters.core.errors import PocketLMError
 
     facts = detect_facts()
     engines: dict[str, Any] = {b.package: b.version() for b in backends()}

@@ -1,4 +1,4 @@
-"""The `pocketlm` command line: a thin layer over `convert.cli` and `runtime.load`.
+"""The `pocketlm` command line: a thin layer over `pocketlm.converters.cli` and `pocketlm.load`.
 
 Only the subcommand being run gets its options built (their choices come from the backend
 and architecture registries) and each imports what it needs when it runs, so `pocketlm
@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from convert.core.cli import EXIT_INTERNAL, EXIT_STATUS, guarded, setup_logging
-from convert.core.errors import PocketLMError
+from pocketlm.converters.core.cli import EXIT_INTERNAL, EXIT_STATUS, guarded, setup_logging
+from pocketlm.converters.core.errors import PocketLMError
 
 __all__ = ["main", "run", "build_parser", "EXIT_INTERNAL"]
 EPILOG = f"""examples:
@@ -92,7 +92,7 @@ GENERATION_FLAGS = (
 
 def _given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The generation options given on the command line (checked now, before loading)."""
-    from .generation import GenerationOptions
+    from pocketlm.core.generation import GenerationOptions
 
     given = {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name) is not None}
     if args.stop:
@@ -104,7 +104,7 @@ def _given_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
-    from .backends import backends, devices
+    from pocketlm.backends import backends, devices
 
     names = ["auto"] + [n for b in backends() for n in (b.name, *b.aliases)]
     listed = ", ".join(f"{b.name} ({'/'.join(b.formats)})" for b in backends())
@@ -139,7 +139,7 @@ def _parser_with(*parents: argparse.ArgumentParser) -> type[argparse.ArgumentPar
 
 
 def _convert(p: argparse.ArgumentParser) -> None:
-    from convert.cli import DESCRIPTION, add_convert_arguments, convert_epilog
+    from pocketlm.converters.cli import DESCRIPTION, add_convert_arguments, convert_epilog
 
     p.description, p.epilog = DESCRIPTION, convert_epilog()
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -147,7 +147,7 @@ def _convert(p: argparse.ArgumentParser) -> None:
 
 
 def _quantize(p: argparse.ArgumentParser) -> None:
-    from convert.cli import add_quantize_arguments
+    from pocketlm.converters.cli import add_quantize_arguments
 
     p.description = "Quantize an f32/f16/bf16 GGUF file to another type with llama.cpp's quantizer."
     add_quantize_arguments(p)
@@ -238,8 +238,8 @@ def _doctor(p: argparse.ArgumentParser) -> None:
 def _serve(p: argparse.ArgumentParser) -> None:
     import dataclasses
 
-    from .openai_api import Limits
-    from .server import ENDPOINTS, Timeouts, default_max_connections
+    from pocketlm.serving.openai_api import Limits
+    from pocketlm.serving.server import ENDPOINTS, Timeouts, default_max_connections
 
     routes = ", ".join(f"{'/'.join(methods)} {path}" for path, methods in ENDPOINTS.items())
     p.description = (
@@ -363,7 +363,7 @@ def _parallel(value: str) -> int | str:
 
 
 def _load_options(args: argparse.Namespace) -> dict[str, Any]:
-    """`runtime.load`'s keywords from the engine options."""
+    """`pocketlm.load`'s keywords from the engine options."""
     return {
         "device": args.device,
         "threads": args.threads,
@@ -375,9 +375,9 @@ def _load_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace, parallel: int | str | None = None, **options: Any) -> Any:
-    import runtime
+    import pocketlm
 
-    return runtime.load(args.model, parallel=parallel, **_load_options(args), **options)
+    return pocketlm.load(args.model, parallel=parallel, **_load_options(args), **options)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -389,7 +389,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _run_on_ray(args, given)
         if args.actors is not None:
             raise PocketLMError("--actors goes with --ray")
-        from .batch import run_jsonl
+        from pocketlm.cli.batch import run_jsonl
 
         with _load(args, parallel=args.batch_size if args.batch_size > 1 else None) as model:
             gen = model.options(**given)
@@ -425,7 +425,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_on_ray(args: argparse.Namespace, given: dict[str, Any]) -> int:
     try:
-        from .ray import run_jsonl
+        from pocketlm.serving.ray_cluster import run_jsonl
     except ModuleNotFoundError as e:
         raise PocketLMError(f"--ray needs Ray ({e.name} is missing): pip install 'pocketlm[ray]'") from None
     load = {k: v for k, v in _load_options(args).items() if v is not None and v != "auto"}
@@ -482,7 +482,7 @@ def _print_logprobs(model: Any, result: Any) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .report import describe, model_report
+    from pocketlm.cli.report import describe, model_report
 
     report = model_report(args.model, device=args.device, threads=args.threads, backend=args.backend)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else describe(report))
@@ -490,7 +490,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .hub import parse_ref, pull
+    from pocketlm.loading.hub import parse_ref, pull
 
     ref = parse_ref(args.repo)
     if ref is None:
@@ -498,9 +498,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
     path = pull(ref, quant=args.quant, progress=sys.stderr.isatty())
     print(path)
     if args.convert and path.is_dir():
-        from .cache import converted
-        from .loader import decide
-        from .source import inspect
+        from pocketlm.loading.cache import converted
+        from pocketlm.loading.load import decide
+        from pocketlm.loading.source import inspect
 
         choice = decide(inspect(path, args.quant))
         print(converted(path, choice.format, choice.quant or "", progress=sys.stderr.isatty()))
@@ -508,7 +508,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .cache import cache_root, entries
+    from pocketlm.loading.cache import cache_root, entries
 
     rows = [
         {
@@ -538,7 +538,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from .cache import remove
+    from pocketlm.loading.cache import remove
 
     removed = [e for selector in args.selector for e in remove(selector)]
     if not removed:
@@ -550,7 +550,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import describe, doctor_report
+    from pocketlm.cli.doctor import describe, doctor_report
 
     report = doctor_report()
     print(json.dumps(report, indent=2) if args.json else describe(report))
@@ -561,8 +561,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
-    from .openai_api import Limits
-    from .server import Timeouts, check_address, serve
+    from pocketlm.serving.openai_api import Limits
+    from pocketlm.serving.server import Timeouts, check_address, serve
 
     if args.max_queue < 0:
         raise PocketLMError(f"--max-queue {args.max_queue}: must be 0 or more")
@@ -593,13 +593,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from convert.cli import cmd_convert
+    from pocketlm.converters.cli import cmd_convert
 
     return cmd_convert(args)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from convert.cli import cmd_quantize
+    from pocketlm.converters.cli import cmd_quantize
 
     return cmd_quantize(args)
 
@@ -614,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     if args.version:
-        from convert.core import __version__
+        from pocketlm.converters.core import __version__
 
         print(f"pocketlm {__version__}")
         return 0

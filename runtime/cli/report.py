@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .generation_config import model_generation_defaults
-from .loader import decide, resolve_path
-from .source import HF, ModelSource, inspect
+from pocketlm.loading.defaults import model_generation_defaults
+from pocketlm.loading.load import decide, resolve_path
+from pocketlm.loading.source import HF, ModelSource, inspect
 
 
 def _checkpoint_report(source: ModelSource) -> dict[str, Any]:
@@ -29,7 +29,7 @@ def model_report(
 ) -> dict[str, Any]:
     """Everything `pocketlm info` shows: what the model holds (its headers, read once) and how
     this machine would run it."""
-    from .backends import runners
+    from pocketlm.backends import runners
 
     source = inspect(resolve_path(model))
     path = source.path
@@ -48,7 +48,7 @@ def model_report(
     defaults = model_generation_defaults(source)
     report["generation"] = defaults.to_dict() if defaults is not None else None
     choice = decide(source, device, threads, backend)
-    from .backends import get_backend
+    from pocketlm.backends import get_backend
 
     unit = get_backend(choice.backend)
     serving = unit.serving_parallel(choice)

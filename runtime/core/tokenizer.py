@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from convert.core.errors import GenerationError, ModelLoadError, UnsupportedModelError
-from convert.core.sentencepiece import read_spm_model, t5_tokenizer
+from pocketlm.converters.core.errors import GenerationError, ModelLoadError, UnsupportedModelError
+from pocketlm.converters.core.sentencepiece import read_spm_model, t5_tokenizer
 
 if TYPE_CHECKING:
     import tokenizers

@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from convert.core.errors import GenerationError
+from pocketlm.converters.core.errors import GenerationError
 
 MAX_SEQUENCES = 16  # beams or samples of one request (each is a sequence in the engine's cache)
 MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's limit)

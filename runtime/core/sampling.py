@@ -2,7 +2,7 @@
 
 The order and definitions follow transformers' `generate`: repetition penalty, then
 temperature, then top-k, then top-p; temperature 0 means greedy. A seed makes it repeatable.
-The options are a `GenerationOptions` (runtime/generation.py), validated where it was made.
+The options are a `GenerationOptions` (runtime/core/generation.py), validated where it was made.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .generation import GenerationOptions
+    from pocketlm.core.generation import GenerationOptions
 
 
 class Sampler:

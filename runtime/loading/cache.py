@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convert.core import __version__
-from convert.core.errors import PocketLMError, first_line, write_failure, writing
-from convert.core.formats import FORMATS
-from convert.core.jsonfile import OPTIONAL_STRING, Each, MalformedJSON, Shape, read_json
+from pocketlm.converters.core import __version__
+from pocketlm.converters.core.errors import PocketLMError, first_line, write_failure, writing
+from pocketlm.converters.core.formats import FORMATS
+from pocketlm.converters.core.jsonfile import OPTIONAL_STRING, Each, MalformedJSON, Shape, read_json
 
 try:
     import fcntl
@@ -79,7 +79,7 @@ class _HashMemo:
             self.dirty = True
 
     def sha256(self, file: Path) -> str:
-        from convert.checkpoint import sha256_file
+        from pocketlm.converters.checkpoint import sha256_file
 
         stat = file.stat()
         key = str(file.resolve())
@@ -156,7 +156,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _valid(entry: Path, memo: _HashMemo) -> Path | None:
     """The entry's output if its manifest is there and the output matches it."""
-    from convert.core.ct2_file import read_folder_metadata
+    from pocketlm.converters.core.ct2_file import read_folder_metadata
 
     try:
         manifest = read_manifest(entry)
@@ -194,7 +194,7 @@ def converted(folder: Path, fmt: str, quant: str, progress: bool = False) -> Pat
 
 
 def _converted(folder: Path, fmt: str, quant: str, progress: bool, memo: _HashMemo) -> Path:
-    from convert.checkpoint import Checkpoint, source_identity
+    from pocketlm.converters.checkpoint import Checkpoint, source_identity
 
     with Checkpoint(folder) as ckpt:
         hashes = {f.name: memo.sha256(f) for f in ckpt.source_files()}
@@ -235,7 +235,7 @@ def _build(
     repo: str | None,
     revision: str | None,
 ) -> Path:
-    from convert import convert
+    from pocketlm.converters import convert
 
     output = entry / FORMATS[fmt].output_name("model")
     if progress:

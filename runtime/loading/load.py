@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from convert.core.errors import PocketLMError
-
-from .generation_config import model_generation_defaults
-from .model import Model
-from .platform import Choice, choose, detect_facts
-from .source import HF, ModelSource, inspect
+from pocketlm.converters.core.errors import PocketLMError
+from pocketlm.core.model import Model
+from pocketlm.loading.defaults import model_generation_defaults
+from pocketlm.loading.platform import Choice, choose, detect_facts
+from pocketlm.loading.source import HF, ModelSource, inspect
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +21,7 @@ def resolve_path(model: str | os.PathLike, quant: str | None = None, progress: b
     """A local path for `model`: itself, or what a hub id (org/name[@revision]) pulls."""
     path = Path(model).expanduser()
     if not path.exists():
-        from .hub import parse_ref, pull
+        from pocketlm.loading.hub import parse_ref, pull
 
         ref = parse_ref(str(model))
         if ref is not None:
@@ -78,7 +77,7 @@ def load(
     if compute_type and choice.compute_type is not None:  # the backend has compute types
         choice.compute_type = compute_type
         choice.reasons.append(f"compute {compute_type} (given)")
-    from .backends import get_backend
+    from pocketlm.backends import get_backend
 
     backend_unit = get_backend(choice.backend)
     if parallel == "auto":
@@ -90,7 +89,7 @@ def load(
     choice.reasons += [f"warning: {w}" for w in choice.warnings]
     checkpoint = source.path if source.format == HF else None
     if source.format == HF:
-        from .cache import converted
+        from pocketlm.loading.cache import converted
 
         path = converted(
             source.path,

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from convert.core.errors import ModelLoadError
+from pocketlm.converters.core.errors import ModelLoadError
 
 GIB = 2**30
 
@@ -85,7 +85,7 @@ def choose(
     threads: int | None = None,
 ) -> Choice:
     """How to run `model` on the machine `facts` describes, and why (user overrides win)."""
-    from .backends import devices, get_backend, runners
+    from pocketlm.backends import devices, get_backend, runners
 
     device = (device or "auto").lower()
     if device not in devices():
@@ -123,11 +123,10 @@ def _converted(
     Each format the architecture converts to is asked of the backends that run it; a GPU
     beats the CPU, else the architecture's order of formats decides (the first is its best
     on CPU, for the reason its registry entry gives)."""
-    from convert.architectures import get as get_architecture
-    from convert.core.errors import PocketLMError
-    from convert.core.formats import FORMATS
-
-    from .backends import runners
+    from pocketlm.backends import runners
+    from pocketlm.converters.architectures import get as get_architecture
+    from pocketlm.converters.core.errors import PocketLMError
+    from pocketlm.converters.core.formats import FORMATS
 
     arch = get_architecture(model.architecture)
     if arch is None:
@@ -255,7 +254,7 @@ def _nvidia_gpu() -> bool:
 @functools.lru_cache(maxsize=1)
 def detect_facts() -> PlatformFacts:
     """Facts about this machine and the installed engines (each backend probes its own)."""
-    from .backends import backends
+    from pocketlm.backends import backends
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return PlatformFacts(

@@ -24,18 +24,17 @@ from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import numpy as np
 
-from convert.core.errors import GenerationError
-
-from .generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob, TokenStream
-from .sampling import Sampler
-from .text import TextStream
+from pocketlm.converters.core.errors import GenerationError
+from pocketlm.core.generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob, TokenStream
+from pocketlm.core.sampling import Sampler
+from pocketlm.core.text import TextStream
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from .generation import GenerationKwargs
-    from .scheduler import Scheduler
-    from .search import Search
+    from pocketlm.core.generation import GenerationKwargs
+    from pocketlm.core.scheduler import Scheduler
+    from pocketlm.core.search import Search
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +141,7 @@ class Decoding:
 
 
 class Model(ABC):
-    """A loaded model. Use `runtime.load()` to get one; close it (or use `with`) when done."""
+    """A loaded model. Use `pocketlm.load()` to get one; close it (or use `with`) when done."""
 
     info: ModelInfo
     # A prompt without a clear end (final punctuation) makes some models continue the input
@@ -282,7 +281,7 @@ class Model(ABC):
         return self._scheduler
 
     def _make_scheduler(self) -> Scheduler:
-        from .scheduler import Scheduler
+        from pocketlm.core.scheduler import Scheduler
 
         return Scheduler(self)  # type: ignore[arg-type]
 
@@ -414,7 +413,7 @@ class StepModel(Model):
     slot already holds), `_evaluate` appends tokens to each of several sequences and returns
     the logits after them, `_release` frees the slot. `parallel_sequences` is how many
     sequences the cache holds at once, `kv_cells` how many tokens in all; `joins_running` says
-    whether a sequence may start while others are being decoded. runtime/scheduler.py drives
+    whether a sequence may start while others are being decoded. runtime/core/scheduler.py drives
     many sequences with these; the loop below drives one."""
 
     joins_running = True
@@ -492,7 +491,7 @@ class StepModel(Model):
 
     def _search(self, prompt: Prompt, options: GenerationOptions) -> Search:
         """A request's decoding (checked now: errors come from the call, not the stream)."""
-        from .search import make_search
+        from pocketlm.core.search import make_search
 
         seq = self._decoding(prompt, options)
         search = make_search(self, seq, max(self._budget(len(seq.ids), options.max_new_tokens), 0))
@@ -540,7 +539,7 @@ class StepModel(Model):
                 search.close()
 
     def _generate_ids(self, seq: Decoding, max_new: int) -> Iterator[int]:
-        raise AssertionError("StepModel decodes through runtime/search.py")
+        raise AssertionError("StepModel decodes through runtime/core/search.py")
 
 
 class Seq2Seq:

@@ -1,16 +1,16 @@
 """An OpenAI-compatible HTTP server over one loaded model: a Starlette app on uvicorn.
 
-    server = make_server(runtime.load("bloomz-560m-q4_k_m.gguf"), port=8000)
+    server = make_server(pocketlm.load("bloomz-560m-q4_k_m.gguf"), port=8000)
     server.serve_forever()   # or serve(model): blocking; SIGTERM or Ctrl-C stop it gracefully
 
 Endpoints (`ENDPOINTS`): `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`,
 `POST /v1/completions` and `POST /v1/chat/completions`, whole or streamed as server-sent
 events (`"stream": true`). Errors have OpenAI's shape, `{"error": {"message", "type", "param",
 "code"}}`. What a request may ask and how it becomes a prompt and options is
-runtime/openai_api.py; this module carries it over HTTP.
+runtime/serving/openai_api.py; this module carries it over HTTP.
 
 Load: `max_concurrent` generations run at once (default: the sequences the model decodes
-together, `runtime.load(parallel=N)`, whose scheduler batches them), `max_queue` more wait,
+together, `pocketlm.load(parallel=N)`, whose scheduler batches them), `max_queue` more wait,
 further requests get 429 with `Retry-After: 1`. Connections cost no thread; the scheduler's
 thread hands tokens to the event loop (a model decoding one sequence at a time runs each
 generation in a thread of its own). A client that goes away, streaming or not,
@@ -64,13 +64,12 @@ from starlette.routing import Route, Router
 from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from convert.core import __version__
-from convert.core.errors import PocketLMError
-
-from .generation import GenerationResult, StreamEvent, TokenLogprob, TokenStream
-from .metrics import CONTENT_TYPE, Metrics
-from .model import Model
-from .openai_api import ApiError, GenerationRequest, Limits, Reply, chat_prompt, parse_request
+from pocketlm.converters.core import __version__
+from pocketlm.converters.core.errors import PocketLMError
+from pocketlm.core.generation import GenerationResult, StreamEvent, TokenLogprob, TokenStream
+from pocketlm.core.model import Model
+from pocketlm.serving.metrics import CONTENT_TYPE, Metrics
+from pocketlm.serving.openai_api import ApiError, GenerationRequest, Limits, Reply, chat_prompt, parse_request
 
 __all__ = ["ENDPOINTS", "Limits", "Server", "Timeouts", "chat_prompt", "make_app", "make_server", "serve"]
 

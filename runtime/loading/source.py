@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert.core.errors import ModelLoadError
-
-from .platform import ModelFacts
+from pocketlm.converters.core.errors import ModelLoadError
+from pocketlm.loading.platform import ModelFacts
 
 HF = "hf"  # a Hugging Face checkpoint folder: the input format, converted before it runs
 
@@ -40,7 +39,7 @@ def inspect(path: Path, quant: str | None = None) -> ModelSource:
     """The model at `path`, or an error saying why it is none PocketLM can run.
 
     `quant` is what a checkpoint folder is to be converted to (None: the default)."""
-    from .backends import backends
+    from pocketlm.backends import backends
 
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
@@ -64,8 +63,8 @@ def inspect(path: Path, quant: str | None = None) -> ModelSource:
 
 
 def _checkpoint(folder: Path, quant: str | None) -> ModelSource:
-    from convert.architectures import resolve
-    from convert.checkpoint import read_json
+    from pocketlm.converters.architectures import resolve
+    from pocketlm.converters.checkpoint import read_json
 
     config = read_json(folder / "config.json")
     arch = resolve(config, str(folder / "config.json"))

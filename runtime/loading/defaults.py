@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert.core import generation_config as stored
-from convert.core.errors import GenerationError
-
-from .generation import GenerationOptions
-from .source import HF, ModelSource
+from pocketlm.converters.core import generation_config as stored
+from pocketlm.converters.core.errors import GenerationError
+from pocketlm.core.generation import GenerationOptions
+from pocketlm.loading.source import HF, ModelSource
 
 # GenerationConfig._get_default_generation_params() in transformers 5.24, for the keys read here
 TRANSFORMERS_DEFAULTS: dict[str, Any] = {
@@ -255,7 +254,7 @@ def model_generation_defaults(source: ModelSource, checkpoint: Path | None = Non
     """The generation defaults of a model on disk: what its metadata holds (as PocketLM's
     converters store it), a checkpoint folder's own files, or, for a model converted from
     `checkpoint` before conversions kept them, that folder's. None when there is nothing."""
-    from convert.architectures import get
+    from pocketlm.converters.architectures import get
 
     arch = get(source.architecture)
     encoder_decoder = arch.encoder_decoder if arch is not None else None
