@@ -385,6 +385,88 @@ def import_section(speed: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def overhead_section(res: dict[str, Any] | None) -> list[str]:
+    """Issue 26: the decode loop's Python cost per token and the import, before vs after, one run."""
+    if not res:
+        return []
+    b, a, imp, m = res["before"], res["after"], res["import"], res["model"]
+    st = res["settings"]
+    same_code = b["commit"] == a["commit"] and not a["dirty"]
+    out = [
+        "## Overhead before vs after (issue 26)",
+        "",
+        f"From `benchmarks/results/overhead.json` (`{res['command'].strip()}`, {res['mode']} mode, {res['date']}, "
+        f"{res['wall_s'] / 60:.0f} min, {res['machine_details'].get('cpu') or 'CPU ?'}, load average "
+        f"{res['load_average']['start'][0]:.2f} at the start): before = {b['label']}, after = {a['label']}, "
+        "each in its own child processes (PYTHONPATH and cwd its tree; the module files checked), "
+        f"alternating, {st['rounds']} processes each. A random BLOOM (hidden {m['hidden']}, {m['n_layer']} layers, "
+        f"vocabulary {m['vocab_size']}, {m['quant']}), 1 thread, greedy, a {st['prompt_tokens']}-token prompt: "
+        "its engine steps cost little, so the time per token is mostly Python. Per new token = (time of "
+        f"{st['new_tokens']} new tokens - time of 1) / the tokens in between, median of {st['repeats']} in each "
+        "process, then the median over processes; CPU = the process's CPU time, less disturbed by other "
+        f"work on the machine. Import: fresh interpreters, median of {st['import_repeats']} (bytecode compiled; "
+        f"a bare interpreter takes {imp['interpreter_ms']:.0f} ms); `-X importtime`: the package's cumulative "
+        "time. Below 1x: after is faster. Process pairs: each after process over the before process next to it "
+        "(its 25th-75th percentile), the spread between processes; fastest / fastest: the ratio of each side's "
+        "fastest process, the least disturbed by other work on a shared machine.",
+        "",
+    ]
+    if same_code:
+        out += ["Both sides are the same commit: the ratios show the noise of the measurement.", ""]
+    if res["mode"] == "quick":
+        out += ["> **Quick mode**: few rounds; for checking the script, not for quoting.", ""]
+    rows = []
+    for label, r in res["overhead"].items():
+        spread = r["paired_ratio_quartiles"]
+        rows.append(
+            [
+                f"`{label}`: µs per new token",
+                num(r["before"]["per_token_us"]),
+                num(r["after"]["per_token_us"]),
+                times(r["ratio"]),
+                f"{spread[0]:.2f}x-{spread[1]:.2f}x",
+                times(r.get("best_ratio")),
+            ]
+        )
+        rows.append(
+            [
+                f"`{label}`: CPU µs per new token",
+                num(r["before"]["cpu_per_token_us"]),
+                num(r["after"]["cpu_per_token_us"]),
+                times(r["cpu_ratio"]),
+                "",
+                "",
+            ]
+        )
+    rows.append(
+        [
+            f"`{imp['before']['statement']}` / `{imp['after']['statement']}`: ms",
+            num(imp["before"]["wall_ms"]),
+            num(imp["after"]["wall_ms"]),
+            times(imp["ratio"]),
+            "",
+            "",
+        ]
+    )
+    before_load, after_load = num(imp["before"]["load_wall_ms"]), num(imp["after"]["load_wall_ms"])
+    rows.append(["... then `.load`: ms", before_load, after_load, times(imp["load_ratio"]), "", ""])
+    if imp.get("importtime_ratio"):
+        rows.append(
+            [
+                "`-X importtime`, the package: ms",
+                num(imp["before"]["importtime_ms"]),
+                num(imp["after"]["importtime_ms"]),
+                times(imp["importtime_ratio"]),
+                "",
+                "",
+            ]
+        )
+    header = ["measurement", "before", "after", "after / before", "middle half of process pairs", "fastest / fastest"]
+    out += table(header, rows)
+    same = all(r["same_tokens"] for r in res["overhead"].values())
+    return out + ["", f"Same greedy tokens before and after: {'yes' if same else '**no**'}.", ""]
+
+
 def convert_section(convert: dict[str, Any] | None) -> list[str]:
     out = ["## Conversion", ""]
     if not convert:
@@ -996,6 +1078,7 @@ def main(argv: list[str]) -> int:
         lambda: overhead_table(speed),
         lambda: roofline_table(speed),
         lambda: import_section(speed),
+        lambda: overhead_section(load("overhead")),
         lambda: serve_section(serve),
         lambda: beam_section(beams),
         lambda: ray_section(ray),
