@@ -52,7 +52,7 @@ def gpt2_arch(monkeypatch, tmp_path):
 @pytest.fixture()
 def fake_backend(monkeypatch, tmp_path):
     import pocketlm.backends as registry
-    from pocketlm.loading.platform import detect_facts
+    from pocketlm.loading.machine import detect_facts
 
     registry.discover()
     module = _drop_in(monkeypatch, tmp_path, registry, "fake_backend.py", "fake")

@@ -38,7 +38,7 @@ from pocketlm.converters.core.checks import check_gguf
 from pocketlm.converters.core.errors import ModelLoadError
 from pocketlm.converters.core.gguf_file import read_header
 from pocketlm.converters.synthetic import build_random_bloom
-from pocketlm.loading.platform import available_ram_bytes, ram_bytes
+from pocketlm.loading.machine import available_ram_bytes, ram_bytes
 from pocketlm.loading.source import inspect
 
 ADDRESS_SPACE = 3 << 30  # what a command may map: the bugs took 1.5 GB within a second, and grew

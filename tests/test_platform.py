@@ -1,4 +1,4 @@
-"""The decision table of pocketlm.loading.platform.choose, with invented machines (no hardware needed)."""
+"""The decision table of pocketlm.loading.choose.choose, with invented machines (no hardware needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pocketlm.backends.ctranslate2 import CT2Facts
 from pocketlm.backends.llama_cpp import LlamaFacts
 from pocketlm.backends.llama_cpp import gpu_backend as llama_gpu_backend
 from pocketlm.converters.core.errors import ModelLoadError
-from pocketlm.loading.platform import ModelFacts, PlatformFacts, choose
+from pocketlm.loading.choose import choose
+from pocketlm.loading.facts import ModelFacts, PlatformFacts
 
 GIB = 2**30
 BLOOM_GGUF = ModelFacts("gguf", "bloom", "q4_k_m", 400 << 20)

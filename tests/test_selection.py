@@ -18,7 +18,7 @@ from pocketlm.cli.doctor import recommendations
 from pocketlm.converters import convert
 from pocketlm.converters.core.errors import ModelLoadError
 from pocketlm.converters.synthetic import build_random_bloom
-from pocketlm.loading.platform import PlatformFacts
+from pocketlm.loading.facts import PlatformFacts
 
 
 @pytest.fixture()

@@ -3,20 +3,15 @@ each kind of model, and what to install for a better pick."""
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Any
 
+from pocketlm.backends import package_version
 from pocketlm.loading.cache import cache_root
-from pocketlm.loading.platform import GIB, ModelFacts, PlatformFacts, choose, detect_facts
+from pocketlm.loading.choose import choose
+from pocketlm.loading.facts import GIB, ModelFacts, PlatformFacts
+from pocketlm.loading.machine import detect_facts
 
 LIBRARIES = ("gguf", "tokenizers", "numpy")  # what every backend's models need besides the engines
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def samples() -> dict[str, ModelFacts]:
@@ -51,7 +46,7 @@ def doctor_report() -> dict[str, Any]:
 
     facts = detect_facts()
     engines: dict[str, Any] = {b.package: b.version() for b in backends()}
-    engines.update({name: _version(name) for name in LIBRARIES})
+    engines.update({name: package_version(name) for name in LIBRARIES})
     for backend in backends():
         engines.update(backend.report(facts.engine(backend.name)))
     choices: dict[str, Any] = {}

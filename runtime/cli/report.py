@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 from pocketlm.loading.defaults import model_generation_defaults
+from pocketlm.loading.facts import HF, ModelSource
 from pocketlm.loading.load import decide, resolve_path
-from pocketlm.loading.source import HF, ModelSource, inspect
+from pocketlm.loading.source import inspect
 
 
 def _checkpoint_report(source: ModelSource) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from typing import Any
 from pocketlm.converters.core import generation_config as stored
 from pocketlm.converters.core.errors import GenerationError
 from pocketlm.core.generation import GenerationOptions
-from pocketlm.loading.source import HF, ModelSource
+from pocketlm.loading.facts import HF, ModelSource
 
 # GenerationConfig._get_default_generation_params() in transformers 5.24, for the keys read here
 TRANSFORMERS_DEFAULTS: dict[str, Any] = {

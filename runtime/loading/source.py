@@ -8,39 +8,17 @@ cache read a header once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from pocketlm.backends import backends
 from pocketlm.converters.core.errors import ModelLoadError
-from pocketlm.loading.platform import ModelFacts
-
-HF = "hf"  # a Hugging Face checkpoint folder: the input format, converted before it runs
-
-
-@dataclass
-class ModelSource:
-    """A model on disk, as its headers and metadata describe it."""
-
-    path: Path
-    format: str  # a backend's format (gguf, ct2, ...) or "hf"
-    architecture: str
-    quant: str | None
-    size_bytes: int
-    metadata: dict[str, Any] = field(default_factory=dict)  # the format's own: GGUF keys, pocketlm.json, config.json
-    header: Any = None  # the parsed header, when the format has one (GGUF)
-
-    @property
-    def facts(self) -> ModelFacts:
-        return ModelFacts(self.format, self.architecture, self.quant, self.size_bytes)
+from pocketlm.loading.facts import HF, ModelSource
 
 
 def inspect(path: Path, quant: str | None = None) -> ModelSource:
     """The model at `path`, or an error saying why it is none PocketLM can run.
 
     `quant` is what a checkpoint folder is to be converted to (None: the default)."""
-    from pocketlm.backends import backends
-
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
     if path.is_file():

@@ -1,9 +1,9 @@
-"""Platform facts, and the pure function that decides how to run a model on them.
+"""The selection: how to run a model on a machine, as a pure function of their facts.
 
 `choose()` takes no hidden inputs: everything it decides on is in `ModelFacts` and
-`PlatformFacts`, so every branch is tested with invented machines (an Intel Mac with a
-Metal build, a CUDA box whose llama.cpp has no CUDA, a 4 GB laptop...). `detect_facts()` is
-the only part that looks at the real machine; each backend probes its own engine.
+`PlatformFacts` (runtime/loading/facts.py), so every branch is tested with invented machines
+(an Intel Mac with a Metal build, a CUDA box whose llama.cpp has no CUDA, a 4 GB laptop...).
+The real machine's facts come from `detect_facts()` (runtime/loading/machine.py).
 
 The decision: a model file runs on the first backend that runs its format (or the one
 asked for), which decides device and compute from the facts (its module's docstring has its
@@ -21,60 +21,9 @@ Threads: one per physical core, never more than the CPUs this process may use.
 
 from __future__ import annotations
 
-import functools
-import os
-import platform as _platform
-import shutil
-import subprocess
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
-
-from pocketlm.converters.core.errors import ModelLoadError
-
-GIB = 2**30
-
-
-@dataclass(frozen=True)
-class PlatformFacts:
-    system: str  # platform.system(): Linux, Darwin, Windows
-    machine: str  # x86_64, arm64, aarch64, AMD64
-    physical_cores: int
-    usable_cpus: int  # CPUs this process may run on (affinity, containers)
-    ram_bytes: int | None
-    cpu_features: frozenset[str] = frozenset()  # avx2, avx512f, neon...
-    nvidia_gpu: bool = False  # an NVIDIA driver is installed (whether or not an engine uses it)
-    engines: Mapping[str, Any] = field(default_factory=dict)  # backend name -> its probe (None: not installed)
-
-    @property
-    def apple_silicon(self) -> bool:
-        return self.system == "Darwin" and self.machine in ("arm64", "aarch64")
-
-    def engine(self, backend: str) -> Any:
-        """What the backend's probe found (None when its engine is not installed)."""
-        return self.engines.get(backend)
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    format: str  # a backend's format (gguf, ct2, ...) or hf (a checkpoint folder, converted on first use)
-    architecture: str  # bloom | t5 | ...
-    quant: str | None = None
-    size_bytes: int = 0
-
-
-@dataclass
-class Choice:
-    backend: str
-    device: str
-    threads: int
-    format: str  # what runs (for a checkpoint folder: what it is converted to)
-    quant: str | None = None
-    n_gpu_layers: int = 0
-    compute_type: str | None = None
-    parallel: int = 1  # sequences decoded together
-    reasons: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+from pocketlm.backends import Backend, devices, get_backend, runners
+from pocketlm.converters.core.errors import ModelLoadError, PocketLMError
+from pocketlm.loading.facts import GIB, HF, Choice, ModelFacts, PlatformFacts
 
 
 def choose(
@@ -85,8 +34,6 @@ def choose(
     threads: int | None = None,
 ) -> Choice:
     """How to run `model` on the machine `facts` describes, and why (user overrides win)."""
-    from pocketlm.backends import devices, get_backend, runners
-
     device = (device or "auto").lower()
     if device not in devices():
         raise ModelLoadError(f"unknown device {device!r}; choose one of: {', '.join(devices())}")
@@ -98,7 +45,7 @@ def choose(
         else f"{n_threads} threads: one per physical core "
         f"({facts.physical_cores} physical, {facts.usable_cpus} usable CPUs)"
     )
-    if model.format == "hf":
+    if model.format == HF:
         return _converted(model, facts, wanted, device, n_threads, threads_reason)
     able = runners(model.format)
     if wanted is not None and wanted not in able:
@@ -116,16 +63,14 @@ def choose(
 
 
 def _converted(
-    model: ModelFacts, facts: PlatformFacts, wanted: Any, device: str, threads: int, threads_reason: str
+    model: ModelFacts, facts: PlatformFacts, wanted: Backend | None, device: str, threads: int, threads_reason: str
 ) -> Choice:
     """The conversion of a checkpoint folder to run, and how to run it.
 
     Each format the architecture converts to is asked of the backends that run it; a GPU
     beats the CPU, else the architecture's order of formats decides (the first is its best
     on CPU, for the reason its registry entry gives)."""
-    from pocketlm.backends import runners
     from pocketlm.converters.architectures import get as get_architecture
-    from pocketlm.converters.core.errors import PocketLMError
     from pocketlm.converters.core.formats import FORMATS
 
     arch = get_architecture(model.architecture)
@@ -139,7 +84,7 @@ def _converted(
     if model.quant:  # a quant type names its format: q4_k_m is GGUF, int8 CTranslate2
         fitting = [(fmt, b) for fmt, b in options if model.quant.lower() in FORMATS[fmt].quants]
         options = fitting or options
-    decided: list[tuple[str, Any, str, Choice]] = []
+    decided: list[tuple[str, Backend, str, Choice]] = []
     failure: PocketLMError | None = None
     for fmt, engine in options:
         quant = arch.quant(fmt, model.quant)
@@ -181,89 +126,3 @@ def _memory_warnings(model: ModelFacts, choice: Choice, facts: PlatformFacts, ne
             "of RAM: expect swapping; a smaller quant type (e.g. q4_k_m or int8) would fit better"
         ]
     return []
-
-
-# -- the real machine ---------------------------------------------------------------------
-
-
-def _physical_cores() -> int:
-    logical = os.cpu_count() or 1
-    system = _platform.system()
-    try:
-        if system == "Linux":
-            cores = set()
-            phys = core = None
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("physical id"):
-                        phys = line.split(":")[1].strip()
-                    elif line.startswith("core id"):
-                        core = line.split(":")[1].strip()
-                    elif not line.strip():
-                        if core is not None:
-                            cores.add((phys, core))
-                        phys = core = None
-            if core is not None:
-                cores.add((phys, core))
-            return len(cores) or logical
-        if system == "Darwin":
-            for key in ("hw.perflevel0.physicalcpu", "hw.physicalcpu"):
-                out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5)
-                if out.returncode == 0 and out.stdout.strip().isdigit():
-                    return int(out.stdout.strip())
-    except (OSError, subprocess.SubprocessError, IndexError):
-        pass
-    return logical
-
-
-def _cpu_features() -> frozenset[str]:
-    wanted = {"avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c", "neon", "asimd", "sve"}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(set(line.split(":", 1)[1].split()) & wanted)
-    except OSError:
-        pass
-    return frozenset({"neon"}) if _platform.machine() in ("arm64", "aarch64") else frozenset()
-
-
-def ram_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def available_ram_bytes(meminfo: str = "/proc/meminfo") -> int | None:
-    """RAM that can be allocated without swapping: Linux's MemAvailable, else the RAM's size."""
-    try:
-        with open(meminfo) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return ram_bytes()
-
-
-def _nvidia_gpu() -> bool:
-    return shutil.which("nvidia-smi") is not None or os.path.exists("/proc/driver/nvidia/version")
-
-
-@functools.lru_cache(maxsize=1)
-def detect_facts() -> PlatformFacts:
-    """Facts about this machine and the installed engines (each backend probes its own)."""
-    from pocketlm.backends import backends
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return PlatformFacts(
-        system=_platform.system(),
-        machine=_platform.machine(),
-        physical_cores=_physical_cores(),
-        usable_cpus=usable,
-        ram_bytes=ram_bytes(),
-        cpu_features=_cpu_features(),
-        nvidia_gpu=_nvidia_gpu(),
-        engines={b.name: b.probe() for b in backends()},
-    )
