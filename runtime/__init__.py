@@ -30,14 +30,15 @@ from pocketlm.converters.core.errors import PocketLMError
 
 if TYPE_CHECKING:
     from pocketlm.converters.api import convert
+    from pocketlm.core.engine import ModelInfo
     from pocketlm.core.generation import GenerationOptions, GenerationResult, StreamEvent, TokenStream
-    from pocketlm.core.model import Model, ModelInfo
+    from pocketlm.core.model import Model
     from pocketlm.loading.load import load
 
 _HOMES = {
     "load": "pocketlm.loading.load",
     "Model": "pocketlm.core.model",
-    "ModelInfo": "pocketlm.core.model",
+    "ModelInfo": "pocketlm.core.engine",
     "GenerationOptions": "pocketlm.core.generation",
     "GenerationResult": "pocketlm.core.generation",
     "StreamEvent": "pocketlm.core.generation",

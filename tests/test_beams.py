@@ -171,7 +171,7 @@ def test_beams_in_the_scheduler_equal_beams_alone(bloom):
         together = model.generate(BLOOM_PROMPTS, options)
         for stream in others:
             list(stream)
-        assert not model._busy
+        assert not model.engine.busy
     for a, b in zip(alone, together):
         assert [r.token_ids for r in a.sequences] == [r.token_ids for r in b.sequences]
         assert np.allclose([r.score for r in a.sequences], [r.score for r in b.sequences], rtol=1e-5)
@@ -195,7 +195,7 @@ def test_logprobs_are_log_softmax_of_the_models_logits(gentle):
                 for r in model.generate(ids, options).sequences:
                     assert r.logprobs is not None and len(r.logprobs) == len(r.token_ids)
                     rows = (
-                        model.logits(ids, [model._start_token, *r.token_ids])
+                        model.logits(ids, [model.engine.start_token, *r.token_ids])
                         if seq2seq
                         else model.logits([*ids, *r.token_ids])[len(ids) - 1 :]
                     )
@@ -224,13 +224,13 @@ def test_samples_share_the_prompts_cells(gentle):
     gguf = gentle[0]
     with pocketlm.load(gguf, threads=2) as model:
         evaluated = []
-        evaluate = model._evaluate
+        evaluate = model.engine.evaluate
 
         def spy(work):
             evaluated.append(sum(len(tokens) for _, tokens, _ in work))
             return evaluate(work)
 
-        model._evaluate = spy
+        model.engine.evaluate = spy
         result = model.generate(
             BLOOM_PROMPTS[0], max_new_tokens=5, min_new_tokens=5, temperature=1.0, seed=2, num_return_sequences=3
         )

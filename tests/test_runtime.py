@@ -52,7 +52,7 @@ def test_stream_never_splits_a_character(model):
         for event in events:
             if event.token_id is None:
                 continue
-            data = model._s.piece(event.token_id)
+            data = model.token_bytes(event.token_id)
             try:
                 data.decode("utf-8")
             except UnicodeDecodeError:
@@ -145,6 +145,6 @@ def test_generation_stops_when_the_context_is_full(model):
 
 
 def test_min_new_tokens_masks_the_end_of_sequence(model):
-    assert model._end_ids() == [2]
+    assert model.engine.end_ids() == [2]
     result = model.generate(PROMPTS[0], max_new_tokens=30, min_new_tokens=30)
     assert len(result.token_ids) == 30 and 2 not in result.token_ids and result.finish_reason == "length"

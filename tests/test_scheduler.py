@@ -14,6 +14,7 @@ import threading
 import numpy as np
 import pytest
 from reference import make_t5
+from stepping import advance, start
 
 import pocketlm
 from pocketlm.converters import convert
@@ -57,19 +58,19 @@ def _alone(path, prompts, options, **load):
     out = {}
     with pocketlm.load(path, threads=2, **load) as model:
         for p in prompts:
-            seq = model._decoding(p, options)
+            seq = model.decoding(p, options)
             rows, tokens = [], []
-            with model._lock:
-                logits = model._start(seq, options.max_new_tokens)
+            with model.engine.lock:
+                logits = start(model.engine, seq, options.max_new_tokens)
                 for i in range(options.max_new_tokens):
                     rows.append(logits)
                     token = seq.sampler(logits, seq.seen)
                     seq.seen.append(token)
                     tokens.append(token)
-                    if model._is_end(token) or i + 1 == options.max_new_tokens:
+                    if model.engine.is_end(token) or i + 1 == options.max_new_tokens:
                         break
-                    logits = model._advance([seq], [token])[0]
-                model._release(seq)
+                    logits = advance(model.engine, [seq], [token])[0]
+                model.engine.release(seq)
             out[tuple(seq.ids)] = (tokens, np.stack(rows))
     return out
 
@@ -93,7 +94,7 @@ def test_sequences_joining_at_different_steps_match_each_alone(bloom):
         got[1] += [e.token_id for e in second if e.token_id is not None]
         for i, stream in enumerate(rest, 2):
             got[i] = [e.token_id for e in stream if e.token_id is not None]
-        assert model.scheduler.load == (0, 0) and not model._busy
+        assert model.scheduler.load == (0, 0) and not model.engine.busy
     for i, prompt in enumerate(PROMPTS):
         tokens, rows = alone[tuple(prompt)]
         assert got[i] == tokens, i
@@ -131,7 +132,7 @@ def test_a_closed_stream_frees_its_slot_at_the_next_step(bloom):
         assert len([e for e in c if e.token_id is not None]) == 4  # got a's slot while b runs
         b.close()
         model.generate(PROMPTS[3], max_new_tokens=2)
-        assert model.scheduler.load == (0, 0) and not model._busy
+        assert model.scheduler.load == (0, 0) and not model.engine.busy
 
 
 @pytest.mark.parametrize("kind", ["bloom", "t5_ct2"])
@@ -142,8 +143,8 @@ def test_cancel_from_another_thread_ends_a_running_and_a_waiting_request(kind, r
     prompts = PROMPTS if kind == "bloom" else CT2_SOURCES
     with pocketlm.load(path, threads=2, parallel=1 if kind == "bloom" else 2) as model:
         model.scheduler.window = 0  # CTranslate2: no batch window, so the second request waits
-        running = model.scheduler.stream_tokens(prompts[0], max_new_tokens=200, min_new_tokens=200)
-        waiting = model.scheduler.stream_tokens(prompts[1], max_new_tokens=200, min_new_tokens=200)
+        running = model.stream_tokens(prompts[0], max_new_tokens=200, min_new_tokens=200)
+        waiting = model.stream_tokens(prompts[1], max_new_tokens=200, min_new_tokens=200)
         read: dict[str, list] = {"running": [], "waiting": []}
 
         def reader(name, stream):
@@ -170,13 +171,13 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(bloom):
     with pocketlm.load(bloom, threads=2, parallel=2, n_ctx=512) as model:
         model.scheduler.prefill_chunk = 64
         fed: list[list[int]] = []
-        evaluate = model._evaluate
+        evaluate = model.engine.evaluate
 
         def spy(work):
             fed.append([len(tokens) for _, tokens, _ in work])
             return evaluate(work)
 
-        model._evaluate = spy
+        model.engine.evaluate = spy
         # the scheduler decodes ahead of its reader: this one is still running when the long one comes
         running = model.stream_tokens(PROMPTS[0], max_new_tokens=400, min_new_tokens=400)
         next(running)
@@ -195,16 +196,16 @@ def test_the_kv_budget_is_never_overcommitted(bloom):
     # 256 cells: each request reserves prompt + 40; the third of these must wait
     with pocketlm.load(bloom, threads=2, parallel=3, n_ctx=256, kv_cells=100) as model:
         peak = []
-        admit = model._admit
+        admit = model.engine.admit
 
         def spy(seq, reserve, followers=()):
             admit(seq, reserve, followers)
-            peak.append(sum(model._busy.values()))
+            peak.append(sum(model.engine.busy.values()))
 
-        model._admit = spy
+        model.engine.admit = spy
         results = model.generate([PROMPTS[0], PROMPTS[1], PROMPTS[0]], options)
         assert [r.token_ids for r in results] == [expected[0], expected[1], expected[0]]
-        assert max(peak) <= model.kv_cells
+        assert max(peak) <= model.engine.kv_cells
 
 
 def test_t5_gguf_sequences_arriving_together_match_each_alone(t5_gguf):
@@ -257,7 +258,7 @@ def test_ctranslate2_requests_waiting_together_run_as_one_batch(t5_ct2):
         alone = [model.generate(s, options) for s in CT2_SOURCES]
     with pocketlm.load(t5_ct2, parallel=4) as model:
         assert model.info.parallel == 4
-        batch = model.scheduler.generate_batch(CT2_SOURCES, options)  # submitted together: one batch
+        batch = model.generate_batch(CT2_SOURCES, options)  # submitted together: one batch
         assert model.scheduler.steps == 1
         streams = [model.stream_tokens(s, options) for s in CT2_SOURCES]  # one by one: the first
         results = []  # starts alone, those arriving meanwhile go together
@@ -277,7 +278,7 @@ def test_ctranslate2_batches_stop_each_request_on_its_own(t5_ct2):
         short = model.generate(CT2_SOURCES[0], max_new_tokens=3).token_ids
         sampled = model.generate(CT2_SOURCES[2], max_new_tokens=8, temperature=0.8, seed=3).token_ids
     with pocketlm.load(t5_ct2, parallel=4) as model:
-        results = model.scheduler.generate_batch([CT2_SOURCES[1], CT2_SOURCES[0]], GenerationOptions(max_new_tokens=12))
+        results = model.generate_batch([CT2_SOURCES[1], CT2_SOURCES[0]], GenerationOptions(max_new_tokens=12))
         assert results[0].token_ids == long
         cut = model.stream_tokens(CT2_SOURCES[0], max_new_tokens=3)
         seeded = model.stream_tokens(CT2_SOURCES[2], max_new_tokens=8, temperature=0.8, seed=3)
@@ -292,10 +293,10 @@ def test_ctranslate2_batches_stop_each_request_on_its_own(t5_ct2):
 
 def _score_one_by_one(model, prompt, candidates):
     """The definition: each candidate's log-likelihood from its own teacher-forced logits."""
-    context = model._prompt_ids(prompt)
+    context = model.prompt_ids(prompt)
     out = []
     for cand in candidates:
-        logits = model._continuation_logits(context, cand).astype(np.float64)
+        logits = model.engine.continuation_logits(context, cand).astype(np.float64)
         logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         out.append(float(np.sum(logits[np.arange(len(cand)), cand] - logz)))
     return out
@@ -311,13 +312,13 @@ def test_score_shares_the_prompt_and_batches_the_candidates(bloom, parallel):
         expected = _score_one_by_one(model, prompt, CANDIDATES)
     with pocketlm.load(bloom, threads=2, parallel=parallel) as model:
         calls = []
-        evaluate = model._s.evaluate
+        evaluate = model.engine._s.evaluate
 
         def counting(entries, **kw):
             calls.append(sum(len(tokens) for _, tokens, _, _ in entries))
             return evaluate(entries, **kw)
 
-        model._s.evaluate = counting
+        model.engine._s.evaluate = counting
         got = model.score(prompt, CANDIDATES)
         first = list(calls)
         again = model.score(prompt, CANDIDATES)  # the prompt is still cached: only its last token is read
@@ -354,7 +355,7 @@ def test_info_reports_how_a_server_would_batch(bloom, capsys):
     assert run["serving_parallel"] == 16 and run["serving_kv_cells"] == 16384  # 16 x 2048, capped
     with pocketlm.load(bloom, threads=2, parallel="auto") as model:
         assert model.info.parallel == 16
-        assert model.kv_cells == run["serving_kv_cells"] and model._s.kv_bytes == run["serving_kv_bytes"]
+        assert model.engine.kv_cells == run["serving_kv_cells"] and model.info.kv_bytes == run["serving_kv_bytes"]
 
 
 def _penalized_greedy(model, prompt, n, presence, frequency):
@@ -363,8 +364,8 @@ def _penalized_greedy(model, prompt, n, presence, frequency):
 
     tokens: list[int] = []
     for _ in range(n):
-        if hasattr(model, "_start_token"):
-            logits = model.logits(prompt, [model._start_token, *tokens])[-1]
+        if hasattr(model.engine, "start_token"):
+            logits = model.logits(prompt, [model.engine.start_token, *tokens])[-1]
         else:
             logits = model.logits(prompt + tokens)[-1]
         tokens.append(int(np.argmax(penalize_openai(logits, tokens, presence, frequency))))

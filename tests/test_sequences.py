@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from stepping import advance, start
 
 import pocketlm
 from pocketlm.converters import convert
@@ -25,24 +26,24 @@ def gguf(tmp_path_factory):
 
 def _greedy(model, seqs, steps):
     """Start every sequence, then advance all of them together; each one's logits per step."""
-    with model._lock:  # the primitives are called holding the engine lock
-        rows = [[model._start(seq)] for seq in seqs]
+    with model.engine.lock:  # the primitives are called holding the engine lock
+        rows = [[start(model.engine, seq)] for seq in seqs]
         for _ in range(steps):
             tokens = [int(np.argmax(r[-1])) for r in rows]
-            for r, out in zip(rows, model._advance(seqs, tokens)):
+            for r, out in zip(rows, advance(model.engine, seqs, tokens)):
                 r.append(out)
         for seq in seqs:
-            model._release(seq)
+            model.engine.release(seq)
     return [np.stack(r) for r in rows]
 
 
 def test_sequences_decoded_together_match_each_alone(gguf):
     options = GenerationOptions(max_new_tokens=STEPS)
     with pocketlm.load(gguf, threads=2) as model:
-        alone = [_greedy(model, [model._decoding(p, options)], STEPS)[0] for p in PROMPTS]
+        alone = [_greedy(model, [model.decoding(p, options)], STEPS)[0] for p in PROMPTS]
     with pocketlm.load(gguf, threads=2, parallel=len(PROMPTS)) as model:
         assert model.parallel_sequences == len(PROMPTS)
-        seqs = [model._decoding(p, options) for p in PROMPTS]
+        seqs = [model.decoding(p, options) for p in PROMPTS]
         together = _greedy(model, seqs, STEPS)
         assert sorted(seq.slot for seq in seqs) == list(range(len(PROMPTS)))
     for a, b in zip(alone, together):
@@ -56,11 +57,11 @@ def test_a_free_slot_with_the_longest_shared_prefix_is_reused(gguf):
         first = model.generate(PROMPTS[0], options)
         model.generate(PROMPTS[1], options)  # fills the other slot
         extended = PROMPTS[0] + first.token_ids[:2]
-        seq = model._decoding(extended, options)
-        with model._lock:
-            logits = model._start(seq)
-            assert seq.slot == model._slots.index(extended) and model._slots[seq.slot] == extended
-            model._release(seq)
+        seq = model.decoding(extended, options)
+        with model.engine.lock:
+            logits = start(model.engine, seq)
+            assert seq.slot == model.engine._slots.index(extended) and model.engine._slots[seq.slot] == extended
+            model.engine.release(seq)
         fresh = model.logits(extended)[-1]
         assert np.abs(logits - fresh).max() <= 1e-4 * np.abs(fresh).max()
 
@@ -68,12 +69,12 @@ def test_a_free_slot_with_the_longest_shared_prefix_is_reused(gguf):
 def test_every_slot_busy_is_a_clear_error(gguf):
     options = GenerationOptions(max_new_tokens=2)
     with pocketlm.load(gguf, threads=2) as model:
-        held = [model._decoding(PROMPTS[0], options) for _ in range(model.sequence_slots)]
-        with model._lock:
+        held = [model.decoding(PROMPTS[0], options) for _ in range(model.engine.sequence_slots)]
+        with model.engine.lock:
             for seq in held:
-                model._start(seq)
+                start(model.engine, seq)
             with pytest.raises(GenerationError, match="sequences of the KV cache are in use"):
-                model._start(model._decoding(PROMPTS[1], options))
+                start(model.engine, model.decoding(PROMPTS[1], options))
             for seq in held:
-                model._release(seq)
+                model.engine.release(seq)
         assert model.generate(PROMPTS[1], options).token_ids

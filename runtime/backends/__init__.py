@@ -7,6 +7,9 @@ machine (`probe`), its part of the decision table as a pure function (`decide`),
 a model, and what `info` and `doctor` say about it. `load()`, `choose()`, `pocketlm info`,
 `pocketlm doctor` and the CLI's `--backend`/`--device` choices iterate over `backends()`, so
 a new engine is one new file in this folder.
+
+The registry imports only leaves (the data types of runtime/loading/facts.py, the converters'
+core), so the loading modules that iterate over it are never imported back.
 """
 
 from __future__ import annotations
@@ -18,11 +21,18 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pocketlm.converters.core.errors import ModelLoadError
 from pocketlm.converters.core.plugins import import_modules
+from pocketlm.loading.facts import Choice, ModelFacts, ModelSource, PlatformFacts
 
 if TYPE_CHECKING:
-    from pocketlm.core.model import Model
-    from pocketlm.loading.platform import Choice, ModelFacts, PlatformFacts
-    from pocketlm.loading.source import ModelSource
+    from pocketlm.core.engine import Engine
+
+
+def package_version(package: str) -> str | None:
+    """The installed version of a pip distribution (None when it is not installed)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 class Backend(ABC):
@@ -46,8 +56,9 @@ class Backend(ABC):
         return {}
 
     @abstractmethod
-    def open(self, source: ModelSource, choice: Choice, n_ctx: int | None, **options: Any) -> Model:
-        """Load the model as `choice` decided (device, threads, compute type, reasons)."""
+    def open(self, source: ModelSource, choice: Choice, n_ctx: int | None, **options: Any) -> Engine:
+        """Load the model as `choice` decided (device, threads, compute type, reasons): the
+        engine a `Model` will hold (core/engine.py)."""
 
     # -- the machine ------------------------------------------------------------------------
     def probe(self) -> Any:
@@ -75,10 +86,8 @@ class Backend(ABC):
         return model.size_bytes
 
     def version(self) -> str | None:
-        try:
-            return importlib.metadata.version(self.package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
+        """The installed version of the engine's package (None when it is not installed)."""
+        return package_version(self.package)
 
     def report(self, facts: Any) -> dict[str, Any]:
         """`pocketlm doctor`'s lines about this engine, from its probe."""

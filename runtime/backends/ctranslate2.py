@@ -1,8 +1,8 @@
 """The CTranslate2 backend: encoder-decoder models (T5 family) in CTranslate2 folders.
 
 CTranslate2 takes token strings; the converter wrote one unique string per id, so ids map
-to strings and back exactly. Decoding runs inside CTranslate2 (`generate_tokens` streams
-it); teacher-forced logits come from `translate_batch(..., return_logits_vocab=True)`.
+to strings and back exactly. Decoding runs inside CTranslate2 (`translate_batch` calls back
+with each token); teacher-forced logits come from `translate_batch(..., return_logits_vocab=True)`.
 
 Decision table (`decide`):
   CUDA device visible to CTranslate2   cuda, int8_bfloat16 / bfloat16 (T5 overflows in float16)
@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,10 @@ from pocketlm.backends import Backend, register
 from pocketlm.converters.core import engine
 from pocketlm.converters.core.ct2_file import is_ct2_folder, read_folder_metadata, read_model_bin
 from pocketlm.converters.core.errors import ModelLoadError, PocketLMError
-from pocketlm.core.generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob, TokenStream
-from pocketlm.core.model import Decoding, Model, ModelInfo, Prompt, Seq2Seq
-from pocketlm.core.search import logprobs_of
+from pocketlm.core.engine import BatchEngine, ModelInfo, Seq2Seq
+from pocketlm.core.generation import GenerationOptions
+from pocketlm.core.sequence import Decoding
+from pocketlm.core.text import BytePieces
 from pocketlm.core.tokenizer import IncrementalDecoder, load_tokenizer, require
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_INPUT = 1024
 
 
-class CT2Seq2SeqModel(Seq2Seq, Model):
-    batches_prompts = True
+class CT2Engine(Seq2Seq, BatchEngine):
+    """A T5-family model in a CTranslate2 folder: CTranslate2 decodes batches by itself."""
 
     def __init__(
         self,
@@ -64,7 +64,7 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
             raise ModelLoadError(f"{vocab_path}: unreadable vocabulary ({e})") from None
         self._index = {tok: i for i, tok in enumerate(self._vocab)}
         config = meta.get("ct2_config") or {}
-        self._start_token = int(
+        self.start_token = int(
             meta.get("decoder_start_token_id", self._index.get(config.get("decoder_start_token", "<pad>"), 0))
         )
         self._eos = int(meta.get("eos_token_id", self._index.get(config.get("eos_token", "</s>"), 1)))
@@ -101,13 +101,16 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
     def detokenize(self, ids: Sequence[int]) -> str:
         return require(self._tokenizer, self.info.path).decode(ids)
 
-    def _detokenizer(self) -> IncrementalDecoder | Any:
+    def detokenizer(self) -> IncrementalDecoder | BytePieces:
         if self._tokenizer is None:
-            return _Silent()
+            return BytePieces(lambda token: b"")
         return IncrementalDecoder(self._tokenizer)
 
-    def _is_end(self, token: int) -> bool:
+    def is_end(self, token: int) -> bool:
         return token == self._eos
+
+    def end_ids(self) -> list[int]:
+        return [self._eos]
 
     def token_bytes(self, token: int) -> bytes:
         if self._tokenizer is None:
@@ -122,8 +125,8 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
         """float32 [len(decoder_input_ids), vocab]: next-token logits at each decoder position.
 
         `decoder_input_ids` starts with the decoder start token (default: just that token)."""
-        src, dec = self._decoder_ids(input_ids, decoder_input_ids)
-        with self._lock:
+        src, dec = self.decoder_ids(input_ids, decoder_input_ids)
+        with self.lock:
             return self._logits_unlocked(src, dec)
 
     def _logits_unlocked(self, src: list[int], dec: list[int]) -> np.ndarray:
@@ -139,10 +142,10 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
         )[0]
         return np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in result.logits[0]])
 
-    def _continuations_logits(self, context: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
+    def continuations_logits(self, context: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
         """Every candidate teacher-forced in one translate_batch (the source once per entry)."""
         source = self._strings(context)
-        with self._lock:
+        with self.lock:
             results = self._translator.translate_batch(
                 [source] * len(continuations),
                 target_prefix=[self._strings(c[:-1]) for c in continuations],
@@ -168,10 +171,9 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
     def _generate_stepwise(self, seq: Decoding, max_new: int) -> Iterator[int]:
         """Token by token with PocketLM's sampler: the next-token logits are recomputed for each
         step (the prefix re-decoded: slower, but exactly what the sampler defines)."""
-        decoded = [self._start_token]
-        for i in range(max_new):
-            banned = [self._eos] if i < seq.options.min_new_tokens else []
-            token = seq.sampler(self._logits_unlocked(seq.ids, decoded)[-1], decoded, banned, decoded[1:])
+        decoded = [self.start_token]
+        for _ in range(max_new):
+            token = seq.sampler(self._logits_unlocked(seq.ids, decoded)[-1], decoded, generated=decoded[1:])
             yield token
             if token == self._eos:
                 return
@@ -194,84 +196,18 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
             )
         return decoding
 
-    def _generate_ids(self, seq: Decoding, max_new: int) -> Iterator[int]:
-        if self._stepwise(seq.options):
-            yield from self._generate_stepwise(seq, max_new)
-            return
-        produced = 0
-        for step in self._translator.generate_tokens(
-            self._strings(seq.ids), **self._decoding_options(seq.options, max_new)
-        ):
-            produced += 1
-            yield step.token_id
-        if produced < max_new:  # stopped on end of sequence, which CTranslate2 does not yield
-            yield self._eos
+    # -- decoding (core/scheduler.py BatchScheduler forms the batches) ---------------------------
+    def batch_key(self, options: GenerationOptions) -> Hashable | None:
+        """Requests decoded in one batch share CTranslate2's decoding options; beams, several
+        samples and log-probabilities are decoded whole (`decode_group`), alone."""
+        if options.sequences > 1 or options.logprobs is not None:
+            return None
+        if self._stepwise(options):  # token by token, one after the other (see _stepwise)
+            return ("stepwise", id(options))
+        sampling = () if options.greedy else (options.temperature, options.top_k, options.top_p)
+        return (options.repetition_penalty, options.min_new_tokens, options.no_repeat_ngram_size, *sampling)
 
-    def generate_batch(
-        self, prompts: list[Prompt], options: GenerationOptions | None = None, /, **kwargs: Any
-    ) -> list[GenerationResult]:
-        """All prompts decoded together by CTranslate2 (one batch), same options as generate()."""
-        opts = GenerationOptions.of(options, **kwargs)
-        if self._stepwise(opts) or self._is_group(opts):  # one by one (see _stepwise, _group_events)
-            return super().generate_batch(prompts, opts)
-        seqs = [self._decoding(p, opts) for p in prompts]
-        budget = self._budget(0, opts.max_new_tokens)
-        with self._lock:
-            started = time.perf_counter()
-            if budget <= 0:
-                outputs: list[list[int]] = [[] for _ in seqs]
-            else:
-                batch = self._translator.translate_batch(
-                    [self._strings(seq.ids) for seq in seqs],
-                    beam_size=1,
-                    return_end_token=True,
-                    **self._decoding_options(opts, budget),
-                )
-                outputs = [[self._index[t] for t in r.hypotheses[0]] for r in batch]
-        for seq, out in zip(seqs, outputs):
-            seq.started = started
-            for _ in self._render(seq, out):
-                pass
-        return [seq.result for seq in seqs]
-
-    # -- several sequences of one prompt, log-probabilities ----------------------------------
-    @staticmethod
-    def _is_group(options: GenerationOptions) -> bool:
-        """Requests decoded whole before their events go out: beams, several samples, logprobs
-        (computed afterwards, teacher-forced, so they are the model's own)."""
-        return options.sequences > 1 or options.logprobs is not None
-
-    def _stream_alone(self, prompt: Prompt, options: GenerationOptions) -> TokenStream:
-        if not self._is_group(options):
-            return super()._stream_alone(prompt, options)
-        seq = self._decoding(prompt, options)
-
-        def events() -> Iterator[StreamEvent]:
-            with self._lock:
-                seq.started = time.perf_counter()
-                yield from self._group_events(seq, self._budget(len(seq.ids), options.max_new_tokens))
-
-        return TokenStream(events(), seq.result)
-
-    def _group_events(self, seq: Decoding, budget: int) -> Iterator[StreamEvent]:
-        """Decode a group request, then hand out each sequence's events (`index` says whose)."""
-        o = seq.options
-        hypotheses = self._decode_group(seq, budget) if budget > 0 else [([], None)] * o.num_return_sequences
-        logprobs: list[list[TokenLogprob] | None] = [None] * len(hypotheses)
-        if o.logprobs is not None:
-            asked = [tokens for tokens, _ in hypotheses if tokens]
-            rows = iter(self._continuations_logits(seq.ids, asked) if asked else [])
-            logprobs = [logprobs_of(next(rows), t, o.logprobs) if t else [] for t, _ in hypotheses]
-        results = []
-        for i, ((tokens, score), lps) in enumerate(zip(hypotheses, logprobs)):
-            d = seq if i == 0 else self._decoding_from(seq, i)
-            d.started = seq.started
-            yield from self._render(d, tokens, lps)
-            d.result.score = score
-            results.append(d.result)
-        seq.result.others = results[1:]
-
-    def _decode_group(self, seq: Decoding, budget: int) -> list[tuple[list[int], float | None]]:
+    def decode_group(self, seq: Decoding, budget: int) -> list[tuple[list[int], float | None]]:
         """The token ids (an end token included when produced) and score of each sequence."""
         o = seq.options
         source = self._strings(seq.ids)
@@ -297,7 +233,8 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
             ]
         n = o.num_return_sequences
         if self._stepwise(o):
-            samples = [seq] + [self._decoding_from(seq, i) for i in range(1, n)]
+            history = self.penalty_history(seq.ids)
+            samples = [seq] + [seq.sibling(i, self.detokenizer(), history) for i in range(1, n)]
             return [(list(self._generate_stepwise(d, budget)), None) for d in samples]
         copies = 1 if o.greedy else n  # greedy samples are all the same
         results = self._translator.translate_batch(
@@ -309,20 +246,7 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
         tokens = [[self._index[t] for t in r.hypotheses[0]] for r in results]
         return [(list(tokens[i % copies]), None) for i in range(n)]
 
-    # -- decoding many requests together (runtime/core/scheduler.py EngineBatches) -----------------
-    def _make_scheduler(self) -> Any:
-        from pocketlm.core.scheduler import EngineBatches
-
-        return EngineBatches(self)
-
-    def _batch_key(self, options: GenerationOptions) -> tuple[Any, ...]:
-        """Requests decoded in one batch share CTranslate2's decoding options."""
-        if self._stepwise(options) or self._is_group(options):
-            return ("alone", id(options))  # token by token, or decoded whole (see _stepwise, _is_group)
-        sampling = () if options.greedy else (options.temperature, options.top_k, options.top_p)
-        return (options.repetition_penalty, options.min_new_tokens, options.no_repeat_ngram_size, *sampling)
-
-    def _decode_batch(self, seqs: list[Decoding], budgets: list[int], on_token: Any) -> None:
+    def decode_batch(self, seqs: list[Decoding], budgets: list[int], on_token: Callable[[int, int], bool]) -> None:
         """Decode several sequences in one translate_batch, each token handed to
         `on_token(index, token)` as it comes; a True answer stops that sequence."""
         options = seqs[0].options
@@ -355,19 +279,10 @@ class CT2Seq2SeqModel(Seq2Seq, Model):
                 on_token(i, self._eos)
 
     def close(self) -> None:
-        self._stop_scheduler()
         translator = getattr(self, "_translator", None)
         if translator is not None:
             translator.unload_model()
             self._translator = None
-
-
-class _Silent:
-    def push(self, token: int) -> bytes:
-        return b""
-
-    def flush(self) -> bytes:
-        return b""
 
 
 @dataclass(frozen=True)
@@ -387,7 +302,7 @@ class CTranslate2(Backend):
 
     # -- models -----------------------------------------------------------------------------
     def inspect(self, path: Path) -> Any:
-        from pocketlm.loading.source import ModelSource
+        from pocketlm.loading.facts import ModelSource
 
         if not (path.is_dir() and is_ct2_folder(path)):
             return None
@@ -425,8 +340,8 @@ class CTranslate2(Backend):
             "metadata": {**meta, "aliases": len(aliases)},
         }
 
-    def open(self, source: Any, choice: Any, n_ctx: int | None, **options: Any) -> Model:
-        return CT2Seq2SeqModel(
+    def open(self, source: Any, choice: Any, n_ctx: int | None, **options: Any) -> CT2Engine:
+        return CT2Engine(
             source.path,
             device=choice.device,
             threads=choice.threads,
@@ -449,7 +364,7 @@ class CTranslate2(Backend):
             return CT2Facts(0, frozenset({"float32"}))
 
     def decide(self, model: Any, facts: Any, device: str, threads: int, reasons: list[str]) -> Any:
-        from pocketlm.loading.platform import Choice
+        from pocketlm.loading.facts import Choice
 
         ct2 = facts.engine(self.name) or CT2Facts(0, frozenset({"float32"}))
         quant = model.quant or ""

@@ -8,7 +8,7 @@ sequences so a prompt that extends one only evaluates its new tokens.
 The KV cache holds `n_seq` requests (one unless asked) in its slots (sequence ids; at least
 MAX_SEQUENCES, for samples and beams), each slot knowing its tokens. A new request takes the
 free slot whose cached tokens share the longest prefix with its prompt; its other sequences
-take free slots and copy its cells (`_fork`); `_evaluate` runs the tokens of several
+take free slots and copy its cells (`fork`); `evaluate` runs the tokens of several
 sequences in one llama.cpp batch.
 """
 
@@ -25,12 +25,14 @@ from pocketlm.backends.llama_common import LlamaSession, OwnsSession
 from pocketlm.converters.architectures import get as get_architecture
 from pocketlm.converters.core.errors import GenerationError, ModelLoadError
 from pocketlm.converters.core.gguf_file import GGUFHeader
-from pocketlm.core.model import BytePieces, Decoding, StepModel
+from pocketlm.core.engine import StepEngine
+from pocketlm.core.sequence import Decoding
+from pocketlm.core.text import BytePieces
 
 DEFAULT_MAX_CTX = 2048
 
 
-class LlamaCppModel(OwnsSession, StepModel):
+class LlamaCausalEngine(OwnsSession, StepEngine):
     """A causal (decoder-only) GGUF model such as BLOOMZ."""
 
     def __init__(
@@ -80,16 +82,16 @@ class LlamaCppModel(OwnsSession, StepModel):
     def token_bytes(self, token: int) -> bytes:
         return self._s.piece(token) if self._s.has_vocab else f"<{token}>".encode()
 
-    def _detokenizer(self) -> BytePieces:
+    def detokenizer(self) -> BytePieces:
         return BytePieces(self._s.piece)  # byte-level pieces; TextStream reassembles split UTF-8
 
-    def _end_ids(self) -> list[int]:
+    def end_ids(self) -> list[int]:
         s = self._s
         if not s.has_vocab:
             return sorted(self._eos_without_vocab)
         return sorted(t for t in {s.llama.llama_vocab_eos(s.vocab), s.llama.llama_vocab_eot(s.vocab)} if t >= 0)
 
-    def _is_end(self, token: int) -> bool:
+    def is_end(self, token: int) -> bool:
         if self._s.has_vocab:
             return bool(self._s.llama.llama_vocab_is_eog(self._s.vocab, token))
         return token in self._eos_without_vocab
@@ -112,7 +114,7 @@ class LlamaCppModel(OwnsSession, StepModel):
         (always re-evaluating at least the prompt's last token, for its logits)."""
         best, keep = -1, -1
         for slot, cached in enumerate(self._slots):
-            if slot in self._busy:
+            if slot in self.busy:
                 continue
             shared = 0
             for a, b in zip(cached, ids[:-1]):
@@ -125,19 +127,19 @@ class LlamaCppModel(OwnsSession, StepModel):
             raise GenerationError(f"all {len(self._slots)} sequences of the KV cache are in use")
         return best, keep
 
-    def _admit(self, seq: Decoding, reserve: int, followers: Sequence[Decoding] = ()) -> None:
+    def admit(self, seq: Decoding, reserve: int, followers: Sequence[Decoding] = ()) -> None:
         slot, keep = self._take_slot(seq.ids)
         self._forget(slot, keep)
-        self._busy[slot] = reserve
+        self.busy[slot] = reserve
         for follower in followers:  # the least recently used free slots
-            other = min((s for s in range(len(self._slots)) if s not in self._busy), key=lambda s: self._last_used[s])
+            other = min((s for s in range(len(self._slots)) if s not in self.busy), key=lambda s: self._last_used[s])
             self._forget(other)
-            self._busy[other] = 0
+            self.busy[other] = 0
             follower.slot, follower.position = other, 0
         self._make_room(slot)
         seq.slot, seq.position = slot, keep
 
-    def _fork(self, src: Decoding, dst: Decoding) -> None:
+    def fork(self, src: Decoding, dst: Decoding) -> None:
         self._s.share(src.slot, dst.slot, src.position)
         self._slots[dst.slot] = self._slots[src.slot][: src.position]
         dst.position = src.position
@@ -150,23 +152,23 @@ class LlamaCppModel(OwnsSession, StepModel):
     def sequence_slots(self) -> int:
         return len(self._slots)
 
-    def _reservation(self, seq: Decoding, max_new: int, sequences: int = 1) -> int:
+    def reservation(self, seq: Decoding, max_new: int, sequences: int = 1) -> int:
         return min(len(seq.ids) + max_new, self.info.n_ctx) + (sequences - 1) * max_new
 
-    def _can_admit(self, reserve: int, seq: Decoding | None = None, slots: int = 1) -> bool:
-        return len(self._busy) + slots <= len(self._slots) and sum(self._busy.values()) + reserve <= self.kv_cells
+    def can_admit(self, reserve: int, seq: Decoding | None = None, slots: int = 1) -> bool:
+        return len(self.busy) + slots <= len(self._slots) and sum(self.busy.values()) + reserve <= self.kv_cells
 
     def _make_room(self, keep_slot: int) -> None:
         """Idle slots' caches give way to what running sequences have reserved."""
-        idle = [s for s in range(len(self._slots)) if s not in self._busy and self._slots[s]]
-        used = sum(self._busy.values()) + sum(len(self._slots[s]) for s in idle)
+        idle = [s for s in range(len(self._slots)) if s not in self.busy and self._slots[s]]
+        used = sum(self.busy.values()) + sum(len(self._slots[s]) for s in idle)
         for slot in sorted(idle, key=lambda s: self._last_used[s]):
             if used <= self.kv_cells:
                 break
             used -= len(self._slots[slot])
             self._forget(slot)
 
-    def _evaluate(self, work: list[tuple[Decoding, list[int], bool]]) -> list[np.ndarray | None]:
+    def evaluate(self, work: list[tuple[Decoding, list[int], bool]]) -> list[np.ndarray | None]:
         entries = [(seq.slot, tokens, seq.position, want) for seq, tokens, want in work]
         out = self._engine(self._s.evaluate, entries)
         for seq, tokens, _ in work:
@@ -174,38 +176,40 @@ class LlamaCppModel(OwnsSession, StepModel):
             self._slots[seq.slot].extend(tokens)
         return out
 
-    def _release(self, seq: Decoding) -> None:
-        if self._busy.pop(seq.slot, None) is not None:  # its cache stays: a later prompt may extend it
+    def release(self, seq: Decoding) -> None:
+        if self.busy.pop(seq.slot, None) is not None:  # its cache stays: a later prompt may extend it
             self._last_used[seq.slot] = next(self._clock)
-            super()._release(seq)
+            super().release(seq)
 
-    def logits(self, input_ids: Sequence[int]) -> np.ndarray:
+    def logits(self, input_ids: Sequence[int], decoder_input_ids: Sequence[int] | None = None) -> np.ndarray:
         """float32 [len(input_ids), vocab]: next-token logits at every position."""
+        if decoder_input_ids is not None:
+            raise GenerationError("decoder_input_ids: this is a causal model (it has no decoder of its own)")
         ids = [int(t) for t in input_ids]
         if not ids:
             return np.zeros((0, self.info.vocab_size), dtype=np.float32)
         if len(ids) > self.info.n_ctx:
             raise GenerationError(f"{len(ids)} tokens exceed the context of {self.info.n_ctx}")
-        with self._lock:
-            self._freed.wait_for(lambda: len(self._busy) < len(self._slots))
+        with self.lock:
+            self.freed.wait_for(lambda: len(self.busy) < len(self._slots))
             slot, _ = self._take_slot(ids)
             self._forget(slot)
-            self._busy[slot] = len(ids)
+            self.busy[slot] = len(ids)
             self._make_room(slot)
             try:
-                out = self._engine(self._s.run, ids, 0, all_logits=True, seq=slot)
+                out = self._engine(self._s.evaluate, [(slot, ids, 0, "all")])[0]
             finally:
-                del self._busy[slot]
+                del self.busy[slot]
             self._slots[slot] = list(ids)
             return out
 
-    def _continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
+    def continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
         full = context + continuation
         if len(full) > self.info.n_ctx:
             raise GenerationError(f"prompt + candidate ({len(full)} tokens) exceed the context of {self.info.n_ctx}")
         return self.logits(full)[len(context) - 1 : -1]
 
-    def _continuations_logits(self, context: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
+    def continuations_logits(self, context: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
         """The prompt is evaluated once; the candidates continue its cache, each as a sequence of
         its own in one batch when free slots allow (else one after the other on the same slot)."""
         longest = max(len(c) for c in continuations)
@@ -214,12 +218,12 @@ class LlamaCppModel(OwnsSession, StepModel):
                 f"prompt + candidate ({len(context) + longest} tokens) exceed the context of {self.info.n_ctx}"
             )
         n = len(context)
-        with self._lock:
-            self._freed.wait_for(lambda: len(self._busy) < len(self._slots))
+        with self.lock:
+            self.freed.wait_for(lambda: len(self.busy) < len(self._slots))
             slot, keep = self._take_slot([*context, -1])  # the whole prompt may be reused, but for
             keep = min(keep, n - 1)  # its last token, whose logits predict each candidate's first
             self._forget(slot, keep)
-            self._busy[slot] = n + longest
+            self.busy[slot] = n + longest
             self._make_room(slot)
             try:
                 first = self._engine(self._s.evaluate, [(slot, context[keep:], keep, True)])[0]
@@ -227,8 +231,8 @@ class LlamaCppModel(OwnsSession, StepModel):
                 rows = self._score_candidates(slot, n, continuations)
             finally:
                 self._forget(slot, n)  # keep the prompt cached: the next question may share it
-                del self._busy[slot]
-                self._freed.notify_all()
+                del self.busy[slot]
+                self.freed.notify_all()
         return [np.concatenate([first[None], r])[: len(c)] for c, r in zip(continuations, rows)]
 
     def _score_candidates(self, slot: int, n: int, continuations: list[list[int]]) -> list[np.ndarray]:
@@ -236,12 +240,12 @@ class LlamaCppModel(OwnsSession, StepModel):
         tokens of `slot`'s cache."""
         tails = [c[:-1] for c in continuations]  # the last token's logits predict nothing asked
         vocab = self.info.vocab_size
-        free = [s for s in range(len(self._slots)) if s not in self._busy][: len(continuations)]
+        free = [s for s in range(len(self._slots)) if s not in self.busy][: len(continuations)]
         if len(continuations) > 1 and len(free) == len(continuations):
             for s, tail in zip(free, tails):
                 self._forget(s)
                 self._s.share(slot, s, n)  # the prompt's cells, shared: not evaluated again
-                self._busy[s] = len(tail)
+                self.busy[s] = len(tail)
             try:
                 entries = [(s, t, n, "all") for s, t in zip(free, tails) if t]
                 out = iter(self._engine(self._s.evaluate, entries))
@@ -250,7 +254,7 @@ class LlamaCppModel(OwnsSession, StepModel):
                 for s in free:
                     self._s.clear(0, s)
                     self._slots[s] = []
-                    del self._busy[s]
+                    del self.busy[s]
         rows = []
         for tail in tails:
             self._s.clear(n, slot)

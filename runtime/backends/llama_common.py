@@ -25,9 +25,9 @@ from pocketlm.converters.core.engine import extra_buffer_types
 from pocketlm.converters.core.errors import GenerationError, ModelLoadError
 from pocketlm.converters.core.formats import gguf_quant_name
 from pocketlm.converters.core.gguf_file import GGUFHeader, read_header
+from pocketlm.core.engine import ModelInfo
 from pocketlm.core.generation import MAX_SEQUENCES
-from pocketlm.core.model import ModelInfo
-from pocketlm.loading.platform import available_ram_bytes, ram_bytes
+from pocketlm.loading.machine import available_ram_bytes, ram_bytes
 
 log = logging.getLogger(__name__)
 
@@ -270,38 +270,6 @@ class LlamaSession:
         else:
             self.llama.llama_memory_seq_rm(self.memory, -1 if seq is None else seq, keep, -1)
 
-    def run(
-        self, ids: Sequence[int], start: int, all_logits: bool, encode: bool = False, seq: int = 0
-    ) -> np.ndarray | None:
-        """Evaluate `ids` at positions start.. of sequence `seq` (decoder, or encoder with
-        `encode`); return the logits of every token, of the last one, or nothing (encoding)."""
-        out = []
-        b = self.batch
-        step = self.n_batch
-        for lo in range(0, len(ids), step):
-            chunk = ids[lo : lo + step]
-            last_chunk = lo + step >= len(ids)
-            for i, tok in enumerate(chunk):
-                b.token[i] = tok
-                b.pos[i] = start + lo + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = seq
-                b.logits[i] = encode or all_logits or (last_chunk and i == len(chunk) - 1)
-            b.n_tokens = len(chunk)
-            rc = (self.llama.llama_encode if encode else self.llama.llama_decode)(self.ctx, b)
-            if rc != 0:
-                self.clear()
-                raise GenerationError(
-                    f"llama.cpp {'encode' if encode else 'decode'} failed (code {rc}): {engine.recent_log()}"
-                )
-            rows = 0 if encode else len(chunk) if all_logits else int(last_chunk)
-            if rows:
-                ptr = self.llama.llama_get_logits(self.ctx)
-                out.append(np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab)).copy())
-        if encode:
-            return None
-        return np.concatenate(out) if all_logits else out[-1][0]
-
     def evaluate(
         self, entries: Sequence[tuple[int | tuple[int, ...], Sequence[int], int, bool | str]], encode: bool = False
     ) -> list[np.ndarray | None]:
@@ -359,12 +327,9 @@ class LlamaSession:
 
 
 class OwnsSession:
-    """close() and the finaliser of a model that holds its LlamaSession in `_s`."""
+    """close() and the finaliser of an engine that holds its LlamaSession in `_s`."""
 
     def close(self) -> None:
-        stop = getattr(self, "_stop_scheduler", None)
-        if stop is not None:
-            stop()
         session = getattr(self, "_s", None)
         if session is not None:
             session.close()

@@ -23,6 +23,7 @@ from pocketlm.converters.core.checks import check_gguf
 from pocketlm.converters.core.errors import ModelLoadError
 from pocketlm.converters.core.formats import gguf_quant_name
 from pocketlm.converters.core.gguf_file import IMATRIX_KEYS, IMATRIX_SUFFIX, MAGIC, read_header
+from pocketlm.loading.facts import Choice, ModelFacts, ModelSource, PlatformFacts
 
 REINSTALL = "CMAKE_ARGS='-D{flag}=on' pip install --force-reinstall --no-cache-dir llama-cpp-python"
 
@@ -53,9 +54,7 @@ class LlamaCpp(Backend):
     priority = 10
 
     # -- models -----------------------------------------------------------------------------
-    def inspect(self, path: Path) -> Any:
-        from pocketlm.loading.source import ModelSource
-
+    def inspect(self, path: Path) -> ModelSource | None:
         if path.is_dir() and not (path / "config.json").is_file():
             # a folder of one GGUF (a cache entry, a repo snapshot), maybe with its importance matrix
             ggufs = [p for p in sorted(path.glob("*.gguf")) if not p.name.endswith(IMATRIX_SUFFIX)]
@@ -72,7 +71,7 @@ class LlamaCpp(Backend):
             path, "gguf", header.architecture, gguf_quant_name(meta), path.stat().st_size, metadata=meta, header=header
         )
 
-    def describe(self, source: Any) -> dict[str, Any]:
+    def describe(self, source: ModelSource) -> dict[str, Any]:
         header = source.header
         meta = dict(header.metadata)
         meta.update({k: f"[{n} entries]" for k, n in header.array_lengths.items()})
@@ -101,13 +100,13 @@ class LlamaCpp(Backend):
             "imatrix": {k: meta.get(key) for k, key in IMATRIX_KEYS.items()} if IMATRIX_KEYS["file"] in meta else None,
         }
 
-    def open(self, source: Any, choice: Any, n_ctx: int | None, **options: Any) -> Any:
+    def open(self, source: ModelSource, choice: Choice, n_ctx: int | None, **options: Any) -> Any:
         arch = get_architecture(source.architecture)
         if arch is not None and arch.encoder_decoder:
-            from pocketlm.backends.llama_seq2seq import LlamaSeq2SeqModel as GGUFModel
+            from pocketlm.backends.llama_seq2seq import LlamaSeq2SeqEngine as GGUFEngine
         else:
-            from pocketlm.backends.llama_causal import LlamaCppModel as GGUFModel  # type: ignore[assignment]
-        return GGUFModel(
+            from pocketlm.backends.llama_causal import LlamaCausalEngine as GGUFEngine  # type: ignore[assignment]
+        return GGUFEngine(
             source.path,
             n_gpu_layers=choice.n_gpu_layers,
             device=choice.device,
@@ -128,9 +127,7 @@ class LlamaCpp(Backend):
         info = llama.llama_print_system_info().decode("utf-8", "replace")
         return LlamaFacts(gpu_backend(info, bool(llama.llama_supports_gpu_offload())))
 
-    def decide(self, model: Any, facts: Any, device: str, threads: int, reasons: list[str]) -> Any:
-        from pocketlm.loading.platform import Choice
-
+    def decide(self, model: ModelFacts, facts: PlatformFacts, device: str, threads: int, reasons: list[str]) -> Choice:
         gpu = (facts.engine(self.name) or LlamaFacts()).gpu
         if device == "auto":
             if gpu == "metal" and facts.apple_silicon:
@@ -162,12 +159,12 @@ class LlamaCpp(Backend):
             reasons.append("device cpu (given)")
         return Choice(self.name, device, threads, "gguf", n_gpu_layers=-1 if device != "cpu" else 0, reasons=reasons)
 
-    def serving_parallel(self, choice: Any) -> int:
+    def serving_parallel(self, choice: Choice) -> int:
         # bloomz-560m q4_k_m, 2 CPU threads, 16 clients (benchmarks/README.md): 2.7x the aggregate
         # tokens/s of one sequence at a time with 16, 1.7x with 4, single-client latency unchanged
         return 16
 
-    def kv_budget(self, source: Any, parallel: int) -> tuple[int, int] | None:
+    def kv_budget(self, source: ModelSource, parallel: int) -> tuple[int, int] | None:
         from pocketlm.backends.llama_causal import DEFAULT_MAX_CTX as CAUSAL_CTX
         from pocketlm.backends.llama_common import plan_context
         from pocketlm.backends.llama_seq2seq import DEFAULT_MAX_CTX as SEQ2SEQ_CTX
@@ -184,7 +181,7 @@ class LlamaCpp(Backend):
     def report(self, facts: LlamaFacts | None) -> dict[str, Any]:
         return {"llama.cpp GPU backend": (facts.gpu if facts else None) or "none (CPU only)"}
 
-    def advice(self, facts: Any) -> list[str]:
+    def advice(self, facts: PlatformFacts) -> list[str]:
         if facts.engine(self.name) is None:
             return ["llama.cpp is missing (GGUF models cannot run): pip install llama-cpp-python"]
         gpu = (facts.engine(self.name) or LlamaFacts()).gpu

@@ -16,7 +16,9 @@ import numpy as np
 from pocketlm.backends.llama_common import LlamaSession, OwnsSession
 from pocketlm.converters.core.errors import GenerationError, ModelLoadError
 from pocketlm.converters.core.gguf_file import GGUFHeader, TensorEntry, read_header
-from pocketlm.core.model import BytePieces, Decoding, Seq2Seq, StepModel
+from pocketlm.core.engine import Seq2Seq, StepEngine
+from pocketlm.core.sequence import Decoding
+from pocketlm.core.text import BytePieces
 from pocketlm.core.tokenizer import IncrementalDecoder
 
 DEFAULT_MAX_CTX = 1024  # source tokens and decoder tokens; capped by the model's training length
@@ -68,11 +70,11 @@ def _same_data(path: Path, a: TensorEntry, b: TensorEntry, chunk: int = 1 << 22)
 class _LlamaText:
     """The model's tokenize/detokenize as a pocketlm.core.tokenizer Tokenizer (for IncrementalDecoder)."""
 
-    def __init__(self, model: LlamaSeq2SeqModel):
+    def __init__(self, model: LlamaSeq2SeqEngine):
         self.encode, self.decode = model.tokenize, model.detokenize
 
 
-class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
+class LlamaSeq2SeqEngine(OwnsSession, Seq2Seq, StepEngine):
     """An encoder-decoder GGUF model. `logits()` takes source ids and decoder ids, like the
     CTranslate2 backend; the decoder's length does not depend on the source's."""
 
@@ -111,7 +113,7 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
             raise ModelLoadError(f"{path}: not an encoder-decoder model (load it with the causal llama.cpp backend)")
         self._eos = s.special("eos", s.llama.llama_vocab_eos, 1)
         start = s.llama.llama_model_decoder_start_token(s.model)
-        self._start_token = start if start >= 0 else s.special("pad", s.llama.llama_vocab_pad, 0)
+        self.start_token = start if start >= 0 else s.special("pad", s.llama.llama_vocab_pad, 0)
         self._unencoded: set[int] = set()  # admitted slots whose source awaits the encoder
         self._followers: dict[int, list[int]] = {}  # slot -> slots of more sequences of its source
         self._cohort_sources = 0  # source tokens of the sequences encoded together
@@ -148,20 +150,19 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
     def token_bytes(self, token: int) -> bytes:
         return self._s.piece(token) if self._s.has_vocab else f"<{token}>".encode()
 
-    def _detokenizer(self) -> IncrementalDecoder | BytePieces:
+    def detokenizer(self) -> IncrementalDecoder | BytePieces:
         # A SentencePiece piece's text depends on its position (the first drops its space):
         # decode a window of recent ids, as the CTranslate2 backend does.
         if not self._s.has_vocab:
             return BytePieces(lambda token: b"")
         return IncrementalDecoder(_LlamaText(self))
 
-    def _is_end(self, token: int) -> bool:
+    def is_end(self, token: int) -> bool:
         return token == self._eos
 
-    def _end_ids(self) -> list[int]:
+    def end_ids(self) -> list[int]:
         return [self._eos]
 
-    # -- evaluation -----------------------------------------------------------------------
     # -- evaluation -----------------------------------------------------------------------
     # llama.cpp keeps the encoder output of the last `llama_encode` call only (tagged with its
     # sequence ids): sequences decoded together must be encoded together, in one call. So a
@@ -173,7 +174,7 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
     def kv_cells(self) -> int:
         return self._s.kv_cells
 
-    def _reservation(self, seq: Decoding, max_new: int, sequences: int = 1) -> int:
+    def reservation(self, seq: Decoding, max_new: int, sequences: int = 1) -> int:
         return sequences * min(max_new + 1, self.info.n_ctx)  # decoder tokens: the start token and the new ones
 
     @property
@@ -186,35 +187,35 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
                 f"the source has {len(src)} tokens; the context holds {self._s.n_batch} (load with a larger n_ctx)"
             )
 
-    def _can_admit(self, reserve: int, seq: Decoding | None = None, slots: int = 1) -> bool:
+    def can_admit(self, reserve: int, seq: Decoding | None = None, slots: int = 1) -> bool:
         sources = self._cohort_sources + (len(seq.ids) if seq is not None else 0)
-        fits = sources <= self._s.n_batch and sum(self._busy.values()) + reserve <= self.kv_cells
-        return len(self._busy) + slots <= self._s.n_seq_max and (fits or not self._busy)
+        fits = sources <= self._s.n_batch and sum(self.busy.values()) + reserve <= self.kv_cells
+        return len(self.busy) + slots <= self._s.n_seq_max and (fits or not self.busy)
 
-    def _admit(self, seq: Decoding, reserve: int, followers: Sequence[Decoding] = ()) -> None:
+    def admit(self, seq: Decoding, reserve: int, followers: Sequence[Decoding] = ()) -> None:
         self._check_source(seq.ids)
-        if not self._busy:  # a new cohort
+        if not self.busy:  # a new cohort
             self._s.clear()
             self._cohort_sources = 0
         elif not self._unencoded:
             raise GenerationError("llama.cpp's encoder-decoder graph only decodes sequences encoded together")
-        free = (s for s in range(self._s.n_seq_max) if s not in self._busy)
+        free = (s for s in range(self._s.n_seq_max) if s not in self.busy)
         slot = next(free)
-        self._busy[slot] = reserve
+        self.busy[slot] = reserve
         self._unencoded.add(slot)
         self._cohort_sources += len(seq.ids)
         seq.slot, seq.position = slot, 0
         self._followers[slot] = []
         for follower in followers:  # encoded with the source's tokens tagged for it too
             follower.slot, follower.position = next(free), 0
-            self._busy[follower.slot] = 0
+            self.busy[follower.slot] = 0
             self._followers[slot].append(follower.slot)
 
-    def _fork(self, src: Decoding, dst: Decoding) -> None:
+    def fork(self, src: Decoding, dst: Decoding) -> None:
         self._s.share(src.slot, dst.slot, src.position)
         dst.position = src.position
 
-    def _evaluate(self, work: list[tuple[Decoding, list[int], bool]]) -> list[np.ndarray | None]:
+    def evaluate(self, work: list[tuple[Decoding, list[int], bool]]) -> list[np.ndarray | None]:
         fresh = [(seq, tokens) for seq, tokens, _ in work if seq.slot in self._unencoded]
         if fresh:
             if len(fresh) != len(self._unencoded):
@@ -224,7 +225,7 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
             self._unencoded.clear()
         entries = []
         for seq, tokens, want in work:
-            decoder = [self._start_token] if any(seq is f for f, _ in fresh) else tokens
+            decoder = [self.start_token] if any(seq is f for f, _ in fresh) else tokens
             if seq.position + len(decoder) > self.info.n_ctx:
                 raise GenerationError(
                     f"{seq.position + len(decoder)} decoder tokens exceed the context of {self.info.n_ctx}"
@@ -240,26 +241,26 @@ class LlamaSeq2SeqModel(OwnsSession, Seq2Seq, StepModel):
             return logits
         return logits * np.float32(self.output_scale)
 
-    def _release(self, seq: Decoding) -> None:
-        if self._busy.pop(seq.slot, None) is not None:
+    def release(self, seq: Decoding) -> None:
+        if self.busy.pop(seq.slot, None) is not None:
             self._unencoded.discard(seq.slot)
             self._followers.pop(seq.slot, None)
             self._s.clear(0, seq.slot)
-            super()._release(seq)
+            super().release(seq)
 
     def logits(self, input_ids: Sequence[int], decoder_input_ids: Sequence[int] | None = None) -> np.ndarray:
         """float32 [len(decoder_input_ids), vocab]: next-token logits at each decoder position.
 
         `decoder_input_ids` starts with the decoder start token (default: just that token)."""
-        src, dec = self._decoder_ids(input_ids, decoder_input_ids)
+        src, dec = self.decoder_ids(input_ids, decoder_input_ids)
         self._check_source(src)
         if len(dec) > self.info.n_ctx:
             raise GenerationError(f"{len(dec)} decoder tokens exceed the context of {self.info.n_ctx}")
-        with self._lock:
-            self._wait_idle()  # encoding replaces the encoder output running sequences attend to
+        with self.lock:
+            self.wait_idle()  # encoding replaces the encoder output running sequences attend to
             self._s.clear()
-            self._s.run(src, 0, all_logits=False, encode=True)
+            self._s.evaluate([(0, src, 0, False)], encode=True)
             try:
-                return self._scaled(self._s.run(dec, 0, all_logits=True))
+                return self._scaled(self._s.evaluate([(0, dec, 0, "all")])[0])
             finally:
                 self._s.clear()

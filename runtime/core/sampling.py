@@ -1,13 +1,21 @@
-"""Choosing the next token from logits, with the same meaning on every backend.
+"""The logits chain, and choosing the next token: the same rules, in one order, on every path.
 
-The order and definitions follow transformers' `generate`: repetition penalty, then
-temperature, then top-k, then top-p; temperature 0 means greedy. A seed makes it repeatable.
-The options are a `GenerationOptions` (runtime/core/generation.py), validated where it was made.
+`LogitsChain` holds the processors a request's options ask for, in transformers' order:
+  1. bans: an end of sequence before min_new_tokens, the tokens completing a repeated n-gram
+     (no_repeat_ngram_size);
+  2. repetition_penalty, over the tokens seen (a causal model's prompt and new tokens, a
+     seq2seq decoder's own);
+  3. OpenAI's presence and frequency penalties, over the new tokens.
+Sampling (`Sampler`) then applies temperature, top-k and top-p and draws (temperature 0:
+greedy); beam search runs the same chain on log-probabilities, as transformers does. Every
+decoding path goes through it: the samplers of step engines and of CTranslate2's
+token-by-token path, and the beams. Rows of several sequences go through in one call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,30 +24,101 @@ if TYPE_CHECKING:
     from pocketlm.core.generation import GenerationOptions
 
 
-class Sampler:
-    """Stateful per generation: owns the random stream so a seed reproduces the output."""
+@dataclass
+class History:
+    """What the chain looks at for one sequence: the tokens its penalties count."""
 
-    def __init__(self, params: GenerationOptions, index: int = 0):
+    seen: Sequence[int]  # the repetition penalty's and n-gram ban's (prompt and new tokens, causal)
+    generated: Sequence[int]  # the new tokens only (min_new_tokens, OpenAI's penalties)
+
+
+Processor = Callable[[np.ndarray, History], np.ndarray]  # one row in, a row out (a new array when changed)
+
+
+class LogitsChain:
+    """The processors `options` ask for; `end_ids` are what min_new_tokens holds back."""
+
+    def __init__(self, options: GenerationOptions, end_ids: Iterable[int] = ()):
+        self.processors: list[Processor] = []
+        o = options
+        ends = sorted(set(end_ids))
+        if o.min_new_tokens and ends:
+            self.processors.append(_ban_early_end(ends, o.min_new_tokens))
+        if o.no_repeat_ngram_size:
+            self.processors.append(_ban_repeated_ngrams(o.no_repeat_ngram_size))
+        if o.repetition_penalty != 1.0:
+            self.processors.append(lambda row, h: penalize_repetition(row, h.seen, o.repetition_penalty))
+        if o.penalizes_generated:
+            self.processors.append(
+                lambda row, h: penalize_openai(row, h.generated, o.presence_penalty, o.frequency_penalty)
+            )
+
+    def __bool__(self) -> bool:
+        return bool(self.processors)
+
+    def __call__(self, rows: np.ndarray, histories: Sequence[History]) -> np.ndarray:
+        """Rows [n, vocab] (or one row [vocab]) of logits or log-probabilities, one history per
+        row; the processed rows (the input is never modified)."""
+        if not self.processors:
+            return rows
+        if rows.ndim == 1:
+            return self._row(rows, histories[0])
+        return np.stack([self._row(row, h) for row, h in zip(rows, histories)])
+
+    def _row(self, row: np.ndarray, history: History) -> np.ndarray:
+        for process in self.processors:
+            row = process(row, history)
+        return row
+
+
+def _ban_early_end(ends: list[int], min_new: int) -> Processor:
+    def ban(row: np.ndarray, history: History) -> np.ndarray:
+        if len(history.generated) >= min_new:
+            return row
+        row = row.copy()
+        row[ends] = -np.inf
+        return row
+
+    return ban
+
+
+def _ban_repeated_ngrams(n: int) -> Processor:
+    def ban(row: np.ndarray, history: History) -> np.ndarray:
+        banned = banned_ngram_tokens(history.seen, n)
+        if not banned:
+            return row
+        row = row.copy()
+        row[banned] = -np.inf
+        return row
+
+    return ban
+
+
+class Sampler:
+    """One sequence's choice of tokens: its chain, then temperature, top-k, top-p and a draw
+    from its own random stream (a seed reproduces the output)."""
+
+    def __init__(self, params: GenerationOptions, index: int = 0, end_ids: Iterable[int] = ()):
         """`index`: which sample of a request (sample i is seeded with seed + i)."""
         self.params = params
+        self.chain = LogitsChain(params, end_ids)
         self.rng = np.random.default_rng(None if params.seed is None else (params.seed + index) % 2**63)
 
     def __call__(
-        self, logits: np.ndarray, seen: Iterable[int] = (), banned: Iterable[int] = (), generated: Sequence[int] = ()
+        self, logits: np.ndarray, seen: Sequence[int] = (), banned: Iterable[int] = (), generated: Sequence[int] = ()
     ) -> int:
-        """The next token; `banned` ids (end of sequence before min_new_tokens) are never drawn;
-        `generated` (the new tokens so far) is what OpenAI's penalties count."""
-        p = self.params
+        """The next token after the chain; `banned` ids are never drawn either."""
+        logits = self.chain(logits, [History(seen, generated)])
         banned = list(banned)
-        if p.no_repeat_ngram_size:
-            banned += banned_ngram_tokens(seen, p.no_repeat_ngram_size)
         if banned:
             logits = logits.copy()
             logits[banned] = -np.inf
-        if p.repetition_penalty != 1.0:
-            logits = penalize_repetition(logits, seen, p.repetition_penalty)
-        if p.presence_penalty or p.frequency_penalty:
-            logits = penalize_openai(logits, generated, p.presence_penalty, p.frequency_penalty)
+        return self.choose(logits)
+
+    def choose(self, logits: np.ndarray) -> int:
+        """A token from processed logits: argmax when greedy, else a draw after temperature,
+        top-k and top-p."""
+        p = self.params
         if p.greedy:
             return int(np.argmax(logits))
         # shift before scaling: a tiny temperature must not overflow to inf (then NaN)

@@ -1,12 +1,12 @@
 """How a request's logits become tokens: samples and beam search, with transformers' rules.
 
 A request decodes `options.sequences` sequences of one prompt: independent samples (one,
-usually) or the beams of a beam search. On engines that PocketLM steps itself (`StepModel`)
+usually) or the beams of a beam search. On engines that PocketLM steps itself (`StepEngine`)
 they are sequences of the engine's KV cache: the first holds the prompt, the others start as
-copies of its cells (`_fork`: llama.cpp shares them, nothing is evaluated again). A `Search`
+copies of its cells (`fork`: llama.cpp shares them, nothing is evaluated again). A `Search`
 says what its sequences evaluate next (`work`) and turns the logits that come back into
-tokens and events (`accept`); the loop for one caller (`StepModel`) and the scheduler for many
-drive the same objects.
+tokens and events (`accept`); the scheduler (core/scheduler.py) drives them, for one caller
+or many.
 
 `BeamState` is the beam search itself, on log-probabilities, engine-free: the candidates, the
 finished hypotheses and the stopping rule of transformers' `generate` (num_beams,
@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pocketlm.core.generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob
-from pocketlm.core.sampling import banned_ngram_tokens, penalize_openai, penalize_repetition
+from pocketlm.core.sampling import History, LogitsChain
 
 if TYPE_CHECKING:
-    from pocketlm.core.model import Decoding, StepModel
+    from pocketlm.core.engine import StepEngine
+    from pocketlm.core.sequence import Decoding
 
 
 def log_softmax(logits: np.ndarray, dtype: type = np.float64) -> np.ndarray:
@@ -148,27 +149,30 @@ class BeamState:
         return self.finished[:n]
 
 
-# -- requests on a StepModel ----------------------------------------------------------------
+# -- requests on a StepEngine ----------------------------------------------------------------
 class Search:
-    """One request on a StepModel: its sequences (admitted together; the first holds the
-    prompt), what they evaluate next and what their logits become.
+    """How one request decodes on a StepEngine: its sequences (admitted together; the first
+    holds the prompt), what they evaluate next and what their logits become.
 
     `events()` hands out what is ready for the caller; `done` is set when every sequence has
     finished, and `close()` frees whatever the engine still holds for it."""
 
-    def __init__(self, model: StepModel, first: Decoding, budget: int):
-        self.model, self.first, self.budget = model, first, budget
+    def __init__(self, engine: StepEngine, first: Decoding, budget: int):
+        self.engine, self.first, self.budget = engine, first, budget
         self.options: GenerationOptions = first.options
         self.result = first.result
         n = self.options.sequences
-        self.seqs = [first, *(model._decoding_from(first, i) for i in range(1, n))]
-        self.reserve = model._reservation(first, budget, n)
-        self.admitted = False
+        self.seqs = [first, *(self.sibling(i) for i in range(1, n))]
+        self.reserve = engine.reservation(first, budget, n)
         self.prefilled = False
         self.done = budget <= 0
-        self._out: list[StreamEvent] = []
-        self._ends = model._end_ids()
-        self._released: set[int] = set()
+        self.started = first.started
+        self.out: list[StreamEvent] = []
+        self.chain = LogitsChain(self.options, engine.end_ids())
+
+    def sibling(self, index: int) -> Decoding:
+        """Sequence `index` of this request (a sample or a beam)."""
+        return self.first.sibling(index, self.engine.detokenizer(), self.engine.penalty_history(self.first.ids))
 
     # -- what the engine runs ---------------------------------------------------------------
     def prefill(self, room: int | None) -> tuple[Decoding, list[int], bool] | None:
@@ -208,31 +212,32 @@ class Search:
         raise NotImplementedError
 
     def events(self) -> list[StreamEvent]:
-        out, self._out = self._out, []
+        out, self.out = self.out, []
         return out
 
-    # -- helpers -----------------------------------------------------------------------------
-    def _release(self, seq: Decoding) -> None:
-        if id(seq) not in self._released and self.admitted:
-            self._released.add(id(seq))
-            self.model._release(seq)
+    def admit(self) -> None:
+        """Give the request's sequences their places in the engine (called with its lock)."""
+        self.engine.admit(self.first, self.reserve, self.seqs[1:])
+
+    def release(self, seq: Decoding) -> None:
+        """Free a sequence's place in the engine (once; a sequence never admitted has none)."""
+        if seq.slot is not None:
+            self.engine.release(seq)
+            seq.slot = None
 
     def close(self) -> None:
         """Free every sequence still in the engine."""
         for seq in self.seqs:
-            self._release(seq)
+            self.release(seq)
         self.done = True
-
-    def _banned(self, generated: int) -> list[int]:
-        return self._ends if generated < self.options.min_new_tokens else []
 
 
 class Sampling(Search):
     """Independent samples of one prompt (one, usually), each with its own sampler: sample i
     is seeded with seed + i, so sample 0 is what a request for one sample gives."""
 
-    def __init__(self, model: StepModel, first: Decoding, budget: int):
-        super().__init__(model, first, budget)
+    def __init__(self, engine: StepEngine, first: Decoding, budget: int):
+        super().__init__(engine, first, budget)
         self.result.others = [seq.result for seq in self.seqs[1:]]
 
     def _accept(self, rows: list[tuple[Decoding, np.ndarray]]) -> None:
@@ -240,7 +245,7 @@ class Sampling(Search):
             targets = [seq]
             if seq is self.first and len(self.seqs) > 1 and not self.first.result.token_ids:
                 for other in self.seqs[1:]:  # every sample starts from the prompt's cells
-                    self.model._fork(self.first, other)
+                    self.engine.fork(self.first, other)
                 targets = self.seqs
             for target in targets:
                 self._sample(target, logits)
@@ -250,17 +255,17 @@ class Sampling(Search):
     def _sample(self, seq: Decoding, logits: np.ndarray) -> None:
         options = seq.options
         generated = len(seq.result.token_ids)
-        token = seq.sampler(logits, seq.seen, self._banned(generated), seq.result.token_ids)
+        token = seq.sampler.choose(self.chain(logits, [seq.history]))
         logprob = token_logprob(log_softmax(logits), token, options.logprobs) if options.logprobs is not None else None
         seq.seen.append(token)
-        event = seq.push(token, self.model._is_end(token), logprob)
+        event = seq.push(token, logprob)
         if event is not None:
-            self._out.append(event)
+            self.out.append(event)
         if seq.done or generated + 1 >= self.budget:
             tail = seq.finish()
             if tail is not None:
-                self._out.append(tail)
-            self._release(seq)
+                self.out.append(tail)
+            self.release(seq)
         else:
             seq.pending = token
 
@@ -268,36 +273,24 @@ class Sampling(Search):
 class Beams(Search):
     """Beam search on the engine's sequences: each step every beam evaluates its new token in
     one batch; a beam that continues another takes over that one's sequence, or a copy of its
-    cells (`_fork`) in the sequence of a beam that was dropped."""
+    cells (`fork`) in the sequence of a beam that was dropped."""
 
-    def __init__(self, model: StepModel, first: Decoding, budget: int):
-        super().__init__(model, first, budget)
+    def __init__(self, engine: StepEngine, first: Decoding, budget: int):
+        super().__init__(engine, first, budget)
         o = self.options
-        self.state = BeamState(o.num_beams, o.length_penalty, o.early_stopping, budget, frozenset(self._ends))
+        self.state = BeamState(o.num_beams, o.length_penalty, o.early_stopping, budget, frozenset(engine.end_ids()))
         self.state.running = [Hypothesis([], 0.0, [] if o.logprobs is not None else None)]
         self.holders: list[Decoding] = [first]  # the sequence each running beam is in
         self.history = list(first.seen)  # what penalties see before the new tokens
-
-    def _processed(self, seq: Decoding, logits: np.ndarray, beam: Hypothesis) -> np.ndarray:
-        """transformers' processors run on the log-probabilities in beam search."""
-        o = self.options
-        row = log_softmax(logits, np.float32)
-        banned = list(self._banned(len(beam.tokens)))
-        if o.no_repeat_ngram_size:
-            banned += banned_ngram_tokens(seq.seen, o.no_repeat_ngram_size)
-        if banned:
-            row[banned] = -np.inf
-        if o.repetition_penalty != 1.0:
-            row = penalize_repetition(row, seq.seen, o.repetition_penalty)
-        if o.penalizes_generated:
-            row = penalize_openai(row, beam.tokens, o.presence_penalty, o.frequency_penalty)
-        return row
 
     def _accept(self, rows: list[tuple[Decoding, np.ndarray]]) -> None:
         o = self.options
         by_seq = {id(seq): logits for seq, logits in rows}
         logits = [by_seq[id(seq)] for seq in self.holders]
-        processed = [self._processed(s, lg, b) for s, lg, b in zip(self.holders, logits, self.state.running)]
+        # transformers' processors run on the log-probabilities in beam search
+        logprobs = np.stack([log_softmax(lg, np.float32) for lg in logits])
+        histories = [History(s.seen, b.tokens) for s, b in zip(self.holders, self.state.running)]
+        processed = list(self.chain(logprobs, histories))
         raw = [log_softmax(lg) for lg in logits] if o.logprobs is not None else None
         choices = self.state.step(processed, raw, o.logprobs or 0)
         if self.state.done:
@@ -319,7 +312,7 @@ class Beams(Search):
                 seq = parents[parent]
             else:
                 seq = spare.pop()
-                self.model._fork(parents[parent], seq)
+                self.engine.fork(parents[parent], seq)
             holders.append(seq)
         for seq, (_, token), beam in zip(holders, choices, self.state.running):
             seq.pending = token
@@ -333,9 +326,9 @@ class Beams(Search):
         best = self.state.best(o.num_return_sequences)
         results: list[GenerationResult] = []
         for i, hyp in enumerate(best):
-            seq = self.first if i == 0 else self.model._decoding_from(self.first, i)
+            seq = self.first if i == 0 else self.sibling(i)
             seq.started = self.first.started
-            self._out += self.model._render(seq, hyp.tokens, hyp.logprobs)
+            self.out += seq.render(hyp.tokens, hyp.logprobs)
             seq.result.score = hyp.normalized
             seq.result.first_token_seconds = self.started - self.first.started
             results.append(seq.result)
@@ -343,5 +336,5 @@ class Beams(Search):
         self.done = True
 
 
-def make_search(model: StepModel, first: Decoding, budget: int) -> Search:
-    return (Beams if first.options.beams else Sampling)(model, first, budget)
+def make_search(engine: StepEngine, first: Decoding, budget: int) -> Search:
+    return (Beams if first.options.beams else Sampling)(engine, first, budget)

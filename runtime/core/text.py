@@ -10,6 +10,25 @@ automaton, so the cost per character does not grow with their number.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Detokenizer(Protocol):
+    """Incremental decoding: the bytes each new token adds, and what is held at the end."""
+
+    def push(self, token: int) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+class BytePieces:
+    """A Detokenizer for tokens that are byte strings (byte-level BPE): pieces concatenate."""
+
+    def __init__(self, piece: Callable[[int], bytes]):
+        self.push = piece
+
+    def flush(self) -> bytes:
+        return b""
 
 
 class StopMatcher:

@@ -10,9 +10,11 @@ from typing import Any
 
 from pocketlm.converters.core.errors import PocketLMError
 from pocketlm.core.model import Model
+from pocketlm.loading.choose import choose
 from pocketlm.loading.defaults import model_generation_defaults
-from pocketlm.loading.platform import Choice, choose, detect_facts
-from pocketlm.loading.source import HF, ModelSource, inspect
+from pocketlm.loading.facts import HF, Choice, ModelSource
+from pocketlm.loading.machine import detect_facts
+from pocketlm.loading.source import inspect
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +100,12 @@ def load(
             progress=sys.stderr.isatty() if progress is None else progress,
         )
         source = inspect(path)
-    opened = backend_unit.open(source, choice, n_ctx, **backend_options)
+    engine = backend_unit.open(source, choice, n_ctx, **backend_options)
     defaults = model_generation_defaults(source, checkpoint)  # generation_config.json, kept by the converter
     if defaults is not None:
         for warning in defaults.warnings:
             log.warning(warning)
-        opened.generation_defaults = defaults.options
-    return opened
+    return Model(engine, defaults.options if defaults is not None else None)
 
 
 def decide(source: ModelSource, device: str = "auto", threads: int | None = None, backend: str | None = None) -> Choice:
