@@ -24,7 +24,8 @@ import pocketlm
 from pocketlm.converters import convert
 from pocketlm.converters.synthetic import build_random_bloom
 from pocketlm.core.generation import TokenStream
-from pocketlm.serving.server import Server, chat_prompt, make_server, serve
+from pocketlm.serving.http import Server, make_server, serve
+from pocketlm.serving.openai_api import chat_prompt
 
 PROMPT = "Translate to English: Je t'aime."
 KEY = "sk-test-secret"
@@ -424,7 +425,7 @@ def test_disconnect_frees_the_slot(model):
         )
         assert status == 200 and reply["usage"]["completion_tokens"] == 2
         assert time.monotonic() - started < 5  # not the ~10 s the abandoned stream had left
-        assert server.slots.wait_idle(2)  # the slot is returned just after the response is sent
+        assert server.admission.wait_idle(2)  # its place is returned just after the response is sent
 
 
 def test_concurrent_clients_get_their_own_answers(model):

@@ -29,8 +29,8 @@ from test_server import PROMPT, SlowModel, assert_error, hard_close, request, ru
 import pocketlm
 from pocketlm.cli.main import main
 from pocketlm.core.generation import TokenStream
+from pocketlm.serving.app import Timeouts, make_app
 from pocketlm.serving.openai_api import Limits
-from pocketlm.serving.server import Timeouts, make_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,7 +184,7 @@ def test_a_client_that_leaves_a_whole_request_has_its_generation_cancelled(model
         status, _, reply = request(server, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
         assert status == 200 and reply["usage"]["completion_tokens"] == 2
         assert time.monotonic() - started < 3  # not behind the ~9 s the abandoned request had left
-        assert server.slots.wait_idle(2)
+        assert server.admission.wait_idle(2)
         produced = slow.produced
         time.sleep(0.3)
         assert slow.produced == produced < 60  # the engine stopped
@@ -228,7 +228,7 @@ def test_a_stream_client_that_stops_reading_is_dropped_at_the_write_deadline(mod
     started = time.monotonic()
     asyncio.run(exchange())
     assert time.monotonic() - started < 5 and sent[0]["status"] == 200
-    assert service.slots.admitted == 0 and not service.live
+    assert service.admission.admitted == 0 and not service.live
     service.join_generations(5)
     assert all(not t.is_alive() for t in service._threads)
 
@@ -350,7 +350,7 @@ SERVE_SLOWLY = """
 import sys, time, contextlib
 sys.path.insert(0, {tests!r})
 import pocketlm
-from pocketlm.serving.server import Timeouts, serve
+from pocketlm.serving.http import Timeouts, serve
 from test_server import SlowModel
 model = pocketlm.load({gguf!r}, n_ctx=256, threads=1, parallel=4)
 serve(SlowModel(model, 0.05), port=0, timeouts=Timeouts(drain={drain}))

@@ -26,7 +26,7 @@ BOUND = 30.0  # seconds for every normal client, from the moment they all start
 NOFILE = 1024
 SERVE = """
 import pocketlm
-from pocketlm.serving.server import serve
+from pocketlm.serving.http import serve
 model = pocketlm.load({gguf!r}, n_ctx=512, threads=1, parallel=4)
 serve(model, port=0, max_queue=64)
 model.close()

@@ -16,7 +16,8 @@ import pytest
 from test_server import running, tiny_gguf
 
 import pocketlm
-from pocketlm.serving.server import Server, is_loopback, make_server, start_warnings
+from pocketlm.serving.app import is_loopback
+from pocketlm.serving.http import Server, make_server, start_warnings
 
 PROMPTS = ["Translate to English: Je t'aime.", "What is a GGUF file?", "Bonjour.", "Is it raining?"]
 
@@ -131,7 +132,7 @@ def test_parallel_requests_are_decoded_together_and_answer_as_alone(gguf):
     expected = _alone(gguf, PROMPTS)
     with pocketlm.load(gguf, n_ctx=256, threads=1, parallel=4) as model, running(model) as server:
         status, _, health = call(server, "GET", "/health")
-        assert health["parallel"] == 4 and health["kv_cells"] >= 256 and server.slots.running == 4
+        assert health["parallel"] == 4 and health["kv_cells"] >= 256 and server.admission.running == 4
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(lambda p: call(server, "POST", "/v1/completions", completion(p)), PROMPTS))
         assert [r[2]["choices"][0]["text"] for r in replies] == expected
@@ -194,9 +195,9 @@ def test_load_64_clients_accepted_ones_answer_as_alone_the_rest_get_429(gguf):
         assert answered and any(o[0] == "busy" for o in outcomes)
         assert all(text == expected[prompt] for prompt, text in answered)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (model.scheduler.load != (0, 0) or server.slots.admitted):
+        while time.monotonic() < deadline and (model.scheduler.load != (0, 0) or server.admission.admitted):
             time.sleep(0.05)
-        assert model.scheduler.load == (0, 0) and not model._busy and server.slots.admitted == 0
+        assert model.scheduler.load == (0, 0) and not model._busy and server.admission.admitted == 0
         assert sum(model._busy.values()) == 0  # no KV reservation left behind
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and threading.active_count() > idle_threads:

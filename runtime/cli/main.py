@@ -238,8 +238,9 @@ def _doctor(p: argparse.ArgumentParser) -> None:
 def _serve(p: argparse.ArgumentParser) -> None:
     import dataclasses
 
+    from pocketlm.serving.app import ENDPOINTS, Timeouts
+    from pocketlm.serving.http import default_max_connections
     from pocketlm.serving.openai_api import Limits
-    from pocketlm.serving.server import ENDPOINTS, Timeouts, default_max_connections
 
     routes = ", ".join(f"{'/'.join(methods)} {path}" for path, methods in ENDPOINTS.items())
     p.description = (
@@ -561,8 +562,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
+    from pocketlm.serving.app import Timeouts
+    from pocketlm.serving.http import check_address, serve
     from pocketlm.serving.openai_api import Limits
-    from pocketlm.serving.server import Timeouts, check_address, serve
 
     if args.max_queue < 0:
         raise PocketLMError(f"--max-queue {args.max_queue}: must be 0 or more")

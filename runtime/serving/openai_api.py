@@ -1,6 +1,6 @@
 """OpenAI's API as data: a completion or chat request checked into a prompt and
 GenerationOptions, and the response objects (whole, streamed chunks, log-probabilities).
-No HTTP here: runtime/serving/server.py carries these over the network.
+No HTTP here: runtime/serving/app.py serves these, runtime/serving/http.py carries them.
 
 Sampling follows OpenAI's API, not PocketLM's CLI: `temperature` defaults to 1.0 (send 0 for
 greedy decoding); `max_tokens` defaults to 16 for completions and to the server's limit for

@@ -111,7 +111,7 @@ class Predictor:
             model.close()
 
 
-# Ray Serve: each replica's ingress is the ASGI app `pocketlm serve` runs (runtime/serving/server.py's
+# Ray Serve: each replica's ingress is the ASGI app `pocketlm serve` runs (runtime/serving/app.py's
 # Service), so the API (streaming, errors, 429 when its queue is full, API key, /metrics) is the
 # one `pocketlm serve` has; Ray's proxy holds the connections.
 class OpenAIReplica:
@@ -119,7 +119,7 @@ class OpenAIReplica:
 
     def __init__(self, model: str, load: dict[str, Any] | None = None, server: dict[str, Any] | None = None):
         import pocketlm
-        from pocketlm.serving.server import make_app
+        from pocketlm.serving.app import make_app
 
         load = dict(load or {})
         load.setdefault("parallel", "auto")
@@ -147,7 +147,7 @@ def deployment(
     """A Ray Serve application: `model` on `replicas` replicas, each reserving `num_cpus`.
 
     `load` goes to `pocketlm.load` on each replica (threads, n_ctx, parallel, ...), `server` to
-    `pocketlm.serving.server.make_app` (api_key, max_queue, max_tokens_limit, limits, model_name,
+    `pocketlm.serving.app.make_app` (api_key, max_queue, max_tokens_limit, limits, model_name,
     cors_origins). Serve lets each replica take as many requests at once as its app runs and
     queues; beyond that the app answers 429 itself."""
     from ray import serve

@@ -1,38 +1,31 @@
-"""An OpenAI-compatible HTTP server over one loaded model: a Starlette app on uvicorn.
+"""The OpenAI-compatible service over one loaded model: a Starlette ASGI app (`make_app`).
 
-    server = make_server(pocketlm.load("bloomz-560m-q4_k_m.gguf"), port=8000)
-    server.serve_forever()   # or serve(model): blocking; SIGTERM or Ctrl-C stop it gracefully
+    app = make_app(pocketlm.load("bloomz-560m-q4_k_m.gguf"))   # any ASGI server, or Ray Serve
 
 Endpoints (`ENDPOINTS`): `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`,
 `POST /v1/completions` and `POST /v1/chat/completions`, whole or streamed as server-sent
 events (`"stream": true`). Errors have OpenAI's shape, `{"error": {"message", "type", "param",
 "code"}}`. What a request may ask and how it becomes a prompt and options is
-runtime/serving/openai_api.py; this module carries it over HTTP.
+runtime/serving/openai_api.py; sockets, connections and signals are runtime/serving/http.py's.
 
-Load: `max_concurrent` generations run at once (default: the sequences the model decodes
+Admission: `max_concurrent` generations run at once (default: the sequences the model decodes
 together, `pocketlm.load(parallel=N)`, whose scheduler batches them), `max_queue` more wait,
-further requests get 429 with `Retry-After: 1`. Connections cost no thread; the scheduler's
-thread hands tokens to the event loop (a model decoding one sequence at a time runs each
-generation in a thread of its own). A client that goes away, streaming or not,
-has its generation cancelled and its sequence freed at the next engine step. Connections are
-capped (`max_connections`, by default what the open-file limit leaves): at the cap a new
-connection replaces the one that has waited longest for a request, or is refused with a 503
-and closed when none has waited a second. A request's headers must arrive within
-`Timeouts.header` seconds of connecting (or of the previous response), its body within
-`Timeouts.body`; a stream's client must take each event within `Timeouts.write`. Bodies may
-be chunked.
+further requests get 429 with `Retry-After: 1`. The scheduler's thread hands tokens to the
+event loop (a model decoding one sequence at a time runs each generation in a thread of its
+own). A client that goes away, streaming or not, has its generation cancelled and its sequence
+freed at the next engine step. A request's body must arrive within `Timeouts.body` seconds; a
+stream's client must take each event within `Timeouts.write`. Bodies may be chunked.
 
-Shutdown (SIGTERM or SIGINT, or `shutdown()`): no new connections or requests (503), running
-generations may finish within `Timeouts.drain` seconds; then every open stream gets, for each
-unfinished choice, a chunk with `finish_reason: "abort"` and then `data: [DONE]` (a whole
-response comes back with the text so far and `finish_reason: "abort"`), and the server
-returns. A second signal cuts at once.
+Shutdown (`begin_drain`, then `abort` when the drain time is over): no new generations (503);
+at `abort` every open stream gets, for each unfinished choice, a chunk with `finish_reason:
+"abort"` and then `data: [DONE]` (a whole response comes back with the text so far and
+`finish_reason: "abort"`).
 
-Security: bound to a loopback address, only requests whose Host is a loopback name or address
-are answered (403 otherwise: a DNS-rebinding page cannot drive the server). Requests from web
-pages (an Origin header) are refused unless their origin was allowed (`cors_origins`, CLI
-`--cors-origin`), which then get CORS headers and preflight answers. An open address without
-an API key is warned about at start. Everything but /health needs the key when one is set.
+Security: on a loopback address (`loopback_port` set), only requests whose Host is a loopback
+name or address are answered (403 otherwise: a DNS-rebinding page cannot drive the server).
+Requests from web pages (an Origin header) are refused unless their origin was allowed
+(`cors_origins`, CLI `--cors-origin`), which then get CORS headers and preflight answers.
+Everything but /health needs the API key when one is set.
 """
 
 from __future__ import annotations
@@ -40,16 +33,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
-import functools
 import hmac
 import ipaddress
 import json
 import logging
-import resource
-import signal
-import socket
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -57,21 +44,18 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route, Router
 from starlette.types import Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from pocketlm.converters.core import __version__
 from pocketlm.converters.core.errors import PocketLMError
 from pocketlm.core.generation import GenerationResult, StreamEvent, TokenLogprob, TokenStream
 from pocketlm.core.model import Model
 from pocketlm.serving.metrics import CONTENT_TYPE, Metrics
-from pocketlm.serving.openai_api import ApiError, GenerationRequest, Limits, Reply, chat_prompt, parse_request
+from pocketlm.serving.openai_api import ApiError, GenerationRequest, Limits, Reply, parse_request
 
-__all__ = ["ENDPOINTS", "Limits", "Server", "Timeouts", "chat_prompt", "make_app", "make_server", "serve"]
+__all__ = ["ENDPOINTS", "Admission", "Limits", "Service", "Timeouts", "is_loopback", "make_app"]
 
 log = logging.getLogger("pocketlm.server")
 
@@ -85,13 +69,12 @@ ENDPOINTS: dict[str, dict[str, str]] = {
     "/v1/chat/completions": {"POST": "chat"},
 }
 PUBLIC = {"/health"}  # answered without the API key
-RESERVED_FDS = 64  # file descriptors kept for the model, the engine and the process itself
-MIN_WAIT_TO_EVICT = 1.0  # seconds a connection must have waited for a request before it can be replaced
 
 
 @dataclass(frozen=True)
 class Timeouts:
-    """How long the server waits for a client (seconds), and for running work at shutdown."""
+    """How long the server waits for a client (seconds), and for running work at shutdown. The
+    service enforces body, write and drain; the HTTP transport (http.py) header and keep-alive."""
 
     header: float = field(
         default=10.0, metadata={"help": "for a request's headers, from connecting or the last response"}
@@ -182,9 +165,10 @@ class Generation:
 
 
 # -- admission ------------------------------------------------------------------------------------
-class Slots:
-    """Admission control: `running` generations at once, `waiting` more queued (in order),
-    others refused. Used from the event loop; `wait_idle` from any thread."""
+class Admission:
+    """Which requests may generate: `running` at once, `waiting` more queued (in order), others
+    refused. (Not the engine's sequence slots: a request admitted here may still wait in the
+    model's scheduler for KV cells.) Used from the event loop; `wait_idle` from any thread."""
 
     def __init__(self, running: int, waiting: int):
         if running < 1 or waiting < 0:
@@ -206,7 +190,7 @@ class Slots:
             return True
 
     async def start(self) -> None:
-        """Wait for a running slot (first come, first served)."""
+        """Wait for a turn to run (first come, first served)."""
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.running)
         await self._semaphore.acquire()
@@ -221,6 +205,11 @@ class Slots:
         with self._changed:
             self.admitted -= 1
             self._changed.notify_all()
+
+    @property
+    def queue(self) -> int:
+        """Places for waiting requests."""
+        return self.capacity - self.running
 
     @property
     def waiting(self) -> int:
@@ -254,7 +243,7 @@ class Service:
         self.limits = limits or Limits()
         self.timeouts = timeouts or Timeouts()
         self.parallel = max(1, model.info.parallel)
-        self.slots = Slots(max_concurrent or self.parallel, max_queue)
+        self.admission = Admission(max_concurrent or self.parallel, max_queue)
         self.cors_origins = {o.rstrip("/") for o in cors_origins}
         self.loopback_port = loopback_port  # set: only loopback Host names with this port (or none)
         self.created = int(time.time())
@@ -273,21 +262,17 @@ class Service:
     def _gauges(self, connections: Callable[[], int] | None) -> dict[str, tuple[str, Callable[[], float]]]:
         model = self.model
 
-        def scheduler_load() -> tuple[int, int]:
-            scheduler = getattr(model, "_scheduler", None)
-            return scheduler.load if scheduler is not None else (0, 0)
-
-        def sequences() -> int:
-            scheduler = getattr(model, "_scheduler", None)
-            return scheduler.sequences_running if scheduler is not None else len(self.live)
-
+        # names and help texts are the public /metrics output
         gauges: dict[str, tuple[str, Callable[[], float]]] = {
-            "pocketlm_requests_running": ("Generations running", lambda: self.slots.active),
+            "pocketlm_requests_running": ("Generations running", lambda: self.admission.active),
             "pocketlm_requests_waiting": (
                 "Generations waiting: for a running slot, or in the scheduler for KV cells",
-                lambda: self.slots.waiting + scheduler_load()[1],
+                lambda: self.admission.waiting + model.scheduler.load[1],
             ),
-            "pocketlm_sequences_running": ("Sequences being decoded (samples and beams count one each)", sequences),
+            "pocketlm_sequences_running": (
+                "Sequences being decoded (samples and beams count one each)",
+                lambda: model.scheduler.sequences_running,
+            ),
             "pocketlm_kv_cells_in_use": (
                 "KV cache cells reserved by running sequences (prompt and max new tokens)",
                 lambda: getattr(model, "kv_cells_in_use", 0),
@@ -406,8 +391,7 @@ class Service:
 
     # -- endpoints ----------------------------------------------------------------------------
     async def _health(self, request: Request) -> Response:
-        scheduler = getattr(self.model, "_scheduler", None)
-        running, waiting = scheduler.load if scheduler is not None else (0, 0)
+        running, waiting = self.model.scheduler.load
         body = {
             "status": "draining" if self.draining else "ok",
             "model": self.model_name,
@@ -437,7 +421,7 @@ class Service:
         parsed = parse_request(body, chat, self.limits, self.model)
         if self.draining:
             raise ApiError(503, "the server is shutting down", type="server_error", headers={"Connection": "close"})
-        if not self.slots.enter():
+        if not self.admission.enter():
             raise ApiError(
                 429,
                 "the server is busy; retry shortly",
@@ -447,15 +431,15 @@ class Service:
             )
         gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
-            started = await _first(self.slots.start(), gone, self._abort_event())
+            started = await _first(self.admission.start(), gone, self._abort_event())
         except BaseException:
             gone.cancel()
-            self.slots.leave()
+            self.admission.leave()
             raise
         if not started:
             client_left = gone.done()
             gone.cancel()
-            self.slots.leave()
+            self.admission.leave()
             if client_left:
                 request.state.note["text"] = "client went away while waiting"
                 return Response(status_code=499)  # nobody reads it
@@ -487,8 +471,8 @@ class Service:
         generation.cancel()  # no-op when it ended by itself
         self.live.discard(generation)
         gone.cancel()
-        self.slots.stop()
-        self.slots.leave()
+        self.admission.stop()
+        self.admission.leave()
 
     async def _events(self, generation: Generation, first: Any, arrived: float) -> AsyncIterator[Any]:
         """A generation's events (and `_ABORT`), timed for the metrics."""
@@ -732,293 +716,6 @@ def _limits(limits: Limits | None, max_tokens: int | None, max_body_bytes: int |
     return limits
 
 
-# -- the transport --------------------------------------------------------------------------------
-class Connections:
-    """Every open connection, and those waiting for a request (just connected, or idle between
-    requests), oldest first: the connection cap replaces the one that has waited longest."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.open: set[Connection] = set()
-        self.waiting: dict[Connection, float] = {}  # insertion order = since when
-        self.refused = self.replaced = self.timed_out = 0
-
-    def admit(self, conn: Connection) -> bool:
-        now = time.monotonic()
-        if len(self.open) >= self.limit:
-            oldest = next(iter(self.waiting), None)
-            if oldest is None or now - self.waiting[oldest] < MIN_WAIT_TO_EVICT:
-                self.refused += 1
-                return False
-            self.replaced += 1
-            oldest.drop()
-        self.open.add(conn)
-        self.waiting[conn] = now
-        return True
-
-    def busy(self, conn: Connection) -> None:
-        self.waiting.pop(conn, None)
-
-    def idle(self, conn: Connection) -> None:
-        self.waiting.pop(conn, None)
-        self.waiting[conn] = time.monotonic()
-
-    def remove(self, conn: Connection) -> None:
-        self.open.discard(conn)
-        self.waiting.pop(conn, None)
-
-
-_REFUSAL = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
-)
-
-
-class Connection(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with PocketLM's connection cap and header deadline."""
-
-    def __init__(self, *args: Any, connections: Connections, timeouts: Timeouts, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._connections, self._timeouts = connections, timeouts
-        self._deadline: asyncio.TimerHandle | None = None
-        self._seen: Any = None  # the request/response cycle last seen starting
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if not self._connections.admit(self):
-            body = json.dumps(
-                ApiError(
-                    503, "too many connections; retry shortly", type="server_error", code="too_many_connections"
-                ).body()
-            ).encode()
-            transport.write(_REFUSAL % (len(body), body))
-            transport.close()
-            return
-        self._arm()
-
-    def _arm(self) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(self._timeouts.header, self._expired)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expired(self) -> None:
-        self._deadline = None
-        if self in self._connections.waiting:
-            self._connections.timed_out += 1
-            self.drop()
-
-    def drop(self) -> None:
-        """Close now, without waiting to send anything (the client sent no whole request)."""
-        self._connections.remove(self)
-        self._disarm()
-        self.transport.abort()
-
-    def handle_events(self) -> None:
-        super().handle_events()
-        if self.cycle is not None and self.cycle is not self._seen:  # a request's headers are in
-            self._seen = self.cycle
-            self.scope["pocketlm.connection"] = self  # type: ignore[typeddict-unknown-key]
-            self._connections.busy(self)
-            self._disarm()
-
-    def on_response_complete(self) -> None:
-        if not self.transport.is_closing():
-            self._connections.idle(self)
-            self._arm()
-        super().on_response_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._connections.remove(self)
-        self._disarm()
-        super().connection_lost(exc)
-
-
-def default_max_connections() -> int:
-    """What the open-file limit leaves for connections: the limit, less what the process and
-    engine hold and one accept burst (the listen backlog) of connections being replaced."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        soft = 65536
-    return max(8, min(soft, 65536) - RESERVED_FDS - BACKLOG)
-
-
-BACKLOG = 128  # listen backlog, and the most connections asyncio accepts in one go
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn's server, with PocketLM's drain: signals start it, the deadline cuts streams."""
-
-    def __init__(self, config: uvicorn.Config, owner: Server):
-        super().__init__(config)
-        self.owner = owner
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _on_signal(self, sig: int, frame: Any) -> None:
-        if self.owner._abort_now:  # a third: stop waiting for anything
-            self.force_exit = True
-        elif self.should_exit:  # a second signal: cut running generations now
-            self.owner._abort_soon()
-        else:
-            self.owner.stop_reason = signal.Signals(sig).name
-            self.should_exit = True
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.owner.on_ready is not None:  # listening, signals handled: say so
-            self.owner.on_ready()
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        owner = self.owner
-        owner.service.begin_drain()
-        loop = asyncio.get_running_loop()
-        owner._loop = loop
-        drain = owner.drain if owner.drain is not None else owner.service.timeouts.drain
-        timer = loop.call_later(drain, owner.service.abort)
-        if owner._abort_now:
-            owner.service.abort()
-        try:
-            await super().shutdown(sockets)
-        finally:
-            timer.cancel()
-
-
-class Server:
-    """One model behind the OpenAI API on a socket. Use `make_server()`; `serve_forever()`
-    blocks until `shutdown()` (from another thread), SIGTERM or SIGINT."""
-
-    def __init__(
-        self,
-        service: Service,
-        host: str,
-        port: int,
-        max_connections: int | None = None,
-        timeouts: Timeouts | None = None,
-    ):
-        self.service = service
-        self.model, self.model_name, self.slots = service.model, service.model_name, service.slots
-        self.parallel = service.parallel
-        self.timeouts = timeouts or service.timeouts
-        self.connections = Connections(max_connections or default_max_connections())
-        self.stop_reason = ""
-        self.on_ready: Callable[[], None] | None = None  # called once it listens and handles signals
-        self.drain: float | None = None
-        self._abort_now = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._finished = threading.Event()
-        self._serving = False
-        check_port(port)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(BACKLOG)
-        except OSError as e:
-            sock.close()
-            raise _cannot_listen(host, port, e) from None
-        sock.setblocking(False)
-        self.socket = sock
-        self.host = host
-        if is_loopback(host):
-            service.loopback_port = self.port
-        config = uvicorn.Config(
-            service,
-            http=functools.partial(Connection, connections=self.connections, timeouts=self.timeouts),  # type: ignore[arg-type]
-            loop="asyncio",
-            lifespan="off",
-            proxy_headers=False,
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            headers=[("server", f"pocketlm/{__version__}")],
-            backlog=BACKLOG,
-            timeout_keep_alive=int(max(1, self.timeouts.keep_alive)),
-            timeout_graceful_shutdown=int(self.timeouts.drain + 5),
-            h11_max_incomplete_event_size=64 * 1024,
-        )
-        self._uvicorn = _Uvicorn(config, self)
-
-    @property
-    def port(self) -> int:
-        return int(self.socket.getsockname()[1])
-
-    @property
-    def url(self) -> str:
-        host = str(self.socket.getsockname()[0])
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
-
-    def describe(self) -> str:
-        """The start line's details: how many requests are decoded together, the KV budget."""
-        info = self.model.info
-        kv = f", KV cache {info.kv_cells} tokens" if info.kv_cells else ""
-        return f"parallel {self.parallel}{kv}, queue {self.slots.capacity - self.slots.running}"
-
-    def serve_forever(self) -> None:
-        """Serve until shutdown; running generations drain first (see the module docstring)."""
-        self._serving = True
-        try:
-            asyncio.run(self._uvicorn.serve(sockets=[self.socket]))
-        finally:
-            self.service.join_generations(self.timeouts.drain)
-            self._serving = False
-            self._finished.set()
-
-    def shutdown(self, drain: float | None = None) -> None:
-        """Stop (from another thread): no new requests; running generations get `drain` seconds
-        (default `Timeouts.drain`); then they are cut, and serve_forever returns."""
-        self.drain = drain
-        self._uvicorn.should_exit = True
-        if self._serving:
-            self._finished.wait()
-        else:
-            self.socket.close()
-
-    def _abort_soon(self) -> None:
-        self._abort_now = True
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self.service.abort)
-
-
-def check_port(port: int) -> None:
-    if not 0 <= port <= 65535:
-        raise PocketLMError(f"port {port}: must be 0-65535 (0 picks a free one)")
-
-
-def check_address(host: str, port: int) -> None:
-    """Refuse a bad or taken address before the model is loaded."""
-    check_port(port)
-    if port == 0:
-        return
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise _cannot_listen(host, port, e) from None
-
-
-def _cannot_listen(host: str, port: int, e: OSError) -> PocketLMError:
-    hint = " (another program listens there: choose another --port)" if e.errno == errno.EADDRINUSE else ""
-    return PocketLMError(f"cannot listen on {host} port {port}: {e.strerror or e}{hint}")
-
-
 def is_loopback(host: str) -> bool:
     """Whether a host name or address is this machine only (localhost, 127.0.0.0/8, ::1)."""
     name = host.strip("[]").lower().rstrip(".")
@@ -1058,63 +755,3 @@ def default_name(model: Model) -> str:
     path = Path(model.info.path)
     name = path.stem if path.suffix == ".gguf" else path.name
     return name if name and name != "model" else f"{model.info.architecture}-{model.info.quant}"
-
-
-def make_server(
-    model: Model,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_concurrent: int | None = None,
-    max_queue: int = 64,
-    max_tokens_limit: int | None = None,
-    max_body_bytes: int | None = None,
-    model_name: str | None = None,
-    cors_origins: Sequence[str] = (),
-    limits: Limits | None = None,
-    timeouts: Timeouts | None = None,
-    max_connections: int | None = None,
-) -> Server:
-    """A bound server (port 0 picks a free one: see `.port`, `.url`); call `.serve_forever()`.
-
-    `max_concurrent` generations run at once (default: the sequences the model decodes
-    together, `model.info.parallel`), `max_queue` more wait; `limits` bound what one request
-    may ask (`max_tokens_limit`, `max_body_bytes` set two of them); `cors_origins` may call it
-    from web pages; `max_connections` caps open connections (default: what the open-file
-    limit leaves)."""
-    limits = _limits(limits, max_tokens_limit, max_body_bytes)
-    timeouts = timeouts or Timeouts()
-    holder: list[Server] = []
-    service = Service(
-        model,
-        api_key=api_key,
-        max_concurrent=max_concurrent or 0,
-        max_queue=max_queue,
-        limits=limits,
-        model_name=model_name,
-        cors_origins=cors_origins,
-        timeouts=timeouts,
-        connections=lambda: len(holder[0].connections.open) if holder else 0,
-    )
-    server = Server(service, host, port, max_connections, timeouts)
-    holder.append(server)
-    return server
-
-
-def start_warnings(host: str, api_key: str | None) -> list[str]:
-    """What to tell whoever starts a server: an open address without a key."""
-    if is_loopback(host) or api_key:
-        return []
-    return [f"listening on {host} without --api-key: anyone who can reach this machine can use the model"]
-
-
-def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, **kw: Any) -> None:
-    """Serve until SIGTERM or Ctrl-C, then drain (see the module docstring) and return."""
-    server = make_server(model, host, port, api_key, **kw)
-    for warning in start_warnings(host, api_key):
-        print(f"pocketlm: warning: {warning}", file=sys.stderr, flush=True)
-    line = f"serving {server.model_name} on {server.url} ({server.describe()}; Ctrl-C to stop)"
-    server.on_ready = lambda: print(line, flush=True)
-    server.serve_forever()
-    if server.stop_reason:
-        log.info("stopped by %s", server.stop_reason)
