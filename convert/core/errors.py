@@ -44,7 +44,17 @@ class ModelLoadError(PocketLMError):
 
 
 class GenerationError(PocketLMError):
-    """A request cannot be served as asked (prompt too long, no tokenizer for text...)."""
+    """A generation could not be done: a `RequestError` or an `EngineError`."""
+
+
+class RequestError(GenerationError):
+    """The caller's: the request cannot be served as asked (prompt too long, no tokenizer for
+    text, an option out of range...). A server answers 4xx."""
+
+
+class EngineError(GenerationError):
+    """The engine's or the model's: a request that was fine could not be run (the library
+    failed, the model was closed). A server answers 5xx."""
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

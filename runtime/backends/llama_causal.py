@@ -23,7 +23,7 @@ import numpy as np
 
 from pocketlm.backends.llama_common import LlamaSession, OwnsSession
 from pocketlm.converters.architectures import get as get_architecture
-from pocketlm.converters.core.errors import GenerationError, ModelLoadError
+from pocketlm.converters.core.errors import EngineError, GenerationError, ModelLoadError, RequestError
 from pocketlm.converters.core.gguf_file import GGUFHeader
 from pocketlm.core.engine import StepEngine
 from pocketlm.core.sequence import Decoding
@@ -51,9 +51,9 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
     ):
         super().__init__()
         if n_seq < 1:
-            raise GenerationError(f"n_seq={n_seq}: the KV cache must hold at least 1 sequence")
+            raise RequestError(f"n_seq={n_seq}: the KV cache must hold at least 1 sequence")
         if kv_cells is not None and kv_cells < 1:
-            raise GenerationError(f"kv_cells={kv_cells}: the KV cache must hold at least 1 token")
+            raise RequestError(f"kv_cells={kv_cells}: the KV cache must hold at least 1 token")
         self._s = s = LlamaSession(
             path, n_gpu_layers, threads, n_ctx, DEFAULT_MAX_CTX, n_batch, kv_type, n_seq, kv_cells, header
         )
@@ -124,7 +124,7 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
             if shared > keep:
                 best, keep = slot, shared
         if best < 0:
-            raise GenerationError(f"all {len(self._slots)} sequences of the KV cache are in use")
+            raise EngineError(f"all {len(self._slots)} sequences of the KV cache are in use")
         return best, keep
 
     def admit(self, seq: Decoding, reserve: int, followers: Sequence[Decoding] = ()) -> None:
@@ -184,12 +184,12 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
     def logits(self, input_ids: Sequence[int], decoder_input_ids: Sequence[int] | None = None) -> np.ndarray:
         """float32 [len(input_ids), vocab]: next-token logits at every position."""
         if decoder_input_ids is not None:
-            raise GenerationError("decoder_input_ids: this is a causal model (it has no decoder of its own)")
+            raise RequestError("decoder_input_ids: this is a causal model (it has no decoder of its own)")
         ids = [int(t) for t in input_ids]
         if not ids:
             return np.zeros((0, self.info.vocab_size), dtype=np.float32)
         if len(ids) > self.info.n_ctx:
-            raise GenerationError(f"{len(ids)} tokens exceed the context of {self.info.n_ctx}")
+            raise RequestError(f"{len(ids)} tokens exceed the context of {self.info.n_ctx}")
         with self.lock:
             self.freed.wait_for(lambda: len(self.busy) < len(self._slots))
             slot, _ = self._take_slot(ids)
@@ -206,7 +206,7 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
     def continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
         full = context + continuation
         if len(full) > self.info.n_ctx:
-            raise GenerationError(f"prompt + candidate ({len(full)} tokens) exceed the context of {self.info.n_ctx}")
+            raise RequestError(f"prompt + candidate ({len(full)} tokens) exceed the context of {self.info.n_ctx}")
         return self.logits(full)[len(context) - 1 : -1]
 
     def continuations_logits(self, context: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
@@ -214,7 +214,7 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
         its own in one batch when free slots allow (else one after the other on the same slot)."""
         longest = max(len(c) for c in continuations)
         if len(context) + longest > self.info.n_ctx:
-            raise GenerationError(
+            raise RequestError(
                 f"prompt + candidate ({len(context) + longest} tokens) exceed the context of {self.info.n_ctx}"
             )
         n = len(context)

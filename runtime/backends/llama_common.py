@@ -22,7 +22,7 @@ import numpy as np
 from pocketlm.converters.core import engine
 from pocketlm.converters.core.checks import INT32_MAX, GGUFDims, check_gguf, kv_cell_bytes
 from pocketlm.converters.core.engine import extra_buffer_types
-from pocketlm.converters.core.errors import GenerationError, ModelLoadError
+from pocketlm.converters.core.errors import EngineError, ModelLoadError, RequestError
 from pocketlm.converters.core.formats import gguf_quant_name
 from pocketlm.converters.core.gguf_file import GGUFHeader, read_header
 from pocketlm.core.engine import ModelInfo
@@ -218,7 +218,7 @@ class LlamaSession:
 
     def require_vocab(self) -> None:
         if not self.has_vocab:
-            raise GenerationError(
+            raise RequestError(
                 f"{self.path} has no tokenizer (converted without tokenizer files); pass token ids instead of text"
             )
 
@@ -234,7 +234,7 @@ class LlamaSession:
             if n >= 0:
                 return list(buf[:n])
             cap = -n
-        raise GenerationError("llama.cpp could not tokenize the text")
+        raise EngineError("llama.cpp could not tokenize the text")
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token as it appears inside a text."""
@@ -259,7 +259,7 @@ class LlamaSession:
             if n >= 0:
                 return buf.raw[:n].decode("utf-8", "replace")
             cap = -n
-        raise GenerationError("llama.cpp could not detokenize the ids")
+        raise EngineError("llama.cpp could not detokenize the ids")
 
     # -- evaluation ------------------------------------------------------------------------
     def clear(self, keep: int = 0, seq: int | None = None) -> None:
@@ -296,7 +296,7 @@ class LlamaSession:
             if rc != 0:
                 self.clear()
                 what = "encode" if encode else "decode"
-                raise GenerationError(f"llama.cpp {what} failed (code {rc}): {engine.recent_log()}")
+                raise EngineError(f"llama.cpp {what} failed (code {rc}): {engine.recent_log()}")
             asked = [k for *_, want, k in chunk if want]
             if asked and not encode:
                 ptr = self.llama.llama_get_logits(self.ctx)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pocketlm.backends.llama_common import LlamaSession, OwnsSession
-from pocketlm.converters.core.errors import GenerationError, ModelLoadError
+from pocketlm.converters.core.errors import EngineError, ModelLoadError, RequestError
 from pocketlm.converters.core.gguf_file import GGUFHeader, TensorEntry, read_header
 from pocketlm.core.engine import Seq2Seq, StepEngine
 from pocketlm.core.sequence import Decoding
@@ -95,7 +95,7 @@ class LlamaSeq2SeqEngine(OwnsSession, Seq2Seq, StepEngine):
         without it, see `lacks_output_scale`, else 1); `header` is the file's, when read."""
         super().__init__()
         if n_seq < 1:
-            raise GenerationError(f"n_seq={n_seq}: the KV cache must hold at least 1 sequence")
+            raise RequestError(f"n_seq={n_seq}: the KV cache must hold at least 1 sequence")
         # The encoder takes every source of a cohort in one micro-batch: the batch is the context.
         self._s = s = LlamaSession(
             path,
@@ -183,7 +183,7 @@ class LlamaSeq2SeqEngine(OwnsSession, Seq2Seq, StepEngine):
 
     def _check_source(self, src: Sequence[int]) -> None:
         if len(src) > self._s.n_batch:
-            raise GenerationError(
+            raise RequestError(
                 f"the source has {len(src)} tokens; the context holds {self._s.n_batch} (load with a larger n_ctx)"
             )
 
@@ -198,7 +198,7 @@ class LlamaSeq2SeqEngine(OwnsSession, Seq2Seq, StepEngine):
             self._s.clear()
             self._cohort_sources = 0
         elif not self._unencoded:
-            raise GenerationError("llama.cpp's encoder-decoder graph only decodes sequences encoded together")
+            raise EngineError("llama.cpp's encoder-decoder graph only decodes sequences encoded together")
         free = (s for s in range(self._s.n_seq_max) if s not in self.busy)
         slot = next(free)
         self.busy[slot] = reserve
@@ -219,7 +219,7 @@ class LlamaSeq2SeqEngine(OwnsSession, Seq2Seq, StepEngine):
         fresh = [(seq, tokens) for seq, tokens, _ in work if seq.slot in self._unencoded]
         if fresh:
             if len(fresh) != len(self._unencoded):
-                raise GenerationError("the sources of sequences decoded together must be encoded in one call")
+                raise EngineError("the sources of sequences decoded together must be encoded in one call")
             sources = [((seq.slot, *self._followers.get(seq.slot, ())), tokens, 0, False) for seq, tokens in fresh]
             self._s.evaluate(sources, encode=True)
             self._unencoded.clear()
@@ -227,7 +227,7 @@ class LlamaSeq2SeqEngine(OwnsSession, Seq2Seq, StepEngine):
         for seq, tokens, want in work:
             decoder = [self.start_token] if any(seq is f for f, _ in fresh) else tokens
             if seq.position + len(decoder) > self.info.n_ctx:
-                raise GenerationError(
+                raise RequestError(
                     f"{seq.position + len(decoder)} decoder tokens exceed the context of {self.info.n_ctx}"
                 )
             entries.append((seq.slot, decoder, seq.position, want))
@@ -255,7 +255,7 @@ class LlamaSeq2SeqEngine(OwnsSession, Seq2Seq, StepEngine):
         src, dec = self.decoder_ids(input_ids, decoder_input_ids)
         self._check_source(src)
         if len(dec) > self.info.n_ctx:
-            raise GenerationError(f"{len(dec)} decoder tokens exceed the context of {self.info.n_ctx}")
+            raise RequestError(f"{len(dec)} decoder tokens exceed the context of {self.info.n_ctx}")
         with self.lock:
             self.wait_idle()  # encoding replaces the encoder output running sequences attend to
             self._s.clear()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pocketlm.converters.core.errors import GenerationError
+from pocketlm.converters.core.errors import GenerationError, RequestError
 
 if TYPE_CHECKING:
     from pocketlm.core.generation import GenerationOptions
@@ -175,7 +175,7 @@ class StepEngine(Engine):
 
     def fork(self, src: Decoding, dst: Decoding) -> None:
         """`dst` (admitted with `src`) starts as a copy of `src`'s cached tokens."""
-        raise GenerationError(f"{type(self).__name__} cannot decode several sequences of one prompt")
+        raise RequestError(f"{type(self).__name__} cannot decode several sequences of one prompt")
 
     def release(self, seq: Decoding) -> None:
         """The sequence is done: its slot may be reused (its cache may be kept for reuse).
@@ -222,7 +222,7 @@ class Seq2Seq:
         src = [int(t) for t in input_ids]
         dec = [self.start_token] if decoder_input_ids is None else [int(t) for t in decoder_input_ids]
         if not src or not dec or dec[0] != self.start_token:
-            raise GenerationError(f"decoder_input_ids must start with the decoder start token {self.start_token}")
+            raise RequestError(f"decoder_input_ids must start with the decoder start token {self.start_token}")
         return src, dec
 
     def continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:

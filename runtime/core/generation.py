@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from pocketlm.converters.core.errors import GenerationError
+from pocketlm.converters.core.errors import RequestError
 
 MAX_SEQUENCES = 16  # beams or samples of one request (each is a sequence in the engine's cache)
 MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's limit)
@@ -54,49 +54,49 @@ class GenerationOptions:
             stop = (stop,) if stop else ()
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
         if not all(isinstance(s, str) for s in self.stop):
-            raise GenerationError("stop must be a string or a list of strings")
+            raise RequestError("stop must be a string or a list of strings")
         if self.max_new_tokens < 0:
-            raise GenerationError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise RequestError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise GenerationError(f"temperature must be a number >= 0, got {self.temperature}")
+            raise RequestError(f"temperature must be a number >= 0, got {self.temperature}")
         if not math.isfinite(self.top_p) or not math.isfinite(self.repetition_penalty):
-            raise GenerationError("top_p and repetition_penalty must be finite numbers")
+            raise RequestError("top_p and repetition_penalty must be finite numbers")
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise GenerationError(f"seed must be an integer in [0, 2**63), got {self.seed}")
+            raise RequestError(f"seed must be an integer in [0, 2**63), got {self.seed}")
         if self.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_new_tokens < 0:
-            raise GenerationError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+            raise RequestError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
         if self.repetition_penalty <= 0:
-            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not math.isfinite(value) or not -2 <= value <= 2:
-                raise GenerationError(f"{name} must be between -2 and 2, got {value}")
+                raise RequestError(f"{name} must be between -2 and 2, got {value}")
         self._check_search()
 
     def _check_search(self) -> None:
         if self.no_repeat_ngram_size < 0:
-            raise GenerationError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+            raise RequestError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         for name in ("num_beams", "num_return_sequences"):
             value = getattr(self, name)
             if not 1 <= value <= MAX_SEQUENCES:
-                raise GenerationError(f"{name} must be between 1 and {MAX_SEQUENCES}, got {value}")
+                raise RequestError(f"{name} must be between 1 and {MAX_SEQUENCES}, got {value}")
         if self.num_beams > 1:
             if not self.greedy:
-                raise GenerationError("beam search samples nothing: use temperature 0 with num_beams > 1")
+                raise RequestError("beam search samples nothing: use temperature 0 with num_beams > 1")
             if self.num_return_sequences > self.num_beams:
-                raise GenerationError(
+                raise RequestError(
                     f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})"
                 )
         if not math.isfinite(self.length_penalty):
-            raise GenerationError(f"length_penalty must be a finite number, got {self.length_penalty}")
+            raise RequestError(f"length_penalty must be a finite number, got {self.length_penalty}")
         if self.early_stopping not in (True, False, "never"):
-            raise GenerationError(f'early_stopping must be true, false or "never", got {self.early_stopping!r}')
+            raise RequestError(f'early_stopping must be true, false or "never", got {self.early_stopping!r}')
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise GenerationError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
+            raise RequestError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from pocketlm.converters.core.errors import GenerationError
+from pocketlm.converters.core.errors import RequestError
 from pocketlm.core.engine import BatchEngine, Engine, ModelInfo, StepEngine
 from pocketlm.core.generation import GenerationOptions, GenerationResult, TokenStream
 from pocketlm.core.scheduler import BatchScheduler, Scheduler
@@ -124,12 +124,12 @@ class Model:
             self._check_prompt_end(prompt)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids or (isinstance(prompt, str) and not prompt):
-            raise GenerationError("the prompt is empty")
+            raise RequestError("the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
         if bad:
-            raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{self.info.vocab_size - 1})")
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.info.vocab_size - 1})")
         if len(ids) >= self.info.n_ctx:
-            raise GenerationError(
+            raise RequestError(
                 f"the prompt has {len(ids)} tokens; the context holds {self.info.n_ctx} "
                 "(load with a larger n_ctx or shorten it)"
             )
@@ -222,7 +222,7 @@ class Model:
         context = self.prompt_ids(prompt)
         conts = [self.tokenize(c) if isinstance(c, str) else [int(t) for t in c] for c in candidates]
         if any(not cont for cont in conts):
-            raise GenerationError("a candidate is empty")
+            raise RequestError("a candidate is empty")
         scores = []
         for cont, rows in zip(conts, self.engine.continuations_logits(context, conts)):
             logits = rows.astype(np.float64)

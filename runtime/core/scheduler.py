@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from pocketlm.converters.core.errors import GenerationError
+from pocketlm.converters.core.errors import EngineError, RequestError
 from pocketlm.core.generation import StreamEvent, TokenStream
 from pocketlm.core.request import END, Request, Status
 from pocketlm.core.search import logprobs_of, make_search
@@ -66,9 +66,9 @@ class Scheduler:
         search = make_search(engine, first, max(engine.budget(len(first.ids), first.options.max_new_tokens), 0))
         n = len(search.seqs)
         if n > engine.sequence_slots:
-            raise GenerationError(f"{n} sequences asked for one prompt; this model holds {engine.sequence_slots}")
+            raise RequestError(f"{n} sequences asked for one prompt; this model holds {engine.sequence_slots}")
         if search.reserve > engine.kv_cells:
-            raise GenerationError(
+            raise RequestError(
                 f"{n} sequences of up to {search.budget} new tokens after a {len(first.ids)}-token prompt need "
                 f"{search.reserve} KV cache cells; the model holds {engine.kv_cells} "
                 "(load with a larger kv_cells, or ask fewer sequences or tokens)"
@@ -79,7 +79,7 @@ class Scheduler:
         """Queue requests (in order) and return their streams."""
         with self._wake:
             if self._closed:
-                raise GenerationError("the model is closed")
+                raise EngineError("the model is closed")
             for request in requests:
                 if request.budget == 0:  # nothing to generate: done at once
                     tail = request.first.finish()
@@ -126,7 +126,7 @@ class Scheduler:
             thread.join()
         if thread is None:
             with self.engine.lock:
-                self._fail_all(GenerationError("the model was closed"))
+                self._fail_all(EngineError("the model was closed"))
 
     def cancel(self, request: Request) -> None:
         """From any thread: the request ends at the next step (its reader sees the end)."""
@@ -177,7 +177,7 @@ class Scheduler:
             if request.finished or not request.events.queue.empty():
                 return
             if self._closed:
-                self._fail_all(GenerationError("the model was closed"))
+                self._fail_all(EngineError("the model was closed"))
                 return
             if not self._safe_step() and not request.finished:
                 engine.freed.wait(0.05)  # type: ignore[attr-defined]  # nothing to do yet: another reader's turn
@@ -199,7 +199,7 @@ class Scheduler:
             with self.engine.lock:
                 self._safe_step()
         with self.engine.lock:
-            self._fail_all(GenerationError("the model was closed"))
+            self._fail_all(EngineError("the model was closed"))
 
     def _safe_step(self) -> bool:
         """One step; if the engine fails, every running request fails with its error."""

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pocketlm.converters.core.errors import GenerationError, ModelLoadError, UnsupportedModelError
+from pocketlm.converters.core.errors import ModelLoadError, RequestError, UnsupportedModelError
 from pocketlm.converters.core.sentencepiece import read_spm_model, t5_tokenizer
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def load_tokenizer(folder: Path, name: str | None, vocab_size: int) -> Tokenizer
 
 def require(tok: Tokenizer | None, path: str) -> Tokenizer:
     if tok is None:
-        raise GenerationError(
+        raise RequestError(
             f"{path} has no tokenizer (converted without tokenizer files); pass token ids instead of text"
         )
     return tok
