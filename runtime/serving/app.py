@@ -49,7 +49,7 @@ from starlette.responses import Response
 from starlette.routing import Route, Router
 from starlette.types import Message, Receive, Scope, Send
 
-from pocketlm.converters.core.errors import PocketLMError
+from pocketlm.converters.core.errors import EngineError, PocketLMError, first_line
 from pocketlm.core.generation import GenerationResult, StreamEvent, TokenLogprob, TokenStream
 from pocketlm.core.model import Model
 from pocketlm.serving.metrics import CONTENT_TYPE, Metrics
@@ -461,6 +461,8 @@ class Service:
             response = await self._whole(reply, events, generation)
             request.state.note["text"] = "client went away" if gone.done() else response.note
             return response
+        except EngineError as e:  # the engine failed a request that was fine: ours, not the caller's
+            raise ApiError(500, first_line(e), type="server_error") from None
         except (PocketLMError, UnicodeError) as e:  # UnicodeError: lone surrogates in the JSON
             raise ApiError(400, str(e), param="prompt") from None
         finally:
