@@ -106,6 +106,20 @@ def test_module_entry_points_have_help():
         assert proc.returncode == 0 and "usage:" in proc.stdout
 
 
+def test_generation_flags_come_from_the_options_fields():
+    """`run`'s generation flags are made from GenerationOptions' fields; GenerationKwargs (for
+    type checkers) is spelled out and must name the same fields."""
+    import dataclasses
+
+    from pocketlm.cli.main import build_parser
+    from pocketlm.core.generation import GenerationKwargs, GenerationOptions
+
+    names = {f.name for f in dataclasses.fields(GenerationOptions)}
+    assert set(GenerationKwargs.__annotations__) == names
+    parsed = vars(build_parser("run").parse_args(["run", "model.gguf"]))
+    assert names & set(parsed) == names - {"min_new_tokens"}  # the one field without a flag
+
+
 def test_interrupted_conversion_leaves_nothing(hf_folder, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = gguf_target._encode

@@ -33,72 +33,57 @@ nothing for HF_HUB_DOWNLOAD_TIMEOUT seconds (10) is retried, then given up: re-r
 """
 
 
+def _generation_flags() -> list[tuple[Any, Any]]:
+    """GenerationOptions' fields that are `run` flags (their metadata says how), with their types."""
+    import dataclasses
+    import typing
+
+    from pocketlm.core.generation import GenerationOptions
+
+    hints = typing.get_type_hints(GenerationOptions)
+    return [(f, hints[f.name]) for f in dataclasses.fields(GenerationOptions) if f.metadata.get("flags", True)]
+
+
+def _choice(value: Any) -> str:
+    return str(value).lower()  # False -> "false", "never" -> "never"
+
+
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    """Generation flags; those not given take the model's defaults (its generation_config.json,
-    shown by `pocketlm info`), else PocketLM's (shown here)."""
+    """Generation flags, made from GenerationOptions' fields; those not given take the model's
+    defaults (its generation_config.json, shown by `pocketlm info`), else PocketLM's (shown here)."""
+    import typing
+
     g = p.add_argument_group("generation (unset: the model's generation_config.json, else these defaults)")
-    g.add_argument(
-        "--max-new-tokens", "--max-tokens", type=int, metavar="N", help="tokens to generate at most (default 64)"
-    )
-    g.add_argument("--temperature", type=float, help="0 = greedy (default); higher = more random")
-    g.add_argument("--top-k", type=int, help="sample among the K most likely tokens (0 = all, default)")
-    g.add_argument("--top-p", type=float, help="sample among the most likely tokens covering this mass (default 1)")
-    g.add_argument("--repetition-penalty", type=float, help=">1 discourages repeating tokens (default 1)")
-    g.add_argument("--presence-penalty", type=float, help="OpenAI's: -2..2, >0 avoids tokens already generated")
-    g.add_argument("--frequency-penalty", type=float, help="OpenAI's: -2..2, >0 avoids them per repetition")
-    g.add_argument("--no-repeat-ngram-size", type=int, metavar="N", help="no N-gram occurs twice (0 = off, default)")
-    g.add_argument("--seed", type=int, help="random seed: makes sampling repeatable")
-    g.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT (repeatable)")
-    g.add_argument(
-        "--num-beams", type=int, metavar="B", help="beam search with B beams (transformers' rules; default 1: none)"
-    )
-    g.add_argument("--length-penalty", type=float, help="beams: score = logprob sum / length**this (default 1)")
-    g.add_argument(
-        "--early-stopping",
-        choices=["false", "true", "never"],
-        help="beams: true stops at B finished, never only when none can win (default false: transformers' heuristic)",
-    )
-    g.add_argument(
-        "-n",
-        "--num-return-sequences",
-        type=int,
-        metavar="K",
-        help="answers to return: the K best beams, or K independent samples (default 1)",
-    )
-    g.add_argument(
-        "--logprobs",
-        type=int,
-        metavar="K",
-        help="show each token's log-probability and its K most likely alternatives (0: the token's only)",
-    )
-
-
-GENERATION_FLAGS = (
-    "max_new_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "no_repeat_ngram_size",
-    "seed",
-    "num_beams",
-    "length_penalty",
-    "num_return_sequences",
-    "logprobs",
-)
+    for f, hint in _generation_flags():
+        meta = f.metadata
+        how: dict[str, Any] = {"dest": f.name, "help": meta["help"].format(default=f.default)}
+        if "metavar" in meta:
+            how["metavar"] = meta["metavar"]
+        if "choices" in meta:
+            how["choices"] = [_choice(c) for c in meta["choices"]]
+        elif typing.get_origin(hint) is tuple:
+            how["action"] = "append"  # repeatable
+        else:  # int, float, or one of them or None
+            how["type"] = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        g.add_argument(*meta.get("flags", ["--" + f.name.replace("_", "-")]), **how)
 
 
 def _given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The generation options given on the command line (checked now, before loading)."""
+    import typing
+
     from pocketlm.core.generation import GenerationOptions
 
-    given = {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name) is not None}
-    if args.stop:
-        given["stop"] = tuple(args.stop)
-    if args.early_stopping is not None:
-        given["early_stopping"] = {"false": False, "true": True}.get(args.early_stopping, args.early_stopping)
+    given = {}
+    for f, hint in _generation_flags():
+        value = getattr(args, f.name)
+        if value is None:
+            continue
+        if "choices" in f.metadata:
+            value = {_choice(c): c for c in f.metadata["choices"]}[value]
+        elif typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        given[f.name] = value
     GenerationOptions(**given)
     return given
 

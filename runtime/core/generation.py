@@ -20,6 +20,16 @@ MAX_SEQUENCES = 16  # beams or samples of one request (each is a sequence in the
 MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's limit)
 
 
+def _option(default: Any, help: str, **how: Any) -> Any:
+    """A GenerationOptions field: its default and its metadata, what the surfaces show of it.
+    `help` is its help text ("{default}" in it is the default); `flags`, its CLI option strings
+    (default `--field-name`; none: not a flag), with `metavar` and `choices` (the values a flag
+    offers); `request`, its name in an OpenAI request (default the field's; None: requests cannot
+    set it); `model_default`, whether a request that leaves it out gets the model's generation
+    config (transformers' options) rather than this default (OpenAI's meaning of leaving it out)."""
+    return dataclasses.field(default=default, metadata={"help": help, **how})
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerationOptions:
     """How to generate. The order and meaning of the sampling steps follow transformers'
@@ -29,24 +39,52 @@ class GenerationOptions:
     `num_beams` > 1 is beam search with transformers' rules (`length_penalty`, `early_stopping`:
     False, True or "never"); `num_return_sequences` is how many of the beams, or how many
     independent samples, come back. `logprobs` asks for each new token's log-probability under
-    the model (before any penalty or temperature) and that many top alternatives."""
+    the model (before any penalty or temperature) and that many top alternatives.
 
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0  # 0 = no limit
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0  # >1 discourages tokens already seen
-    presence_penalty: float = 0.0  # OpenAI's: subtracted from every token already generated
-    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
-    stop: tuple[str, ...] = ()  # the text ends before the first of these
-    seed: int | None = None  # makes sampling repeatable
-    min_new_tokens: int = 0  # end-of-sequence is not allowed before this many new tokens
-    no_repeat_ngram_size: int = 0  # no n-gram of this size occurs twice (0: off)
-    num_beams: int = 1
-    length_penalty: float = 1.0  # a finished beam's score is sum(logprobs) / length**length_penalty
-    early_stopping: bool | str = False  # True: stop at num_beams finished; "never": only when none can win
-    num_return_sequences: int = 1  # beams returned, or independent samples
-    logprobs: int | None = None  # None: none; k: each token's log-probability and its top k alternatives
+    The fields are declared once, here: `pocketlm run`'s flags and the server's request fields
+    are made from each field's metadata (see `_option`)."""
+
+    max_new_tokens: int = _option(
+        64,
+        "tokens to generate at most (default {default})",
+        flags=("--max-new-tokens", "--max-tokens"),
+        metavar="N",
+        request="max_tokens",
+    )
+    temperature: float = _option(0.0, "0 = greedy (default); higher = more random")
+    top_k: int = _option(0, "sample among the K most likely tokens (0 = all, default)")
+    top_p: float = _option(1.0, "sample among the most likely tokens covering this mass (default {default:g})")
+    repetition_penalty: float = _option(1.0, ">1 discourages repeating tokens (default {default:g})")
+    presence_penalty: float = _option(0.0, "OpenAI's: -2..2, >0 avoids tokens already generated")
+    frequency_penalty: float = _option(0.0, "OpenAI's: -2..2, >0 avoids them per repetition")
+    stop: tuple[str, ...] = _option((), "stop before TEXT (repeatable)", metavar="TEXT")
+    seed: int | None = _option(None, "random seed: makes sampling repeatable")
+    min_new_tokens: int = _option(
+        0, "end-of-sequence is not allowed before this many new tokens", flags=(), request=None
+    )
+    no_repeat_ngram_size: int = _option(0, "no N-gram occurs twice (0 = off, default)", metavar="N", model_default=True)
+    num_beams: int = _option(
+        1, "beam search with B beams (transformers' rules; default {default}: none)", metavar="B", model_default=True
+    )
+    length_penalty: float = _option(
+        1.0, "beams: score = logprob sum / length**this (default {default:g})", model_default=True
+    )
+    early_stopping: bool | str = _option(
+        False,
+        "beams: true stops at B finished, never only when none can win (default false: transformers' heuristic)",
+        choices=(False, True, "never"),
+        model_default=True,
+    )
+    num_return_sequences: int = _option(
+        1,
+        "answers to return: the K best beams, or K independent samples (default {default})",
+        flags=("-n", "--num-return-sequences"),
+        metavar="K",
+        request="n",
+    )
+    logprobs: int | None = _option(
+        None, "show each token's log-probability and its K most likely alternatives (0: the token's only)", metavar="K"
+    )
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -126,6 +164,9 @@ class GenerationOptions:
 
 class GenerationKwargs(TypedDict, total=False):
     """The fields of GenerationOptions as keyword arguments (for type checkers)."""
+
+    # Spelled out, not derived: type checkers read a TypedDict only from its class body (one built
+    # from fields(GenerationOptions) at run time is opaque to them); tests/test_cli.py checks the names.
 
     max_new_tokens: int
     temperature: float

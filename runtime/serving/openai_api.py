@@ -14,6 +14,12 @@ model's own, before penalties and temperature. Fields PocketLM cannot honour (`b
 are ignored. What one request may ask (tokens, stop strings, choices, beams, alternatives,
 prompt length) is bounded by `Limits`; a request over one gets a 400 naming the limit.
 
+The options a request may set are GenerationOptions' fields, named as their metadata says
+(`REQUEST_FIELDS`: `max_tokens`, `n`, the others by their own names); each is read as its JSON
+type, or by one of `READERS` where OpenAI's meaning needs more (defaults, limits, aliases).
+Transformers' search options a request leaves out take the model's generation defaults; the
+others, PocketLM's (OpenAI's) defaults.
+
 Chat prompts: these are instruction models without a chat template. A lone user message
 (after optional system messages) is sent as `system + "\\n\\n" + user`, or the bare user text;
 longer conversations become a transcript `"{system}\\n\\nUser: ...\\nAssistant: ...\\nUser:
@@ -25,6 +31,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -238,19 +246,84 @@ def _logprobs(body: dict[str, Any], chat: bool, limit: int) -> int | None:
     return top
 
 
-def _search(body: dict[str, Any]) -> dict[str, Any]:
-    """Beam search and the other transformers options a request may add (extras)."""
-    options: dict[str, Any] = {}
-    for name, kind in [("num_beams", int), ("length_penalty", float), ("no_repeat_ngram_size", int)]:
-        value = _field(body, name, kind)
-        if value is not None:
-            options[name] = value
-    early = body.get("early_stopping")
-    if early is not None:
-        if early not in (True, False, "never"):
-            raise ApiError(400, "'early_stopping' must be true, false or \"never\"", param="early_stopping")
-        options["early_stopping"] = early
-    return options
+def _max_tokens(body: dict[str, Any], name: str, chat: bool, limits: Limits) -> int:
+    value = _field(body, name, int, limits.max_tokens if chat else 16)
+    if chat and body.get("max_completion_tokens") is not None:
+        name, value = "max_completion_tokens", _field(body, "max_completion_tokens", int)
+    if not 1 <= value <= limits.max_tokens:
+        raise ApiError(
+            400,
+            f"'{name}' must be between 1 and {limits.max_tokens}, got {value} {limits.over('max_tokens')}",
+            param=name,
+        )
+    return value
+
+
+def _temperature(body: dict[str, Any], name: str, chat: bool, limits: Limits) -> float:
+    beams = (_field(body, "num_beams", int) or 1) > 1
+    return _field(body, name, float, 0.0 if beams else 1.0)
+
+
+def _seed(body: dict[str, Any], name: str, chat: bool, limits: Limits) -> int | None:
+    seed = _field(body, name, int)
+    if seed is not None and seed < 0:
+        raise ApiError(400, f"'{name}' must be >= 0", param=name)
+    return seed
+
+
+def _early_stopping(body: dict[str, Any], name: str, chat: bool, limits: Limits) -> bool | str | None:
+    early = body.get(name)
+    if early is not None and early not in (True, False, "never"):
+        raise ApiError(400, f"'{name}' must be true, false or \"never\"", param=name)
+    return early
+
+
+def _n(body: dict[str, Any], name: str, chat: bool, limits: Limits) -> int:
+    n = _field(body, name, int, 1)
+    if not 1 <= n <= limits.max_n:
+        raise ApiError(
+            400, f"'{name}' must be between 1 and {limits.max_n}, got {n} {limits.over('max_n')}", param=name
+        )
+    return n
+
+
+# GenerationOptions fields whose OpenAI reading is more than their JSON type: (body, the field's
+# name in a request, chat, limits) -> value. OpenAI's defaults, the server's limits, aliases.
+READERS: dict[str, Callable[[dict[str, Any], str, bool, Limits], Any]] = {
+    "max_new_tokens": _max_tokens,
+    "temperature": _temperature,
+    "stop": lambda body, name, chat, limits: tuple(_stop(body, limits)),
+    "seed": _seed,
+    "early_stopping": _early_stopping,
+    "num_return_sequences": _n,
+    "logprobs": lambda body, name, chat, limits: _logprobs(body, chat, limits.max_logprobs),
+}
+
+
+@dataclass(frozen=True)
+class RequestField:
+    """A GenerationOptions field a request may set, from the field's metadata."""
+
+    name: str  # in the request
+    option: str  # the GenerationOptions field
+    kind: Any  # its JSON type
+    default: Any  # when the request leaves it out (OpenAI's meaning), unless model_default
+    model_default: bool  # left out: the model's generation defaults apply
+
+
+def _request_fields() -> list[RequestField]:
+    hints = typing.get_type_hints(GenerationOptions)
+    found = []
+    for f in fields(GenerationOptions):
+        name = f.metadata.get("request", f.name)
+        if name is not None:
+            kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+            found.append(RequestField(name, f.name, kind, f.default, f.metadata.get("model_default", False)))
+    return found
+
+
+REQUEST_FIELDS = _request_fields()
+REQUEST_NAMES = {f.option: f.name for f in REQUEST_FIELDS}  # GenerationOptions field -> its request name
 
 
 def parse_request(
@@ -264,44 +337,20 @@ def parse_request(
     _check_neutral(body)
     _field(body, "model", str)
     prompt = chat_prompt(body.get("messages")) if chat else _completion_prompt(body)
-    name = "max_tokens"
-    max_tokens = _field(body, "max_tokens", int, 16 if not chat else limits.max_tokens)
-    if chat and body.get("max_completion_tokens") is not None:
-        name, max_tokens = "max_completion_tokens", _field(body, "max_completion_tokens", int)
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise ApiError(
-            400,
-            f"'{name}' must be between 1 and {limits.max_tokens}, got {max_tokens} {limits.over('max_tokens')}",
-            param=name,
-        )
-    seed = _field(body, "seed", int)
-    if seed is not None and seed < 0:
-        raise ApiError(400, "'seed' must be >= 0", param="seed")
-    n = _field(body, "n", int, 1)
-    if not 1 <= n <= limits.max_n:
-        raise ApiError(400, f"'n' must be between 1 and {limits.max_n}, got {n} {limits.over('max_n')}", param="n")
-    search = _search(body)
-    beams = search.get("num_beams", 1) > 1
-    given: dict[str, Any] = dict(
-        max_new_tokens=max_tokens,
-        stop=tuple(_stop(body, limits)),
-        seed=seed,
-        temperature=_field(body, "temperature", float, 0.0 if beams else 1.0),
-        top_k=_field(body, "top_k", int, 0),
-        top_p=_field(body, "top_p", float, 1.0),
-        repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
-        presence_penalty=_field(body, "presence_penalty", float, 0.0),
-        frequency_penalty=_field(body, "frequency_penalty", float, 0.0),
-        num_return_sequences=n,
-        logprobs=_logprobs(body, chat, limits.max_logprobs),
-        **search,
-    )
+    given: dict[str, Any] = {}
+    for f in REQUEST_FIELDS:
+        read = READERS.get(f.option)
+        if read is not None:
+            value = read(body, f.name, chat, limits)
+        else:
+            value = _field(body, f.name, f.kind, None if f.model_default else f.default)
+        if value is not None or not f.model_default:
+            given[f.option] = value
     try:
         options = model.options(**given) if model is not None else GenerationOptions(**given)
     except PocketLMError as e:
-        field = str(e).split(" ", 1)[0]  # GenerationOptions' messages start with the field's name
-        param = {"num_return_sequences": "n", "max_new_tokens": name}.get(field, field if field in body else None)
-        raise ApiError(400, str(e), param=param) from None
+        param = REQUEST_NAMES.get(str(e).split(" ", 1)[0])  # GenerationOptions' messages start with the field
+        raise ApiError(400, str(e), param=param if param in body else None) from None
     if options.num_beams > limits.max_beams:  # asked, or the model's default
         raise ApiError(
             400,
