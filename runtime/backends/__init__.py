@@ -14,7 +14,6 @@ core), so the loading modules that iterate over it are never imported back.
 
 from __future__ import annotations
 
-import importlib.metadata
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -29,6 +28,8 @@ if TYPE_CHECKING:
 
 def package_version(package: str) -> str | None:
     """The installed version of a pip distribution (None when it is not installed)."""
+    import importlib.metadata  # 35 ms: imported when a version is asked for, not with pocketlm
+
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

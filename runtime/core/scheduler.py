@@ -22,7 +22,6 @@ decoding options run as one engine batch, each stopping on its own.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -56,6 +55,7 @@ class Scheduler:
         self._running: list[Request] = []
         self._wake = threading.Condition()
         self._closed = False
+        self._cancels = False  # a request was cancelled since the last step
         self._thread: threading.Thread | None = None
         self.steps = 0  # engine calls made (for tests and reports)
 
@@ -132,6 +132,7 @@ class Scheduler:
         """From any thread: the request ends at the next step (its reader sees the end)."""
         with self._wake:
             request.cancel()
+            self._cancels = True
             self._wake.notify_all()
 
     # -- a request's events -----------------------------------------------------------------
@@ -157,12 +158,10 @@ class Scheduler:
         events = request.events.queue
         try:
             while True:
-                try:
-                    item = events.get_nowait()
-                except queue.Empty:
+                if events.empty():
                     self._step_inline(request)
                     continue
-                event = self._item(item)
+                event = self._item(events.get_nowait())
                 if event is None:
                     return
                 yield event
@@ -219,6 +218,9 @@ class Scheduler:
         """Called holding `_wake` (not the engine) before each step: a chance to wait for more."""
 
     def _drop_cancelled(self) -> None:
+        if not self._cancels:
+            return
+        self._cancels = False
         for request in [r for r in self._running if r.cancel_requested]:
             self._finish(request, Status.CANCELLED)
         for request in [r for r in self._waiting if r.cancel_requested]:

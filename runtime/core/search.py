@@ -255,7 +255,7 @@ class Sampling(Search):
     def _sample(self, seq: Decoding, logits: np.ndarray) -> None:
         options = seq.options
         generated = len(seq.result.token_ids)
-        token = seq.sampler.choose(self.chain(logits, [seq.history]))
+        token = seq.sampler.choose(self.chain(logits, [seq.history]) if self.chain else logits)
         logprob = token_logprob(log_softmax(logits), token, options.logprobs) if options.logprobs is not None else None
         seq.seen.append(token)
         event = seq.push(token, logprob)
