@@ -556,7 +556,7 @@ def test_n_and_logprobs_through_the_client(client, model):
     assert reply.usage.completion_tokens == expected.completion_tokens
     ids = model.tokenize(PROMPT)
     for choice, r in zip(reply.choices, expected.sequences):
-        shown = [t for t in r.token_ids if not model._is_end(t)]
+        shown = [t for t in r.token_ids if not model.engine.is_end(t)]
         lp = choice.logprobs
         assert len(lp.tokens) == len(shown) == len(lp.token_logprobs) == len(lp.top_logprobs)
         assert b"".join(model.token_bytes(t) for t in shown).decode("utf-8", "replace") == choice.text

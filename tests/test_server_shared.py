@@ -197,8 +197,8 @@ def test_load_64_clients_accepted_ones_answer_as_alone_the_rest_get_429(gguf):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (model.scheduler.load != (0, 0) or server.admission.admitted):
             time.sleep(0.05)
-        assert model.scheduler.load == (0, 0) and not model._busy and server.admission.admitted == 0
-        assert sum(model._busy.values()) == 0  # no KV reservation left behind
+        assert model.scheduler.load == (0, 0) and not model.engine.busy and server.admission.admitted == 0
+        assert sum(model.engine.busy.values()) == 0  # no KV reservation left behind
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and threading.active_count() > idle_threads:
             time.sleep(0.05)
