@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     def ray_actors(actors: int):
         def job(out: Path) -> None:
             threads = max(1, cores // actors)
-            on_ray.run_jsonl(str(gguf), source, out, None, actors, BATCH, options, {"threads": threads})
+            on_ray.run_jsonl_on_ray(str(gguf), source, out, None, actors, BATCH, options, {"threads": threads})
 
         return job
 

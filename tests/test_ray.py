@@ -29,8 +29,7 @@ import pocketlm
 from pocketlm.cli.batch import answer, run_jsonl
 from pocketlm.converters import convert
 from pocketlm.converters.synthetic import build_random_bloom
-from pocketlm.serving.ray_cluster import Predictor, deployment
-from pocketlm.serving.ray_cluster import run_jsonl as run_jsonl_on_ray
+from pocketlm.serving.ray_cluster import Predictor, deployment, run_jsonl_on_ray
 
 # The predictor subclasses below live in this test module, which Ray's workers cannot import.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -7,7 +7,8 @@ prompts already answered are skipped, so an interrupted run just continues. Mode
 engine decodes prompts together (CTranslate2, or `parallel` sequences) get a batch at a
 time; the others go one by one. Each record has the text, its token ids, the finish reason and
 token counts (and the beam score, every answer with num_return_sequences > 1).
-runtime/serving/ray_cluster.py runs the same job over a Ray cluster.
+`run_jsonl` runs the job on one loaded model, runtime/serving/ray_cluster.py's `run_jsonl_on_ray`
+over a Ray cluster.
 """
 
 from __future__ import annotations
@@ -76,16 +77,9 @@ def answered_keys(path: Path) -> set[str]:
 
 
 def answer(result: GenerationResult) -> dict[str, Any]:
-    """What an output record (or a Ray Data row) says about one prompt's result."""
-    record: dict[str, Any] = {
-        "text": result.text,
-        "token_ids": result.token_ids,
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": len(result.token_ids),
-    }
-    if result.score is not None:
-        record["score"] = result.score
+    """What an output record (or a Ray Data row) says about one prompt's result: the first
+    sequence as `GenerationResult.render` shows it (without log-probabilities), its tokens."""
+    record = result.render(completion_tokens=len(result.token_ids))
     if result.others:  # num_return_sequences > 1: every answer, the first repeated
         record["texts"] = [s.text for s in result.sequences]
         record["completion_tokens"] = result.completion_tokens

@@ -411,12 +411,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_on_ray(args: argparse.Namespace, given: dict[str, Any]) -> int:
     try:
-        from pocketlm.serving.ray_cluster import run_jsonl
+        from pocketlm.serving.ray_cluster import run_jsonl_on_ray
     except ModuleNotFoundError as e:
         raise PocketLMError(f"--ray needs Ray ({e.name} is missing): pip install 'pocketlm[ray]'") from None
     load = {k: v for k, v in _load_options(args).items() if v is not None and v != "auto"}
     address = None if args.ray == "local" else args.ray
-    stats = run_jsonl(
+    stats = run_jsonl_on_ray(
         args.model,
         Path(args.input),
         Path(args.output),
@@ -432,39 +432,14 @@ def _run_on_ray(args: argparse.Namespace, given: dict[str, Any]) -> int:
 
 
 def _result_json(model: Any, result: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "text": result.text,
-        "token_ids": result.token_ids,
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.prompt_tokens,
-        "seconds": round(result.seconds, 4),
-        "tokens_per_second": round(result.tokens_per_second, 2),
-    }
-    if result.score is not None:
-        out["score"] = result.score
-    if result.logprobs is not None:
-        token = _token_text(model)
-        out["logprobs"] = [
-            {
-                "token_id": lp.token_id,
-                "token": token(lp.token_id),
-                "logprob": lp.logprob,
-                "top": [{"token_id": t, "token": token(t), "logprob": v} for t, v in lp.top],
-            }
-            for lp in result.logprobs
-        ]
-    return out
-
-
-def _token_text(model: Any) -> Any:
-    return lambda t: model.token_bytes(t).decode("utf-8", "replace")
+    seconds, speed = round(result.seconds, 4), round(result.tokens_per_second, 2)
+    return result.render(model.token_bytes, seconds=seconds, tokens_per_second=speed)
 
 
 def _print_logprobs(model: Any, result: Any) -> None:
-    token = _token_text(model)
-    for lp in result.logprobs:
-        alternatives = "  ".join(f"{token(t)!r} {v:.3f}" for t, v in lp.top)
-        print(f"  {token(lp.token_id)!r:>16} {lp.logprob:8.4f}   {alternatives}")
+    for shown in (lp.render(model.token_bytes) for lp in result.logprobs):
+        alternatives = "  ".join(f"{a['token']!r} {a['logprob']:.3f}" for a in shown["top"])
+        print(f"  {shown['token']!r:>16} {shown['logprob']:8.4f}   {alternatives}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:

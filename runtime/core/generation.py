@@ -167,7 +167,6 @@ class GenerationKwargs(TypedDict, total=False):
 
     # Spelled out, not derived: type checkers read a TypedDict only from its class body (one built
     # from fields(GenerationOptions) at run time is opaque to them); tests/test_cli.py checks the names.
-
     max_new_tokens: int
     temperature: float
     top_k: int
@@ -194,6 +193,16 @@ class TokenLogprob:
     logprob: float
     top: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (token id, logprob), best first
 
+    def render(self, token_bytes: Callable[[int], bytes]) -> dict[str, Any]:
+        """As JSON data, each token with its text (`token_bytes`: a token id's bytes, as
+        `Model.token_bytes`): token_id, token, logprob, and the alternatives alike ("top")."""
+
+        def token(t: int) -> dict[str, Any]:
+            return {"token_id": t, "token": token_bytes(t).decode("utf-8", "replace")}
+
+        top = [{**token(t), "logprob": v} for t, v in self.top]
+        return {**token(self.token_id), "logprob": self.logprob, "top": top}
+
 
 @dataclass
 class GenerationResult:
@@ -214,6 +223,23 @@ class GenerationResult:
     @property
     def sequences(self) -> list[GenerationResult]:
         return [self, *self.others]
+
+    def render(self, token_bytes: Callable[[int], bytes] | None = None, **extra: Any) -> dict[str, Any]:
+        """This sequence as JSON data (`pocketlm run --json`, batch answers, Ray rows): text, token
+        ids, finish reason, prompt tokens, then `extra`, the beam score (beam search) and, given
+        `token_bytes`, the log-probabilities asked for, each token with its text (TokenLogprob.render)."""
+        data = {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            **extra,
+        }
+        if self.score is not None:
+            data["score"] = self.score
+        if self.logprobs is not None and token_bytes is not None:
+            data["logprobs"] = [lp.render(token_bytes) for lp in self.logprobs]
+        return data
 
     @property
     def completion_tokens(self) -> int:

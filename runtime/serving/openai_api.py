@@ -28,6 +28,7 @@ longer conversations become a transcript `"{system}\\n\\nUser: ...\\nAssistant: 
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import time
@@ -377,7 +378,8 @@ class Reply:
         self.chat, self.model = chat, model
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
-        self.token_bytes = token_bytes  # token id -> its bytes (for logprobs)
+        # token id -> its bytes (for logprobs: each token's text, and its bytes in chat), cached
+        self.token_bytes = functools.lru_cache(maxsize=4096)(token_bytes) if token_bytes is not None else None
         self._offsets: dict[int, int] = {}  # completions' text_offset, per choice
 
     def _wrap(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -397,34 +399,30 @@ class Reply:
         """OpenAI's logprobs object for some tokens of one choice (None when not asked)."""
         if items is None:
             return None
-        text = self._text_of
+        shown = [lp.render(self.token_bytes) for lp in items]  # each token with its text
         if self.chat:
             content = [
                 {
-                    **self._token(lp.token_id),
-                    "logprob": lp.logprob,
-                    "top_logprobs": [{**self._token(t), "logprob": v} for t, v in lp.top],
+                    **self._token(s),
+                    "logprob": s["logprob"],
+                    "top_logprobs": [{**self._token(a), "logprob": a["logprob"]} for a in s["top"]],
                 }
-                for lp in items
+                for s in shown
             ]
             return {"content": content, "refusal": None}
         offsets = []
-        for lp in items:
+        for s in shown:
             offsets.append(self._offsets.get(index, 0))
-            self._offsets[index] = offsets[-1] + len(text(lp.token_id))
+            self._offsets[index] = offsets[-1] + len(s["token"])
         return {
-            "tokens": [text(lp.token_id) for lp in items],
-            "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [{text(t): v for t, v in lp.top} for lp in items],
+            "tokens": [s["token"] for s in shown],
+            "token_logprobs": [s["logprob"] for s in shown],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in s["top"]} for s in shown],
             "text_offset": offsets,
         }
 
-    def _text_of(self, token: int) -> str:
-        return self.token_bytes(token).decode("utf-8", "replace")
-
-    def _token(self, token: int) -> dict[str, Any]:
-        data = self.token_bytes(token)
-        return {"token": data.decode("utf-8", "replace"), "bytes": list(data)}
+    def _token(self, shown: dict[str, Any]) -> dict[str, Any]:
+        return {"token": shown["token"], "bytes": list(self.token_bytes(shown["token_id"]))}
 
     def whole(
         self, texts: list[str], logprobs: list[list[TokenLogprob] | None], result: GenerationResult

@@ -16,7 +16,7 @@ Serving, the OpenAI-compatible app on N replicas behind Ray Serve's HTTP proxy:
     serve.run(deployment("bloomz-560m-q4_k_m.gguf", replicas=2))   # or, from a shell:
     # serve run pocketlm.serving.ray_cluster:app model=bloomz-560m-q4_k_m.gguf replicas=2
 
-`pocketlm run MODEL --input in.jsonl --output out.jsonl --ray [ADDRESS]` is `run_jsonl` below.
+`pocketlm run MODEL --input in.jsonl --output out.jsonl --ray [ADDRESS]` is `run_jsonl_on_ray` below.
 Models are resolved on each worker as `pocketlm.load` resolves them: a path must exist on every
 node (a shared filesystem) or be a hub id; a checkpoint folder is converted once per node into
 PocketLM's cache, whose lock makes the other actors on that node wait for it and reuse it.
@@ -42,7 +42,7 @@ try:
 except ImportError:  # pragma: no cover (the message is the point)
     raise PocketLMError("Ray is not installed: pip install 'pocketlm[ray]'") from None
 
-__all__ = ["Predictor", "OpenAIReplica", "deployment", "app", "run_jsonl", "connect"]
+__all__ = ["Predictor", "OpenAIReplica", "deployment", "app", "run_jsonl_on_ray", "connect"]
 
 
 def _reserved_cpus() -> int | None:
@@ -227,11 +227,11 @@ def _pocketlm_error(e: Exception) -> PocketLMError | None:
         if isinstance(seen, PocketLMError):
             return seen
         seen = getattr(seen, "cause", None) or seen.__cause__
-    found = re.findall(r"(?m)^convert\.core\.errors\.\w+: (.+)$", str(e))
+    found = re.findall(r"(?m)^pocketlm\.converters\.core\.errors\.\w+: (.+)$", str(e))
     return PocketLMError(f"on a Ray worker: {found[-1]}") if found else None
 
 
-def run_jsonl(
+def run_jsonl_on_ray(
     model: str,
     input_path: Path,
     output_path: Path,
