@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from reference import T5_CORPUS, T5_PIECES, T5_PROBES, hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids
 
-from pocketlm.backends.llama_seq2seq import LlamaSeq2SeqModel
+import pocketlm
 from pocketlm.converters import convert
 from pocketlm.converters.core.errors import GenerationError, UnsupportedModelError
 from pocketlm.converters.core.gguf_file import read_header
@@ -34,7 +34,7 @@ def t5(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref = make_t5(folder / "hf", **CONFIGS[request.param])
     summary = convert(folder / "hf", folder / "model.gguf", format="gguf", quant="f32")
-    model = LlamaSeq2SeqModel(summary.output, threads=2)
+    model = pocketlm.load(summary.output, threads=2, parallel=1)
     yield ref, model
     model.close()
 
@@ -149,7 +149,7 @@ def test_quantized_top1_agreement(wide_t5, quant):
     folder, cases = wide_t5
     summary = convert(folder / "hf", folder / f"{quant}.gguf", format="gguf", quant=quant)
     agree, kept = [], []
-    with LlamaSeq2SeqModel(summary.output, threads=2) as model:
+    with pocketlm.load(summary.output, threads=2, parallel=1) as model:
         assert model.info.quant == quant and model.info.format == "gguf" and model.info.architecture == "t5"
         for src, dec, top1, greedy in cases:
             agree.append(float((model.logits(src, dec).argmax(-1) == top1).mean()))
@@ -198,7 +198,7 @@ def tok_model(request, tmp_path_factory, t5_tokenizer_files):
     make_t5(folder / "hf", vocab=PIECES + 100 + 20, tokenizer_files={name: source})  # padded past the sentinels
     summary = convert(folder / "hf", folder / "model.gguf", format="gguf", quant="f32")
     assert not summary.warnings
-    with LlamaSeq2SeqModel(summary.output, threads=2) as model:
+    with pocketlm.load(summary.output, threads=2, parallel=1) as model:
         yield model
 
 
@@ -239,7 +239,7 @@ def test_replace_style_tokenizer_json_warns_about_trailing_spaces(tmp_path, t5_t
     make_t5(tmp_path / "hf", vocab=PIECES + 100, tokenizer_files={"tokenizer.json": tmp_path / "tokenizer.json"})
     summary = convert(tmp_path / "hf", tmp_path / "m.gguf", format="gguf", quant="f32")
     assert any("trailing space" in w for w in summary.warnings)
-    with LlamaSeq2SeqModel(summary.output, threads=2) as model:
+    with pocketlm.load(summary.output, threads=2, parallel=1) as model:
         for text in ("Translate to English: Je t'aime.", "multiple   spaces\tand\nnewlines"):
             assert model.tokenize(text) == hf(text)["input_ids"]
         text = "trailing  "
@@ -264,7 +264,7 @@ def test_streamed_text_equals_generated_text(tok_model):
 def test_stream_keeps_sentencepiece_spaces(tok_model, hf_t5_tokenizer):
     """Streaming ids one by one gives HF's decode of the whole sequence (spaces included)."""
     ids = hf_t5_tokenizer("The <extra_id_0> house is wonderful. Größenwahn!")["input_ids"]
-    detok = tok_model._detokenizer()
+    detok = tok_model.engine.detokenizer()
     streamed = b"".join(detok.push(t) for t in ids) + detok.flush()
     assert streamed.decode() == hf_t5_tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -273,11 +273,11 @@ def test_no_tokenizer_runs_on_ids(tmp_path):
     ref = make_t5(tmp_path / "hf", head="untied")
     summary = convert(tmp_path / "hf", tmp_path / "m.gguf", format="gguf", quant="f32")
     assert any("no tokenizer" in w for w in summary.warnings)
-    with LlamaSeq2SeqModel(summary.output, threads=2) as model:
+    with pocketlm.load(summary.output, threads=2, parallel=1) as model:
         assert not model.info.has_tokenizer and model.info.vocab_size == 160
         with pytest.raises(GenerationError, match="m.gguf has no tokenizer"):
             model.tokenize("hello")
         src = random_ids(10, 160, 1) + [1]
         result = model.generate(src, max_new_tokens=12)
         assert result.token_ids == hf_seq2seq_greedy(ref, src, 12) and result.text == ""
-        assert model._is_end(1) and not model._is_end(0)
+        assert model.engine.is_end(1) and not model.engine.is_end(0)
