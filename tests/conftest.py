@@ -17,3 +17,11 @@ def hf_t5_tokenizer(t5_tokenizer_files):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_file=str(t5_tokenizer_files["tokenizer.json"]))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """tests/parity.py's reference checkpoints and their conversions, each made once per session."""
+    from parity import Checkpoints
+
+    return Checkpoints(tmp_path_factory.mktemp("parity"))

@@ -29,6 +29,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from parity import relative_error
 from reference import T5_PIECES, hf_seq2seq_greedy, hf_seq2seq_logits, make_t5, random_ids, write_state
 
 import pocketlm
@@ -161,7 +162,7 @@ def _worst(model, ref, factor: float = 1.0) -> float:
         expected = hf_seq2seq_logits(ref, src, dec) * factor
         got = model.logits(src, dec)
         assert got.shape == expected.shape and got.dtype == np.float32
-        worst = max(worst, float(np.abs(got - expected).max() / np.abs(expected).max()))
+        worst = max(worst, relative_error(got, expected))
     return worst
 
 
