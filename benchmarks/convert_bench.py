@@ -1,7 +1,7 @@
 """Conversion time and peak memory, PocketLM's converters next to the upstream one.
 
 For each real-shape random checkpoint (see common.py) runs, each in its own process:
-`python -m convert` at several quant types, and, for the T5 family, CTranslate2's own
+`python -m pocketlm.converters` at several quant types, and, for the T5 family, CTranslate2's own
 transformers converter (`ct2-transformers-converter`, which needs torch and transformers and
 loads the whole model) at int8. Writes benchmarks/results/convert.json and prints a table.
 

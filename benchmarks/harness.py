@@ -177,7 +177,7 @@ def artifact(
     imatrix: Path | None = None,
 ) -> Path:
     """The converted file for (model, format, quant[, head type, importance matrix]),
-    converted once by `python -m convert` in a child process and cached under
+    converted once by `python -m pocketlm.converters` in a child process and cached under
     results/cache/artifacts/ (--rebuild converts again)."""
     out = artifact_path(model, fmt, quant, output_type, imatrix is not None)
     src = source_folder(model)
@@ -188,7 +188,7 @@ def artifact(
     cmd = [
         sys.executable,
         "-m",
-        "convert",
+        "pocketlm.converters",
         str(src),
         "-o",
         str(out),

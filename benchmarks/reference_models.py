@@ -687,7 +687,7 @@ def ensure(name: str, rebuild: bool = False, seed: int = SEED) -> Path:
 
 
 def _convert(src: Path, out: Path, fmt: str, quant: str) -> None:
-    """`python -m convert` in a child process (seconds for these sizes: always afresh)."""
+    """`python -m pocketlm.converters` in a child process (seconds for these sizes: always afresh)."""
     cmd = [
         sys.executable,
         "-m",

@@ -183,7 +183,7 @@ def variants(model: str, spec: dict[str, Any]) -> list[tuple[str, list[str], str
             [
                 py,
                 "-m",
-                "runtime",
+                "pocketlm",
                 "serve",
                 art,
                 "--port",

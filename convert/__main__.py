@@ -1,4 +1,4 @@
-"""`python -m convert SRC ...`: the converter alone (the runtime is not imported)."""
+"""`python -m pocketlm.converters SRC ...`: the converter alone (the runtime is not imported)."""
 
 import sys
 

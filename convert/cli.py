@@ -1,4 +1,4 @@
-"""The converter's command line: `python -m convert SRC ...`, also `pocketlm convert` and
+"""The converter's command line: `python -m pocketlm.converters SRC ...`, also `pocketlm convert` and
 `pocketlm quantize`. Help texts are built from the architecture registry and format table."""
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m convert",
+        prog="python -m pocketlm.converters",
         description=DESCRIPTION,
         epilog=convert_epilog() + "\n\n" + EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -115,7 +115,7 @@ def test_batch_jsonl_is_resumable(bloom_folder, tmp_path):
             [
                 sys.executable,
                 "-m",
-                "runtime",
+                "pocketlm",
                 "run",
                 gguf,
                 "--input",
