@@ -224,7 +224,7 @@ def speed_tables(speed: dict[str, Any] | None) -> list[str]:
         )
         if auto:
             out += [
-                f"`runtime.load(checkpoint folder)` (threads={speed['threads']}, nothing else given) on this machine: "
+                f"`pocketlm.load(checkpoint folder)` (threads={speed['threads']}, nothing else given) on this machine: "
                 + "; ".join(auto["info"]["reasons"])
                 + ".",
                 "",
@@ -377,7 +377,7 @@ def import_section(speed: dict[str, Any] | None) -> list[str]:
         return []
     imp = speed["import_runtime"]
     return [
-        "## `import runtime`",
+        "## `import pocketlm`",
         "",
         f"{imp['seconds']:.3f} s, median of {len(imp['samples'])} fresh interpreters (bytecode already compiled; "
         f"samples: {', '.join(f'{x:.3f}' for x in imp['samples'])}). Target < 0.3 s.",
@@ -790,7 +790,7 @@ def serve_section(serve: dict[str, Any] | None) -> list[str]:
     if window:
         counts = list(next(iter(window.values())))
         out += [
-            "CTranslate2's batch window (runtime/scheduler.py `EngineBatches.window`): flan-t5-small int8, "
+            "CTranslate2's batch window (runtime/core/scheduler.py `BatchScheduler.window`): flan-t5-small int8, "
             "`parallel=16`, N threads calling `generate` at once in one process (median of rounds); the "
             "default is the best measured.",
             "",

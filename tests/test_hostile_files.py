@@ -205,16 +205,16 @@ def test_cli_refuses_hostile_gguf_in_one_line_with_bounded_memory(models, tmp_pa
 
 
 def test_models_opened_directly_check_their_file_too(models, tmp_path):
-    """LlamaCppModel / LlamaSeq2SeqModel built without load() (tests, benchmarks) check the
+    """LlamaCausalEngine / LlamaSeq2SeqEngine built without load() (tests, benchmarks) check the
     header before llama.cpp loads the file (in a subprocess: a regression aborts it)."""
     bloom = patch_gguf(models["bloom"], tmp_path / "b.gguf", "bloom.block_count", 600)
     t5 = patch_gguf(models["t5"], tmp_path / "t.gguf", "t5.attention.layer_norm_rms_epsilon", math.nan)
     code = (
         "import sys\n"
         "from pocketlm.converters.core.errors import ModelLoadError\n"
-        "from pocketlm.backends.llama_causal import LlamaCppModel\n"
-        "from pocketlm.backends.llama_seq2seq import LlamaSeq2SeqModel\n"
-        "for cls, path in ((LlamaCppModel, sys.argv[1]), (LlamaSeq2SeqModel, sys.argv[2])):\n"
+        "from pocketlm.backends.llama_causal import LlamaCausalEngine\n"
+        "from pocketlm.backends.llama_seq2seq import LlamaSeq2SeqEngine\n"
+        "for cls, path in ((LlamaCausalEngine, sys.argv[1]), (LlamaSeq2SeqEngine, sys.argv[2])):\n"
         "    try:\n"
         "        cls(path)\n"
         "    except ModelLoadError as e:\n"
