@@ -97,13 +97,14 @@ class EngineClock:
     def __init__(self, model: Any):
         self.calls: list[dict[str, Any]] = []
         self.model = model
-        if hasattr(model, "_s") and hasattr(model._s, "evaluate"):
+        engine = model.engine  # the engine's own library calls are what is timed
+        if hasattr(engine, "_s") and hasattr(engine._s, "evaluate"):
             self.kind = "llama.cpp"
-            self._wrap_llama(model._s)
-        elif hasattr(model, "_translator"):
+            self._wrap_llama(engine._s)
+        elif hasattr(engine, "_translator"):
             self.kind = "ctranslate2"
-            self._original = model._translator
-            model._translator = _TimedTranslator(model._translator, self.calls)
+            self._original = engine._translator
+            engine._translator = _TimedTranslator(engine._translator, self.calls)
         else:
             self.kind = "unknown"
 
@@ -132,7 +133,7 @@ class EngineClock:
 
     def restore(self) -> None:
         if self.kind == "ctranslate2":
-            self.model._translator = self._original
+            self.model.engine._translator = self._original
 
 
 class _TimedTranslator:

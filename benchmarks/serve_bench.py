@@ -353,14 +353,14 @@ def score_child(args: dict[str, Any]) -> dict[str, Any]:
 
         def one_by_one() -> None:
             for cand in candidates:
-                model._continuation_logits(model._prompt_ids(context), cand).astype(np.float64)
+                model.engine.continuation_logits(model.prompt_ids(context), cand).astype(np.float64)
 
         times: dict[str, list[float]] = {"one by one": [], "batched": []}
         model.score(context, candidates)  # warm
         for _ in range(args["repeats"]):
             for name, fn in (("one by one", one_by_one), ("batched", lambda: model.score(context, candidates))):
-                for slot in range(len(model._slots)):  # nothing cached from the last run
-                    model._forget(slot)
+                for slot in range(len(model.engine._slots)):  # nothing cached from the last run
+                    model.engine._forget(slot)
                 started = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - started)
