@@ -108,7 +108,8 @@ class Sampler:
         self, logits: np.ndarray, seen: Sequence[int] = (), banned: Iterable[int] = (), generated: Sequence[int] = ()
     ) -> int:
         """The next token after the chain; `banned` ids are never drawn either."""
-        logits = self.chain(logits, [History(seen, generated)])
+        if self.chain:
+            logits = self.chain(logits, [History(seen, generated)])
         banned = list(banned)
         if banned:
             logits = logits.copy()

@@ -168,7 +168,6 @@ class Search:
         self.done = budget <= 0
         self.started = first.started
         self.out: list[StreamEvent] = []
-        self.chain = LogitsChain(self.options, engine.end_ids())
 
     def sibling(self, index: int) -> Decoding:
         """Sequence `index` of this request (a sample or a beam)."""
@@ -255,7 +254,7 @@ class Sampling(Search):
     def _sample(self, seq: Decoding, logits: np.ndarray) -> None:
         options = seq.options
         generated = len(seq.result.token_ids)
-        token = seq.sampler.choose(self.chain(logits, [seq.history]) if self.chain else logits)
+        token = seq.sampler(logits, seq.seen, generated=seq.result.token_ids)
         logprob = token_logprob(log_softmax(logits), token, options.logprobs) if options.logprobs is not None else None
         seq.seen.append(token)
         event = seq.push(token, logprob)
@@ -279,6 +278,7 @@ class Beams(Search):
         super().__init__(engine, first, budget)
         o = self.options
         self.state = BeamState(o.num_beams, o.length_penalty, o.early_stopping, budget, frozenset(engine.end_ids()))
+        self.chain = LogitsChain(o, engine.end_ids())  # transformers' processors, on log-probabilities
         self.state.running = [Hypothesis([], 0.0, [] if o.logprobs is not None else None)]
         self.holders: list[Decoding] = [first]  # the sequence each running beam is in
         self.history = list(first.seen)  # what penalties see before the new tokens

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from pocketlm.core.generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob
-from pocketlm.core.sampling import History, Sampler
+from pocketlm.core.sampling import Sampler
 from pocketlm.core.text import Detokenizer, TextStream
 
 
@@ -56,11 +56,6 @@ class Decoding:
         self.finished = False
         self.text = TextStream(list(options.stop))
         self.detokenizer = detokenizer
-
-    @property
-    def history(self) -> History:
-        """What the logits chain looks at for this sequence."""
-        return History(self.seen, self.result.token_ids)
 
     def sibling(self, index: int, detokenizer: Detokenizer, history: list[int]) -> Decoding:
         """Another sequence of the same prompt and options (a sample or a beam)."""
