@@ -90,8 +90,8 @@ def test_transformers_tokenizer_agrees(tokenized, tmp_path):
 
 def test_special_ids_come_from_the_config(tokenized):
     _, model = tokenized
-    assert model._is_end(2)  # eos_token_id of the config
-    assert not model._is_end(5)
+    assert model.engine.is_end(2)  # eos_token_id of the config
+    assert not model.engine.is_end(5)
 
 
 def test_no_tokenizer_converts_with_warning_and_runs_on_ids(tmp_path):
