@@ -63,6 +63,7 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
         # Without tokenizer tables llama.cpp knows no special ids, but the converter recorded eos.
         eos = None if s.has_vocab else s.special("eos", None, None)
         self._eos_without_vocab = {eos} if eos is not None else set()
+        self._ends: dict[int, bool] = {}  # token -> whether it ends generation, as met
         self._slots: list[list[int]] = [[] for _ in range(s.n_seq_max)]  # tokens in each sequence's KV cache
         self._last_used = [0] * s.n_seq_max
         self._clock = itertools.count(1)
@@ -92,9 +93,13 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
         return sorted(t for t in {s.llama.llama_vocab_eos(s.vocab), s.llama.llama_vocab_eot(s.vocab)} if t >= 0)
 
     def is_end(self, token: int) -> bool:
-        if self._s.has_vocab:
-            return bool(self._s.llama.llama_vocab_is_eog(self._s.vocab, token))
-        return token in self._eos_without_vocab
+        end = self._ends.get(token)
+        if end is None:
+            s = self._s
+            end = self._ends[token] = (
+                bool(s.llama.llama_vocab_is_eog(s.vocab, token)) if s.has_vocab else token in self._eos_without_vocab
+            )
+        return end
 
     # -- evaluation -----------------------------------------------------------------------
     def _engine(self, call: Any, *args: Any, **kwargs: Any) -> Any:

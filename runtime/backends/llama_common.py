@@ -177,6 +177,7 @@ class LlamaSession:
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
         self.has_vocab = llama.llama_vocab_type(self.vocab) != llama.LLAMA_VOCAB_TYPE_NONE
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}  # token -> piece, filled as tokens are met
 
     @property
     def has_encoder(self) -> bool:
@@ -238,13 +239,17 @@ class LlamaSession:
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token as it appears inside a text."""
+        piece = self._pieces.get(token)
+        if piece is not None:
+            return piece
         if not self.has_vocab:
             return b""
         n = self.llama.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
         if n < 0:
             self._piece_buf = ctypes.create_string_buffer(-n)
             n = self.llama.llama_token_to_piece(self.vocab, token, self._piece_buf, -n, 0, False)
-        return self._piece_buf.raw[:n]
+        piece = self._pieces[token] = self._piece_buf.raw[:n]
+        return piece
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """llama.cpp's own detokenizer (which drops a SentencePiece text's first space, as HF does)."""

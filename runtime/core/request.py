@@ -30,6 +30,9 @@ class Status(enum.Enum):
     FAILED = "failed"
 
 
+ENDED = (Status.FINISHED, Status.CANCELLED, Status.FAILED)
+
+
 class Events:
     """A request's events on their way to its reader: a queue its stream reads, or, once
     `divert`ed, a function the scheduler's thread calls with each (a server's event loop)."""
@@ -57,6 +60,16 @@ class Events:
                 sink(item)
             self.sink = sink
 
+    def put_all(self, items: list[Any]) -> None:
+        """`put` each item, in order."""
+        with self.lock:
+            if self.sink is None:
+                for item in items:
+                    self.queue.put(item)
+                return
+        for item in items:
+            self.sink(item)
+
 
 class Request:
     """One prompt's generation: its first sequence (and, on a step engine, the `search` that
@@ -67,6 +80,7 @@ class Request:
     def __init__(self, first: Decoding, budget: int, search: Search | None = None, cohort: int = 1):
         self.first, self.budget, self.search, self.cohort = first, budget, search, cohort
         self.reserve = search.reserve if search is not None else 0
+        self.finished = False  # FINISHED, CANCELLED or FAILED (kept with `status`: read every step)
         self.status = Status.WAITING
         self.cancel_requested = False
         self.generated = 0  # tokens handed out (batch engines)
@@ -82,8 +96,13 @@ class Request:
         return len(self.search.seqs) if self.search is not None else 1
 
     @property
-    def finished(self) -> bool:
-        return self.status in (Status.FINISHED, Status.CANCELLED, Status.FAILED)
+    def status(self) -> Status:
+        return self._status
+
+    @status.setter
+    def status(self, status: Status) -> None:
+        self._status = status
+        self.finished = status in ENDED
 
     def cancel(self) -> None:
         """Ask the scheduler to stop this request at its next step (any thread)."""

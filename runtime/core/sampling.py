@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from pocketlm.core.generation import GenerationOptions
 
 
-@dataclass
+@dataclass(slots=True)
 class History:
     """What the chain looks at for one sequence: the tokens its penalties count."""
 
@@ -62,16 +62,19 @@ class LogitsChain:
         if not self.processors:
             return rows
         if rows.ndim == 1:
-            return self._row(rows, histories[0])
-        return np.stack([self._row(row, h) for row, h in zip(rows, histories)])
+            return self.row(rows, histories[0])
+        return np.stack([self.row(row, h) for row, h in zip(rows, histories)])
 
-    def _row(self, row: np.ndarray, history: History) -> np.ndarray:
+    def row(self, row: np.ndarray, history: History) -> np.ndarray:
+        """One row through the chain."""
         for process in self.processors:
             row = process(row, history)
         return row
 
 
-def _ban_early_end(ends: list[int], min_new: int) -> Processor:
+def _ban_early_end(end_ids: list[int], min_new: int) -> Processor:
+    ends = np.asarray(end_ids, dtype=np.intp)
+
     def ban(row: np.ndarray, history: History) -> np.ndarray:
         if len(history.generated) >= min_new:
             return row
@@ -102,26 +105,26 @@ class Sampler:
         """`index`: which sample of a request (sample i is seeded with seed + i)."""
         self.params = params
         self.chain = LogitsChain(params, end_ids)
+        self.greedy = params.greedy
         self.rng = np.random.default_rng(None if params.seed is None else (params.seed + index) % 2**63)
 
     def __call__(
         self, logits: np.ndarray, seen: Sequence[int] = (), banned: Iterable[int] = (), generated: Sequence[int] = ()
     ) -> int:
         """The next token after the chain; `banned` ids are never drawn either."""
-        if self.chain:
-            logits = self.chain(logits, [History(seen, generated)])
-        banned = list(banned)
+        if self.chain.processors:
+            logits = self.chain.row(logits, History(seen, generated))
         if banned:
             logits = logits.copy()
-            logits[banned] = -np.inf
+            logits[list(banned)] = -np.inf
         return self.choose(logits)
 
     def choose(self, logits: np.ndarray) -> int:
         """A token from processed logits: argmax when greedy, else a draw after temperature,
         top-k and top-p."""
+        if self.greedy:
+            return int(logits.argmax())
         p = self.params
-        if p.greedy:
-            return int(np.argmax(logits))
         # shift before scaling: a tiny temperature must not overflow to inf (then NaN)
         with np.errstate(over="ignore"):  # a tiny temperature sends the others to -inf: fine
             scaled = (logits.astype(np.float64) - np.max(logits)) / p.temperature

@@ -158,13 +158,14 @@ class Scheduler:
         events = request.events.queue
         try:
             while True:
-                if events.empty():
+                while events.empty():
                     self._step_inline(request)
-                    continue
-                event = self._item(events.get_nowait())
-                if event is None:
+                item = events.get_nowait()
+                if item is END:
                     return
-                yield event
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
             if not request.finished:  # the reader stopped: free the engine now
                 with self.engine.lock:
@@ -247,39 +248,32 @@ class Scheduler:
     def _step(self) -> bool:
         """One engine call for every running request; whether there was anything to do."""
         with self._wake:
-            self._drop_cancelled()
-            self._admit_waiting()
+            if self._cancels:
+                self._drop_cancelled()
+            if self._waiting:
+                self._admit_waiting()
             running = list(self._running)
-        work: list[tuple[Decoding, list[int], bool]] = []
-        owners: list[Request] = []
-        room = self.step_tokens
-        for request in running:  # every running sequence's next token first
-            assert request.search is not None
-            entries = request.search.decode()
-            work += entries
-            owners += [request] * len(entries)
-            if room is not None:
-                room -= len(entries)
+        # each request's work: its sequences' next tokens, or the next part of its prompt
+        plans = [request.search.decode() for request in running]  # type: ignore[union-attr]
+        room = None if self.step_tokens is None else self.step_tokens - sum(map(len, plans))
         joins = self.engine.joins_running  # type: ignore[attr-defined]
-        for request in running:  # then the prompts still being read, in chunks
-            assert request.search is not None
+        for request, plan in zip(running, plans):  # prompts take what room the decoding leaves
+            if plan:
+                continue
             chunk = None if room is None or not joins else min(self.prefill_chunk or room, room)
-            part = request.search.prefill(chunk)
+            part = request.search.prefill(chunk)  # type: ignore[union-attr]
             if part is not None:
-                work.append(part)
-                owners.append(request)
+                plan.append(part)
                 if room is not None:
                     room -= len(part[1])
+        work = [entry for plan in plans for entry in plan]
         if not work:
             return False
-        outputs = self.engine.evaluate(work)  # type: ignore[attr-defined]
+        outputs = iter(self.engine.evaluate(work))  # type: ignore[attr-defined]
         self.steps += 1
-        grouped: dict[int, list[tuple[Decoding, np.ndarray | None]]] = {}
-        for request, (seq, _, _), logits in zip(owners, work, outputs):
-            grouped.setdefault(id(request), []).append((seq, logits))
-        for request in running:
-            if id(request) in grouped:
-                self._accept(request, grouped[id(request)])
+        for request, plan in zip(running, plans):
+            if plan:
+                self._accept(request, [(seq, next(outputs)) for seq, _, _ in plan])
         return True
 
     def _accept(self, request: Request, outputs: list[tuple[Decoding, np.ndarray | None]]) -> None:
@@ -287,8 +281,7 @@ class Scheduler:
         search = request.search
         assert search is not None
         search.accept(outputs)
-        for event in search.events():
-            request.events.put(event)
+        request.events.put_all(search.events())
         if search.done:
             self._finish(request, Status.FINISHED)
 
