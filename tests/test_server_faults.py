@@ -24,7 +24,7 @@ from typing import Any
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_server import PROMPT, SlowModel, assert_error, hard_close, request, running, tiny_gguf
+from test_server import PROMPT, SlowModel, assert_error, hard_close, request, running, tiny_gguf, wait_idle
 
 import pocketlm
 from pocketlm.cli.main import main
@@ -172,7 +172,7 @@ class CountingModel(SlowModel):
 def test_a_client_that_leaves_a_whole_request_has_its_generation_cancelled(model):
     assert model.generate(PROMPT, max_new_tokens=200).finish_reason == "length"
     slow = CountingModel(model, 0.05)
-    with running(slow, max_concurrent=1, max_queue=4) as server:
+    with running(slow, max_queue=4) as server:
         sock = socket.create_connection(("127.0.0.1", server.port))
         body = json.dumps({"prompt": PROMPT, "max_tokens": 200, "temperature": 0}).encode()  # ~10 s
         sock.sendall(
@@ -184,7 +184,7 @@ def test_a_client_that_leaves_a_whole_request_has_its_generation_cancelled(model
         status, _, reply = request(server, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
         assert status == 200 and reply["usage"]["completion_tokens"] == 2
         assert time.monotonic() - started < 3  # not behind the ~9 s the abandoned request had left
-        assert server.admission.wait_idle(2)
+        assert wait_idle(server, 2)
         produced = slow.produced
         time.sleep(0.3)
         assert slow.produced == produced < 60  # the engine stopped
@@ -228,7 +228,7 @@ def test_a_stream_client_that_stops_reading_is_dropped_at_the_write_deadline(mod
     started = time.monotonic()
     asyncio.run(exchange())
     assert time.monotonic() - started < 5 and sent[0]["status"] == 200
-    assert service.admission.admitted == 0 and not service.live
+    assert not service.live and model.scheduler.load == (0, 0)
     service.join_generations(5)
     assert all(not t.is_alive() for t in service._threads)
 
@@ -294,7 +294,7 @@ def _metrics(server: Any, key: str | None = None) -> dict[tuple[str, tuple[tuple
 
 
 def test_metrics_count_what_was_sent(model):
-    with running(SlowModel(model, 0.01), max_concurrent=2, max_queue=64, api_key="k") as server:
+    with running(SlowModel(model, 0.01), max_queue=64, api_key="k") as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0, timeout=60)
         assert request(server, "GET", "/metrics")[0] == 401  # behind the key
 

@@ -132,7 +132,7 @@ def test_parallel_requests_are_decoded_together_and_answer_as_alone(gguf):
     expected = _alone(gguf, PROMPTS)
     with pocketlm.load(gguf, n_ctx=256, threads=1, parallel=4) as model, running(model) as server:
         status, _, health = call(server, "GET", "/health")
-        assert health["parallel"] == 4 and health["kv_cells"] >= 256 and server.admission.running == 4
+        assert health["parallel"] == 4 and health["kv_cells"] >= 256 and model.scheduler.max_waiting == 64
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(lambda p: call(server, "POST", "/v1/completions", completion(p)), PROMPTS))
         assert [r[2]["choices"][0]["text"] for r in replies] == expected
@@ -195,9 +195,9 @@ def test_load_64_clients_accepted_ones_answer_as_alone_the_rest_get_429(gguf):
         assert answered and any(o[0] == "busy" for o in outcomes)
         assert all(text == expected[prompt] for prompt, text in answered)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (model.scheduler.load != (0, 0) or server.admission.admitted):
+        while time.monotonic() < deadline and (model.scheduler.load != (0, 0) or server.service.live):
             time.sleep(0.05)
-        assert model.scheduler.load == (0, 0) and not model.engine.busy and server.admission.admitted == 0
+        assert model.scheduler.load == (0, 0) and not model.engine.busy and not server.service.live
         assert sum(model.engine.busy.values()) == 0  # no KV reservation left behind
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and threading.active_count() > idle_threads:

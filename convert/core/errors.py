@@ -44,7 +44,7 @@ class ModelLoadError(PocketLMError):
 
 
 class GenerationError(PocketLMError):
-    """A generation could not be done: a `RequestError` or an `EngineError`."""
+    """A generation could not be done: a `RequestError`, an `EngineError` or `Overloaded`."""
 
 
 class RequestError(GenerationError):
@@ -55,6 +55,11 @@ class RequestError(GenerationError):
 class EngineError(GenerationError):
     """The engine's or the model's: a request that was fine could not be run (the library
     failed, the model was closed). A server answers 5xx."""
+
+
+class Overloaded(GenerationError):
+    """Neither's: the model's queue of waiting requests is full; the same request may succeed
+    later. A server answers 429."""
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

@@ -15,6 +15,9 @@ steps (one request at a time: the prompt in one call, then a token per step). Ab
 thread of its own steps, and each request's events reach its reader through a queue (or a
 server's event loop, `TokenStream.deliver`).
 
+The waiting queue is the only one: a server bounds it (`max_waiting`) and answers 429 when a
+request finds it full (`Overloaded` from `submit`), rather than queueing requests of its own.
+
 `BatchScheduler` drives a BatchEngine (CTranslate2): the waiting requests that share
 decoding options run as one engine batch, each stopping on its own.
 """
@@ -28,7 +31,7 @@ from collections import deque
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from pocketlm.converters.core.errors import EngineError, RequestError
+from pocketlm.converters.core.errors import EngineError, Overloaded, RequestError
 from pocketlm.core.generation import StreamEvent, TokenStream
 from pocketlm.core.request import END, Request, Status
 from pocketlm.core.search import logprobs_of, make_search
@@ -51,6 +54,7 @@ class Scheduler:
         if self.inline:  # nothing runs beside the one request: its prompt goes in one call
             prefill_chunk = step_tokens = None
         self.prefill_chunk, self.step_tokens = prefill_chunk, step_tokens
+        self.max_waiting: int | None = None  # requests beyond the running places that may wait
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._wake = threading.Condition()
@@ -76,10 +80,18 @@ class Scheduler:
         return Request(first, search.budget, search, cohort)
 
     def submit(self, requests: list[Request]) -> list[TokenStream]:
-        """Queue requests (in order) and return their streams."""
+        """Queue requests (in order) and return their streams. `Overloaded` when more than
+        `max_waiting` requests would wait for a place among the `parallel_sequences` running."""
         with self._wake:
             if self._closed:
                 raise EngineError("the model is closed")
+            if self.max_waiting is not None:
+                places = max(self.engine.parallel_sequences - len(self._running), 0)
+                if len(self._waiting) + len(requests) > self.max_waiting + places:
+                    raise Overloaded(
+                        f"{len(self._waiting)} requests are waiting for {self.engine.parallel_sequences} "
+                        f"running places; at most {self.max_waiting} may wait"
+                    )
             for request in requests:
                 if request.budget == 0:  # nothing to generate: done at once
                     tail = request.first.finish()

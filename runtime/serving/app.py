@@ -8,11 +8,11 @@ events (`"stream": true`). Errors have OpenAI's shape, `{"error": {"message", "t
 "code"}}`. What a request may ask and how it becomes a prompt and options is
 runtime/serving/openai_api.py; sockets, connections and signals are runtime/serving/http.py's.
 
-Admission: `max_concurrent` generations run at once (default: the sequences the model decodes
-together, `pocketlm.load(parallel=N)`, whose scheduler batches them), `max_queue` more wait,
-further requests get 429 with `Retry-After: 1`. The scheduler's thread hands tokens to the
-event loop (a model decoding one sequence at a time runs each generation in a thread of its
-own). A client that goes away, streaming or not, has its generation cancelled and its sequence
+Admission: the model's scheduler holds the one queue. As many generations run as the model
+decodes together (`pocketlm.load(parallel=N)`); `max_queue` more wait in its scheduler, in
+order; a request that finds the queue full gets 429 with `Retry-After: 1`. The scheduler's
+thread hands tokens to the event loop (a model decoding one sequence at a time steps in each
+generation's own thread). A client that goes away, streaming or not, has its generation cancelled and its sequence
 freed at the next engine step. A request's body must arrive within `Timeouts.body` seconds; a
 stream's client must take each event within `Timeouts.write`. Bodies may be chunked.
 
@@ -39,7 +39,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -49,13 +49,13 @@ from starlette.responses import Response
 from starlette.routing import Route, Router
 from starlette.types import Message, Receive, Scope, Send
 
-from pocketlm.converters.core.errors import EngineError, PocketLMError, first_line
+from pocketlm.converters.core.errors import EngineError, Overloaded, PocketLMError, first_line
 from pocketlm.core.generation import GenerationResult, StreamEvent, TokenLogprob, TokenStream
 from pocketlm.core.model import Model
 from pocketlm.serving.metrics import CONTENT_TYPE, Metrics
 from pocketlm.serving.openai_api import ApiError, GenerationRequest, Limits, Reply, parse_request
 
-__all__ = ["ENDPOINTS", "Admission", "Limits", "Service", "Timeouts", "is_loopback", "make_app"]
+__all__ = ["ENDPOINTS", "Limits", "Service", "Timeouts", "is_loopback", "make_app"]
 
 log = logging.getLogger("pocketlm.server")
 
@@ -164,62 +164,6 @@ class Generation:
         return self.stream.result
 
 
-# -- admission ------------------------------------------------------------------------------------
-class Admission:
-    """Which requests may generate: `running` at once, `waiting` more queued (in order), others
-    refused. (Not the engine's sequence slots: a request admitted here may still wait in the
-    model's scheduler for KV cells.) Used from the event loop; `wait_idle` from any thread."""
-
-    def __init__(self, running: int, waiting: int):
-        if running < 1 or waiting < 0:
-            raise PocketLMError(
-                f"the server needs max_concurrent >= 1 and max_queue >= 0 (got {running} and {waiting})"
-            )
-        self.running, self.capacity = running, running + waiting
-        self.admitted = 0  # running and waiting
-        self.active = 0  # running
-        self._semaphore: asyncio.Semaphore | None = None
-        self._changed = threading.Condition()
-
-    def enter(self) -> bool:
-        """Take a place (running or waiting); False when the queue is full."""
-        with self._changed:
-            if self.admitted >= self.capacity:
-                return False
-            self.admitted += 1
-            return True
-
-    async def start(self) -> None:
-        """Wait for a turn to run (first come, first served)."""
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.running)
-        await self._semaphore.acquire()
-        self.active += 1
-
-    def stop(self) -> None:
-        assert self._semaphore is not None
-        self.active -= 1
-        self._semaphore.release()
-
-    def leave(self) -> None:
-        with self._changed:
-            self.admitted -= 1
-            self._changed.notify_all()
-
-    @property
-    def queue(self) -> int:
-        """Places for waiting requests."""
-        return self.capacity - self.running
-
-    @property
-    def waiting(self) -> int:
-        return self.admitted - self.active
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self.admitted == 0, timeout)
-
-
 # -- the application ------------------------------------------------------------------------------
 class Service:
     """The OpenAI API over one model, as an ASGI app (`make_app`): routing, the Host, Origin
@@ -229,7 +173,6 @@ class Service:
         self,
         model: Model,
         api_key: str | None = None,
-        max_concurrent: int = 0,
         max_queue: int = 64,
         limits: Limits | None = None,
         model_name: str | None = None,
@@ -243,13 +186,15 @@ class Service:
         self.limits = limits or Limits()
         self.timeouts = timeouts or Timeouts()
         self.parallel = max(1, model.info.parallel)
-        self.admission = Admission(max_concurrent or self.parallel, max_queue)
+        if max_queue < 0:
+            raise PocketLMError(f"the server needs max_queue >= 0 (got {max_queue})")
+        self.max_queue = max_queue
+        model.scheduler.max_waiting = max_queue  # the one queue: the scheduler's
         self.cors_origins = {o.rstrip("/") for o in cors_origins}
         self.loopback_port = loopback_port  # set: only loopback Host names with this port (or none)
         self.created = int(time.time())
         self.draining = False  # shutting down: no new generations
         self.live: set[Generation] = set()
-        self._aborted: asyncio.Event | None = None
         self.metrics = Metrics(self._gauges(connections))
         routes = [
             Route(path, getattr(self, "_" + name), methods=[method])
@@ -264,10 +209,10 @@ class Service:
 
         # names and help texts are the public /metrics output
         gauges: dict[str, tuple[str, Callable[[], float]]] = {
-            "pocketlm_requests_running": ("Generations running", lambda: self.admission.active),
+            "pocketlm_requests_running": ("Generations running", lambda: model.scheduler.load[0]),
             "pocketlm_requests_waiting": (
-                "Generations waiting: for a running slot, or in the scheduler for KV cells",
-                lambda: self.admission.waiting + model.scheduler.load[1],
+                "Generations waiting in the model's queue (for a place, or for KV cells)",
+                lambda: model.scheduler.load[1],
             ),
             "pocketlm_sequences_running": (
                 "Sequences being decoded (samples and beams count one each)",
@@ -421,29 +366,7 @@ class Service:
         parsed = parse_request(body, chat, self.limits, self.model)
         if self.draining:
             raise ApiError(503, "the server is shutting down", type="server_error", headers={"Connection": "close"})
-        if not self.admission.enter():
-            raise ApiError(
-                429,
-                "the server is busy; retry shortly",
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
         gone = asyncio.ensure_future(_disconnected(request.receive))
-        try:
-            started = await _first(self.admission.start(), gone, self._abort_event())
-        except BaseException:
-            gone.cancel()
-            self.admission.leave()
-            raise
-        if not started:
-            client_left = gone.done()
-            gone.cancel()
-            self.admission.leave()
-            if client_left:
-                request.state.note["text"] = "client went away while waiting"
-                return Response(status_code=499)  # nobody reads it
-            raise ApiError(503, "the server is shutting down", type="server_error")
         generation = Generation(self.model, parsed, self.limits)
         self._threads = {t for t in self._threads if t.is_alive()} | {generation.thread}
         self.live.add(generation)
@@ -461,6 +384,14 @@ class Service:
             response = await self._whole(reply, events, generation)
             request.state.note["text"] = "client went away" if gone.done() else response.note
             return response
+        except Overloaded:  # the model's queue is full
+            raise ApiError(
+                429,
+                "the server is busy; retry shortly",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            ) from None
         except EngineError as e:  # the engine failed a request that was fine: ours, not the caller's
             raise ApiError(500, first_line(e), type="server_error") from None
         except (PocketLMError, UnicodeError) as e:  # UnicodeError: lone surrogates in the JSON
@@ -473,8 +404,6 @@ class Service:
         generation.cancel()  # no-op when it ended by itself
         self.live.discard(generation)
         gone.cancel()
-        self.admission.stop()
-        self.admission.leave()
 
     async def _events(self, generation: Generation, first: Any, arrived: float) -> AsyncIterator[Any]:
         """A generation's events (and `_ABORT`), timed for the metrics."""
@@ -553,11 +482,6 @@ class Service:
         return body
 
     # -- shutdown -----------------------------------------------------------------------------
-    def _abort_event(self) -> asyncio.Event:
-        if self._aborted is None:
-            self._aborted = asyncio.Event()
-        return self._aborted
-
     def begin_drain(self) -> None:
         """Shutdown has begun: refuse new generations (503); running ones go on."""
         self.draining = True
@@ -565,7 +489,6 @@ class Service:
     def abort(self) -> None:
         """The drain time is over: cut every running generation, refuse every waiting one."""
         self.draining = True
-        self._abort_event().set()
         for generation in list(self.live):
             generation.abort()
 
@@ -678,22 +601,6 @@ async def _disconnected(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-async def _first(work: Awaitable[Any], gone: asyncio.Future[Any], aborted: asyncio.Event) -> bool:
-    """Await `work`; False (and `work` cancelled) if the client goes or the server aborts first."""
-    task = asyncio.ensure_future(work)
-    stop = asyncio.ensure_future(aborted.wait())
-    try:
-        await asyncio.wait({task, gone, stop}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-    if task.done() and not task.cancelled() and task.exception() is None:
-        return True  # (if the client left at the same moment, the generation is cancelled at once)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return False
 
 
 def _error(e: ApiError) -> Response:

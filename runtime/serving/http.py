@@ -239,7 +239,7 @@ class Server:
         timeouts: Timeouts | None = None,
     ):
         self.service = service
-        self.model, self.model_name, self.admission = service.model, service.model_name, service.admission
+        self.model, self.model_name = service.model, service.model_name
         self.parallel = service.parallel
         self.timeouts = timeouts or service.timeouts
         self.connections = Connections(max_connections or default_max_connections())
@@ -295,7 +295,7 @@ class Server:
         """The start line's details: how many requests are decoded together, the KV budget."""
         info = self.model.info
         kv = f", KV cache {info.kv_cells} tokens" if info.kv_cells else ""
-        return f"parallel {self.parallel}{kv}, queue {self.admission.queue}"
+        return f"parallel {self.parallel}{kv}, queue {self.service.max_queue}"
 
     def serve_forever(self) -> None:
         """Serve until shutdown; running generations drain first (see the module docstring)."""
@@ -353,7 +353,6 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
-    max_concurrent: int | None = None,
     max_queue: int = 64,
     max_tokens_limit: int | None = None,
     max_body_bytes: int | None = None,
@@ -365,8 +364,8 @@ def make_server(
 ) -> Server:
     """A bound server (port 0 picks a free one: see `.port`, `.url`); call `.serve_forever()`.
 
-    `max_concurrent` generations run at once (default: the sequences the model decodes
-    together, `model.info.parallel`), `max_queue` more wait; `limits` bound what one request
+    As many generations run at once as the model decodes together (`model.info.parallel`),
+    `max_queue` more wait in its scheduler; `limits` bound what one request
     may ask (`max_tokens_limit`, `max_body_bytes` set two of them); `cors_origins` may call it
     from web pages; `max_connections` caps open connections (default: what the open-file
     limit leaves)."""
@@ -377,7 +376,6 @@ def make_server(
         max_tokens_limit=max_tokens_limit,
         max_body_bytes=max_body_bytes,
         api_key=api_key,
-        max_concurrent=max_concurrent or 0,
         max_queue=max_queue,
         limits=limits,
         model_name=model_name,

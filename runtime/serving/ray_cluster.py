@@ -156,7 +156,8 @@ def deployment(
         raise PocketLMError(f"replicas={replicas}: needs at least 1")
     server = dict(server or {})
     # Serve may hand a replica more than its server runs at once: the server queues or refuses.
-    max_ongoing = (server.get("max_concurrent") or 64) + server.get("max_queue", 64)
+    parallel = (load or {}).get("parallel")
+    max_ongoing = (parallel if isinstance(parallel, int) else 64) + server.get("max_queue", 64)
     options = {"ray_actor_options": {"num_cpus": num_cpus}, "max_ongoing_requests": max_ongoing}
     replica = serve.ingress()(OpenAIReplica)
     return serve.deployment(replica, name=name, num_replicas=replicas, **options).bind(model, load, server)
