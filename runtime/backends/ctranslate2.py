@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,9 @@ class CT2Engine(Seq2Seq, BatchEngine):
         if parallel < 1:
             raise ModelLoadError(f"parallel={parallel}: needs at least 1 sequence")
         self.parallel_sequences = parallel
+        # token-by-token decoding (_decode_stepwise): translate_batch calls, sequences in them,
+        # tokens chosen, and how many of those were CTranslate2's own guess
+        self.stepwise_counts: Counter[str] = Counter()
         ct2 = engine.ctranslate2()
         self._ct2 = ct2
         meta = read_folder_metadata(folder)
@@ -163,21 +166,92 @@ class CT2Engine(Seq2Seq, BatchEngine):
 
     @staticmethod
     def _stepwise(options: GenerationOptions) -> bool:
-        """Whether PocketLM must sample itself, token by token: seeded sampling (CTranslate2
-        seeds each worker thread's generator once, on first use, so a seed passed later changes
-        nothing) and OpenAI's presence/frequency penalties (CTranslate2 has none)."""
+        """Whether PocketLM must choose the tokens itself, with its sampler: seeded sampling
+        (CTranslate2 seeds each worker thread's generator once, on first use, so a seed passed
+        later changes nothing) and OpenAI's presence/frequency penalties (CTranslate2 has none)."""
         return (options.seed is not None and not options.greedy) or options.penalizes_generated
 
-    def _generate_stepwise(self, seq: Decoding, max_new: int) -> Iterator[int]:
-        """Token by token with PocketLM's sampler: the next-token logits are recomputed for each
-        step (the prefix re-decoded: slower, but exactly what the sampler defines)."""
-        decoded = [self.start_token]
-        for _ in range(max_new):
-            token = seq.sampler(self._logits_unlocked(seq.ids, decoded)[-1], decoded, generated=decoded[1:])
-            yield token
-            if token == self._eos:
+    def _decode_stepwise(self, entries: list[_Stepwise]) -> None:
+        """Decode sequences whose every token `seq.sampler` chooses, CTranslate2 guessing ahead.
+
+        CTranslate2 has no logits hook, so it decodes greedily (and does no processing of its
+        own: no length, repetition or n-gram rule, which are in the sampler's chain) and hands
+        each step's token and raw logits to the callback. The sampler chooses the token from
+        those logits; while it picks CTranslate2's token, decoding goes on; where it picks
+        another, that sequence stops (the callback answers True) and starts again in the next
+        call from its tokens so far (`target_prefix`; the callback skips the prefix steps and
+        converts only new rows). Sequences decode together, each with its own prefix, until
+        every one has ended. The tokens are those of the sampler on teacher-forced logits,
+        token by token (tests/test_ct2_stepwise.py); a restart costs the encoder and the prefix
+        re-decoded, so the cost grows with how often the sampler disagrees with argmax
+        (benchmarks/control_bench.py)."""
+        while True:
+            live = [e for e in entries if not e.done]
+            if not live:
                 return
-            decoded.append(token)
+            self._stepwise_call(live)
+            for entry in live:
+                if not entry.done and not entry.taken:  # no step reached the callback: never expected
+                    raise RuntimeError("CTranslate2 returned no new step for a sequence decoded token by token")
+
+    def _stepwise_call(self, live: list[_Stepwise]) -> None:
+        """One translate_batch of `_decode_stepwise`: each sequence from its tokens so far until
+        it ends or the sampler leaves CTranslate2's path."""
+        counts = self.stepwise_counts
+        starts = [len(e.decoded) - 1 for e in live]  # each one's first new position
+        failure: list[BaseException] = []
+        for entry in live:
+            entry.taken, entry.diverged = 0, False
+        # CTranslate2 4.8 hands the logits of a step, [sequences still decoding, vocab], to the
+        # first callback of that step and an empty view to the others; the k-th callback of a
+        # step is the k-th sequence still decoding
+        step_rows: list[Any] = [None, 0]  # that step's rows, and the next row's index
+
+        def callback(step: Any) -> bool:
+            logits = step.logits
+            if logits.shape:
+                step_rows[:] = [logits, 0]
+            k = step_rows[1]
+            step_rows[1] = k + 1
+            i = step.batch_id
+            entry = live[i]
+            if failure or entry.done or entry.diverged:
+                return True
+            if step.step < starts[i] + entry.taken:
+                return False  # a prefix token, forced
+            try:
+                token = entry.choose(_row(step_rows[0], k))
+                entry.taken += 1
+                counts["tokens"] += 1
+                if token == step.token_id:
+                    counts["agreed"] += 1
+                else:
+                    entry.diverged = True
+                entry.accept(token)
+            except BaseException as e:  # noqa: BLE001 - raised again once CTranslate2 returns
+                failure.append(e)
+                return True
+            return entry.done or entry.diverged
+
+        counts["calls"] += 1
+        counts["sequences"] += len(live)
+        self._translator.translate_batch(
+            [self._strings(e.seq.ids) for e in live],
+            target_prefix=[self._strings(e.decoded[1:]) for e in live],
+            max_decoding_length=max(start + e.left for start, e in zip(starts, live)),
+            min_decoding_length=0,
+            max_input_length=0,
+            beam_size=1,
+            sampling_topk=1,
+            return_logits_vocab=True,
+            return_scores=False,
+            callback=callback,
+        )
+        if failure:
+            raise failure[0]
+
+    def _stepwise_entry(self, seq: Decoding, budget: int, emit: Callable[[int], bool]) -> _Stepwise:
+        return _Stepwise(seq, budget, emit, self._eos, [self.start_token])
 
     def _decoding_options(self, options: GenerationOptions, max_new: int) -> dict[str, Any]:
         """CTranslate2's names for the options (it samples inside the engine)."""
@@ -202,8 +276,8 @@ class CT2Engine(Seq2Seq, BatchEngine):
         samples and log-probabilities are decoded whole (`decode_group`), alone."""
         if options.sequences > 1 or options.logprobs is not None:
             return None
-        if self._stepwise(options):  # token by token, one after the other (see _stepwise)
-            return ("stepwise", id(options))
+        if self._stepwise(options):  # PocketLM's sampler chooses: any such requests decode together
+            return ("stepwise",)
         sampling = () if options.greedy else (options.temperature, options.top_k, options.top_p)
         return (options.repetition_penalty, options.min_new_tokens, options.no_repeat_ngram_size, *sampling)
 
@@ -232,10 +306,12 @@ class CT2Engine(Seq2Seq, BatchEngine):
                 ([self._index[t] for t in hyp], float(score)) for hyp, score in zip(results.hypotheses, results.scores)
             ]
         n = o.num_return_sequences
-        if self._stepwise(o):
+        if self._stepwise(o):  # the samples decode together, each choosing its own tokens
             history = self.penalty_history(seq.ids)
             samples = [seq] + [seq.sibling(i, self.detokenizer(), history) for i in range(1, n)]
-            return [(list(self._generate_stepwise(d, budget)), None) for d in samples]
+            entries = [self._stepwise_entry(d, budget, lambda token: False) for d in samples]
+            self._decode_stepwise(entries)
+            return [(e.decoded[1:], None) for e in entries]
         copies = 1 if o.greedy else n  # greedy samples are all the same
         results = self._translator.translate_batch(
             [source] * copies,
@@ -250,11 +326,13 @@ class CT2Engine(Seq2Seq, BatchEngine):
         """Decode several sequences in one translate_batch, each token handed to
         `on_token(index, token)` as it comes; a True answer stops that sequence."""
         options = seqs[0].options
-        if self._stepwise(options):  # PocketLM samples: one sequence after the other
-            for i, (seq, budget) in enumerate(zip(seqs, budgets)):
-                for token in self._generate_stepwise(seq, budget):
-                    if on_token(i, token):
-                        break
+        if self._stepwise(options):  # PocketLM chooses every token (each sequence its own options)
+            self._decode_stepwise(
+                [
+                    self._stepwise_entry(seq, budget, lambda token, i=i: bool(on_token(i, token)))
+                    for i, (seq, budget) in enumerate(zip(seqs, budgets))
+                ]
+            )
             return
         stopped = [False] * len(seqs)
         last: list[int | None] = [None] * len(seqs)
@@ -283,6 +361,43 @@ class CT2Engine(Seq2Seq, BatchEngine):
         if translator is not None:
             translator.unload_model()
             self._translator = None
+
+
+@dataclass(eq=False)
+class _Stepwise:
+    """One sequence of CT2Engine._decode_stepwise: `decoded` is the decoder start token and
+    the tokens chosen so far; `emit` hands a token out (True: the caller stops the sequence)."""
+
+    seq: Decoding
+    budget: int
+    emit: Callable[[int], bool]
+    end: int
+    decoded: list[int]
+    done: bool = False
+    taken: int = 0  # tokens chosen in the current translate_batch call
+    diverged: bool = False  # the last one was not CTranslate2's: start again from the prefix
+
+    @property
+    def left(self) -> int:
+        return self.budget - (len(self.decoded) - 1)
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The sampler's token after the tokens so far (its chain sees them as the old path did)."""
+        return self.seq.sampler(logits, self.decoded, generated=self.decoded[1:])
+
+    def accept(self, token: int) -> None:
+        """Append a token chosen (or, later, forced) and hand it out."""
+        self.decoded.append(token)
+        if self.emit(token) or token == self.end or self.left <= 0:
+            self.done = True
+
+
+def _row(logits: Any, k: int) -> np.ndarray:
+    """A float32 copy of row k of a step's logits (the callback's buffer is CTranslate2's)."""
+    if str(logits.device) != "cpu":
+        logits = logits.to_device(engine.ctranslate2().Device.cpu)
+    rows = np.asarray(logits)
+    return np.array(rows.reshape(-1, rows.shape[-1])[k], dtype=np.float32)
 
 
 @dataclass(frozen=True)
