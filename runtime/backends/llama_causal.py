@@ -80,6 +80,9 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
         self._s.require_vocab()
         return b"".join(self._s.piece(int(t)) for t in ids).decode("utf-8", "replace")
 
+    def text_tokens(self) -> list[bytes | None]:
+        return self._s.text_pieces() if self._s.has_vocab else super().text_tokens()
+
     def token_bytes(self, token: int) -> bytes:
         return self._s.piece(token) if self._s.has_vocab else f"<{token}>".encode()
 

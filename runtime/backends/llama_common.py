@@ -251,6 +251,14 @@ class LlamaSession:
         piece = self._pieces[token] = self._piece_buf.raw[:n]
         return piece
 
+    def text_pieces(self) -> list[bytes | None]:
+        """Every token's piece; None for control, unknown and unused tokens (not text)."""
+        llama = self.llama
+        hidden = llama.LLAMA_TOKEN_ATTR_CONTROL | llama.LLAMA_TOKEN_ATTR_UNKNOWN | llama.LLAMA_TOKEN_ATTR_UNUSED
+        return [
+            None if llama.llama_vocab_get_attr(self.vocab, i) & hidden else self.piece(i) for i in range(self.n_vocab)
+        ]
+
     def detokenize(self, ids: Sequence[int]) -> str:
         """llama.cpp's own detokenizer (which drops a SentencePiece text's first space, as HF does)."""
         self.require_vocab()

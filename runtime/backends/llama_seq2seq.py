@@ -147,6 +147,9 @@ class LlamaSeq2SeqEngine(OwnsSession, Seq2Seq, StepEngine):
         self._s.require_vocab()
         return self._s.detokenize([int(t) for t in ids if self._shown(int(t))])
 
+    def text_tokens(self) -> list[bytes | None]:
+        return self._s.text_pieces() if self._s.has_vocab else super().text_tokens()
+
     def token_bytes(self, token: int) -> bytes:
         return self._s.piece(token) if self._s.has_vocab else f"<{token}>".encode()
 

@@ -26,6 +26,7 @@ import numpy as np
 from pocketlm.converters.core.errors import GenerationError, RequestError
 
 if TYPE_CHECKING:
+    from pocketlm.core.constraints import Vocabulary
     from pocketlm.core.generation import GenerationOptions
     from pocketlm.core.sequence import Decoding
     from pocketlm.core.text import Detokenizer
@@ -65,6 +66,7 @@ class Engine(ABC):
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
+        self._vocabulary: Vocabulary | None = None
 
     # -- tokens -----------------------------------------------------------------------------
     @abstractmethod
@@ -81,6 +83,31 @@ class Engine(ABC):
             return self.detokenize([token]).encode()
         except GenerationError:  # no tokenizer
             return f"<{token}>".encode()
+
+    def text_tokens(self) -> list[bytes | None]:
+        """Each token's bytes inside a text, None for a token that is not text (control,
+        unknown, padding): what structured output may write with. Engines override this; the
+        default takes `token_bytes` of every id but the end ids."""
+        ends = set(self.end_ids())
+        return [None if i in ends else self.token_bytes(i) for i in range(self.info.vocab_size)]
+
+    def vocabulary(self) -> Vocabulary:
+        """The tokens as constraints see them (core/constraints.py), built on first use."""
+        with self.lock:
+            if self._vocabulary is None:
+                from pocketlm.core.constraints import Vocabulary
+
+                if not self.info.has_tokenizer:
+                    raise RequestError(f"{self.info.path} has no tokenizer: its output cannot be constrained")
+                tokens = self.text_tokens()
+                self._vocabulary = Vocabulary(tokens, self.end_ids(), self._drops_leading_space(tokens))
+            return self._vocabulary
+
+    def _drops_leading_space(self, tokens: list[bytes | None]) -> bool:
+        """Whether a sequence's text loses its first token's leading space (SentencePiece):
+        asked of the detokenizer with a few tokens that start with a space."""
+        spaced = [i for i, t in enumerate(tokens) if t and len(t) > 1 and t[:1] == b" " and t[1:2].isalpha()][:5]
+        return bool(spaced) and all(self.detokenize([i]).encode() == tokens[i][1:] for i in spaced)  # type: ignore[index]
 
     @abstractmethod
     def detokenizer(self) -> Detokenizer:

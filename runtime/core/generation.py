@@ -9,6 +9,7 @@ once the stream is exhausted or closed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,16 @@ class GenerationOptions:
     logprobs: int | None = _option(
         None, "show each token's log-probability and its K most likely alternatives (0: the token's only)", metavar="K"
     )
+    logit_bias: tuple[tuple[int, float], ...] = _option(
+        (), "add BIAS (-100..100) to token ID's logits before sampling (repeatable; OpenAI's)", metavar="ID=BIAS"
+    )
+    # structured output (core/constraints.py): at most one of these
+    json_schema: str | None = _option(None, "the output is JSON valid under this JSON schema (text)", metavar="JSON")
+    regex: str | None = _option(None, "the output matches this regular expression", metavar="REGEX")
+    choice: tuple[str, ...] = _option((), "the output is one of these strings (repeatable)", metavar="TEXT")
+    grammar: str | None = _option(
+        None, "the output follows this grammar: Lark (llguidance's), or llama.cpp's GBNF", metavar="GRAMMAR"
+    )
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -93,6 +104,7 @@ class GenerationOptions:
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
         if not all(isinstance(s, str) for s in self.stop):
             raise RequestError("stop must be a string or a list of strings")
+        self._normalize_control()
         if self.max_new_tokens < 0:
             raise RequestError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -114,6 +126,40 @@ class GenerationOptions:
             if not math.isfinite(value) or not -2 <= value <= 2:
                 raise RequestError(f"{name} must be between -2 and 2, got {value}")
         self._check_search()
+
+    def _normalize_control(self) -> None:
+        """logit_bias and the constraints in one canonical form (hashable, comparable)."""
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        schema = self.json_schema
+        if schema is not None and not isinstance(schema, str):
+            schema = json.dumps(schema)
+        if schema is not None:
+            try:
+                parsed = json.loads(schema)
+            except ValueError as e:
+                raise RequestError(f"json_schema is not valid JSON: {e}") from None
+            if not isinstance(parsed, (dict, bool)):
+                raise RequestError("json_schema must be a JSON object (a JSON schema)")
+        object.__setattr__(self, "json_schema", schema)
+        choice = self.choice
+        if isinstance(choice, str) or choice is None:
+            choice = (choice,) if choice else ()
+        choice = tuple(choice)
+        if not all(isinstance(c, str) and c for c in choice):
+            raise RequestError("choice must be a list of non-empty strings")
+        object.__setattr__(self, "choice", choice)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise RequestError(f"{name} must be a non-empty string")
+        given = [name for name in ("json_schema", "regex", "choice", "grammar") if getattr(self, name)]
+        if len(given) > 1:
+            raise RequestError(f"{' and '.join(given)}: at most one constraint per request")
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the output is held to a schema, regex, choice or grammar."""
+        return bool(self.json_schema or self.regex or self.choice or self.grammar)
 
     def _check_search(self) -> None:
         if self.no_repeat_ngram_size < 0:
@@ -162,6 +208,29 @@ class GenerationOptions:
         return dataclasses.replace(base, **changes) if changes else base
 
 
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {token id: bias} (ids as strings or ints), (id, bias) pairs or "ID=BIAS" strings,
+    as sorted (id, bias) pairs; each bias in -100..100."""
+    if not value:
+        return ()
+    items = value.items() if isinstance(value, dict) else value
+    pairs: dict[int, float] = {}
+    try:
+        for item in items:
+            token, bias = item.split("=", 1) if isinstance(item, str) else item
+            if isinstance(token, bool) or isinstance(bias, bool):
+                raise ValueError(item)
+            pairs[int(token)] = float(bias)
+    except (TypeError, ValueError):
+        raise RequestError('logit_bias must map token ids to numbers (as {"ID": BIAS} or ID=BIAS)') from None
+    for token, bias in pairs.items():
+        if token < 0:
+            raise RequestError(f"logit_bias: token id {token} is negative")
+        if not math.isfinite(bias) or not -100 <= bias <= 100:
+            raise RequestError(f"logit_bias: the bias of token {token} must be between -100 and 100, got {bias}")
+    return tuple(sorted(pairs.items()))
+
+
 class GenerationKwargs(TypedDict, total=False):
     """The fields of GenerationOptions as keyword arguments (for type checkers)."""
 
@@ -183,6 +252,11 @@ class GenerationKwargs(TypedDict, total=False):
     early_stopping: bool | str
     num_return_sequences: int
     logprobs: int | None
+    logit_bias: dict[int, float] | dict[str, float] | Sequence[tuple[int, float]] | None
+    json_schema: str | dict[str, Any] | None
+    regex: str | None
+    choice: str | Sequence[str] | None
+    grammar: str | None
 
 
 @dataclass

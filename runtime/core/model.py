@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 
 from pocketlm.converters.core.errors import RequestError
+from pocketlm.core.constraints import constraint_of
 from pocketlm.core.engine import BatchEngine, Engine, ModelInfo, StepEngine
 from pocketlm.core.generation import GenerationOptions, GenerationResult, TokenStream
 from pocketlm.core.scheduler import BatchScheduler, Scheduler
@@ -139,8 +140,14 @@ class Model:
         """A new sequence for `prompt` (checked now)."""
         engine = self.engine
         ids = self.prompt_ids(prompt)
+        bad = [t for t, _ in options.logit_bias if t >= self.info.vocab_size]
+        if bad:
+            last = self.info.vocab_size - 1
+            raise RequestError(f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{last})")
+        found = constraint_of(options)
+        constraint = engine.vocabulary().constraint(*found) if found is not None else None
         ends = Ends(tuple(engine.end_ids()), engine.is_end)
-        return Decoding(ids, options, engine.detokenizer(), engine.penalty_history(ids), ends)
+        return Decoding(ids, options, engine.detokenizer(), engine.penalty_history(ids), ends, 0, constraint)
 
     def _submit(self, prompts: Sequence[Prompt], options: GenerationOptions) -> list[TokenStream]:
         scheduler = self.scheduler

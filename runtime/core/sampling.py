@@ -21,27 +21,34 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from pocketlm.core.constraints import Guide
     from pocketlm.core.generation import GenerationOptions
 
 
 @dataclass(slots=True)
 class History:
-    """What the chain looks at for one sequence: the tokens its penalties count."""
+    """What the chain looks at for one sequence: the tokens its penalties count, and where it
+    is in its constraint."""
 
     seen: Sequence[int]  # the repetition penalty's and n-gram ban's (prompt and new tokens, causal)
     generated: Sequence[int]  # the new tokens only (min_new_tokens, OpenAI's penalties)
+    guide: Guide | None = None  # the sequence's constraint (core/constraints.py)
 
 
 Processor = Callable[[np.ndarray, History], np.ndarray]  # one row in, a row out (a new array when changed)
 
 
 class LogitsChain:
-    """The processors `options` ask for; `end_ids` are what min_new_tokens holds back."""
+    """The processors `options` ask for, in this order: logit_bias, the end ban before
+    min_new_tokens (`end_ids`), the n-gram ban, the repetition penalty, OpenAI's penalties, the
+    constraint's mask. (Temperature, top-k and top-p follow, in the `Sampler`.)"""
 
     def __init__(self, options: GenerationOptions, end_ids: Iterable[int] = ()):
         self.processors: list[Processor] = []
         o = options
         ends = sorted(set(end_ids))
+        if o.logit_bias:
+            self.processors.append(_add_bias(o.logit_bias))
         if o.min_new_tokens and ends:
             self.processors.append(_ban_early_end(ends, o.min_new_tokens))
         if o.no_repeat_ngram_size:
@@ -52,6 +59,8 @@ class LogitsChain:
             self.processors.append(
                 lambda row, h: penalize_openai(row, h.generated, o.presence_penalty, o.frequency_penalty)
             )
+        if o.constrained:
+            self.processors.append(lambda row, h: h.guide.apply(row) if h.guide is not None else row)
 
     def __bool__(self) -> bool:
         return bool(self.processors)
@@ -72,12 +81,27 @@ class LogitsChain:
         return row
 
 
+def _add_bias(pairs: tuple[tuple[int, float], ...]) -> Processor:
+    ids = np.array([t for t, _ in pairs], dtype=np.intp)
+    bias = np.array([b for _, b in pairs], dtype=np.float32)
+
+    def add(row: np.ndarray, history: History) -> np.ndarray:
+        inside = ids < row.shape[-1]
+        row = row.copy()
+        row[ids[inside]] += bias[inside].astype(row.dtype)
+        return row
+
+    return add
+
+
 def _ban_early_end(end_ids: list[int], min_new: int) -> Processor:
     ends = np.asarray(end_ids, dtype=np.intp)
 
     def ban(row: np.ndarray, history: History) -> np.ndarray:
         if len(history.generated) >= min_new:
             return row
+        if history.guide is not None and history.guide.matcher.is_accepting():
+            return row  # a complete constraint may end the output
         row = row.copy()
         row[ends] = -np.inf
         return row
@@ -109,11 +133,16 @@ class Sampler:
         self.rng = np.random.default_rng(None if params.seed is None else (params.seed + index) % 2**63)
 
     def __call__(
-        self, logits: np.ndarray, seen: Sequence[int] = (), banned: Iterable[int] = (), generated: Sequence[int] = ()
+        self,
+        logits: np.ndarray,
+        seen: Sequence[int] = (),
+        banned: Iterable[int] = (),
+        generated: Sequence[int] = (),
+        guide: Guide | None = None,
     ) -> int:
         """The next token after the chain; `banned` ids are never drawn either."""
         if self.chain.processors:
-            logits = self.chain.row(logits, History(seen, generated))
+            logits = self.chain.row(logits, History(seen, generated, guide))
         if banned:
             logits = logits.copy()
             logits[list(banned)] = -np.inf

@@ -32,6 +32,7 @@ from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pocketlm.converters.core.errors import EngineError, Overloaded, RequestError
+from pocketlm.core.constraints import fill_masks
 from pocketlm.core.generation import StreamEvent, TokenStream
 from pocketlm.core.request import END, Request, Status
 from pocketlm.core.search import logprobs_of, make_search
@@ -281,6 +282,9 @@ class Scheduler:
         work = [entry for plan in plans for entry in plan]
         if not work:
             return False
+        guides = [g for request in running for g in request.search.guides()]  # type: ignore[union-attr]
+        if guides:  # every constrained sequence's mask in one call
+            fill_masks(guides)
         outputs = iter(self.engine.evaluate(work))  # type: ignore[attr-defined]
         self.steps += 1
         for request, plan in zip(running, plans):

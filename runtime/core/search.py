@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pocketlm.core.constraints import fill_masks
 from pocketlm.core.generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob
 from pocketlm.core.sampling import History, LogitsChain
 
 if TYPE_CHECKING:
+    from pocketlm.core.constraints import Guide
     from pocketlm.core.engine import StepEngine
     from pocketlm.core.sequence import Decoding
 
@@ -214,6 +216,10 @@ class Search:
         out, self.out = self.out, []
         return out
 
+    def guides(self) -> list[Guide]:
+        """The constraint followers whose masks this request's next logits need."""
+        return [seq.guide for seq in self.seqs if seq.guide is not None and seq.pending is not None]
+
     def admit(self) -> None:
         """Give the request's sequences their places in the engine (called with its lock)."""
         self.engine.admit(self.first, self.reserve, self.seqs[1:])
@@ -254,7 +260,7 @@ class Sampling(Search):
     def _sample(self, seq: Decoding, logits: np.ndarray) -> None:
         options = seq.options
         generated = len(seq.result.token_ids)
-        token = seq.sampler(logits, seq.seen, generated=seq.result.token_ids)
+        token = seq.sampler(logits, seq.seen, generated=seq.result.token_ids, guide=seq.guide)
         logprob = token_logprob(log_softmax(logits), token, options.logprobs) if options.logprobs is not None else None
         seq.seen.append(token)
         event = seq.push(token, logprob)
@@ -282,6 +288,7 @@ class Beams(Search):
         self.state.running = [Hypothesis([], 0.0, [] if o.logprobs is not None else None)]
         self.holders: list[Decoding] = [first]  # the sequence each running beam is in
         self.history = list(first.seen)  # what penalties see before the new tokens
+        self.beam_guides: list[Guide | None] = [first.guide]  # each running beam's place in the constraint
 
     def _accept(self, rows: list[tuple[Decoding, np.ndarray]]) -> None:
         o = self.options
@@ -289,14 +296,29 @@ class Beams(Search):
         logits = [by_seq[id(seq)] for seq in self.holders]
         # transformers' processors run on the log-probabilities in beam search
         logprobs = np.stack([log_softmax(lg, np.float32) for lg in logits])
-        histories = [History(s.seen, b.tokens) for s, b in zip(self.holders, self.state.running)]
+        guides = self.beam_guides if self.first.guide is not None else [None] * len(self.holders)
+        fill_masks([g for g in guides if g is not None])
+        histories = [History(s.seen, b.tokens, g) for s, b, g in zip(self.holders, self.state.running, guides)]
         processed = list(self.chain(logprobs, histories))
         raw = [log_softmax(lg) for lg in logits] if o.logprobs is not None else None
         choices = self.state.step(processed, raw, o.logprobs or 0)
+        if self.first.guide is not None:
+            self.beam_guides = [self._continued(self.beam_guides[parent], token) for parent, token in choices]
         if self.state.done:
             self._finish()
             return
         self._reassign(choices)
+
+    @staticmethod
+    def _continued(guide: Guide | None, token: int) -> Guide | None:
+        if guide is None:
+            return None
+        twin = guide.copy()
+        twin.advance(token)
+        return twin
+
+    def guides(self) -> list[Guide]:
+        return [g for g in self.beam_guides if g is not None] if self.prefilled else []
 
     def _reassign(self, choices: list[tuple[int, int]]) -> None:
         """Put each new beam in a sequence holding its parent's cells."""

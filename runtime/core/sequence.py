@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pocketlm.core.generation import GenerationOptions, GenerationResult, StreamEvent, TokenLogprob
+
+if TYPE_CHECKING:
+    from pocketlm.core.constraints import Constraint
 from pocketlm.core.sampling import Sampler
 from pocketlm.core.text import Detokenizer, TextStream
 
@@ -40,9 +43,12 @@ class Decoding:
         history: list[int],
         ends: Ends = NO_ENDS,
         index: int = 0,
+        constraint: Constraint | None = None,
     ):
         self.ids, self.options, self.index = ids, options, index
         self.ends = ends
+        self.constraint = constraint
+        self.guide = constraint.guide() if constraint is not None else None  # where it is in it
         self.sampler = Sampler(options, index, ends.ids)
         self.seen = history  # what the repetition penalty looks at
         self.result = GenerationResult("", [], "length", len(ids), index=index)
@@ -59,7 +65,7 @@ class Decoding:
 
     def sibling(self, index: int, detokenizer: Detokenizer, history: list[int]) -> Decoding:
         """Another sequence of the same prompt and options (a sample or a beam)."""
-        return Decoding(self.ids, self.options, detokenizer, history, self.ends, index)
+        return Decoding(self.ids, self.options, detokenizer, history, self.ends, index, self.constraint)
 
     def push(self, token: int, logprob: TokenLogprob | None = None) -> StreamEvent | None:
         """Record a generated token; its event, or None when it ends the sequence."""
@@ -73,6 +79,10 @@ class Decoding:
             result.finish_reason, self.done = "stop", True
             return None
         event = StreamEvent(token, self.text.push(self.detokenizer.push(token)), self.index, logprob)
+        if self.guide is not None:
+            self.guide.advance(token)
+            if self.guide.stopped:  # the constraint is complete: nothing may follow
+                result.finish_reason, self.done = "stop", True
         if self.text.stopped:
             result.finish_reason, self.done = "stop", True
         return event
