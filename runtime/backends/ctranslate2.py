@@ -179,12 +179,14 @@ class CT2Engine(Seq2Seq, BatchEngine):
         each step's token and raw logits to the callback. The sampler chooses the token from
         those logits; while it picks CTranslate2's token, decoding goes on; where it picks
         another, that sequence stops (the callback answers True) and starts again in the next
-        call from its tokens so far (`target_prefix`; the callback skips the prefix steps and
-        converts only new rows). Sequences decode together, each with its own prefix, until
-        every one has ended. The tokens are those of the sampler on teacher-forced logits,
-        token by token (tests/test_ct2_stepwise.py); a restart costs the encoder and the prefix
-        re-decoded, so the cost grows with how often the sampler disagrees with argmax
-        (benchmarks/control_bench.py)."""
+        call from its tokens so far (`target_prefix`: CTranslate2 re-decodes it one position at
+        a time, calling back for each; the callback passes over those and converts only new
+        rows). Sequences decode together, each with its own prefix, until every one has ended.
+        The tokens are those of the sampler on teacher-forced logits, token by token
+        (tests/test_ct2_stepwise.py). A restart costs the encoder and the prefix re-decoded (as
+        much as decoding it anew), so the cost grows with how often the sampler leaves argmax
+        (benchmarks/control_bench.py). `_Stepwise.accept` appends a token without a model call:
+        a token known without logits (one a constraint forces) can go through it."""
         while True:
             live = [e for e in entries if not e.done]
             if not live:
@@ -239,10 +241,14 @@ class CT2Engine(Seq2Seq, BatchEngine):
             [self._strings(e.seq.ids) for e in live],
             target_prefix=[self._strings(e.decoded[1:]) for e in live],
             max_decoding_length=max(start + e.left for start, e in zip(starts, live)),
-            min_decoding_length=0,
             max_input_length=0,
             beam_size=1,
             sampling_topk=1,
+            # the callback's logits are taken after CTranslate2's own rules: none of them here
+            min_decoding_length=0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            disable_unk=False,
             return_logits_vocab=True,
             return_scores=False,
             callback=callback,
@@ -251,7 +257,7 @@ class CT2Engine(Seq2Seq, BatchEngine):
             raise failure[0]
 
     def _stepwise_entry(self, seq: Decoding, budget: int, emit: Callable[[int], bool]) -> _Stepwise:
-        return _Stepwise(seq, budget, emit, self._eos, [self.start_token])
+        return _Stepwise(seq, budget, emit, self._eos, [self.start_token], done=budget <= 0)
 
     def _decoding_options(self, options: GenerationOptions, max_new: int) -> dict[str, Any]:
         """CTranslate2's names for the options (it samples inside the engine)."""
@@ -382,8 +388,9 @@ class _Stepwise:
         return self.budget - (len(self.decoded) - 1)
 
     def choose(self, logits: np.ndarray) -> int:
-        """The sampler's token after the tokens so far (its chain sees them as the old path did)."""
-        return self.seq.sampler(logits, self.decoded, generated=self.decoded[1:])
+        """The sampler's token after the tokens so far (its chain sees them as the old path did,
+        and the sequence's constraint where it is: `emit` advances it)."""
+        return self.seq.sampler(logits, self.decoded, generated=self.decoded[1:], guide=self.seq.guide)
 
     def accept(self, token: int) -> None:
         """Append a token chosen (or, later, forced) and hand it out."""
