@@ -60,9 +60,21 @@ def t5_gguf(t5_folder):
         yield model
 
 
-@pytest.fixture(params=["bloom", "t5_gguf"])
+@pytest.fixture(scope="module")
+def t5_ct2(t5_folder):
+    path = pocketlm.convert(t5_folder / "hf", t5_folder / "m-ct2", format="ct2", quant="float32").output
+    with pocketlm.load(path, threads=1) as model:
+        yield model
+
+
+@pytest.fixture(params=["bloom", "t5_gguf", "t5_ct2"])
 def model(request):
     return request.getfixturevalue(request.param)
+
+
+def beams_unavailable(model, mode) -> bool:
+    """CTranslate2's own beam search takes no per-step rule: refused (tested below)."""
+    return mode == "beams" and model.info.backend == "ctranslate2"
 
 
 def outputs(result):
@@ -77,6 +89,8 @@ def check(results, matches) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_choice_regex_and_grammars_hold_on_every_path(model, mode):
+    if beams_unavailable(model, mode):
+        pytest.skip("CTranslate2: beams with a constraint are refused (test_ct2_refuses_constrained_beams)")
     options = MODES[mode]
     for kw, matches in [
         ({"choice": LABELS}, lambda t: t in LABELS),
@@ -104,16 +118,38 @@ def test_streamed_text_is_the_constrained_text(bloom):
     assert pieces == whole.text and re.fullmatch(REGEX, pieces)
 
 
-def test_json_on_a_vocabulary_without_braces_is_refused_naming_them(t5_gguf):
+@pytest.mark.parametrize("name", ["t5_gguf", "t5_ct2"])
+def test_json_on_a_vocabulary_without_braces_is_refused_naming_them(request, name):
     with pytest.raises(RequestError) as e:
-        t5_gguf.generate(PROMPT, json_schema=SCHEMA)
+        request.getfixturevalue(name).generate(PROMPT, json_schema=SCHEMA)
     assert str(e.value).count("\n") == 0 and "'{'" in str(e.value), str(e.value)
 
 
-def test_a_dead_end_inside_the_constraint_is_refused_naming_what_is_missing(t5_gguf):
+@pytest.mark.parametrize("name", ["t5_gguf", "t5_ct2"])
+def test_a_dead_end_inside_the_constraint_is_refused_naming_what_is_missing(request, name):
     with pytest.raises(RequestError) as e:
-        t5_gguf.generate(PROMPT, regex=r"(yes|no), [0-9]+")
+        request.getfixturevalue(name).generate(PROMPT, regex=r"(yes|no), [0-9]+")
     assert "'0', '1', '2'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ct2_refuses_constrained_beams_in_one_line(t5_ct2):
+    for kw in [{"choice": LABELS}, {"logit_bias": {5: 1}}]:
+        with pytest.raises(RequestError, match="beam search with a constraint") as e:
+            t5_ct2.generate(PROMPT, num_beams=2, **kw)
+        assert "\n" not in str(e.value)
+
+
+def test_ct2_constrained_requests_decoded_together_equal_each_alone(t5_ct2):
+    kinds = [{"regex": REGEX}, {"choice": LABELS}, {"grammar": GBNF}, {"logit_bias": {7: 5.0}}]
+    alone = [t5_ct2.generate(PROMPT, max_new_tokens=20, **k).token_ids for k in kinds]
+    streams = [t5_ct2.stream_tokens(PROMPT, t5_ct2.options(max_new_tokens=20, **k)) for k in kinds]
+    together = []
+    for s in streams:
+        with s:
+            for _ in s:
+                pass
+        together.append(s.result.token_ids)
+    assert together == alone
 
 
 def test_invalid_constraints_are_one_line_request_errors(bloom):

@@ -18,19 +18,22 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pocketlm.backends import Backend, register
 from pocketlm.converters.core import engine
 from pocketlm.converters.core.ct2_file import is_ct2_folder, read_folder_metadata, read_model_bin
-from pocketlm.converters.core.errors import ModelLoadError, PocketLMError
+from pocketlm.converters.core.errors import ModelLoadError, PocketLMError, RequestError
 from pocketlm.core.engine import BatchEngine, ModelInfo, Seq2Seq
 from pocketlm.core.generation import GenerationOptions
 from pocketlm.core.sequence import Decoding
 from pocketlm.core.text import BytePieces
 from pocketlm.core.tokenizer import IncrementalDecoder, load_tokenizer, require
+
+if TYPE_CHECKING:
+    from pocketlm.core.constraints import Guide
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,10 @@ class CT2Engine(Seq2Seq, BatchEngine):
     def end_ids(self) -> list[int]:
         return [self._eos]
 
+    def text_tokens(self) -> list[bytes | None]:
+        text = self._tokenizer.text_ids() if self._tokenizer is not None else set()
+        return [self.token_bytes(i) if i in text else None for i in range(len(self._vocab))]
+
     def token_bytes(self, token: int) -> bytes:
         if self._tokenizer is None:
             return f"<{token}>".encode()
@@ -168,8 +175,14 @@ class CT2Engine(Seq2Seq, BatchEngine):
     def _stepwise(options: GenerationOptions) -> bool:
         """Whether PocketLM must choose the tokens itself, with its sampler: seeded sampling
         (CTranslate2 seeds each worker thread's generator once, on first use, so a seed passed
-        later changes nothing) and OpenAI's presence/frequency penalties (CTranslate2 has none)."""
-        return (options.seed is not None and not options.greedy) or options.penalizes_generated
+        later changes nothing), OpenAI's presence/frequency penalties, logit_bias and
+        constraints (CTranslate2 has none of them)."""
+        return (
+            (options.seed is not None and not options.greedy)
+            or options.penalizes_generated
+            or bool(options.logit_bias)
+            or options.constrained
+        )
 
     def _decode_stepwise(self, entries: list[_Stepwise]) -> None:
         """Decode sequences whose every token `seq.sampler` chooses, CTranslate2 guessing ahead.
@@ -257,7 +270,8 @@ class CT2Engine(Seq2Seq, BatchEngine):
             raise failure[0]
 
     def _stepwise_entry(self, seq: Decoding, budget: int, emit: Callable[[int], bool]) -> _Stepwise:
-        return _Stepwise(seq, budget, emit, self._eos, [self.start_token], done=budget <= 0)
+        guide = seq.constraint.guide() if seq.constraint is not None else None
+        return _Stepwise(seq, budget, emit, self._eos, [self.start_token], guide, done=budget <= 0)
 
     def _decoding_options(self, options: GenerationOptions, max_new: int) -> dict[str, Any]:
         """CTranslate2's names for the options (it samples inside the engine)."""
@@ -291,6 +305,12 @@ class CT2Engine(Seq2Seq, BatchEngine):
         """The token ids (an end token included when produced) and score of each sequence."""
         o = seq.options
         source = self._strings(seq.ids)
+        if o.beams and self._stepwise(o):
+            raise RequestError(
+                "beam search with a constraint, logit_bias or presence/frequency penalties is not available "
+                "on CTranslate2 (its beam search takes no per-step rule); use greedy or sampling, or the "
+                "model's GGUF on llama.cpp"
+            )
         if o.beams:
             # CTranslate2 stops once num_beams hypotheses are finished (transformers'
             # early_stopping=True); "never" goes on to the length budget, where transformers'
@@ -379,6 +399,7 @@ class _Stepwise:
     emit: Callable[[int], bool]
     end: int
     decoded: list[int]
+    guide: Guide | None = None  # where the tokens chosen are in the sequence's constraint
     done: bool = False
     taken: int = 0  # tokens chosen in the current translate_batch call
     diverged: bool = False  # the last one was not CTranslate2's: start again from the prefix
@@ -389,13 +410,17 @@ class _Stepwise:
 
     def choose(self, logits: np.ndarray) -> int:
         """The sampler's token after the tokens so far (its chain sees them as the old path did,
-        and the sequence's constraint where it is: `emit` advances it)."""
-        return self.seq.sampler(logits, self.decoded, generated=self.decoded[1:], guide=self.seq.guide)
+        and the constraint where these tokens are)."""
+        return self.seq.sampler(logits, self.decoded, generated=self.decoded[1:], guide=self.guide)
 
     def accept(self, token: int) -> None:
         """Append a token chosen (or, later, forced) and hand it out."""
         self.decoded.append(token)
-        if self.emit(token) or token == self.end or self.left <= 0:
+        complete = False
+        if self.guide is not None and token != self.end:
+            self.guide.advance(token)
+            complete = self.guide.stopped  # the constraint is complete: nothing may follow
+        if self.emit(token) or token == self.end or self.left <= 0 or complete:
             self.done = True
 
 

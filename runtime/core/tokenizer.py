@@ -49,6 +49,12 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def text_ids(self) -> set[int]:
+        """Ids of the tokens that are text: every id the tokenizer knows but its special ones
+        (T5's <pad>, </s>, <unk>, sentinels); a model's padding ids are not among them."""
+        special = {i for i, token in self._tok.get_added_tokens_decoder().items() if token.special}
+        return set(self._tok.get_vocab(with_added_tokens=True).values()) - special
+
 
 class IncrementalDecoder:
     """Decode a growing id list, returning only the new text each time.
@@ -79,7 +85,7 @@ class IncrementalDecoder:
         return b""
 
 
-def load_tokenizer(folder: Path, name: str | None, vocab_size: int) -> Tokenizer | None:
+def load_tokenizer(folder: Path, name: str | None, vocab_size: int) -> HFTokenizer | None:
     """The tokenizer file pocketlm.json names (None when the model runs on ids only)."""
     if not name:
         return None
