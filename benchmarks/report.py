@@ -1066,6 +1066,15 @@ def ray_section(result: dict[str, Any] | None) -> list[str]:
     return out + [""]
 
 
+def control_section(result: dict[str, Any] | None) -> list[str]:
+    """benchmarks/control_bench.py's section (written there, kept here)."""
+    if result is None:
+        return []
+    from control_bench import section
+
+    return section(result) + [""]
+
+
 def main(argv: list[str]) -> int:
     speed, fidelity, convert, serve = load("speed"), load("fidelity"), load("convert"), load("serve")
     beams, ray = load("beams"), load("ray")
@@ -1082,6 +1091,7 @@ def main(argv: list[str]) -> int:
         lambda: serve_section(serve),
         lambda: beam_section(beams),
         lambda: ray_section(ray),
+        lambda: control_section(load("control")),
         lambda: convert_section(convert),
         lambda: fidelity_section(fidelity),
         method,
