@@ -208,3 +208,12 @@ def test_a_constrained_sequence_among_others_is_the_sequence_alone(tmp_path):
                     pass
             together.append(s.result.token_ids)
     assert together == alone
+
+
+def test_ct2_appends_forced_tokens_without_a_model_call(t5_ct2):
+    counts = t5_ct2.engine.stepwise_counts
+    before = dict(counts)
+    result = t5_ct2.generate(PROMPT, max_new_tokens=20, choice=["positive"])
+    assert result.text == "positive" and result.finish_reason == "stop"
+    chosen = counts["tokens"] - before.get("tokens", 0)  # tokens the sampler chose from logits
+    assert chosen == 1 and len(result.token_ids) > 1, (chosen, result.token_ids)

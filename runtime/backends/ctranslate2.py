@@ -198,8 +198,8 @@ class CT2Engine(Seq2Seq, BatchEngine):
         The tokens are those of the sampler on teacher-forced logits, token by token
         (tests/test_ct2_stepwise.py). A restart costs the encoder and the prefix re-decoded (as
         much as decoding it anew), so the cost grows with how often the sampler leaves argmax
-        (benchmarks/control_bench.py). `_Stepwise.accept` appends a token without a model call:
-        a token known without logits (one a constraint forces) can go through it."""
+        (benchmarks/control_bench.py). Tokens a constraint forces are appended without a model
+        call (`_Stepwise.accept`)."""
         while True:
             live = [e for e in entries if not e.done]
             if not live:
@@ -414,7 +414,20 @@ class _Stepwise:
         return self.seq.sampler(logits, self.decoded, generated=self.decoded[1:], guide=self.guide)
 
     def accept(self, token: int) -> None:
-        """Append a token chosen (or, later, forced) and hand it out."""
+        """Append a token chosen and hand it out; then those the constraint forces after it,
+        without a model call (CTranslate2 then starts again after them)."""
+        self._append(token)
+        while not self.done and self.guide is not None:
+            forced = self.guide.forced()
+            if not forced:
+                break
+            self.diverged = True
+            for t in forced:
+                self._append(t)
+                if self.done:
+                    break
+
+    def _append(self, token: int) -> None:
         self.decoded.append(token)
         complete = False
         if self.guide is not None and token != self.end:

@@ -322,6 +322,10 @@ class Guide:
         if not self.matcher.consume_token(token):
             raise EngineError(f"the constraint refused token {token}: {self.matcher.get_error()}")
 
+    def forced(self) -> list[int]:
+        """Tokens the constraint forces next (the only way on), which need no model call to choose."""
+        return [] if self.matcher.is_stopped() else list(self.matcher.compute_ff_tokens())
+
     def copy(self) -> Guide:
         """An independent follower at the same place (a beam continuing another)."""
         twin = Guide(self.matcher.deep_copy(), self.constraint)
