@@ -376,7 +376,7 @@ class Service:
             first = await generation.next()
             if first is _ABORT:
                 raise ApiError(503, "the server is shutting down", type="server_error")
-            reply = Reply(chat, self.model_name, self.model.token_bytes)
+            reply = Reply(chat, self.model_name, self.model.token_bytes, parsed.tools)
             events = self._events(generation, first, arrived)
             if parsed.stream:
                 streaming = True  # the stream's response finishes the generation
@@ -395,7 +395,9 @@ class Service:
         except EngineError as e:  # the engine failed a request that was fine: ours, not the caller's
             raise ApiError(500, first_line(e), type="server_error") from None
         except (PocketLMError, UnicodeError) as e:  # UnicodeError: lone surrogates in the JSON
-            raise ApiError(400, str(e), param="prompt") from None
+            # the model refused an option (a constraint it cannot compile or write, a token id
+            # outside its vocabulary): named as the request spelled it; else the prompt
+            raise ApiError(400, str(e), param=parsed.param_of(str(e)) or "prompt") from None
         finally:
             if not streaming:
                 self._finish(generation, gone)
@@ -530,6 +532,7 @@ class EventStream(Response):
                 for i in range(n):
                     await event(reply.chunk(role=True, index=i))
             aborted = False
+            held = [""] * n  # a forced tool call's text: sent as one call at the end (Reply.closing)
             try:
                 async for item in self.events:
                     if self.gone.done():
@@ -539,8 +542,11 @@ class EventStream(Response):
                         aborted = True
                         break
                     logprobs = [item.logprob] if request.logprobs and item.logprob is not None else None
-                    if item.text or logprobs:
-                        await event(reply.chunk(item.text, index=item.index, logprobs=logprobs))
+                    if reply.tools is not None:
+                        held[item.index] += item.text
+                    text = item.text if reply.tools is None else None
+                    if text or logprobs:
+                        await event(reply.chunk(text, index=item.index, logprobs=logprobs))
             except asyncio.TimeoutError:
                 raise
             except Exception as e:  # headers are sent: report it in the stream
@@ -551,7 +557,8 @@ class EventStream(Response):
                 return
             result = _cut(self.generation.result, n) if aborted else self.generation.result
             for i, r in enumerate(result.sequences[:n]):
-                await event(reply.chunk(finish=r.finish_reason, index=i))
+                for chunk in reply.closing(i, held[i], r.finish_reason):
+                    await event(chunk)
             if request.include_usage:
                 await event(reply.usage_chunk(result))
             await event("[DONE]")

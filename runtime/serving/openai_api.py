@@ -9,10 +9,12 @@ chat. `n` (up to 16 choices), `logprobs` (completions: the number of alternative
 OpenAI's meaning; `top_k`, `repetition_penalty`, `no_repeat_ngram_size` and beam search
 (`num_beams`, `length_penalty`, `early_stopping`: transformers' meaning; `n` beams come back;
 temperature defaults to 0 with beams) are accepted as extras. Log-probabilities are the
-model's own, before penalties and temperature. Fields PocketLM cannot honour (`best_of`,
-`echo`, `logit_bias`, ...) are refused unless they hold their neutral value. Unknown fields
-are ignored. What one request may ask (tokens, stop strings, choices, beams, alternatives,
-prompt length) is bounded by `Limits`; a request over one gets a 400 naming the limit.
+model's own, before penalties and temperature. `logit_bias` has OpenAI's meaning (token id
+strings to -100..100, added to the logits first; an id outside the vocabulary is a 400).
+Fields PocketLM cannot honour (`best_of`, `echo`, `suffix`, the deprecated `functions`) are
+refused unless they hold their neutral value. Unknown fields are ignored. What one request may
+ask (tokens, stop strings, choices, beams, alternatives, prompt length) is bounded by `Limits`;
+a request over one gets a 400 naming the limit.
 
 The options a request may set are GenerationOptions' fields, named as their metadata says
 (`REQUEST_FIELDS`: `max_tokens`, `n`, the others by their own names); each is read as its JSON
@@ -20,10 +22,36 @@ type, or by one of `READERS` where OpenAI's meaning needs more (defaults, limits
 Transformers' search options a request leaves out take the model's generation defaults; the
 others, PocketLM's (OpenAI's) defaults.
 
+Structured output: the constraint fields (json_schema, regex, choice, grammar) are read together
+by `read_constraint`, from whichever spelling a request uses: OpenAI's `response_format`
+(`text`; `json_object`, any JSON object; `json_schema` with its `schema`), vLLM's
+`structured_outputs` (one of `choice`, `regex`, `json`, `grammar`; `json_object`) and older
+`guided_json`/`guided_regex`/`guided_choice`/`guided_grammar`, llama-server's top-level
+`json_schema` and `grammar` (GBNF; Lark is accepted too), top-level `regex` and `choice`, and a
+forced tool call. Two of them in one request are one 400 naming both. A schema, regex or grammar
+that does not compile, or that the model's vocabulary cannot write (JSON on T5), is a 400 with
+the model's one-line reason and `param` the field the request used.
+
+Tool calls (chat): `tools` are OpenAI's function tools. `tool_choice: "required"` holds the
+output to a call of one of them, the JSON `{"name": NAME, "arguments": ARGUMENTS}` under each
+function's `parameters` schema (`Tools.schema`); a named function, `{"type": "function",
+"function": {"name": ...}}`, to its arguments alone. The reply is OpenAI's: `message.tool_calls`
+(one call per choice, whatever `parallel_tool_calls` says; `content` null) and
+`finish_reason: "tool_calls"`; a stream holds the text back and sends each choice's call as one
+`delta.tool_calls` chunk at the end. An output that is not a whole call (cut by `max_tokens` or
+a stop string) comes back as text with its finish reason. `tool_choice: "none"` is plain text.
+`"auto"`, also OpenAI's default when tools are given, is refused (`AUTO_REFUSED`): these models
+were not trained to decide whether to call a tool, and a grammar allowing text or a call would
+leave that choice to chance.
+
 Chat prompts: these are instruction models without a chat template. A lone user message
 (after optional system messages) is sent as `system + "\\n\\n" + user`, or the bare user text;
 longer conversations become a transcript `"{system}\\n\\nUser: ...\\nAssistant: ...\\nUser:
-...\\nAssistant:"`.
+...\\nAssistant:"`. An assistant turn's tool calls are lines `call NAME(ARGUMENTS)` after its
+text; a tool's result (`role: "tool"`, or the older `"function"`) is `Tool (NAME): RESULT`, NAME
+found from its `tool_call_id` among the calls before it. A forced tool call adds to the system
+text a line asking for the call (or the named function's arguments) as JSON, then one line per
+function offered: `- NAME: DESCRIPTION; arguments: PARAMETERS` (`Tools.instructions`).
 """
 
 from __future__ import annotations
@@ -38,6 +66,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pocketlm.converters.core.errors import PocketLMError
+from pocketlm.core.constraints import CONSTRAINTS
 from pocketlm.core.generation import (
     MAX_SEQUENCES,
     MAX_TOP_LOGPROBS,
@@ -52,8 +81,7 @@ NEUTRAL: dict[str, Any] = {
     "best_of": 1,
     "echo": False,
     "suffix": "",
-    "logit_bias": {},
-    "tools": [],
+    "functions": [],  # OpenAI's deprecated function calling: send `tools`
 }
 TYPE_NAMES = {
     int: "an integer",
@@ -128,6 +156,13 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: bool = False  # the reply carries them
     chat: bool = False  # the prompt comes from `messages`
+    tools: Tools | None = None  # the reply is a tool call (forced by the constraint)
+    params: dict[str, str] = field(default_factory=dict)  # GenerationOptions field -> the request's field
+
+    def param_of(self, message: str) -> str | None:
+        """The request field an error is about: GenerationOptions' and the model's refusals
+        start with the option's name ("json_schema: ...", "logit_bias must ...")."""
+        return self.params.get(message.split(" ", 1)[0].rstrip(":"))
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
@@ -201,29 +236,63 @@ def _content(content: Any, i: int) -> str:
     raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts", param="messages")
 
 
-def chat_prompt(messages: Any) -> str:
-    """The prompt for a conversation (the template is in the module docstring)."""
+def chat_prompt(messages: Any, tools: Tools | None = None) -> str:
+    """The prompt for a conversation (the template is in the module docstring); `tools`, a
+    forced tool call, adds its instructions to the system text."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
     system, turns = [], []
+    called: dict[str, str] = {}  # tool call id -> the function's name (for the tool's answer)
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ApiError(400, f"messages[{i}] must be an object", param="messages")
         role, text = message.get("role"), _content(message.get("content"), i)
         if role in ("system", "developer"):
             system.append(text)
-        elif role in ("user", "assistant"):
-            turns.append((role, text))
+        elif role == "user":
+            turns.append(("User", text))
+        elif role == "assistant":
+            calls = _calls_made(message.get("tool_calls"), i, called)
+            turns.append(("Assistant", "\n".join(filter(None, [text, *calls]))))
+        elif role in ("tool", "function"):  # a tool's result ("function": OpenAI's older name)
+            ref = message.get("tool_call_id")
+            name = message.get("name") or called.get(ref) or ref
+            turns.append((f"Tool ({name})" if isinstance(name, str) and name else "Tool", text))
         else:
-            raise ApiError(400, f"messages[{i}].role must be system, user or assistant", param="messages")
+            raise ApiError(400, f"messages[{i}].role must be system, user, assistant or tool", param="messages")
     if not turns:
         raise ApiError(400, "'messages' holds no user message", param="messages")
-    preamble = "\n\n".join(system)
-    if len(turns) == 1 and turns[0][0] == "user":
+    if tools is not None:
+        system.append(tools.instructions())
+    preamble = "\n\n".join(filter(None, system))
+    if len(turns) == 1 and turns[0][0] == "User":
         body = turns[0][1]
     else:
-        body = "\n".join(f"{role.capitalize()}: {text}" for role, text in turns) + "\nAssistant:"
+        body = "\n".join(f"{label}: {text}" for label, text in turns) + "\nAssistant:"
     return f"{preamble}\n\n{body}" if preamble else body
+
+
+def _calls_made(calls: Any, i: int, called: dict[str, str]) -> list[str]:
+    """An assistant message's tool calls as transcript lines ("call NAME(ARGUMENTS)"), each
+    call's id remembered with its name."""
+    if calls is None:
+        return []
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{where} must be an array", param="messages")
+    lines = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", "") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not isinstance(arguments, (str, dict)):
+            raise ApiError(
+                400, f'{where}: each call must be {{"function": {{"name": ..., "arguments": ...}}}}', param="messages"
+            )
+        if isinstance(call.get("id"), str):
+            called[call["id"]] = name
+        lines.append(f"call {name}({arguments if isinstance(arguments, str) else json.dumps(arguments)})")
+    return lines
 
 
 def _logprobs(body: dict[str, Any], chat: bool, limit: int) -> int | None:
@@ -288,6 +357,238 @@ def _n(body: dict[str, Any], name: str, chat: bool, limits: Limits) -> int:
     return n
 
 
+def _logit_bias(body: dict[str, Any], name: str, chat: bool, limits: Limits) -> dict[str, Any]:
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, f"'{name}' must be an object of token ids to numbers from -100 to 100", param=name)
+    return value  # GenerationOptions checks the ids and biases, the model its vocabulary
+
+
+# -- structured output and tool calls --------------------------------------------------------
+AUTO_REFUSED = (
+    'tool_choice "auto" is not supported: this model was not trained to decide when to call a tool; '
+    'send tool_choice "required" or {"type": "function", "function": {"name": ...}} to have it call one, '
+    'or "none"'
+)
+# A constraint's spellings besides response_format and structured_outputs: field -> GenerationOptions field
+TOP_LEVEL = {
+    "json_schema": "json_schema",  # llama-server's
+    "grammar": "grammar",  # llama-server's (GBNF), or Lark
+    "regex": "regex",
+    "choice": "choice",
+    "guided_json": "json_schema",  # vLLM's older fields
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+STRUCTURED_OUTPUTS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}  # vLLM's
+ANY_OBJECT = {"type": "object"}  # OpenAI's json_object
+
+
+@dataclass(frozen=True)
+class Tools:
+    """A chat request's forced tool call: the functions offered (name -> description and
+    parameter schema) and the one tool_choice named, if it named one. The output is held to
+    `schema()` and read back by `call()`."""
+
+    functions: dict[str, dict[str, Any]]
+    named: str | None = None
+
+    def schema(self) -> dict[str, Any]:
+        """The named function's parameters; else a call to any function as JSON
+        `{"name": NAME, "arguments": ARGUMENTS}`."""
+        if self.named is not None:
+            return self.functions[self.named]["parameters"]
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": f["parameters"]},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for name, f in self.functions.items()
+        ]
+        return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+    def instructions(self) -> str:
+        """What the prompt says of the call (the module docstring's template)."""
+        lines = [
+            f"- {name}: {f['description'] or name}; arguments: {json.dumps(f['parameters'])}"
+            for name, f in self.functions.items()
+            if self.named in (None, name)
+        ]
+        if self.named is not None:
+            return f"Call this tool; answer with its arguments as JSON:\n{lines[0]}"
+        head = 'Call one of these tools; answer with JSON {"name": the tool, "arguments": its arguments}:'
+        return "\n".join([head, *lines])
+
+    def call(self, text: str) -> dict[str, Any] | None:
+        """OpenAI's tool call for an output, or None when the output is not a whole call."""
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        if self.named is not None:
+            name, arguments = self.named, value
+        elif isinstance(value, dict) and isinstance(value.get("name"), str) and "arguments" in value:
+            name, arguments = value["name"], value["arguments"]
+            if name not in self.functions:
+                return None
+        else:
+            return None
+        return {
+            "id": "call_" + secrets.token_hex(12),
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)},
+        }
+
+
+def _tools(body: dict[str, Any], chat: bool) -> Tools | None:
+    """The tool call a request forces, if any (`tools` and `tool_choice`)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if not tools:
+        if choice in (None, "none", "auto"):  # nothing to call
+            return None
+        raise ApiError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+    if not chat:
+        raise ApiError(400, "'tools' are for /v1/chat/completions", param="tools")
+    if not isinstance(tools, list):
+        raise ApiError(400, "'tools' must be an array", param="tools")
+    functions: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise ApiError(
+                400,
+                f'tools[{i}]: only function tools are supported ({{"type": "function", "function": ...}})',
+                param="tools",
+            )
+        name, parameters = function.get("name"), function.get("parameters")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, f"tools[{i}].function.name must be a non-empty string", param="tools")
+        if parameters is None:  # OpenAI's meaning: no arguments
+            parameters = {"type": "object", "properties": {}, "additionalProperties": False}
+        if not isinstance(parameters, dict):
+            raise ApiError(400, f"tools[{i}].function.parameters must be a JSON schema (an object)", param="tools")
+        if name in functions:
+            raise ApiError(400, f"tools[{i}]: a second function named {name!r}", param="tools")
+        description = function.get("description")
+        functions[name] = {"description": description if isinstance(description, str) else "", "parameters": parameters}
+    if choice is None or choice == "auto":
+        raise ApiError(400, AUTO_REFUSED, param="tool_choice", code="unsupported_value")
+    if choice == "none":
+        return None
+    if choice == "required":
+        return Tools(functions)
+    named = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = named.get("name") if isinstance(named, dict) else None
+    if not isinstance(name, str):
+        raise ApiError(
+            400,
+            '\'tool_choice\' must be "none", "required" or {"type": "function", "function": {"name": ...}} '
+            '("auto" is not supported)',
+            param="tool_choice",
+        )
+    if name not in functions:
+        raise ApiError(400, f"tool_choice names {name!r}, which is not among 'tools'", param="tool_choice")
+    return Tools(functions, name)
+
+
+def _constraint_value(value: Any, option: str, where: str, param: str) -> Any:
+    """One constraint's value, checked for its JSON type (GenerationOptions checks the rest)."""
+    if option == "json_schema":
+        ok = isinstance(value, (dict, str))
+        kind = "a JSON schema (an object)"
+    elif option == "choice":
+        ok = isinstance(value, list) and bool(value) and all(isinstance(c, str) and c for c in value)
+        kind = "a non-empty array of non-empty strings"
+    else:
+        ok = isinstance(value, str) and bool(value)
+        kind = "a non-empty string"
+    if not ok:
+        raise ApiError(400, f"'{where}' must be {kind}", param=param)
+    return tuple(value) if option == "choice" else value
+
+
+def _response_format(value: Any) -> tuple[str, Any] | None:
+    """OpenAI's response_format (also llama-server's json_object with a "schema") as a
+    (GenerationOptions field, value), or None for text."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = value.get("schema")
+        return "json_schema", ANY_OBJECT if schema is None else schema
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or spec.get("schema") is None:
+            raise ApiError(400, "'response_format.json_schema.schema' is required", param="response_format")
+        return "json_schema", spec["schema"]
+    raise ApiError(
+        400,
+        '\'response_format\' must be {"type": "text"}, {"type": "json_object"} or '
+        '{"type": "json_schema", "json_schema": {"name": ..., "schema": ...}}',
+        param="response_format",
+    )
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """The one constraint a request asks for, however it spelled it."""
+
+    option: str | None = None  # the GenerationOptions field (json_schema, regex, choice, grammar)
+    value: Any = None
+    param: str | None = None  # the request's field that asked
+    tools: Tools | None = None  # a forced tool call (its schema is the constraint)
+
+
+def read_constraint(body: dict[str, Any], chat: bool) -> OutputConstraint:
+    """The constraint of a request, from OpenAI's response_format and tools, vLLM's
+    structured_outputs and guided_* fields, or llama-server's and PocketLM's top-level fields;
+    two of them are one 400 naming both."""
+    found: list[tuple[str, str, Any, str]] = []  # (where, option, value, param)
+    response_format = body.get("response_format")
+    if response_format is not None:
+        read = _response_format(response_format)
+        if read is not None:
+            found.append(("response_format", *read, "response_format"))
+    outputs = body.get("structured_outputs")
+    if outputs is not None:
+        if not isinstance(outputs, dict):
+            raise ApiError(400, "'structured_outputs' must be an object", param="structured_outputs")
+        if outputs.get("structural_tag") is not None:
+            raise ApiError(
+                400,
+                "'structured_outputs.structural_tag' is not supported",
+                param="structured_outputs",
+                code="unsupported_value",
+            )
+        if outputs.get("json_object"):
+            found.append(("structured_outputs.json_object", "json_schema", ANY_OBJECT, "structured_outputs"))
+        for key, option in STRUCTURED_OUTPUTS.items():
+            if outputs.get(key) is not None:
+                found.append((f"structured_outputs.{key}", option, outputs[key], "structured_outputs"))
+        if not found or found[-1][3] != "structured_outputs":
+            raise ApiError(
+                400, "'structured_outputs' must hold one of choice, regex, json, grammar", param="structured_outputs"
+            )
+    for name, option in TOP_LEVEL.items():
+        if body.get(name) is not None:
+            found.append((name, option, body[name], name))
+    tools = _tools(body, chat)
+    if tools is not None:
+        found.append(("tools", "json_schema", tools.schema(), "tools"))
+    if len(found) > 1:
+        names = " and ".join(f"'{where}'" for where, *_ in found)
+        raise ApiError(400, f"{names}: at most one constraint per request", param=found[1][3])
+    if not found:
+        return OutputConstraint()
+    where, option, value, param = found[0]
+    return OutputConstraint(option, _constraint_value(value, option, where, param), param, tools)
+
+
 # GenerationOptions fields whose OpenAI reading is more than their JSON type: (body, the field's
 # name in a request, chat, limits) -> value. OpenAI's defaults, the server's limits, aliases.
 READERS: dict[str, Callable[[dict[str, Any], str, bool, Limits], Any]] = {
@@ -298,6 +599,7 @@ READERS: dict[str, Callable[[dict[str, Any], str, bool, Limits], Any]] = {
     "early_stopping": _early_stopping,
     "num_return_sequences": _n,
     "logprobs": lambda body, name, chat, limits: _logprobs(body, chat, limits.max_logprobs),
+    "logit_bias": _logit_bias,
 }
 
 
@@ -324,7 +626,6 @@ def _request_fields() -> list[RequestField]:
 
 
 REQUEST_FIELDS = _request_fields()
-REQUEST_NAMES = {f.option: f.name for f in REQUEST_FIELDS}  # GenerationOptions field -> its request name
 
 
 def parse_request(
@@ -337,21 +638,26 @@ def parse_request(
         limits = Limits(max_tokens=limits)
     _check_neutral(body)
     _field(body, "model", str)
-    prompt = chat_prompt(body.get("messages")) if chat else _completion_prompt(body)
+    constraint = read_constraint(body, chat)
+    prompt = chat_prompt(body.get("messages"), constraint.tools) if chat else _completion_prompt(body)
     given: dict[str, Any] = {}
     for f in REQUEST_FIELDS:
         read = READERS.get(f.option)
-        if read is not None:
+        if f.option in CONSTRAINTS:  # read together, from any of their spellings
+            value = constraint.value if f.option == constraint.option else f.default
+        elif read is not None:
             value = read(body, f.name, chat, limits)
         else:
             value = _field(body, f.name, f.kind, None if f.model_default else f.default)
         if value is not None or not f.model_default:
             given[f.option] = value
+    params = {f.option: f.name for f in REQUEST_FIELDS if f.name in body}
+    if constraint.option is not None:
+        params[constraint.option] = constraint.param  # type: ignore[assignment]
     try:
         options = model.options(**given) if model is not None else GenerationOptions(**given)
     except PocketLMError as e:
-        param = REQUEST_NAMES.get(str(e).split(" ", 1)[0])  # GenerationOptions' messages start with the field
-        raise ApiError(400, str(e), param=param if param in body else None) from None
+        raise ApiError(400, str(e), param=params.get(str(e).split(" ", 1)[0].rstrip(":"))) from None
     if options.num_beams > limits.max_beams:  # asked, or the model's default
         raise ApiError(
             400,
@@ -366,6 +672,8 @@ def parse_request(
         include_usage=bool(_field(stream_options, "include_usage", bool, False)),
         logprobs=options.logprobs is not None,
         chat=chat,
+        tools=constraint.tools,
+        params=params,
     )
 
 
@@ -374,8 +682,8 @@ class Reply:
     """The JSON objects of one response: completion or chat, whole or streamed, with one
     choice per returned sequence and, when asked, OpenAI's log-probability objects."""
 
-    def __init__(self, chat: bool, model: str, token_bytes: Any = None):
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, model: str, token_bytes: Any = None, tools: Tools | None = None):
+        self.chat, self.model, self.tools = chat, model, tools
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         # token id -> its bytes (for logprobs: each token's text, and its bytes in chat), cached
@@ -429,8 +737,14 @@ class Reply:
     ) -> dict[str, Any]:
         choices = []
         for i, (text, lps, r) in enumerate(zip(texts, logprobs, result.sequences)):
-            body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-            choices.append(self._choice(i, body, self.logprobs(i, lps), r.finish_reason))
+            finish = r.finish_reason
+            if self.chat:
+                call = self._call(text, finish)
+                message = {"role": "assistant", "content": text} if call is None else self._message(call)
+                body, finish = {"message": message}, finish if call is None else "tool_calls"
+            else:
+                body = {"text": text}
+            choices.append(self._choice(i, body, self.logprobs(i, lps), finish))
         return self._wrap("chat.completion" if self.chat else "text_completion", choices, usage=usage(result))
 
     def chunk(
@@ -446,6 +760,29 @@ class Reply:
             return self._wrap("text_completion", [self._choice(index, {"text": text or ""}, lp, finish)])
         delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
         return self._wrap("chat.completion.chunk", [self._choice(index, {"delta": delta}, lp, finish)])
+
+    def closing(self, index: int, text: str, finish: str) -> list[dict[str, Any]]:
+        """The last chunks of a streamed choice: its finish reason, after, when a tool call was
+        forced (its text was held back), the call as one delta, or the text when the output is
+        not a whole call."""
+        if self.tools is None:
+            return [self.chunk(finish=finish, index=index)]
+        call = self._call(text, finish)
+        if call is None:
+            return [*([self.chunk(text, index=index)] if text else []), self.chunk(finish=finish, index=index)]
+        delta = {"tool_calls": [{"index": 0, **call}]}
+        return [
+            self._wrap("chat.completion.chunk", [self._choice(index, {"delta": delta}, None, None)]),
+            self.chunk(finish="tool_calls", index=index),
+        ]
+
+    def _call(self, text: str, finish: str) -> dict[str, Any] | None:
+        """The tool call an output makes: a forced call that ended complete."""
+        return self.tools.call(text) if self.tools is not None and finish == "stop" else None
+
+    @staticmethod
+    def _message(call: dict[str, Any]) -> dict[str, Any]:
+        return {"role": "assistant", "content": None, "tool_calls": [call]}
 
     def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
         return self._wrap("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage(result))
