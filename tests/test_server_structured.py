@@ -5,6 +5,8 @@ output is checked against what it was held to; what cannot be honoured is one 40
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import re
 from typing import Any, Literal
@@ -17,6 +19,8 @@ from reference import make_t5
 from test_server import assert_error, request, running, tiny_gguf
 
 import pocketlm
+from pocketlm.converters.core.errors import RequestError
+from pocketlm.core.generation import TokenStream
 from pocketlm.serving.openai_api import AUTO_REFUSED, chat_prompt
 
 PROMPT = "Review: this movie was great! Is this review positive or negative?"
@@ -412,3 +416,40 @@ def test_langchain_with_structured_output(server):
     for method in ("json_schema", "function_calling"):
         parsed = llm.with_structured_output(Review, method=method).invoke(PROMPT)
         assert isinstance(parsed, Review), (method, parsed)
+
+
+# -- a constraint's dead end met while streaming -----------------------------------------------
+class DeadEndModel:
+    """The real model, whose stream meets a constraint's dead end after its first event (as a
+    constraint the vocabulary could not be proved unable to write does)."""
+
+    def __init__(self, model: Any):
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def stream_tokens(self, *args: Any, **kwargs: Any) -> TokenStream:
+        inner = self._model.stream_tokens(*args, **kwargs)
+
+        def first_then_dead_end() -> Any:
+            with contextlib.closing(inner):
+                yield next(iter(inner))
+            raise RequestError("regex: this model's vocabulary cannot write '0', which the constraint needs here")
+
+        return TokenStream(first_then_dead_end(), inner.result)
+
+
+def test_a_dead_end_met_while_streaming_is_the_request_s_error(model):
+    with running(DeadEndModel(model), max_tokens_limit=64, model_name="tiny") as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        body = {"messages": MESSAGES, "stream": True, "regex": "[a-z ]{1,40}", "max_tokens": 30}
+        headers = {"Content-Type": "application/json"}
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
+        response = conn.getresponse()
+        events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+        conn.close()
+    assert response.status == 200  # the first event was sent before the dead end
+    errors = [json.loads(e)["error"] for e in events if e != "[DONE]" and "error" in json.loads(e)]
+    assert len(errors) == 1 and errors[0]["type"] == "invalid_request_error", errors
+    assert errors[0]["param"] == "regex" and "'0'" in errors[0]["message"]

@@ -49,7 +49,7 @@ from starlette.responses import Response
 from starlette.routing import Route, Router
 from starlette.types import Message, Receive, Scope, Send
 
-from pocketlm.converters.core.errors import EngineError, Overloaded, PocketLMError, first_line
+from pocketlm.converters.core.errors import EngineError, Overloaded, PocketLMError, RequestError, first_line
 from pocketlm.core.generation import GenerationResult, StreamEvent, TokenLogprob, TokenStream
 from pocketlm.core.model import Model
 from pocketlm.serving.metrics import CONTENT_TYPE, Metrics
@@ -552,7 +552,12 @@ class EventStream(Response):
             except Exception as e:  # headers are sent: report it in the stream
                 if not isinstance(e, (PocketLMError, UnicodeError)):
                     log.exception("generation failed")
-                await event(ApiError(500, str(e) or "generation failed", type="server_error").body())
+                if isinstance(e, RequestError):  # the request's (a constraint's dead end): 400's error
+                    error = ApiError(400, first_line(e), param=request.param_of(str(e)))
+                else:
+                    error = ApiError(500, first_line(e) or "generation failed", type="server_error")
+                await event(error.body())
+                await send({"type": "http.response.body", "body": b"", "more_body": False})  # a whole stream
                 note["text"] = str(e)
                 return
             result = _cut(self.generation.result, n) if aborted else self.generation.result
