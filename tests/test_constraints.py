@@ -217,3 +217,11 @@ def test_ct2_appends_forced_tokens_without_a_model_call(t5_ct2):
     assert result.text == "positive" and result.finish_reason == "stop"
     chosen = counts["tokens"] - before.get("tokens", 0)  # tokens the sampler chose from logits
     assert chosen == 1 and len(result.token_ids) > 1, (chosen, result.token_ids)
+
+
+def test_llguidance_errors_read_as_one_line():
+    from pocketlm.core.constraints import one_line
+
+    raw = 'at 1(9): invalid regex "(" (in regex): regex parse error:\n    (\n    ^\nerror: unclosed group\n   1 | /(/\n'
+    assert one_line(raw) == 'invalid regex "(": unclosed group'
+    assert one_line('unknown name: "foo"') == 'unknown name: "foo"'

@@ -17,6 +17,7 @@ is refused with the characters it lacks.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -200,10 +201,10 @@ class Constraint:
         try:
             self.grammar = grammar_of(kind, value, vocabulary.drops_leading_space)
         except Exception as e:  # llguidance's converters raise ValueError and their own errors
-            raise RequestError(f"{kind}: {str(e).strip().splitlines()[0]}") from None
+            raise RequestError(f"{kind}: {one_line(str(e))}") from None
         error = llg.LLMatcher.validate_grammar(self.grammar, vocabulary.tokenizer)
         if error:
-            raise RequestError(f"{kind}: {error.strip().splitlines()[0]}")
+            raise RequestError(f"{kind}: {one_line(error)}")
         self._check_spelled()
 
     def _check_spelled(self) -> None:
@@ -248,6 +249,17 @@ class Constraint:
         """A fresh follower of the constraint, for one sequence."""
         llg = _llguidance()
         return Guide(llg.LLMatcher(self.vocabulary.tokenizer, self.grammar), self)
+
+
+def one_line(error: str) -> str:
+    """llguidance's error (a line, then the source with carets, then "error: why") as one line."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    if not lines:
+        return "invalid"
+    head = re.sub(r"^at \d+\(\d+\): ", "", lines[0]).removesuffix(":").removesuffix(" regex parse error")
+    head = head.removesuffix(":").replace(" (in regex)", "")
+    why = next((line[len("error:") :].strip() for line in lines[1:] if line.startswith("error:")), "")
+    return f"{head}: {why}" if why else head
 
 
 def allocate(rows: int, vocab: int) -> np.ndarray:
