@@ -26,6 +26,7 @@ from pocketlm.backends import Backend, register
 from pocketlm.converters.core import engine
 from pocketlm.converters.core.ct2_file import is_ct2_folder, read_folder_metadata, read_model_bin
 from pocketlm.converters.core.errors import ModelLoadError, PocketLMError, RequestError
+from pocketlm.core.constraints import fill_masks
 from pocketlm.core.engine import BatchEngine, ModelInfo, Seq2Seq
 from pocketlm.core.generation import GenerationOptions
 from pocketlm.core.sequence import Decoding
@@ -226,6 +227,9 @@ class CT2Engine(Seq2Seq, BatchEngine):
             logits = step.logits
             if logits.shape:
                 step_rows[:] = [logits, 0]
+                guides = [e.guide for e in live if e.guide is not None and not (e.done or e.diverged)]
+                if guides:  # a new step: every constrained sequence's mask in one call
+                    fill_masks(guides)
             k = step_rows[1]
             step_rows[1] = k + 1
             i = step.batch_id
