@@ -2,9 +2,19 @@
 without the option, measured in the same process, interleaved.
 
 Rows (ROWS) are a request option and the request it is compared with: seeded sampling against
-the same sampling unseeded, presence/frequency penalties against plain greedy. Each row says
-which engines it applies to; every model (MODELS) runs the rows of its engine. More rows
-(constraints, logit_bias, on every engine) go into ROWS, with a `prepare` for what they need.
+the same sampling unseeded, presence/frequency penalties and logit_bias against plain greedy,
+and structured output (a 4-label `choice`, a `regex`, a `json_schema`) against plain greedy.
+Each row says which engines it applies to; every model (MODELS) runs the rows of its engine.
+A row's option may be made for the model (`prepare`: labels its vocabulary can write, the ids
+logit_bias moves).
+
+A constrained answer ends as soon as its constraint is complete, so it may be shorter than the
+N tokens the other rows produce: constraint rows are compared per generated token, against the
+request without the option run to exactly as many tokens as the constrained answer had on that
+prompt (known from an untimed run of the constrained request just before the pair). After the
+timed rounds, the mask's own cost: the last round's constrained tokens replayed through a fresh
+`Guide` of the same constraint, timing `fill()` + `apply(row)` (a float32 row of the model's
+vocabulary size) per token.
 
 On CTranslate2 these requests are decoded by PocketLM's sampler (runtime/backends/
 ctranslate2.py, CT2Engine._decode_stepwise): CTranslate2 decodes greedily and hands each step's
@@ -21,14 +31,15 @@ token). Two more figures per CTranslate2 model, from the engine called directly:
 Each model runs in its own fresh process: one warm-up of every request, then rounds; in each
 round every row runs its request without and with the option on the same prompt (a new prompt
 every round), the order of rows and of the pair flipped every round. Exactly N new tokens
-(`min_new_tokens = max_new_tokens = N`). Times are medians over rounds; the ratio is the median
-of the per-round ratios. Random-weight models of the real shapes (common.py) and, with
---trained (or when it is already built), the trained T5 of reference_models.py on its task's
-prompts.
+(`min_new_tokens = max_new_tokens = N`; constraint rows: see above). Times are medians over
+rounds; the ratio is the median of the per-round ratios of time per generated token.
+Random-weight models of the real shapes (common.py; their stand-in T5 vocabulary writes only
+"w0", "w1", ...) and, with --trained (or when they are already built), the trained BLOOM and T5
+of reference_models.py (the BLOOM on held-out text, the T5 on its task's prompts).
 
     .venv/bin/python benchmarks/control_bench.py --quick        # minutes, noisy
     .venv/bin/python benchmarks/control_bench.py                # full
-    .venv/bin/python benchmarks/control_bench.py --models flan-t5-small --trained
+    .venv/bin/python benchmarks/control_bench.py --models flan-t5-small bloomz-560m --trained
 Writes benchmarks/results/control.json and its section of benchmarks/README.md.
 """
 
@@ -50,7 +61,11 @@ from harness import THREADS, ArtifactError, error_line, median, run_child
 SCRIPT = Path(__file__).resolve()
 README = Path(__file__).resolve().parent / "README.md"
 SECTION = "## Per-step control (issue 27)"
-TARGET_CT2 = 3.0  # seeded sampling and penalties on CTranslate2: at most 3x the request without
+TARGET_CT2 = 3.0  # seeded sampling, penalties, logit_bias on CTranslate2: at most 3x the request without
+# a constraint, per generated token: at most this many times the request without, on trained models
+# (random-weight shapes, which rarely pick what the constraint allows, are reported as the worst case)
+TARGET_CONSTRAINT = {"llama.cpp": 1.3, "ctranslate2": 1.5}
+BOTH = ("llama.cpp", "ctranslate2")
 
 
 @dataclass(frozen=True)
@@ -82,13 +97,76 @@ class Row:
 
     name: str
     base: dict[str, Any]  # the request without the option
-    option: dict[str, Any]  # what the row adds
+    option: dict[str, Any]  # what the row adds (or what `prepare` makes of it for a model)
     engines: tuple[str, ...] = ("ctranslate2",)  # the backends it applies to
-    target: float | None = TARGET_CT2  # at most this many times the request without
+    target: float | dict[str, float] | None = TARGET_CT2  # at most this many times the request without
     no_restart: bool = False  # also measure CTranslate2 with a logits hook's cost (see the docstring)
+    prepare: Callable[[Any, list[int], Settings], dict[str, Any]] | None = None  # (model, a prompt, settings)
+    constraint: bool = False  # ends when complete: compared per token, with the mask timed (docstring)
+    per_prompt: bool = False  # `prepare` makes the option for each prompt (logit_bias: the ids greedy writes there)
 
-    def options(self, n: int, with_option: bool) -> dict[str, Any]:
-        return {"max_new_tokens": n, "min_new_tokens": n, **self.base, **(self.option if with_option else {})}
+    def target_on(self, backend: str) -> float | None:
+        return self.target.get(backend) if isinstance(self.target, dict) else self.target
+
+    def options(self, n: int, with_option: bool, option: dict[str, Any] | None = None) -> dict[str, Any]:
+        added = (self.option if option is None else option) if with_option else {}
+        return {"max_new_tokens": n, "min_new_tokens": n, **self.base, **added}
+
+
+LABELS = ["positive", "negative", "neutral", "mixed"]
+# lowercase words (letters and digits: the stand-in T5 vocabularies write only w0, w1, ...) and
+# single spaces, unbounded: the answer goes on to the end token or the N tokens
+REGEX = r"[a-z0-9]+( [a-z0-9]+)*"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "label": {"enum": LABELS},
+        "score": {"type": "integer", "minimum": 0, "maximum": 100},
+        "summary": {"type": "string", "maxLength": 32},
+    },
+    "required": ["label", "score", "summary"],
+    "additionalProperties": False,
+}
+BIAS = 5.0  # logit_bias: -BIAS on the two tokens greedy writes most, +BIAS on two it never writes
+
+
+def _text_ids(model: Any) -> list[int]:
+    """Ids of ordinary text tokens (not special, padding or end), as constraints see them."""
+    vocab = model.engine.vocabulary()
+    ends = set(model.engine.end_ids())
+    return [i for i, t in enumerate(vocab.tokens) if t and i not in ends]
+
+
+def prepare_choice(model: Any, ids: list[int], s: Settings) -> dict[str, Any]:
+    """LABELS if the vocabulary can write them (a real or trained one can), else four labels of
+    two of its own word pieces each (the stand-in T5 vocabulary writes only "w0", "w1", ...),
+    pieces that no shorter piece begins: the runtime's check that a constraint can be written
+    follows only the shortest token of each first byte, and refuses "w13" because " w1" leads
+    nowhere (see the report of this benchmark's run)."""
+    from pocketlm.converters.core.errors import RequestError
+
+    vocab = model.engine.vocabulary()
+    try:
+        vocab.constraint("choice", tuple(LABELS))
+        return {"choice": LABELS}
+    except RequestError:
+        pass
+    pieces = [vocab.tokens[i].decode("utf-8", "ignore").strip() for i in _text_ids(model)]  # type: ignore[union-attr]
+    words = sorted({w for w in pieces if w.isalnum()}, key=lambda w: (len(w), w))
+    words = [w for i, w in enumerate(words) if not any(w.startswith(shorter) for shorter in words[:i])][1:9]
+    return {"choice": [f"{a} {b}" for a, b in zip(words[::2], words[1::2])]}
+
+
+def prepare_bias(model: Any, ids: list[int], s: Settings) -> dict[str, Any]:
+    """-BIAS on the two tokens greedy writes most on this prompt, +BIAS on two text tokens it does
+    not write: the output changes, and stays N tokens long (min_new_tokens)."""
+    from collections import Counter
+
+    written = model.generate(ids, max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens).token_ids
+    down = [t for t, _ in Counter(written).most_common(2)]
+    text = _text_ids(model)
+    up = [t for t in text[len(text) // 3 :: max(len(text) // 7, 1)] if t not in written][:2]
+    return {"logit_bias": {**{t: -BIAS for t in down}, **{t: BIAS for t in up}}}
 
 
 ROWS: list[Row] = [
@@ -96,7 +174,26 @@ ROWS: list[Row] = [
     Row("seeded sampling (temperature 0.7, top_p 0.9)", {"temperature": 0.7, "top_p": 0.9}, {"seed": 1}),
     Row("presence_penalty 0.5 (greedy)", {}, {"presence_penalty": 0.5}, no_restart=True),
     Row("frequency_penalty 0.5 (greedy)", {}, {"frequency_penalty": 0.5}),
-    # constraints and logit_bias on every engine: add rows here (engines=("llama.cpp", "ctranslate2"), ...)
+    Row(
+        f"logit_bias ±{BIAS:g} on 4 ids (greedy)",
+        {},
+        {},
+        BOTH,
+        {"ctranslate2": TARGET_CT2},
+        no_restart=True,
+        prepare=prepare_bias,
+        per_prompt=True,
+    ),
+    Row("choice of 4 labels (greedy)", {}, {}, BOTH, TARGET_CONSTRAINT, prepare=prepare_choice, constraint=True),
+    Row("regex of lowercase words (greedy)", {}, {"regex": REGEX}, BOTH, TARGET_CONSTRAINT, constraint=True),
+    Row(
+        "json_schema: enum, bounded integer, string maxLength 32 (greedy)",
+        {},
+        {"json_schema": SCHEMA},
+        ("llama.cpp",),  # T5 vocabularies have no braces
+        TARGET_CONSTRAINT,
+        constraint=True,
+    ),
 ]
 
 
@@ -112,11 +209,13 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
+    "bloomz-560m": ModelSpec("GGUF q4_k_m", "gguf", "q4_k_m", "llama.cpp"),
     "flan-t5-small": ModelSpec("CT2 int8", "ct2", "int8", "ctranslate2"),
     "mt0-large": ModelSpec("CT2 int8", "ct2", "int8", "ctranslate2"),
+    "trained-bloom": ModelSpec("GGUF q4_k_m", "gguf", "q4_k_m", "llama.cpp", trained=True, prompts="heldout"),
     "trained-t5": ModelSpec("CT2 int8", "ct2", "int8", "ctranslate2", trained=True, prompts="task"),
 }
-QUICK_MODELS = ("flan-t5-small",)
+QUICK_MODELS = ("flan-t5-small", "bloomz-560m")
 
 
 # -- child jobs -------------------------------------------------------------------------------
@@ -124,15 +223,22 @@ QUICK_MODELS = ("flan-t5-small",)
 
 def _prompts(model: Any, spec: dict[str, Any], s: Settings, count: int) -> list[list[int]]:
     """`count` prompts: windows of the benchmark text (random-weight models: any ids are
-    noise to them), or the trained T5's own task ("sort: q d m a"), tokenized by the model."""
+    noise to them), of the held-out text the trained BLOOM never saw, or the trained T5's own
+    task ("sort: q d m a"), tokenized by the model. T5 inputs end with the end token."""
+    from harness import prompt, text_ids
+
     if spec["prompts"] == "task":
         from reference_models import task_items
 
         return [model.tokenize(source) for source, _ in task_items("heldout")[:count]]
-    from harness import prompt, text_ids
+    seq2seq = model.info.architecture != "bloom"
+    eos = model.engine.end_ids()[0] if seq2seq else None
+    if spec["prompts"] == "heldout":
+        from reference_models import heldout_text
 
-    eos = model.engine.end_ids()[0]
-    ids = text_ids()
+        ids = model.tokenize(heldout_text())
+    else:
+        ids = text_ids()
     return [prompt(ids, s.prompt_tokens, 1 + i, eos) for i in range(count)]
 
 
@@ -146,7 +252,7 @@ def _timed(model: Any, ids: list[int], options: dict[str, Any]) -> dict[str, Any
     r = model.generate(ids, **options)
     seconds = time.perf_counter() - started
     after = _counts(model)
-    out: dict[str, Any] = {"seconds": seconds, "new_tokens": len(r.token_ids)}
+    out: dict[str, Any] = {"seconds": seconds, "new_tokens": len(r.token_ids), "tokens": list(r.token_ids)}
     if after:
         out["stepwise"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     return out
@@ -278,6 +384,48 @@ def _restart_costs(model: Any, ids: list[int], s: Settings) -> dict[str, Any]:
     }
 
 
+def _mask_times(model: Any, options: dict[str, Any], tokens: list[int], repeats: int) -> dict[str, Any]:
+    """The mask's cost per token: `tokens` (a constrained answer) replayed through a fresh Guide of
+    the same constraint, timing fill() + apply(row) on a float32 row of the vocabulary's size
+    before each token (the end token's step included); the median over `repeats` replays."""
+    import numpy as np
+
+    from pocketlm.core.constraints import constraint_of
+    from pocketlm.core.generation import GenerationOptions
+
+    kind, value = constraint_of(GenerationOptions(**options))  # type: ignore[misc]
+    constraint = model.engine.vocabulary().constraint(kind, value)
+    row = np.random.default_rng(0).standard_normal(model.info.vocab_size).astype(np.float32)
+    per_replay, fill_only, created = [], [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        guide = constraint.guide()  # what every constrained request pays once
+        created.append(time.perf_counter() - started)
+        total = filled = 0.0
+        steps = 0
+        for token in tokens:
+            started = time.perf_counter()
+            guide.fill()
+            middle = time.perf_counter()
+            guide.apply(row)
+            total += time.perf_counter() - started
+            filled += middle - started
+            steps += 1
+            if model.engine.is_end(token):
+                break
+            guide.advance(token)
+            if guide.stopped:
+                break
+        per_replay.append(total / max(steps, 1))
+        fill_only.append(filled / max(steps, 1))
+    return {
+        "steps": steps,
+        "ms_per_token": statistics.median(per_replay) * 1000,
+        "fill_ms_per_token": statistics.median(fill_only) * 1000,
+        "guide_ms": statistics.median(created) * 1000,
+    }
+
+
 def job_measure(job: dict[str, Any]) -> dict[str, Any]:
     import pocketlm
 
@@ -290,20 +438,61 @@ def job_measure(job: dict[str, Any]) -> dict[str, Any]:
     out["info"] = {"backend": info.backend, "format": info.format, "quant": info.quant, "vocab_size": info.vocab_size}
     prompts = _prompts(model, job["spec"], s, s.rounds + 1)
     n = s.new_tokens
-    for row in rows:  # warm-up
+    options: dict[str, dict[str, Any]] = {}
+    setup: dict[str, dict[str, float]] = {}
+    if any(r.constraint or r.prepare for r in rows):
+        started = time.perf_counter()
+        model.engine.vocabulary()
+        out["vocabulary_s"] = time.perf_counter() - started  # once per model, on its first constrained request
+    made: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def option_of(row: Row, i: int) -> dict[str, Any]:
+        """The row's option for prompt i (made for this model, or for this prompt: untimed)."""
+        key = (row.name, i if row.per_prompt else -1)
+        if key not in made:
+            made[key] = row.prepare(model, prompts[i], s) if row.prepare else row.option
+        return made[key]
+
+    for row in rows:  # the option made for this model, then the warm-up
+        options[row.name] = option_of(row, len(prompts) - 1)
+        if row.constraint:
+            from pocketlm.core.constraints import Constraint, constraint_of
+            from pocketlm.core.generation import GenerationOptions
+
+            kind, value = constraint_of(GenerationOptions(**options[row.name]))  # type: ignore[misc]
+            started = time.perf_counter()
+            Constraint(model.engine.vocabulary(), kind, value)  # compiled afresh (the model caches its own)
+            setup[row.name] = {"compile_s": time.perf_counter() - started}  # once, then cached
         for with_option in (False, True):
-            model.generate(prompts[-1], **row.options(s.warmup_new_tokens, with_option))
+            model.generate(prompts[-1], **row.options(s.warmup_new_tokens, with_option, options[row.name]))
     results: dict[str, dict[str, list[Any]]] = {r.name: {"base": [], "option": [], "no_restart": []} for r in rows}
     for r in range(s.rounds):
         flip = r % 2 == 1
         for row in reversed(rows) if flip else rows:
+            option = option_of(row, r)
+            base_n = n
+            if row.constraint:  # the answer's length on this prompt: the request without runs as long
+                base_n = max(len(model.generate(prompts[r], **row.options(n, True, option)).token_ids), 1)
             pair = (True, False) if flip else (False, True)
             for with_option in pair:
-                run = _timed(model, prompts[r], row.options(n, with_option))
+                run = _timed(
+                    model, prompts[r], row.options(n, True, option) if with_option else row.options(base_n, False)
+                )
                 results[row.name]["option" if with_option else "base"].append(run)
             if row.no_restart and info.backend == "ctranslate2":
-                results[row.name]["no_restart"].append(_no_restart(model, prompts[r], row.options(n, True)))
+                results[row.name]["no_restart"].append(_no_restart(model, prompts[r], row.options(n, True, option)))
+    for row in rows:  # the mask's own cost, on the last round's answer
+        runs = results[row.name]
+        runs["changed"] = [b["tokens"] != o["tokens"] for b, o in zip(runs["base"], runs["option"])]
+        if row.constraint:
+            last = runs["option"][-1]["tokens"]
+            setup[row.name] |= _mask_times(model, row.options(n, True, options[row.name]), last, s.restart_repeats)
+            setup[row.name]["last_text"] = model.detokenize(last)[:200]
+        for run in runs["base"] + runs["option"]:
+            del run["tokens"]
     out["rows"] = results
+    out["options"] = options  # the warm-up prompt's (logit_bias: each round has its own, made the same way)
+    out["setup"] = setup
     if info.backend == "ctranslate2":
         out["restart"] = _restart_costs(model, prompts[0], s)
     model.close()
@@ -331,21 +520,37 @@ def measured_child(job: dict[str, Any], timeout_s: int) -> tuple[harness.ChildRe
     return child, {"wall_s": wall, "other_cpu_share": others, "load_before": load_before, "load_after": load_after}
 
 
-def summarize(row: Row, runs: dict[str, list[Any]], n: int) -> dict[str, Any]:
+def summarize(row: Row, runs: dict[str, list[Any]], n: int, backend: str, trained: bool, r: dict[str, Any]) -> dict:
+    """One row's figures from the child's runs (`r`: the child's whole result)."""
     base, option = runs["base"], runs["option"]
-    ratios = [o["seconds"] / b["seconds"] for b, o in zip(base, option)]
+    per_token = [
+        (o["seconds"] / max(o["new_tokens"], 1)) / (b["seconds"] / max(b["new_tokens"], 1))
+        for b, o in zip(base, option)
+    ]
+    target = row.target_on(backend)
     out: dict[str, Any] = {
         "row": row.name,
         "base_options": row.base,
-        "option": row.option,
-        "base_s": median(r["seconds"] for r in base),
-        "option_s": median(r["seconds"] for r in option),
-        "ratio": median(ratios),
-        "ratios": [round(x, 3) for x in ratios],
-        "all_full_length": all(r["new_tokens"] == n for r in base + option),
-        "target": row.target,
+        "option": r.get("options", {}).get(row.name, row.option),
+        "constraint": row.constraint,
+        "base_s": median(x["seconds"] for x in base),
+        "option_s": median(x["seconds"] for x in option),
+        "base_tokens": [x["new_tokens"] for x in base],
+        "option_tokens": [x["new_tokens"] for x in option],
+        "base_ms_per_token": median(1000 * x["seconds"] / max(x["new_tokens"], 1) for x in base),
+        "option_ms_per_token": median(1000 * x["seconds"] / max(x["new_tokens"], 1) for x in option),
+        "ratio": median(per_token),  # of time per generated token (the same as of time at equal lengths)
+        "ratios": [round(x, 3) for x in per_token],
+        "all_full_length": all(x["new_tokens"] == n for x in base + option),
+        "same_length": all(b["new_tokens"] == o["new_tokens"] for b, o in zip(base, option)),
+        "output_changed": runs.get("changed"),
+        "target": target,
+        # constraint targets bind on trained models; on random shapes they are the worst case
+        "binding": target is not None and (trained or not row.constraint),
     }
-    steps = [r["stepwise"] for r in option if r.get("stepwise")]
+    if row.name in r.get("setup", {}):
+        out |= r["setup"][row.name]
+    steps = [x["stepwise"] for x in option if x.get("stepwise")]
     tokens = sum(x.get("tokens", 0) for x in steps)
     if tokens:
         calls = sum(x.get("calls", 0) for x in steps)
@@ -355,22 +560,23 @@ def summarize(row: Row, runs: dict[str, list[Any]], n: int) -> dict[str, Any]:
     if runs["no_restart"]:
         out["no_restart_s"] = median(runs["no_restart"])
         out["no_restart_ratio"] = median(x / b["seconds"] for x, b in zip(runs["no_restart"], base))
-    out["met"] = out["ratio"] <= row.target if row.target is not None and out["ratio"] is not None else None
+    out["met"] = out["ratio"] <= target if target is not None and out["ratio"] is not None else None
     return out
 
 
-def ensure_trained(build: bool) -> bool:
-    """Whether the trained T5 is there (built now when `build`: about 12 min on 2 cores)."""
+def ensure_trained(model: str, build: bool) -> bool:
+    """Whether a trained reference model is there (built now when `build`: about 12 min on 2 cores)."""
     from reference_models import TRAINED
 
-    if (TRAINED / "trained-t5" / "training.json").is_file():
+    if (TRAINED / model / "training.json").is_file():
         return True
     if not build:
         return False
     import subprocess
 
-    print("  training trained-t5 (reference_models.py, about 12 min)", flush=True)
-    subprocess.run([sys.executable, str(SCRIPT.parent / "reference_models.py"), "--only", "t5"], check=True)
+    print(f"  training {model} (reference_models.py, about 12 min)", flush=True)
+    only = model.removeprefix("trained-")
+    subprocess.run([sys.executable, str(SCRIPT.parent / "reference_models.py"), "--only", only], check=True)
     return True
 
 
@@ -378,7 +584,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two rounds, flan-t5-small only (noisy)")
     parser.add_argument("--models", nargs="*", choices=list(MODELS), help="default: all (--quick: flan-t5-small)")
-    parser.add_argument("--trained", action="store_true", help="train the reference T5 if it is not built yet")
+    parser.add_argument("--trained", action="store_true", help="train the reference models if not built yet")
     parser.add_argument("--keep-others", action="store_true", help="keep the last run's other models (same mode)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
     args = parser.parse_args(argv)
@@ -393,7 +599,7 @@ def main(argv: list[str]) -> int:
         entry: dict[str, Any] = {"label": spec.label, "format": spec.fmt, "quant": spec.quant, "backend": spec.backend}
         results[model] = entry
         try:
-            if spec.trained and not ensure_trained(args.trained or model in (args.models or [])):
+            if spec.trained and not ensure_trained(model, args.trained or model in (args.models or [])):
                 entry["error"] = "not built: run with --trained (reference_models.py trains it, about 12 min)"
                 print(f"  {model}: {entry['error']}", flush=True)
                 continue
@@ -420,19 +626,28 @@ def main(argv: list[str]) -> int:
         entry |= {
             "info": r["info"],
             "load_s": r["load_s"],
+            "vocabulary_s": r.get("vocabulary_s"),
             "peak_rss_mib": child.peak_rss / harness.MIB,
             "machine_load": load,
-            "rows": [summarize(row, r["rows"][row.name], s.new_tokens) for row in rows],
+            "rows": [summarize(row, r["rows"][row.name], s.new_tokens, spec.backend, spec.trained, r) for row in rows],
             "restart": r.get("restart"),
         }
         for x in entry["rows"]:
             extra = ""
+            if x["constraint"]:
+                extra += (
+                    f"; tokens {'/'.join(map(str, x['option_tokens']))}, mask {x['ms_per_token']:.3f} ms/token "
+                    f"(fill {x['fill_ms_per_token']:.3f}), compile {x['compile_s'] * 1000:.0f} ms"
+                )
+            if x["output_changed"] and not x["constraint"] and not all(x["output_changed"]):
+                extra += f"; output changed in {sum(x['output_changed'])}/{len(x['output_changed'])} rounds"
             if "agreed" in x:
-                extra = f"; agreed {x['agreed']:.0%}, {x['restarts_per_token']:.2f} restarts/token"
+                extra += f"; agreed {x['agreed']:.0%}, {x['restarts_per_token']:.2f} restarts/token"
             if "no_restart_ratio" in x:
                 extra += f"; no restart {x['no_restart_ratio']:.2f}x"
             print(
-                f"  {model} {x['row']}: {x['base_s']:.2f} s -> {x['option_s']:.2f} s = {x['ratio']:.2f}x "
+                f"  {model} {x['row']}: {x['base_ms_per_token']:.1f} -> {x['option_ms_per_token']:.1f} ms/token "
+                f"= {x['ratio']:.2f}x "
                 f"(rounds {', '.join(f'{v:.2f}' for v in x['ratios'])}){extra}",
                 flush=True,
             )
@@ -469,7 +684,8 @@ def main(argv: list[str]) -> int:
     path = harness.write_result("control", payload)
     print(f"wrote {path} in {payload['wall_s']:.0f} s", flush=True)
     for t in payload["targets"]:
-        print(f"  {t['name']}: {t['value']:.2f}x ({'met' if t['met'] else 'NOT met'}, target {t['target']})")
+        worst = "" if t["binding"] else ", random weights: worst case, the target is for trained models"
+        print(f"  {t['name']}: {t['value']:.2f}x ({'met' if t['met'] else 'NOT met'}, target {t['target']}{worst})")
     if not args.no_readme:
         write_section(section(payload))
     return 0
@@ -486,6 +702,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         "target": f"<= {x['target']:g}x",
                         "value": x["ratio"],
                         "met": x["ratio"] <= x["target"],
+                        "binding": x.get("binding", True),  # False: a random shape's constraint row (worst case)
                     }
                 )
     return out
@@ -502,6 +719,56 @@ def _ms(v: float | None) -> str:
     return "–" if v is None else f"{v * 1000:,.0f} ms"
 
 
+def _short(name: str) -> str:
+    return name.split(" ")[0].removesuffix(":")
+
+
+def _clip(text: str, width: int = 60) -> str:
+    text = text.replace("`", "'").replace("|", "/").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _row_name(x: dict[str, Any]) -> str:
+    """The row, with the labels a choice row used when they are not the usual ones."""
+    option = x.get("option") or {}
+    if "choice" in option and option["choice"] != LABELS:
+        return f"{x['row']}: {', '.join(option['choice'])}"
+    changed = x.get("output_changed")
+    if "logit_bias" in option and changed:
+        return f"{x['row']}, changed {sum(changed)}/{len(changed)}"
+    return x["row"]
+
+
+def _tokens(x: dict[str, Any], n: int) -> str:
+    got = x.get("option_tokens")
+    if not got or not x.get("constraint"):
+        return str(n)
+    return "/".join(map(str, got))
+
+
+def _per_token(x: dict[str, Any], side: str) -> str:
+    ms = x.get(f"{side}_ms_per_token")
+    if ms is None:  # an earlier run's row: times of N tokens
+        return f"{x[f'{side}_s']:.2f} s"
+    return f"{ms:.2f} ms" if ms < 1 else f"{ms:.1f} ms"
+
+
+def _added(x: dict[str, Any]) -> str:
+    """What the option adds to each generated token (medians' difference)."""
+    if x.get("option_ms_per_token") is None:
+        return "–"
+    return f"{x['option_ms_per_token'] - x['base_ms_per_token']:+.2f} ms"
+
+
+def _status(x: dict[str, Any]) -> str:
+    if x.get("target") is None:
+        return "reported"
+    target = f"<= {x['target']:g}x"
+    if x.get("binding", True):
+        return f"{target} **{'met' if x['met'] else 'not met'}**"
+    return f"{target}: worst case {'within' if x['met'] else 'above'}"
+
+
 def section(result: dict[str, Any]) -> list[str]:
     """The README section of results/control.json (kept by write_section)."""
     st = result["settings"]
@@ -512,14 +779,33 @@ def section(result: dict[str, Any]) -> list[str]:
         f"{result['wall_s'] / 60:.0f} min, {result.get('date', '?')}); {result['threads']} threads. Each model in a "
         f"fresh process: a warm-up, then {st['rounds']} rounds in which every row runs the request without and "
         "with its option on the same prompt (a new prompt each round; rows and pairs in flipped order every "
-        f"round), exactly {st['new_tokens']} new tokens (`min_new_tokens = max_new_tokens`); medians, and the "
-        "median of the per-round ratios. Random-weight models of the real shapes (their text is noise) on "
-        "windows of the benchmark text; the trained T5 of `reference_models.py` on its task's held-out prompts.",
+        f"round), exactly {st['new_tokens']} new tokens (`min_new_tokens = max_new_tokens`), greedy unless the "
+        "row says; medians, and the median of the per-round ratios of time per generated token. "
+        "Random-weight models of the real shapes (their text is noise; their stand-in T5 vocabulary writes only "
+        "`w0`, `w1`, ...) on windows of the benchmark text; the trained BLOOM of `reference_models.py` on "
+        "held-out text, the trained T5 on its task's held-out prompts.",
+        "",
+        "Rows are compared by time per generated token, each against the same request without its option on "
+        "the same prompt: a constrained answer ends as soon as its constraint is complete (a label: a few tokens), "
+        "so the request without a constraint is run to exactly as many tokens as the constrained answer "
+        "had on that prompt (from an untimed constrained run just before the pair; `tokens`: the constrained "
+        "answers' lengths, round by round). `mask`: the last round's constrained answer replayed through a "
+        "fresh `Guide` of the same constraint, `fill()` + `apply(row)` per token on a float32 row of the "
+        "vocabulary's size (llguidance's `fill()` alone in brackets), and `new Guide`: making one, which "
+        "every constrained request does once; `added per token`: the difference of the medians; compiling "
+        "a constraint is paid once per "
+        "model and constraint (cached), building the vocabulary once per model (both before the timed runs). "
+        "Constraint targets (<= 1.3x on llama.cpp, <= 1.5x on CTranslate2) are for trained models, which "
+        "mostly write what a constraint allows, as real models do; random weights rarely do, so their rows are "
+        "the worst case (`worst case: within` / `above`). logit_bias: -5 on the two tokens greedy writes most "
+        "on the round's prompt, +5 on two it does not write (ids chosen by an untimed greedy run); `changed`: "
+        "rounds whose output differs from greedy's.",
         "",
         "On CTranslate2 these requests are decoded by PocketLM's sampler: CTranslate2 decodes greedily and hands "
         "every step's logits to a callback; while the sampler picks CTranslate2's token decoding goes on, "
         "elsewhere that sequence is decoded again from its prefix (`agreed`: tokens that were CTranslate2's "
-        "guess; `restarts`: per token). `no restart`: every step's logits through the sampler in one call, its "
+        "guess; `restarts`: per token; tokens a constraint forces are appended without a model call). "
+        "`no restart`: every step's logits through the sampler in one call, its "
         "choices ignored — what the request would cost if CTranslate2 let a Python logits hook choose (it has "
         "none), against the request without the option.",
         "",
@@ -529,26 +815,46 @@ def section(result: dict[str, Any]) -> list[str]:
     body = []
     for model, entry in result["models"].items():
         if "rows" not in entry:
-            body.append([model, entry["label"], f"unavailable: {entry.get('error', '?')}", *[""] * 7])
+            body.append([model, entry["label"], f"unavailable: {entry.get('error', '?')}", *[""] * 12])
             continue
         for x in entry["rows"]:
-            status = "" if x.get("met") is None else ("**met**" if x["met"] else "**not met**")
             body.append(
                 [
                     model,
                     entry["label"],
-                    x["row"],
-                    f"{x['base_s']:.2f} s",
-                    f"{x['option_s']:.2f} s",
-                    f"{_x(x['ratio'])} {status}".strip(),
+                    _row_name(x),
+                    _tokens(x, st["new_tokens"]),
+                    _per_token(x, "base"),
+                    _per_token(x, "option"),
+                    _x(x["ratio"]),
+                    _status(x),
                     "–" if "agreed" not in x else f"{x['agreed']:.0%}",
                     "–" if "restarts_per_token" not in x else f"{x['restarts_per_token']:.2f}",
+                    _added(x),
+                    "–" if "ms_per_token" not in x else f"{x['ms_per_token']:.2f} ms ({x['fill_ms_per_token']:.2f})",
+                    "–" if "guide_ms" not in x else f"{x['guide_ms']:.2f} ms",
                     _x(x.get("no_restart_ratio")),
                     ", ".join(f"{v:.2f}" for v in x["ratios"]),
                 ]
             )
-    header = ["model", "engine", "row", "without", "with", "ratio (target <= 3x)", "agreed", "restarts/token"]
-    out += harness_table(header + ["no restart", "per-round ratios"], body) + [""]
+    header = ["model", "engine", "row", "tokens", "without, per token", "with, per token", "ratio", "target"]
+    header += ["agreed", "restarts/token", "added per token", "mask/token (fill)", "new Guide", "no restart"]
+    header += ["per-round ratios"]
+    out += harness_table(header, body) + [""]
+    setup = []
+    for model, entry in result["models"].items():
+        rows = [x for x in entry.get("rows", []) if x.get("constraint")]
+        if rows:
+            compiled = ", ".join(f"{_short(x['row'])} {x['compile_s'] * 1000:,.0f} ms" for x in rows)
+            setup.append(f"{model}: vocabulary {entry['vocabulary_s']:.2f} s; compiling {compiled}.")
+    if setup:
+        out += ["Paid once before the timed runs: " + " ".join(setup), ""]
+        examples = []
+        for model, entry in result["models"].items():
+            for x in entry.get("rows", []):
+                if x.get("constraint") and x.get("last_text") is not None:
+                    examples.append(f"{model}, {_short(x['row'])}: `{_clip(x['last_text'])}`")
+        out += ["Last constrained answers (the text as returned): " + "; ".join(examples) + ".", ""]
     restart_rows = []
     for model, entry in result["models"].items():
         rc = entry.get("restart")
@@ -582,7 +888,10 @@ def section(result: dict[str, Any]) -> list[str]:
         out += [f"{model}: kept from an earlier run ({date}, `--keep-others`).", ""]
     missing = [m for m in MODELS if m not in result["models"]]
     if missing:
-        out += [f"Not in this run: {', '.join(missing)} (`--models`; the trained T5 needs `--trained` once).", ""]
+        out += [
+            f"Not in this run: {', '.join(missing)} (`--models`; the trained models need `--trained` once).",
+            "",
+        ]
     loads = [e["machine_load"] for e in result["models"].values() if e.get("machine_load")]
     if loads:
         out += [
