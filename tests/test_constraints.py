@@ -223,3 +223,17 @@ def test_llguidance_errors_read_as_one_line():
     raw = 'at 1(9): invalid regex "(" (in regex): regex parse error:\n    (\n    ^\nerror: unclosed group\n   1 | /(/\n'
     assert one_line(raw) == 'invalid regex "(": unclosed group'
     assert one_line('unknown name: "foo"') == 'unknown name: "foo"'
+
+
+def test_a_constraint_only_a_longer_token_spells_is_not_refused():
+    """'w13' is one token, and the shorter 'w1' leads nowhere (no token starts with '3')."""
+    from pocketlm.core.constraints import Vocabulary
+
+    tokens = [None, b" w1", b" w13", b" w2", b"w", b"1", b"2"]  # id 0: the end token
+    vocabulary = Vocabulary(tokens, [0], drops_leading_space=True)
+    constraint = vocabulary.constraint("choice", ("w13",))
+    guide = constraint.guide()
+    guide.advance(2)
+    assert guide.stopped
+    with pytest.raises(RequestError, match="'3'"):  # no token writes a '3' after 'w1' or alone
+        Vocabulary([None, b" w1", b" w2", b"w", b"1"], [0], drops_leading_space=True).constraint("choice", ("w13",))

@@ -168,13 +168,16 @@ class Vocabulary:
         return found
 
     def first_of_each_byte(self, mask: np.ndarray) -> list[int]:
-        """Of the allowed tokens that are not end tokens, the shortest for each first byte."""
+        """Of the allowed tokens that are not end tokens, the shortest and the longest for each
+        first byte (the shortest first)."""
         ids = np.nonzero(mask[: self.size] & self._text)[0]
         if ids.size == 0:
             return []
         ids = ids[np.argsort(self._lengths[ids], kind="stable")]
-        _, first = np.unique(self._first_bytes[ids], return_index=True)
-        return ids[np.sort(first)].tolist()
+        _, shortest = np.unique(self._first_bytes[ids], return_index=True)
+        _, longest = np.unique(self._first_bytes[ids[::-1]], return_index=True)
+        picked = [*ids[np.sort(shortest)].tolist(), *ids[::-1][longest].tolist()]
+        return list(dict.fromkeys(picked))
 
     def lacking(self, allowed_bytes: Sequence[int]) -> list[str]:
         """Of the bytes a constraint allows next, the characters no token can write (non-ASCII
@@ -211,8 +214,9 @@ class Constraint:
 
     def _check_spelled(self) -> None:
         """Refuse a constraint this vocabulary cannot complete. A depth-first search for an
-        output, over one token per distinct first byte, within a budget of steps; if every
-        path dead-ends, the characters the constraint wanted there and no token has are named.
+        output, over the shortest and the longest token of each first byte, within a budget of
+        steps; if every path dead-ends where the constraint wants characters no token has, they
+        are named (a dead end only of the paths tried is no proof: accepted).
         (Undecided within the budget: accepted; a dead end met while generating is refused then.)"""
         v = self.vocabulary
         if v.characters is None:  # byte tokens spell anything
@@ -243,8 +247,8 @@ class Constraint:
                 undecided |= found is None
             return None if undecided else False
 
-        if search(self.guide(), 0) is False:
-            what = ", ".join(repr(c) for c in sorted(wanted)) or "the characters it needs"
+        if search(self.guide(), 0) is False and wanted:  # refused only for characters no token has
+            what = ", ".join(repr(c) for c in sorted(wanted))
             raise RequestError(f"{self.kind}: this model's vocabulary cannot write {what}, which the constraint needs")
 
     def guide(self) -> Guide:
