@@ -24,7 +24,7 @@ LABELS = ["positive", "negative", "neutral"]
 REGEX = r"(yes|no), [a-f]{2,3}"
 LARK = 'start: answer " " letter\nanswer: "yes" | "no"\nletter: /[a-f]/'
 GBNF = 'root ::= ("yes" | "no") " " [a-f]'
-SCHEMA = {
+SCHEMA = {  # bounded, so that even a random model completes it
     "type": "object",
     "properties": {"label": {"enum": LABELS}, "score": {"type": "integer", "minimum": 0, "maximum": 99}},
     "required": ["label", "score"],
@@ -70,6 +70,16 @@ def t5_ct2(t5_folder):
 @pytest.fixture(params=["bloom", "t5_gguf", "t5_ct2"])
 def model(request):
     return request.getfixturevalue(request.param)
+
+
+def decoded_together(model, prompts, kinds, n):
+    """Each request's token ids, all submitted before any is read (decoded together)."""
+    streams = [model.stream_tokens(p, model.options(max_new_tokens=n, **k)) for p, k in zip(prompts, kinds)]
+    for s in streams:
+        with s:
+            for _ in s:
+                pass
+    return [s.result.token_ids for s in streams]
 
 
 def outputs(result):
@@ -140,14 +150,7 @@ def test_ct2_refuses_constrained_beams_in_one_line(t5_ct2):
 def test_ct2_constrained_requests_decoded_together_equal_each_alone(t5_ct2):
     kinds = [{"regex": REGEX}, {"choice": LABELS}, {"grammar": GBNF}, {"logit_bias": {7: 5.0}}]
     alone = [t5_ct2.generate(PROMPT, max_new_tokens=20, **k).token_ids for k in kinds]
-    streams = [t5_ct2.stream_tokens(PROMPT, t5_ct2.options(max_new_tokens=20, **k)) for k in kinds]
-    together = []
-    for s in streams:
-        with s:
-            for _ in s:
-                pass
-        together.append(s.result.token_ids)
-    assert together == alone
+    assert decoded_together(t5_ct2, [PROMPT] * len(kinds), kinds, 20) == alone
 
 
 def test_invalid_constraints_are_one_line_request_errors(bloom):
@@ -198,13 +201,7 @@ def test_a_constrained_sequence_among_others_is_the_sequence_alone(tmp_path):
     with pocketlm.load(path, n_ctx=512, threads=1) as alone_model:
         alone = [alone_model.generate(p, max_new_tokens=30, **k).token_ids for p, k in zip(prompts, kinds)]
     with pocketlm.load(path, n_ctx=512, threads=1, parallel=4) as model:
-        streams = [model.stream_tokens(p, model.options(max_new_tokens=30, **k)) for p, k in zip(prompts, kinds)]
-        together = []
-        for s in streams:
-            with s:
-                for _ in s:
-                    pass
-            together.append(s.result.token_ids)
+        together = decoded_together(model, prompts, kinds, 30)
     assert together == alone
 
 

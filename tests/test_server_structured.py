@@ -16,6 +16,7 @@ import openai
 import pydantic
 import pytest
 from reference import make_t5
+from test_constraints import GBNF, LABELS, REGEX, SCHEMA
 from test_server import assert_error, request, running, tiny_gguf
 
 import pocketlm
@@ -25,16 +26,6 @@ from pocketlm.serving.openai_api import AUTO_REFUSED, chat_prompt
 
 PROMPT = "Review: this movie was great! Is this review positive or negative?"
 MESSAGES = [{"role": "user", "content": PROMPT}]
-LABELS = ["positive", "negative", "neutral"]
-REGEX = r"(yes|no), [a-f]{2,3}"
-GBNF = 'root ::= ("yes" | "no") " " [a-f]'
-# bounded, so that even a random model completes it
-SCHEMA = {
-    "type": "object",
-    "properties": {"label": {"enum": LABELS}, "score": {"type": "integer", "minimum": 0, "maximum": 99}},
-    "required": ["label", "score"],
-    "additionalProperties": False,
-}
 SAMPLED = {"temperature": 1.0, "seed": 7, "n": 3}
 WEATHER = {
     "type": "function",
