@@ -135,6 +135,7 @@ class Vocabulary:
         self._text[[i for i in self.end_ids if i < self.size]] = False
         self._lengths = np.array([len(t) if t else 0 for t in tokens])
         self._first_bytes = np.array([t[0] if t else -1 for t in tokens])
+        self._start_bytes = frozenset(self._first_bytes.tolist())  # bytes some token starts with
 
         class Bytes:  # one token per byte, and an end: what a constraint allows, byte by byte
             eos_token_id = 256
@@ -184,13 +185,12 @@ class Vocabulary:
         bytes are named by the characters they may start, when no token starts with them)."""
         if self.characters is None:
             return []
-        starts = {t[0] for t in self.tokens if t}
         out = set()
         for b in allowed_bytes:
             if b < 0x80:
                 if chr(b) not in self.characters:
                     out.add(chr(b))
-            elif b not in starts:
+            elif b not in self._start_bytes:
                 out.add(f"byte 0x{b:02x}")
         return sorted(out)
 
