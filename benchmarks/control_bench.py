@@ -77,6 +77,9 @@ class Settings:
     rounds: int
     restart_repeats: int
     child_timeout_s: int
+    # a timed request is repeated until it has taken this long (then both of a pair run as many
+    # times): a fast model's request takes a few milliseconds, too short to time once
+    min_timed_s: float = 0.2
 
     @property
     def mode(self) -> str:
@@ -246,15 +249,25 @@ def _counts(model: Any) -> dict[str, int]:
     return dict(getattr(model.engine, "stepwise_counts", {}) or {})
 
 
-def _timed(model: Any, ids: list[int], options: dict[str, Any]) -> dict[str, Any]:
+def _timed(model: Any, ids: list[int], options: dict[str, Any], repeats: int | None, min_s: float) -> dict[str, Any]:
+    """One request's time: the mean of `repeats` runs (None: as many as take `min_s`)."""
     before = _counts(model)
-    started = time.perf_counter()
-    r = model.generate(ids, **options)
-    seconds = time.perf_counter() - started
+    done, started = 0, time.perf_counter()
+    while True:
+        r = model.generate(ids, **options)
+        done += 1
+        elapsed = time.perf_counter() - started
+        if (repeats is None and elapsed >= min_s) or done == repeats:
+            break
     after = _counts(model)
-    out: dict[str, Any] = {"seconds": seconds, "new_tokens": len(r.token_ids), "tokens": list(r.token_ids)}
+    out: dict[str, Any] = {
+        "seconds": elapsed / done,
+        "repeats": done,
+        "new_tokens": len(r.token_ids),
+        "tokens": list(r.token_ids),
+    }
     if after:
-        out["stepwise"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        out["stepwise"] = {k: (after.get(k, 0) - before.get(k, 0)) / done for k in after}
     return out
 
 
@@ -474,10 +487,16 @@ def job_measure(job: dict[str, Any]) -> dict[str, Any]:
             if row.constraint:  # the answer's length on this prompt: the request without runs as long
                 base_n = max(len(model.generate(prompts[r], **row.options(n, True, option)).token_ids), 1)
             pair = (True, False) if flip else (False, True)
+            repeats = None  # the first of the pair finds how many runs take min_timed_s
             for with_option in pair:
                 run = _timed(
-                    model, prompts[r], row.options(n, True, option) if with_option else row.options(base_n, False)
+                    model,
+                    prompts[r],
+                    row.options(n, True, option) if with_option else row.options(base_n, False),
+                    repeats,
+                    s.min_timed_s,
                 )
+                repeats = run["repeats"]
                 results[row.name]["option" if with_option else "base"].append(run)
             if row.no_restart and info.backend == "ctranslate2":
                 results[row.name]["no_restart"].append(_no_restart(model, prompts[r], row.options(n, True, option)))

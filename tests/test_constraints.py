@@ -214,6 +214,32 @@ def test_ct2_appends_forced_tokens_without_a_model_call(t5_ct2):
     assert chosen == 1 and len(result.token_ids) > 1, (chosen, result.token_ids)
 
 
+@pytest.mark.parametrize("name", ["bloom", "t5_gguf"])
+def test_llama_evaluates_forced_tokens_with_the_token_before_them(request, name):
+    """On llama.cpp the tokens a constraint forces are evaluated together with the token
+    chosen before them (one engine step, no choice of their own), and are the same whether or
+    not log-probabilities are asked; those log-probabilities are the model's own (teacher-forced)."""
+    model = request.getfixturevalue(name)
+    label = "positive" if name == "bloom" else "yes"
+    steps = model.scheduler.steps
+    result = model.generate(PROMPT, max_new_tokens=20, choice=[label])
+    assert result.text == label and result.finish_reason == "stop"
+    assert len(result.token_ids) > 1 and model.scheduler.steps - steps == 1, result.token_ids  # the prompt's step
+
+    schema = model.generate(PROMPT, max_new_tokens=40, json_schema=SCHEMA) if name == "bloom" else None
+    if schema is not None:
+        jsonschema.validate(json.loads(schema.text), SCHEMA)
+        scored = model.generate(PROMPT, max_new_tokens=40, json_schema=SCHEMA, logprobs=1)
+        assert scored.token_ids == schema.token_ids
+        ids = model.tokenize(PROMPT)
+        logits = model.logits(ids + scored.token_ids).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logits -= np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        teacher = [logits[len(ids) - 1 + i, t] for i, t in enumerate(scored.token_ids)]
+        got = np.array([lp.logprob for lp in scored.logprobs])
+        assert np.abs(got - teacher).max() < 1e-3, np.abs(got - teacher).max()
+
+
 def test_llguidance_errors_read_as_one_line():
     from pocketlm.core.constraints import one_line
 

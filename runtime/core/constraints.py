@@ -16,6 +16,7 @@ is refused with the characters it lacks.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -31,9 +32,11 @@ if TYPE_CHECKING:
 
 CONSTRAINTS = ("json_schema", "regex", "choice", "grammar")  # GenerationOptions fields, at most one set
 # JSON as json.dumps writes it: free whitespace lets a model pad forever (and small ones do)
+COMPILED_KEPT = 64  # constraints a vocabulary keeps compiled (the least recently used go first)
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+@functools.cache
 def _llguidance() -> Any:
     try:
         import llguidance
@@ -104,9 +107,11 @@ class Vocabulary:
                 ids.setdefault(t, i)
         longest = max(map(len, ids), default=1)
 
-        def spell(data: bytes) -> list[int]:
+        @functools.lru_cache(maxsize=4096)  # llguidance asks again for the same bytes as it decodes
+        def spell(data: bytes) -> tuple[int, ...]:
             """The longest tokens that spell `data`, left to right, up to a byte no token has."""
-            out, at = [], 0
+            out: list[int] = []
+            at = 0
             while at < len(data):
                 for n in range(min(longest, len(data) - at), 0, -1):
                     token = ids.get(data[at : at + n])
@@ -116,7 +121,7 @@ class Vocabulary:
                         break
                 else:  # no token has this byte: only what comes before it is spelled
                     break
-            return out
+            return tuple(out)
 
         class Wrapped:  # what llguidance's TokenizerWrapper reads
             eos_token_id = self.end_ids[0]
@@ -127,7 +132,7 @@ class Vocabulary:
                 self.tokens = [t if t else f"<[{i}]>".encode() for i, t in enumerate(tokens)]
 
             def __call__(self, data: bytes) -> list[int]:
-                return spell(data)
+                return list(spell(data))
 
         self.tokenizer = llg.LLTokenizer(llg.TokenizerWrapper(Wrapped()), eos_token=self.end_ids)
         self.tokens = list(tokens)
@@ -161,11 +166,15 @@ class Vocabulary:
         not: an invalid schema/regex/grammar, or characters the vocabulary cannot write."""
         key = (kind, value)
         with self._lock:
-            found = self._compiled.get(key)
+            found = self._compiled.pop(key, None)
+            if found is not None:
+                self._compiled[key] = found  # the most recently used last
         if found is None:
             found = Constraint(self, kind, value)
             with self._lock:
                 self._compiled[key] = found
+                while len(self._compiled) > COMPILED_KEPT:
+                    del self._compiled[next(iter(self._compiled))]
         return found
 
     def first_of_each_byte(self, mask: np.ndarray) -> list[int]:
@@ -289,6 +298,7 @@ class Guide:
     def __init__(self, matcher: Any, constraint: Constraint):
         self.matcher, self.constraint = matcher, constraint
         self.mask: np.ndarray | None = None  # the next token's allowed ids (booleans), once filled
+        self.open = False  # that mask allows some token
         self.text = bytearray()  # the bytes taken so far
 
     @property
@@ -326,15 +336,16 @@ class Guide:
         """`row` with every token the constraint forbids at -inf (a new array). At a dead end
         (nothing allowed, the constraint incomplete) the request is refused."""
         mask = self.fill()
-        missing = self.needs()
-        if missing or not mask.any():
-            what = ", ".join(repr(c) for c in missing) or "what the constraint needs next"
+        if not self.open:
+            what = ", ".join(repr(c) for c in self.needs()) or "what the constraint needs next"
             raise RequestError(
                 f"{self.constraint.kind}: this model's vocabulary cannot write {what}, which the constraint needs here"
             )
-        n = min(row.shape[-1], mask.size)
+        if row.shape[-1] == mask.size:
+            return np.where(mask, row, row.dtype.type(-np.inf))
+        n = min(row.shape[-1], mask.size)  # logits padded past the vocabulary
         out = np.full_like(row, -np.inf)
-        out[:n] = np.where(mask[:n], row[:n], -np.inf)
+        out[:n] = np.where(mask[:n], row[:n], row.dtype.type(-np.inf))
         return out
 
     def advance(self, token: int) -> None:
@@ -351,7 +362,7 @@ class Guide:
     def copy(self) -> Guide:
         """An independent follower at the same place (a beam continuing another)."""
         twin = Guide(self.matcher.deep_copy(), self.constraint)
-        twin.mask, twin.text = self.mask, bytearray(self.text)
+        twin.mask, twin.open, twin.text = self.mask, self.open, bytearray(self.text)
         return twin
 
 
@@ -374,4 +385,4 @@ def fill_masks(guides: Sequence[Guide]) -> None:
                 vocabulary.executor, [(g.matcher, i) for i, g in enumerate(group)], bits
             )
         for g, row in zip(group, bits):
-            g.mask = allowed(row, vocabulary.size)
+            g.mask, g.open = allowed(row, vocabulary.size), bool(row.any())

@@ -188,9 +188,14 @@ class Search:
             rest = rest[:room]
         return first, rest, first.position + len(rest) == len(first.ids)
 
-    def decode(self) -> list[tuple[Decoding, list[int], bool]]:
-        """One token for each running sequence."""
-        return [(seq, [seq.pending], True) for seq in self.seqs if seq.pending is not None]
+    def decode(self) -> list[tuple[Decoding, list[int], bool | str]]:
+        """One token for each running sequence (and the tokens its constraint forces after it:
+        the logits after each of them when it asks for log-probabilities)."""
+        return [
+            (seq, [seq.pending, *seq.forced], "all" if seq.forced and seq.result.logprobs is not None else True)
+            for seq in self.seqs
+            if seq.pending is not None
+        ]
 
     def work(self, room: int | None = None) -> list[tuple[Decoding, list[int], bool]]:
         part = self.prefill(room)
@@ -247,6 +252,10 @@ class Sampling(Search):
 
     def _accept(self, rows: list[tuple[Decoding, np.ndarray]]) -> None:
         for seq, logits in rows:
+            if seq.forced:
+                logits = self._hand_out_forced(seq, logits)
+                if logits is None:
+                    continue
             targets = [seq]
             if seq is self.first and len(self.seqs) > 1 and not self.first.result.token_ids:
                 for other in self.seqs[1:]:  # every sample starts from the prompt's cells
@@ -267,12 +276,56 @@ class Sampling(Search):
         if event is not None:
             self.out.append(event)
         if seq.done or generated + 1 >= self.budget:
-            tail = seq.finish()
-            if tail is not None:
-                self.out.append(tail)
-            self.release(seq)
-        else:
-            seq.pending = token
+            self._end(seq)
+            return
+        seq.pending = token
+        if seq.guide is not None:
+            self._force(seq, self.budget - generated - 1)
+
+    def _force(self, seq: Decoding, room: int) -> None:
+        """Take the tokens the constraint forces next (at most `room`): they need no choice, so
+        they are evaluated with the pending token in one call instead of one call each. When
+        they complete the constraint and no log-probability is asked, they are handed out now."""
+        forced = seq.guide.forced()[:room] if seq.guide is not None else []
+        if not forced:
+            return
+        for token in forced:
+            seq.guide.advance(token)  # type: ignore[union-attr]
+        seq.forced = forced
+        if seq.guide.stopped and seq.result.logprobs is None:  # type: ignore[union-attr]
+            seq.pending = None
+            self._hand_out_forced(seq, None)
+
+    def _hand_out_forced(self, seq: Decoding, logits: np.ndarray | None) -> np.ndarray | None:
+        """Hand out the forced tokens, evaluated (`logits`: the rows after each when
+        log-probabilities are asked, else the last); the row to sample the next token from,
+        or None when the sequence ended."""
+        forced, seq.forced = seq.forced, []
+        top = seq.options.logprobs
+        for i, token in enumerate(forced):
+            logprob = None
+            if top is not None and logits is not None:
+                logprob = token_logprob(log_softmax(logits[i]), token, top)
+            seq.seen.append(token)
+            event = seq.push(token, logprob, guided=True)
+            if event is not None:
+                self.out.append(event)
+            if seq.done:
+                self._end(seq)
+                return None
+        seq.check_guide()
+        if seq.done or len(seq.result.token_ids) >= self.budget:  # `forced` fits the budget
+            self._end(seq)
+            return None
+        if logits is None:
+            return None
+        return logits[-1] if logits.ndim == 2 else logits
+
+    def _end(self, seq: Decoding) -> None:
+        tail = seq.finish()
+        if tail is not None:
+            self.out.append(tail)
+        self.release(seq)
 
 
 class Beams(Search):

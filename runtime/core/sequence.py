@@ -33,7 +33,8 @@ NO_ENDS = Ends()
 
 class Decoding:
     """One sequence: see the module docstring. `index` is its place among its request's
-    sequences; `pending` a token chosen but not yet evaluated by the engine."""
+    sequences; `pending` a token chosen but not yet evaluated by the engine, `forced` the tokens
+    its constraint forces after it (evaluated with it, handed out once evaluated)."""
 
     def __init__(
         self,
@@ -58,6 +59,7 @@ class Decoding:
         self.slot: Any = None
         self.position = 0  # tokens of this sequence in the engine's cache
         self.pending: int | None = None
+        self.forced: list[int] = []
         self.done = False
         self.finished = False
         self.text = TextStream(list(options.stop))
@@ -67,8 +69,10 @@ class Decoding:
         """Another sequence of the same prompt and options (a sample or a beam)."""
         return Decoding(self.ids, self.options, detokenizer, history, self.ends, index, self.constraint)
 
-    def push(self, token: int, logprob: TokenLogprob | None = None) -> StreamEvent | None:
-        """Record a generated token; its event, or None when it ends the sequence."""
+    def push(self, token: int, logprob: TokenLogprob | None = None, guided: bool = False) -> StreamEvent | None:
+        """Record a generated token; its event, or None when it ends the sequence. `guided`:
+        the constraint has taken the token already (a forced one: the caller checks whether
+        the constraint is complete once all of them are pushed)."""
         result = self.result
         result.token_ids.append(token)
         if result.logprobs is not None and logprob is not None:
@@ -79,13 +83,17 @@ class Decoding:
             result.finish_reason, self.done = "stop", True
             return None
         event = StreamEvent(token, self.text.push(self.detokenizer.push(token)), self.index, logprob)
-        if self.guide is not None:
+        if self.guide is not None and not guided:
             self.guide.advance(token)
-            if self.guide.stopped:  # the constraint is complete: nothing may follow
-                result.finish_reason, self.done = "stop", True
+            self.check_guide()
         if self.text.stopped:
             result.finish_reason, self.done = "stop", True
         return event
+
+    def check_guide(self) -> None:
+        """End the sequence if its constraint is complete (nothing may follow)."""
+        if self.guide is not None and self.guide.stopped:
+            self.result.finish_reason, self.done = "stop", True
 
     def finish(self) -> StreamEvent | None:
         """Release the text held back (the final event, if any) and complete the result."""
