@@ -4,9 +4,18 @@
 
 Endpoints (`ENDPOINTS`): `GET /health`, `GET /metrics` (Prometheus), `GET /v1/models`,
 `POST /v1/completions` and `POST /v1/chat/completions`, whole or streamed as server-sent
-events (`"stream": true`). Errors have OpenAI's shape, `{"error": {"message", "type", "param",
-"code"}}`. What a request may ask and how it becomes a prompt and options is
-runtime/serving/openai_api.py; sockets, connections and signals are runtime/serving/http.py's.
+events (`"stream": true`), `POST /v1/embeddings`, and llama-server's `POST /tokenize` and
+`POST /detokenize` (also under /v1, as vLLM's). Errors have OpenAI's shape, `{"error":
+{"message", "type", "param", "code"}}`. What a request may ask and how it becomes a prompt and
+options is runtime/serving/openai_api.py; sockets, connections and signals are
+runtime/serving/http.py's; docs/server.md describes the endpoints and the table of fields.
+
+A completion of several prompts submits them to the scheduler together (`Model._submit`): they
+decode together, each prompt one request to admission (more than --max-queue plus --parallel
+prompts can never be admitted: 400). An echoed prompt's log-probabilities come from
+`Model.logits`, computed in the request's thread before its generation is submitted
+(`Generation._prompt_logits`). Embeddings and tokenizations run in threads, at most --max-queue
+plus --parallel at once (429 beyond).
 
 Admission: the model's scheduler holds the one queue. As many generations run as the model
 decodes together (`pocketlm.load(parallel=N)`); `max_queue` more wait in its scheduler, in
@@ -44,16 +53,31 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route, Router
 from starlette.types import Message, Receive, Scope, Send
 
 from pocketlm.converters.core.errors import EngineError, Overloaded, PocketLMError, RequestError, first_line
+from pocketlm.core.engine import StepEngine
 from pocketlm.core.generation import GenerationResult, StreamEvent, TokenLogprob, TokenStream
 from pocketlm.core.model import Model
+from pocketlm.core.search import logprobs_of
 from pocketlm.serving.metrics import CONTENT_TYPE, Metrics
-from pocketlm.serving.openai_api import ApiError, GenerationRequest, Limits, Reply, parse_request
+from pocketlm.serving.openai_api import (
+    ApiError,
+    Echo,
+    GenerationRequest,
+    Limits,
+    Reply,
+    embeddings_reply,
+    parse_detokenize,
+    parse_embeddings,
+    parse_request,
+    parse_tokenize,
+    piece,
+)
 
 __all__ = ["ENDPOINTS", "Limits", "Service", "Timeouts", "is_loopback", "make_app"]
 
@@ -67,6 +91,11 @@ ENDPOINTS: dict[str, dict[str, str]] = {
     "/v1/models": {"GET": "models"},
     "/v1/completions": {"POST": "completions"},
     "/v1/chat/completions": {"POST": "chat"},
+    "/v1/embeddings": {"POST": "embeddings"},
+    "/tokenize": {"POST": "tokenize"},  # llama-server's (and vLLM's, lm-eval's) paths
+    "/detokenize": {"POST": "detokenize"},
+    "/v1/tokenize": {"POST": "tokenize"},
+    "/v1/detokenize": {"POST": "detokenize"},
 }
 PUBLIC = {"/health"}  # answered without the API key
 
@@ -96,17 +125,22 @@ _ABORT = object()
 
 
 class Generation:
-    """One request's TokenStream, its events handed to the event loop's queue: by the model's
-    scheduler thread when it decodes many requests together, else read in a thread of its own
-    (the engine blocks). A short-lived thread starts it (tokenizing a long prompt must not hold
-    up the event loop). `cancel()` (the client left) stops it at the next engine step; `abort()`
-    (shutdown) also ends what the loop reads at once."""
+    """One request's TokenStreams (one per prompt, submitted together so they decode together),
+    their events handed to the event loop's queue with each choice's index in the reply (prompt
+    i's j-th choice at i*n+j): by the model's scheduler thread when it decodes many requests
+    together, else read in this generation's thread (the engine blocks). A short-lived thread
+    starts it (tokenizing a long prompt, or scoring an echoed one, must not hold up the event
+    loop). `cancel()` (the client left) stops it at the next engine step; `abort()` (shutdown)
+    also ends what the loop reads at once."""
 
     def __init__(self, model: Model, request: GenerationRequest, limits: Limits):
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._stop = threading.Event()
-        self.stream: TokenStream | None = None
+        self._ended = 0  # streams that delivered their end
+        self._ends = threading.Lock()
+        self.streams: list[TokenStream] = []
+        self.echoes: list[Echo] | None = None  # set before the first event is handed over
         self.request = request
         self.thread = threading.Thread(target=self._run, args=(model, limits), name="pocketlm-request", daemon=True)
         self.thread.start()
@@ -117,34 +151,83 @@ class Generation:
 
     def _run(self, model: Model, limits: Limits) -> None:
         try:
-            prompt = self.request.prompt
+            request = self.request
             if limits.max_prompt_tokens is not None:
-                n = len(model.tokenize(prompt)) if isinstance(prompt, str) else len(prompt)
-                if n > limits.max_prompt_tokens:
-                    over = limits.over("max_prompt_tokens")
-                    message = f"the prompt has {n} tokens; at most {limits.max_prompt_tokens} {over}"
-                    raise ApiError(400, message, param="messages" if self.request.chat else "prompt")
-            self.stream = stream = model.stream_tokens(prompt, self.request.options)
+                for prompt in request.prompts:
+                    n = len(model.tokenize(prompt)) if isinstance(prompt, str) else len(prompt)
+                    if n > limits.max_prompt_tokens:
+                        over = limits.over("max_prompt_tokens")
+                        message = f"the prompt has {n} tokens; at most {limits.max_prompt_tokens} {over}"
+                        raise ApiError(400, message, param="messages" if request.chat else "prompt")
+            if request.echo:
+                self.echoes = [self._echo(model, prompt) for prompt in request.prompts]
+            if len(request.prompts) == 1:
+                self.streams = [model.stream_tokens(request.prompts[0], request.options)]
+            else:  # submitted together: one admission, decoded together
+                self.streams = model._submit(request.prompts, request.options)
             if self._stop.is_set():
-                stream.cancel()
-            if stream.deliver(self._delivered):  # a scheduler's thread hands the tokens over
+                self.cancel()
+            n = request.options.num_return_sequences
+            if self.streams[0].deliver(self._sink(0)):  # a scheduler's thread hands the tokens over
+                for i, stream in enumerate(self.streams[1:], 1):
+                    stream.deliver(self._sink(i * n))
                 return
-            with stream:
-                for event in stream:
-                    self._put(event)
-                    if self._stop.is_set():
-                        break
+            for i, stream in enumerate(self.streams):  # each read in turn: every step advances them all
+                with stream:
+                    for event in stream:
+                        self._put(_shifted(event, i * n))
+                        if self._stop.is_set():
+                            break
+                if self._stop.is_set():
+                    break
             self._put(_END)
         except BaseException as e:  # handed to the reader, which answers or logs it
             self._put(e)
 
-    def _delivered(self, item: Any) -> None:
-        self._put(_END if item is None else item)
+    def _sink(self, offset: int) -> Callable[[Any], None]:
+        """What one prompt's stream hands its events to; the last stream's end is the end."""
+
+        def sink(item: Any) -> None:
+            if item is not None:
+                self._put(_shifted(item, offset))
+                return
+            with self._ends:
+                self._ended += 1
+                last = self._ended == len(self.streams)
+            if last:
+                self._put(_END)
+
+        return sink
+
+    def _echo(self, model: Model, prompt: str | list[int]) -> Echo:
+        """The prompt a completion echoes; with logprobs, each token's log-probability under the
+        model (log-softmax of its own logits over the prompt, the rows `Model.logits` returns)."""
+        ids = model.prompt_ids(prompt)
+        text = prompt if isinstance(prompt, str) else b"".join(map(model.token_bytes, ids)).decode("utf-8", "replace")
+        top = self.request.options.logprobs
+        if top is None:
+            return Echo(text, ids)
+        rows = self._prompt_logits(model, ids)
+        return Echo(text, ids, logprobs_of(rows[:-1], ids[1:], top))
+
+    def _prompt_logits(self, model: Model, ids: list[int]) -> np.ndarray:
+        """`Model.logits` over a prompt while other requests decode. On a step engine the
+        evaluation takes a free slot and KV cells beside the running sequences' for the length of
+        the call, holding the engine's lock (no step runs meanwhile): it starts only when the
+        cells are free as the scheduler's admission counts them, since a llama.cpp batch that
+        finds no room clears every sequence's cache."""
+        engine = model.engine
+        if not isinstance(engine, StepEngine):
+            return model.logits(ids)
+        with engine.lock:
+            while not engine.freed.wait_for(lambda: engine.can_admit(len(ids)), timeout=0.5):
+                if self._stop.is_set():
+                    raise EngineError("the client went away")
+            return model.logits(ids)
 
     def cancel(self) -> None:
         self._stop.set()
-        stream = self.stream
-        if stream is not None:
+        for stream in list(self.streams):
             stream.cancel()
 
     def abort(self) -> None:
@@ -159,9 +242,16 @@ class Generation:
         return item
 
     @property
-    def result(self) -> GenerationResult:
-        assert self.stream is not None
-        return self.stream.result
+    def results(self) -> list[GenerationResult]:
+        """Each prompt's result (its choices: `sequences`)."""
+        return [stream.result for stream in self.streams]
+
+
+def _shifted(event: Any, offset: int) -> Any:
+    """A prompt's event as its choice in the reply (several prompts: prompt i's at i*n)."""
+    return (
+        dataclasses.replace(event, index=event.index + offset) if offset and isinstance(event, StreamEvent) else event
+    )
 
 
 # -- the application ------------------------------------------------------------------------------
@@ -203,6 +293,9 @@ class Service:
         ]
         self.router = Router(routes)
         self._threads: set[threading.Thread] = set()
+        self.side_jobs = 0  # embeddings and tokenizations running in threads
+        self._added: tuple[list[int], list[int]] | None = None  # special tokens tokenize adds (before, after)
+        self._dimensions: int | None = None  # the model's embedding size, once known
 
     def _gauges(self, connections: Callable[[], int] | None) -> dict[str, tuple[str, Callable[[], float]]]:
         model = self.model
@@ -360,12 +453,111 @@ class Service:
     async def _chat(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
 
+    async def _embeddings(self, request: Request) -> Response:
+        parsed = parse_embeddings(await self._read_json(request), self.limits)
+        self._refuse_when_draining()
+        embed = getattr(self.model, "embed", None)
+        if embed is None:
+            raise ApiError(400, "this model cannot compute embeddings", param="input", code="unsupported_value")
+        if parsed.dimensions is not None and self._dimensions is not None:
+            self._check_dimensions(parsed.dimensions)
+        found = await self._side(lambda: embed(parsed.inputs), "input")
+        vectors = np.asarray(found.vectors, dtype=np.float32)
+        self._dimensions = int(vectors.shape[1])
+        if parsed.dimensions is not None:
+            self._check_dimensions(parsed.dimensions)
+        self.metrics.embedding_tokens.inc(found.tokens)
+        request.state.note["text"] = f"{len(vectors)} inputs, {found.tokens} tokens"
+        return JSON(embeddings_reply(self.model_name, vectors, found.tokens, parsed.base64))
+
+    def _check_dimensions(self, asked: int) -> None:
+        if asked != self._dimensions:
+            raise ApiError(
+                400,
+                f"'dimensions' must be this model's embedding size, {self._dimensions}: its embeddings are not "
+                "trained to be shortened",
+                param="dimensions",
+                code="unsupported_value",
+            )
+
+    async def _tokenize(self, request: Request) -> Response:
+        parsed = parse_tokenize(await self._read_json(request))
+        self._refuse_when_draining()
+        ids = await self._side(lambda: self._tokens(parsed.text, parsed.add_special), "content")
+        tokens: list[Any] = ids
+        if parsed.with_pieces:
+            tokens = [{"id": t, "piece": piece(self.model.token_bytes(t))} for t in ids]
+        return JSON({"tokens": tokens, "count": len(ids), "max_model_len": self.model.info.n_ctx})
+
+    async def _detokenize(self, request: Request) -> Response:
+        ids = parse_detokenize(await self._read_json(request), self.model.info.vocab_size)
+        self._refuse_when_draining()
+        text = await self._side(lambda: self.model.detokenize(ids), "tokens")
+        return JSON({"content": text, "prompt": text})  # llama-server's name, vLLM's
+
+    def _tokens(self, text: str, add_special: bool) -> list[int]:
+        """The model's token ids of `text`, with or without the special tokens its tokenizer adds
+        around a text (T5: a closing </s>; BLOOM: none), found once by tokenizing "" and "a"."""
+        ids = self.model.tokenize(text)
+        if add_special:
+            return ids
+        if self._added is None:
+            added, probe = self.model.tokenize(""), self.model.tokenize("a")
+            split = next(
+                (
+                    k
+                    for k in range(len(added) + 1)
+                    if probe[:k] == added[:k] and probe[len(probe) - len(added) + k :] == added[k:]
+                ),
+                len(added),
+            )
+            self._added = (added[:split], added[split:])
+        before, after = self._added
+        if before and ids[: len(before)] == before:
+            ids = ids[len(before) :]
+        if after and ids[len(ids) - len(after) :] == after:
+            ids = ids[: len(ids) - len(after)]
+        return ids
+
+    async def _side(self, work: Callable[[], Any], param: str) -> Any:
+        """Model work besides generations (embeddings, tokens) in a thread of its own: at most
+        --max-queue plus --parallel at once (429 beyond); the model's refusals are 400s about
+        `param`."""
+        if self.side_jobs >= self.max_queue + self.parallel:
+            raise ApiError(
+                429,
+                "the server is busy; retry shortly",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        self.side_jobs += 1
+        try:
+            return await asyncio.to_thread(work)
+        except EngineError as e:
+            raise ApiError(500, first_line(e), type="server_error") from None
+        except (PocketLMError, UnicodeError) as e:
+            raise ApiError(400, first_line(e), param=param) from None
+        finally:
+            self.side_jobs -= 1
+
+    def _refuse_when_draining(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", type="server_error", headers={"Connection": "close"})
+
     async def _generate(self, request: Request, chat: bool) -> Response:
         arrived = time.perf_counter()
         body = await self._read_json(request)
         parsed = parse_request(body, chat, self.limits, self.model)
-        if self.draining:
-            raise ApiError(503, "the server is shutting down", type="server_error", headers={"Connection": "close"})
+        most = self.max_queue + self.parallel
+        if len(parsed.prompts) > most:
+            raise ApiError(
+                400,
+                f"'prompt' holds {len(parsed.prompts)} prompts; this server takes at most {most} at once "
+                f"(--max-queue {self.max_queue} waiting beside --parallel {self.parallel} running)",
+                param="prompt",
+            )
+        self._refuse_when_draining()
         gone = asyncio.ensure_future(_disconnected(request.receive))
         generation = Generation(self.model, parsed, self.limits)
         self._threads = {t for t in self._threads if t.is_alive()} | {generation.thread}
@@ -376,7 +568,8 @@ class Service:
             first = await generation.next()
             if first is _ABORT:
                 raise ApiError(503, "the server is shutting down", type="server_error")
-            reply = Reply(chat, self.model_name, self.model.token_bytes, parsed.tools)
+            n = parsed.options.num_return_sequences
+            reply = Reply(chat, self.model_name, self.model.token_bytes, parsed.tools, n, generation.echoes)
             events = self._events(generation, first, arrived)
             if parsed.stream:
                 streaming = True  # the stream's response finishes the generation
@@ -422,15 +615,15 @@ class Service:
             if item is _ABORT:
                 return
             item = await generation.next()
-        result = generation.result
-        self.metrics.prompt_tokens.inc(result.prompt_tokens)
-        self.metrics.generation_tokens.inc(result.completion_tokens)
+        results = generation.results
+        self.metrics.prompt_tokens.inc(sum(r.prompt_tokens for r in results))
+        self.metrics.generation_tokens.inc(sum(r.completion_tokens for r in results))
 
     async def _whole(self, reply: Reply, events: AsyncIterator[Any], generation: Generation) -> JSON:
-        options = generation.request.options
-        n = options.num_return_sequences
-        texts = [""] * n
-        logprobs: list[list[TokenLogprob] | None] = [[] if generation.request.logprobs else None for _ in range(n)]
+        request = generation.request
+        total = request.choices
+        texts = [""] * total
+        logprobs: list[list[TokenLogprob] | None] = [[] if request.logprobs else None for _ in range(total)]
         aborted = False
         async for event in events:
             if event is _ABORT:
@@ -440,9 +633,10 @@ class Service:
             lps = logprobs[event.index]
             if lps is not None and event.logprob is not None:
                 lps.append(event.logprob)
-        result = _cut(generation.result, n) if aborted else generation.result
-        response = JSON(reply.whole(texts, logprobs, result))
-        response.note = _summary(result)
+        n = request.options.num_return_sequences
+        results = [_cut(r, n) for r in generation.results] if aborted else generation.results
+        response = JSON(reply.whole(texts, logprobs, results))
+        response.note = _summary(results)
         return response
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
@@ -518,7 +712,7 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request, reply, note = self.generation.request, self.reply, scope["state"]["note"]
-        n = request.options.num_return_sequences
+        n, total = request.options.num_return_sequences, request.choices
         write = self.service.timeouts.write
 
         async def event(payload: dict[str, Any] | str) -> None:
@@ -528,11 +722,12 @@ class EventStream(Response):
 
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            if reply.chat:
-                for i in range(n):
-                    await event(reply.chunk(role=True, index=i))
+            for i in range(total):  # chat: each choice's role; an echo: each choice's prompt
+                first = reply.chunk(role=True, index=i) if reply.chat else reply.echo_chunk(i, request.logprobs)
+                if first is not None:
+                    await event(first)
             aborted = False
-            held = [""] * n  # a forced tool call's text: sent as one call at the end (Reply.closing)
+            held = [""] * total  # a forced tool call's text: sent as one call at the end (Reply.closing)
             try:
                 async for item in self.events:
                     if self.gone.done():
@@ -560,15 +755,17 @@ class EventStream(Response):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})  # a whole stream
                 note["text"] = str(e)
                 return
-            result = _cut(self.generation.result, n) if aborted else self.generation.result
-            for i, r in enumerate(result.sequences[:n]):
+            results = self.generation.results
+            if aborted:
+                results = [_cut(r, n) for r in results]
+            for i, r in enumerate(seq for result in results for seq in result.sequences[:n]):
                 for chunk in reply.closing(i, held[i], r.finish_reason):
                     await event(chunk)
             if request.include_usage:
-                await event(reply.usage_chunk(result))
+                await event(reply.usage_chunk(results))
             await event("[DONE]")
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            note["text"] = _summary(result)
+            note["text"] = _summary(results)
         except asyncio.TimeoutError:  # the client does not read: drop it
             note["text"] = f"client took no data for {write:g} s"
             connection = scope.get("pocketlm.connection")
@@ -603,8 +800,10 @@ def _cut(result: GenerationResult, n: int) -> GenerationResult:
     return seqs[0]
 
 
-def _summary(result: GenerationResult) -> str:
-    return f"{result.prompt_tokens}+{result.completion_tokens} tokens, {result.finish_reason}"
+def _summary(results: list[GenerationResult]) -> str:
+    prompt, new = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    prompts = f"{len(results)} prompts, " if len(results) > 1 else ""
+    return f"{prompts}{prompt}+{new} tokens, {results[0].finish_reason}"
 
 
 async def _disconnected(receive: Receive) -> None:

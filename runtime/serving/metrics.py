@@ -32,6 +32,9 @@ class Metrics:
         self.generation_tokens = Counter(
             "pocketlm_generation_tokens", "Tokens generated (every choice of every request)", registry=registry
         )
+        self.embedding_tokens = Counter(
+            "pocketlm_embedding_tokens", "Input tokens of embeddings requests", registry=registry
+        )
         self.time_to_first_token = Histogram(
             "pocketlm_time_to_first_token_seconds",
             "From a generation request's arrival to its first token",

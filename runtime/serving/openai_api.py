@@ -11,10 +11,18 @@ OpenAI's meaning; `top_k`, `repetition_penalty`, `no_repeat_ngram_size` and beam
 temperature defaults to 0 with beams) are accepted as extras. Log-probabilities are the
 model's own, before penalties and temperature. `logit_bias` has OpenAI's meaning (token id
 strings to -100..100, added to the logits first; an id outside the vocabulary is a 400).
-Fields PocketLM cannot honour (`best_of`, `echo`, `suffix`, the deprecated `functions`) are
-refused unless they hold their neutral value. Unknown fields are ignored. What one request may
-ask (tokens, stop strings, choices, beams, alternatives, prompt length) is bounded by `Limits`;
-a request over one gets a 400 naming the limit.
+Every request field is classified in one table, `FIELDS` (honoured, accepted with no effect and
+why, or refused unless it holds its neutral value: a 400 naming it); a field no version of the
+API has is ignored and logged once per name. What one request may ask (tokens, stop strings,
+choices, beams, alternatives, prompt length, embeddings inputs) is bounded by `Limits`; a
+request over one gets a 400 naming the limit.
+
+A completion's `prompt` may hold several prompts (strings, or token-id lists): prompt i's j-th
+choice is at index i*n+j. `echo` returns the prompt before the output; with `logprobs`, its
+tokens' log-probabilities (`Echo`; the first token's is null) come before the generated ones,
+in OpenAI's legacy shape, and `max_tokens` may be 0. An encoder-decoder refuses echo
+(`ECHO_REFUSED`). Embeddings requests (`parse_embeddings`, `embeddings_reply`) and llama-server's
+and vLLM's /tokenize and /detokenize (`parse_tokenize`, `parse_detokenize`) are read here too.
 
 The options a request may set are GenerationOptions' fields, named as their metadata says
 (`REQUEST_FIELDS`: `max_tokens`, `n`, the others by their own names); each is read as its JSON
@@ -56,8 +64,10 @@ function offered: `- NAME: DESCRIPTION; arguments: PARAMETERS` (`Tools.instructi
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
+import logging
 import secrets
 import time
 import typing
@@ -65,8 +75,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
+
 from pocketlm.converters.core.errors import PocketLMError
 from pocketlm.core.constraints import CONSTRAINTS
+from pocketlm.core.engine import Seq2Seq
 from pocketlm.core.generation import (
     MAX_SEQUENCES,
     MAX_TOP_LOGPROBS,
@@ -76,13 +89,12 @@ from pocketlm.core.generation import (
 )
 from pocketlm.core.model import Model
 
-# OpenAI fields PocketLM cannot honour: accepted only with their neutral value.
-NEUTRAL: dict[str, Any] = {
-    "best_of": 1,
-    "echo": False,
-    "suffix": "",
-    "functions": [],  # OpenAI's deprecated function calling: send `tools`
-}
+log = logging.getLogger("pocketlm.server")
+
+ECHO_REFUSED = (
+    "'echo' is not supported for encoder-decoder models: the encoder reads the prompt, nothing scores it; "
+    "score continuations in-process with `pocketlm eval` (or Model.score)"
+)
 TYPE_NAMES = {
     int: "an integer",
     float: "a number",
@@ -107,6 +119,7 @@ class Limits:
     max_stop: int = field(default=16, metadata={"help": "stop strings of one request"})
     max_stop_length: int = field(default=256, metadata={"help": "characters of one stop string"})
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "bytes of a request body"})
+    max_inputs: int = field(default=2048, metadata={"help": "inputs of one embeddings request (OpenAI's limit)"})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -147,10 +160,164 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# -- which request fields do what ---------------------------------------------------------
+HONOURED, NO_EFFECT, REFUSED = "honoured", "accepted, no effect", "refused"
+COMPLETIONS, CHAT, EMBEDDINGS = "/v1/completions", "/v1/chat/completions", "/v1/embeddings"
+GENERATE = (COMPLETIONS, CHAT)
+
+
+class FieldRule(typing.NamedTuple):
+    """What the server does with one request field, and why."""
+
+    status: str  # HONOURED, NO_EFFECT (accepted, changes nothing in the output) or REFUSED
+    why: str
+    endpoints: tuple[str, ...] = GENERATE  # where it is read
+    neutral: Any = None  # REFUSED: the one value accepted besides null (None: only null)
+
+
+_SAME_NAME = "extra: transformers' meaning (not an OpenAI field)"
+_CACHE = "prompt caching is automatic here: a prompt reuses the KV cache of its longest cached prefix"
+_WHO = "identifies the end user to OpenAI's abuse monitoring; nothing is kept per user here"
+# Every field of OpenAI's completions, chat completions and embeddings requests (a test walks
+# the openai client's TypedDicts against it), and the extras PocketLM reads. A REFUSED field
+# holding anything but null or its neutral value is a 400 naming it; a field no version of the
+# API has is ignored and logged once (`check_fields`). docs/server.md shows this table
+# (`fields_table`).
+FIELDS: dict[str, FieldRule] = {
+    "model": FieldRule(
+        NO_EFFECT, "one model is served: any name is answered by it (GET /v1/models names it)", (*GENERATE, EMBEDDINGS)
+    ),
+    "prompt": FieldRule(
+        HONOURED,
+        "a string or token ids, or an array of either: several prompts decoded together, prompt i's "
+        "j-th choice at index i*n+j",
+        (COMPLETIONS,),
+    ),
+    "messages": FieldRule(HONOURED, "text parts; the transcript's template is in openai_api.py", (CHAT,)),
+    "input": FieldRule(HONOURED, "a string, token ids, or an array of either", (EMBEDDINGS,)),
+    "max_tokens": FieldRule(
+        HONOURED, "default 16 (completions; 0 allowed with echo) or --max-tokens (chat); at most --max-tokens"
+    ),
+    "max_completion_tokens": FieldRule(HONOURED, "as max_tokens, which it overrides", (CHAT,)),
+    "temperature": FieldRule(HONOURED, "default 1; 0 is greedy"),
+    "top_p": FieldRule(HONOURED, "nucleus sampling"),
+    "n": FieldRule(HONOURED, "choices per prompt, at most --max-n (beams with num_beams)"),
+    "seed": FieldRule(HONOURED, "a seeded request samples the same tokens again"),
+    "stop": FieldRule(HONOURED, "at most --max-stop strings of --max-stop-length characters"),
+    "presence_penalty": FieldRule(HONOURED, "OpenAI's meaning"),
+    "frequency_penalty": FieldRule(HONOURED, "OpenAI's meaning"),
+    "logit_bias": FieldRule(HONOURED, "token id to -100..100, added to the logits first"),
+    "logprobs": FieldRule(
+        HONOURED, "completions: that many alternatives (0-20); chat: true, with top_logprobs; the model's own"
+    ),
+    "top_logprobs": FieldRule(HONOURED, "alternatives per token (0-20), with logprobs true", (CHAT,)),
+    "stream": FieldRule(HONOURED, "server-sent events, each choice's chunks carrying its index"),
+    "stream_options": FieldRule(HONOURED, "include_usage: a last chunk with the usage"),
+    "echo": FieldRule(
+        HONOURED,
+        "the prompt, and with logprobs its tokens' log-probabilities (the first null), before the generated "
+        "ones; max_tokens 0 allowed; causal models only (400 on an encoder-decoder)",
+        (COMPLETIONS,),
+    ),
+    "best_of": FieldRule(REFUSED, "one sample per choice: ask n instead", (COMPLETIONS,), 1),
+    "suffix": FieldRule(REFUSED, "these models do not fill in the middle", (COMPLETIONS,), ""),
+    "user": FieldRule(NO_EFFECT, _WHO, (*GENERATE, EMBEDDINGS)),
+    "safety_identifier": FieldRule(NO_EFFECT, _WHO, (CHAT,)),
+    "response_format": FieldRule(HONOURED, "text, json_object or json_schema: structured output"),
+    "tools": FieldRule(HONOURED, "function tools, for a forced call (tool_choice)", (CHAT,)),
+    "tool_choice": FieldRule(
+        HONOURED,
+        '"required", a named function, or "none"; "auto" is refused (the models were not trained '
+        "to decide whether to call a tool)",
+        (CHAT,),
+    ),
+    "parallel_tool_calls": FieldRule(NO_EFFECT, "one call per choice, whatever it says", (CHAT,)),
+    "functions": FieldRule(REFUSED, "deprecated by OpenAI: send tools", (CHAT,), []),
+    "function_call": FieldRule(REFUSED, "deprecated by OpenAI: send tool_choice", (CHAT,), "none"),
+    "metadata": FieldRule(NO_EFFECT, "tags for stored completions: nothing is stored here", (CHAT,)),
+    "store": FieldRule(NO_EFFECT, "nothing is stored here (OpenAI keeps completions for its evals)", (CHAT,)),
+    "service_tier": FieldRule(NO_EFFECT, "one tier: every request is served alike", (CHAT,)),
+    "prompt_cache_key": FieldRule(NO_EFFECT, _CACHE, (CHAT,)),
+    "prompt_cache_options": FieldRule(NO_EFFECT, _CACHE, (CHAT,)),
+    "prompt_cache_retention": FieldRule(NO_EFFECT, _CACHE, (CHAT,)),
+    "prediction": FieldRule(NO_EFFECT, "a latency hint (predicted output): the output is the same", (CHAT,)),
+    "audio": FieldRule(REFUSED, "text only", (CHAT,)),
+    "modalities": FieldRule(REFUSED, "text only", (CHAT,), ["text"]),
+    "moderation": FieldRule(REFUSED, "no moderation runs here", (CHAT,)),
+    "reasoning_effort": FieldRule(REFUSED, "these models do not reason", (CHAT,), "none"),
+    "verbosity": FieldRule(REFUSED, "these models have no verbosity setting", (CHAT,), "medium"),
+    "web_search_options": FieldRule(REFUSED, "no web search here", (CHAT,)),
+    "encoding_format": FieldRule(HONOURED, '"float" or "base64" (little-endian float32)', (EMBEDDINGS,)),
+    "dimensions": FieldRule(
+        HONOURED,
+        "only the model's own size, else a 400 (these embeddings are not trained to be shortened)",
+        (EMBEDDINGS,),
+    ),
+    # extras: what other servers and transformers call them
+    "top_k": FieldRule(HONOURED, _SAME_NAME),
+    "repetition_penalty": FieldRule(HONOURED, _SAME_NAME),
+    "no_repeat_ngram_size": FieldRule(HONOURED, _SAME_NAME),
+    "num_beams": FieldRule(HONOURED, "extra: beam search, transformers' rules; n beams come back"),
+    "length_penalty": FieldRule(HONOURED, _SAME_NAME + ", with num_beams"),
+    "early_stopping": FieldRule(HONOURED, _SAME_NAME + ", with num_beams"),
+    "json_schema": FieldRule(HONOURED, "extra (llama-server's): the output is JSON under this schema"),
+    "grammar": FieldRule(HONOURED, "extra (llama-server's): GBNF, or Lark"),
+    "regex": FieldRule(HONOURED, "extra: the output matches this regular expression"),
+    "choice": FieldRule(HONOURED, "extra: the output is one of these strings"),
+    "structured_outputs": FieldRule(HONOURED, "extra (vLLM's): choice, regex, json, grammar or json_object"),
+    "guided_json": FieldRule(HONOURED, "extra (vLLM's older name): as json_schema"),
+    "guided_regex": FieldRule(HONOURED, "extra (vLLM's older name): as regex"),
+    "guided_choice": FieldRule(HONOURED, "extra (vLLM's older name): as choice"),
+    "guided_grammar": FieldRule(HONOURED, "extra (vLLM's older name): as grammar"),
+}
+_noted: set[str] = set()  # fields logged as ignored (once each)
+
+
+def check_fields(body: dict[str, Any], endpoint: str) -> None:
+    """Refuse a REFUSED field that holds more than its neutral value (400 naming it); log, once
+    per name, a field the endpoint does not read."""
+    for name, value in body.items():
+        rule = FIELDS.get(name)
+        if rule is None or endpoint not in rule.endpoints:
+            note = name if rule is None else f"{endpoint} {name}"
+            if note not in _noted:
+                _noted.add(note)
+                where = "no version of OpenAI's API has it" if rule is None else f"{endpoint} does not read it"
+                log.warning("request field %r ignored: %s (logged once)", _printable(name), where)
+            continue
+        if rule.status == REFUSED and value is not None and not _same(value, rule.neutral):
+            only = "" if rule.neutral is None else f"; only {json.dumps(rule.neutral)} is accepted"
+            raise ApiError(
+                400,
+                f"'{name}' is not supported by this server: {rule.why}{only}",
+                param=name,
+                code="unsupported_value",
+            )
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
+
+
+def _printable(text: str) -> str:
+    return ascii(text[:100])[1:-1]
+
+
+def fields_table() -> str:
+    """FIELDS as the Markdown table docs/server.md shows."""
+    names = {COMPLETIONS: "completions", CHAT: "chat", EMBEDDINGS: "embeddings"}
+    lines = ["| field | endpoints | status | why |", "|---|---|---|---|"]
+    for name, rule in FIELDS.items():
+        status = rule.status if rule.neutral is None else f"{rule.status} (but {json.dumps(rule.neutral)})"
+        where = ", ".join(names[e] for e in rule.endpoints)
+        lines.append(f"| `{name}` | {where} | {status} | {rule.why.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
 # -- requests ---------------------------------------------------------------------------
 @dataclass
 class GenerationRequest:
-    prompt: str | list[int]
+    prompts: list[str | list[int]]  # several: each one's choices decoded together with the others'
     options: GenerationOptions = field(default_factory=GenerationOptions)
     stream: bool = False
     include_usage: bool = False
@@ -158,6 +325,12 @@ class GenerationRequest:
     chat: bool = False  # the prompt comes from `messages`
     tools: Tools | None = None  # the reply is a tool call (forced by the constraint)
     params: dict[str, str] = field(default_factory=dict)  # GenerationOptions field -> the request's field
+    echo: bool = False  # completions: the prompt comes back before the output
+
+    @property
+    def choices(self) -> int:
+        """Choices of the reply: n per prompt."""
+        return len(self.prompts) * self.options.num_return_sequences
 
     def param_of(self, message: str) -> str | None:
         """The request field an error is about: GenerationOptions' and the model's refusals
@@ -175,18 +348,6 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any = None) -> 
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise ApiError(400, f"'{name}' must be {TYPE_NAMES[kind]}", param=name)
     return value
-
-
-def _check_neutral(body: dict[str, Any]) -> None:
-    for name, neutral in NEUTRAL.items():
-        value = body.get(name)
-        if value is not None and not (value == neutral and isinstance(value, bool) == isinstance(neutral, bool)):
-            raise ApiError(
-                400,
-                f"'{name}' is not supported by this server (only {json.dumps(neutral)})",
-                param=name,
-                code="unsupported_value",
-            )
 
 
 def _stop(body: dict[str, Any], limits: Limits) -> list[str]:
@@ -210,19 +371,27 @@ def _stop(body: dict[str, Any], limits: Limits) -> list[str]:
     return stop
 
 
-def _completion_prompt(body: dict[str, Any]) -> str | list[int]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt  # token ids
-    if prompt is None:
-        raise ApiError(400, "'prompt' is required", param="prompt")
-    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-        raise ApiError(400, "one prompt per request is supported", param="prompt", code="unsupported_value")
-    raise ApiError(400, "'prompt' must be a string or an array of token ids", param="prompt")
+def _is_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
+
+
+def prompts_of(value: Any, name: str) -> list[str | list[int]]:
+    """A completion's `prompt` or an embeddings `input`: a string, token ids, or an array of
+    either, as a list of prompts."""
+    if value is None:
+        raise ApiError(400, f"'{name}' is required", param=name)
+    if isinstance(value, str):
+        return [value]
+    if _is_ids(value):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return list(value)
+        if all(_is_ids(p) for p in value):
+            return [list(p) for p in value]
+    raise ApiError(400, f"'{name}' must be a string, an array of token ids, or a non-empty array of either", param=name)
 
 
 def _content(content: Any, i: int) -> str:
@@ -320,10 +489,11 @@ def _max_tokens(body: dict[str, Any], name: str, chat: bool, limits: Limits) -> 
     value = _field(body, name, int, limits.max_tokens if chat else 16)
     if chat and body.get("max_completion_tokens") is not None:
         name, value = "max_completion_tokens", _field(body, "max_completion_tokens", int)
-    if not 1 <= value <= limits.max_tokens:
+    least = 0 if not chat and body.get("echo") is True else 1  # echo alone: the prompt's scores
+    if not least <= value <= limits.max_tokens:
         raise ApiError(
             400,
-            f"'{name}' must be between 1 and {limits.max_tokens}, got {value} {limits.over('max_tokens')}",
+            f"'{name}' must be between {least} and {limits.max_tokens}, got {value} {limits.over('max_tokens')}",
             param=name,
         )
     return value
@@ -636,10 +806,15 @@ def parse_request(
     int: the max_tokens limit alone)."""
     if isinstance(limits, int):
         limits = Limits(max_tokens=limits)
-    _check_neutral(body)
+    check_fields(body, CHAT if chat else COMPLETIONS)
     _field(body, "model", str)
+    echo = not chat and _field(body, "echo", bool, False)
+    if echo and model is not None and isinstance(model.engine, Seq2Seq):
+        raise ApiError(400, ECHO_REFUSED, param="echo", code="unsupported_value")
     constraint = read_constraint(body, chat)
-    prompt = chat_prompt(body.get("messages"), constraint.tools) if chat else _completion_prompt(body)
+    prompts = (
+        [chat_prompt(body.get("messages"), constraint.tools)] if chat else prompts_of(body.get("prompt"), "prompt")
+    )
     given: dict[str, Any] = {}
     for f in REQUEST_FIELDS:
         read = READERS.get(f.option)
@@ -666,7 +841,7 @@ def parse_request(
         )
     stream_options = _field(body, "stream_options", dict, {})
     return GenerationRequest(
-        prompt,
+        prompts,
         options,
         stream=_field(body, "stream", bool, False),
         include_usage=bool(_field(stream_options, "include_usage", bool, False)),
@@ -674,16 +849,36 @@ def parse_request(
         chat=chat,
         tools=constraint.tools,
         params=params,
+        echo=echo,
     )
 
 
 # -- responses --------------------------------------------------------------------------
+@dataclass
+class Echo:
+    """A prompt as a completion's `echo` returns it: its text and token ids and, when
+    log-probabilities were asked, those of its tokens after the first (which has none)."""
+
+    text: str
+    ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
 class Reply:
     """The JSON objects of one response: completion or chat, whole or streamed, with one
-    choice per returned sequence and, when asked, OpenAI's log-probability objects."""
+    choice per returned sequence (`n` per prompt, prompt i's j-th at index i*n+j) and, when
+    asked, OpenAI's log-probability objects (after the echoed prompt's, with `echo`)."""
 
-    def __init__(self, chat: bool, model: str, token_bytes: Any = None, tools: Tools | None = None):
-        self.chat, self.model, self.tools = chat, model, tools
+    def __init__(
+        self,
+        chat: bool,
+        model: str,
+        token_bytes: Any = None,
+        tools: Tools | None = None,
+        n: int = 1,
+        echoes: list[Echo] | None = None,
+    ):
+        self.chat, self.model, self.tools, self.n, self.echoes = chat, model, tools, n, echoes
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         # token id -> its bytes (for logprobs: each token's text, and its bytes in chat), cached
@@ -703,11 +898,20 @@ class Reply:
     def _choice(self, index: int, body: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
         return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish}
 
-    def logprobs(self, index: int, items: list[TokenLogprob] | None) -> dict[str, Any] | None:
-        """OpenAI's logprobs object for some tokens of one choice (None when not asked)."""
+    def echo(self, index: int) -> Echo | None:
+        """The prompt choice `index` echoes, if any."""
+        return self.echoes[index // self.n] if self.echoes is not None else None
+
+    def logprobs(self, index: int, items: list[TokenLogprob] | None, echo: Echo | None = None) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for some tokens of one choice (None when not asked), after
+        those of an echoed prompt."""
         if items is None:
             return None
         shown = [lp.render(self.token_bytes) for lp in items]  # each token with its text
+        if echo is not None and echo.logprobs is not None:
+            first = echo.ids[0]
+            head = {"token_id": first, "token": self.token_bytes(first).decode("utf-8", "replace"), "logprob": None}
+            shown = [{**head, "top": None}, *(lp.render(self.token_bytes) for lp in echo.logprobs), *shown]
         if self.chat:
             content = [
                 {
@@ -725,7 +929,7 @@ class Reply:
         return {
             "tokens": [s["token"] for s in shown],
             "token_logprobs": [s["logprob"] for s in shown],
-            "top_logprobs": [{a["token"]: a["logprob"] for a in s["top"]} for s in shown],
+            "top_logprobs": [None if s["top"] is None else _by_text(s["top"]) for s in shown],
             "text_offset": offsets,
         }
 
@@ -733,19 +937,24 @@ class Reply:
         return {"token": shown["token"], "bytes": list(self.token_bytes(shown["token_id"]))}
 
     def whole(
-        self, texts: list[str], logprobs: list[list[TokenLogprob] | None], result: GenerationResult
+        self, texts: list[str], logprobs: list[list[TokenLogprob] | None], results: list[GenerationResult]
     ) -> dict[str, Any]:
+        """The response to a whole request: each choice's text and log-probabilities, and each
+        prompt's result (its `sequences`, in order)."""
         choices = []
-        for i, (text, lps, r) in enumerate(zip(texts, logprobs, result.sequences)):
+        sequences = [r for result in results for r in result.sequences]
+        for i, (text, lps, r) in enumerate(zip(texts, logprobs, sequences)):
             finish = r.finish_reason
             if self.chat:
                 call = self._call(text, finish)
                 message = {"role": "assistant", "content": text} if call is None else self._message(call)
                 body, finish = {"message": message}, finish if call is None else "tool_calls"
+                choices.append(self._choice(i, body, self.logprobs(i, lps), finish))
             else:
-                body = {"text": text}
-            choices.append(self._choice(i, body, self.logprobs(i, lps), finish))
-        return self._wrap("chat.completion" if self.chat else "text_completion", choices, usage=usage(result))
+                echo = self.echo(i)
+                body = {"text": text if echo is None else echo.text + text}
+                choices.append(self._choice(i, body, self.logprobs(i, lps, echo), finish))
+        return self._wrap("chat.completion" if self.chat else "text_completion", choices, usage=usage(results))
 
     def chunk(
         self,
@@ -760,6 +969,15 @@ class Reply:
             return self._wrap("text_completion", [self._choice(index, {"text": text or ""}, lp, finish)])
         delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
         return self._wrap("chat.completion.chunk", [self._choice(index, {"delta": delta}, lp, finish)])
+
+    def echo_chunk(self, index: int, logprobs: bool) -> dict[str, Any] | None:
+        """A streamed completion choice's first chunk with `echo`: its prompt (and the prompt's
+        log-probabilities when asked)."""
+        echo = self.echo(index)
+        if echo is None:
+            return None
+        lp = self.logprobs(index, [], echo) if logprobs else None
+        return self._wrap("text_completion", [self._choice(index, {"text": echo.text}, lp, None)])
 
     def closing(self, index: int, text: str, finish: str) -> list[dict[str, Any]]:
         """The last chunks of a streamed choice: its finish reason, after, when a tool call was
@@ -784,10 +1002,117 @@ class Reply:
     def _message(call: dict[str, Any]) -> dict[str, Any]:
         return {"role": "assistant", "content": None, "tool_calls": [call]}
 
-    def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
-        return self._wrap("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage(result))
+    def usage_chunk(self, results: list[GenerationResult]) -> dict[str, Any]:
+        return self._wrap("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage(results))
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
-    n = result.completion_tokens
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
+def _by_text(top: list[dict[str, Any]]) -> dict[str, float]:
+    """Completions' alternatives, keyed by their text: of two with one text (bytes that are not
+    UTF-8 alone both show as U+FFFD), the likelier, so the greatest value is always there."""
+    found: dict[str, float] = {}
+    for a in top:
+        found.setdefault(a["token"], a["logprob"])
+    return found
+
+
+def usage(results: list[GenerationResult]) -> dict[str, int]:
+    """OpenAI's usage of a request: every prompt's tokens, every choice's new tokens."""
+    prompt = sum(r.prompt_tokens for r in results)
+    n = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+
+
+# -- embeddings, tokens ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class EmbeddingsRequest:
+    inputs: list[str | list[int]]
+    base64: bool = False  # encoding_format "base64": little-endian float32, as OpenAI's
+    dimensions: int | None = None  # when given, it must be the model's size
+
+
+def parse_embeddings(body: dict[str, Any], limits: Limits = Limits()) -> EmbeddingsRequest:
+    """Check an embeddings request (OpenAI's shape)."""
+    check_fields(body, EMBEDDINGS)
+    _field(body, "model", str)
+    dimensions = _field(body, "dimensions", int)
+    inputs = prompts_of(body.get("input"), "input")
+    if len(inputs) > limits.max_inputs:
+        raise ApiError(
+            400,
+            f"'input' holds {len(inputs)} inputs; at most {limits.max_inputs} {limits.over('max_inputs')}",
+            param="input",
+        )
+    encoding = _field(body, "encoding_format", str, "float")
+    if encoding not in ("float", "base64"):
+        raise ApiError(400, '\'encoding_format\' must be "float" or "base64"', param="encoding_format")
+    return EmbeddingsRequest(inputs, encoding == "base64", dimensions)
+
+
+def embeddings_reply(model: str, vectors: np.ndarray, tokens: int, as_base64: bool) -> dict[str, Any]:
+    """OpenAI's embeddings response: one object per input, in order."""
+    data = []
+    for i, vector in enumerate(vectors):
+        if as_base64:
+            value: Any = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        else:
+            value = np.asarray(vector, dtype=np.float32).tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    text: str
+    add_special: bool  # the special tokens the model's tokenizer adds (T5's closing </s>)
+    with_pieces: bool  # each token as {"id", "piece"}
+
+
+def _one_of(body: dict[str, Any], names: tuple[str, str], kind: type, default: Any) -> Any:
+    """A field two servers spell differently (llama-server's name first); both, differing, are a 400."""
+    values = [_field(body, name, kind) for name in names]
+    given = [v for v in values if v is not None]
+    if len(given) == 2 and given[0] != given[1]:
+        raise ApiError(400, f"'{names[0]}' and '{names[1]}' differ: send one", param=names[1])
+    return given[0] if given else default
+
+
+def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
+    """llama-server's /tokenize request (`content`, `add_special`, `with_pieces`, `parse_special`),
+    or vLLM's and lm-eval's (`prompt`, `add_special_tokens`). add_special defaults to false,
+    as llama-server's; special tokens written in the text are always read as such."""
+    text = _one_of(body, ("content", "prompt"), str, None)
+    if text is None:
+        raise ApiError(400, "'content' (or 'prompt') is required", param="content")
+    if _field(body, "parse_special", bool, True) is False:
+        raise ApiError(
+            400,
+            "'parse_special' false is not supported: special tokens in the text are read as such",
+            param="parse_special",
+            code="unsupported_value",
+        )
+    add_special = _one_of(body, ("add_special", "add_special_tokens"), bool, False)
+    return TokenizeRequest(text, add_special, _field(body, "with_pieces", bool, False))
+
+
+def parse_detokenize(body: dict[str, Any], vocab_size: int) -> list[int]:
+    """The token ids of a /detokenize request (`tokens`), each in the vocabulary."""
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise ApiError(400, "'tokens' must be an array of token ids", param="tokens")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", param="tokens")
+    return tokens
+
+
+def piece(data: bytes) -> str | list[int]:
+    """A token's piece as llama-server shows it: text when valid UTF-8, else its bytes."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(data)
