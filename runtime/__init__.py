@@ -30,7 +30,7 @@ from pocketlm.converters.core.errors import PocketLMError
 
 if TYPE_CHECKING:
     from pocketlm.converters.api import convert
-    from pocketlm.core.engine import ModelInfo
+    from pocketlm.core.engine import Embeddings, ModelInfo
     from pocketlm.core.generation import GenerationOptions, GenerationResult, StreamEvent, TokenStream
     from pocketlm.core.model import Model
     from pocketlm.loading.load import load
@@ -39,6 +39,7 @@ _HOMES = {
     "load": "pocketlm.loading.load",
     "Model": "pocketlm.core.model",
     "ModelInfo": "pocketlm.core.engine",
+    "Embeddings": "pocketlm.core.engine",
     "GenerationOptions": "pocketlm.core.generation",
     "GenerationResult": "pocketlm.core.generation",
     "StreamEvent": "pocketlm.core.generation",
@@ -51,6 +52,7 @@ __all__ = [
     "convert",
     "Model",
     "ModelInfo",
+    "Embeddings",
     "GenerationOptions",
     "GenerationResult",
     "StreamEvent",

@@ -153,6 +153,16 @@ class CT2Engine(Seq2Seq, BatchEngine):
         )[0]
         return np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in result.logits[0]])
 
+    def embed(self, inputs: list[list[int]]) -> np.ndarray:
+        """Refused: CTranslate2 4.x gives Python no encoder output (Translator returns tokens,
+        scores, attention and logits; ctranslate2.Encoder refuses an encoder-decoder model),
+        and recomputing the T5 encoder outside it would be a second implementation to keep
+        exact. The same checkpoint converted to GGUF embeds on llama.cpp."""
+        raise RequestError(
+            "CTranslate2 cannot compute embeddings (it exposes no encoder output): convert the checkpoint to GGUF "
+            "(pocketlm convert CHECKPOINT --format gguf) and embed with that file on llama.cpp"
+        )
+
     def continuations_logits(self, context: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
         """Every candidate teacher-forced in one translate_batch (the source once per entry)."""
         source = self._strings(context)

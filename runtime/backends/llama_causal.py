@@ -211,6 +211,12 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
             self._slots[slot] = list(ids)
             return out
 
+    def embed(self, inputs: list[list[int]]) -> np.ndarray:
+        """Each input's mean final hidden state (after `ln_f`, transformers' BloomModel
+        last_hidden_state), from an embedding context of its own (llama_common.EmbeddingContext):
+        generation's cache and slots are untouched, and its steps run between the calls."""
+        return self._s.embed(inputs, self.lock)
+
     def continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
         full = context + continuation
         if len(full) > self.info.n_ctx:

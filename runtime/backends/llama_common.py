@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ KV_CELLS_CAP = 16384  # default KV cache of several sequences: n_seq x n_ctx tok
 KV_RAM_SHARE = 1 / 8  # ... and at most this share of the machine's RAM
 KV_AVAILABLE_SHARE = 1 / 2  # any KV cache: at most this share of the RAM available beside the weights
 MIB = 2**20
+EMBED_SEQUENCES = 16  # inputs evaluated together in one embedding batch
+EMBED_OUTPUT_BYTES = 128 * MIB  # what llama.cpp's output buffer may take in an embedding call
 
 
 def context_size(trained: int, max_ctx: int, requested: int | None = None) -> int:
@@ -136,6 +139,8 @@ class LlamaSession:
         self.path = path
         self.llama = llama = engine.llama_cpp()
         self.model = self.ctx = self.batch = None
+        self._embedder: EmbeddingContext | None = None  # made on the first `embed`
+        self._embedding = threading.Lock()  # one embedding call at a time uses it
         header = header if header is not None else read_header(path)
         dims = check_gguf(header, path)  # before llama.cpp sees the file: it trusts these numbers
         self.quant = gguf_quant_name(header.metadata)
@@ -152,24 +157,17 @@ class LlamaSession:
             raise ModelLoadError(f"{path}: llama.cpp could not load this model: {engine.recent_log()}")
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.architecture = self.meta("general.architecture") or "unknown"
-        cparams = llama.llama_context_default_params()
-        cparams.n_ctx = plan.kv_cells
-        cparams.n_batch = cparams.n_ubatch = min(n_batch or plan.n_ctx, plan.kv_cells)
-        cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.type_k = cparams.type_v = GGML_TYPE_F32 if exact else GGML_TYPE_F16
-        cparams.no_perf = True
+        self.threads, self.exact = threads, exact
         self.n_seq_max = max(n_seq, MAX_SEQUENCES)
-        cparams.n_seq_max, cparams.kv_unified = self.n_seq_max, True
-        if exact:  # flash attention rounds through f16 on CPU
-            cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        with engine.quiet_c_output():
-            self.ctx = llama.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
+        try:
+            self.ctx = self.new_context(plan.kv_cells, min(n_batch or plan.n_ctx, plan.kv_cells), self.n_seq_max)
+        except ModelLoadError:
             self.close()
-            raise ModelLoadError(f"{path}: llama.cpp could not create a context: {engine.recent_log()}")
+            raise
         self.kv_cells = llama.llama_n_ctx(self.ctx)
         self.n_ctx = min(plan.n_ctx, self.kv_cells)
         self.kv_bytes = self.kv_cells * plan.cell_bytes
+        self.cell_bytes = plan.cell_bytes
         self.n_batch = llama.llama_n_ubatch(self.ctx)
         self.n_seq = n_seq
         self.batch = llama.llama_batch_init(self.n_batch, 0, self.n_seq_max)
@@ -178,6 +176,31 @@ class LlamaSession:
         self.has_vocab = llama.llama_vocab_type(self.vocab) != llama.LLAMA_VOCAB_TYPE_NONE
         self._piece_buf = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}  # token -> piece, filled as tokens are met
+
+    def new_context(self, cells: int, n_batch: int, n_seq_max: int, embeddings: bool = False) -> Any:
+        """A llama.cpp context on the loaded model: a KV cache of `cells` tokens shared by
+        `n_seq_max` sequence ids, batches of `n_batch` tokens, with this session's threads and
+        cache type (an f32 model gets an f32 cache and no flash attention, which rounds through
+        f16 on CPU). `embeddings`: each token's final hidden state is returned, not pooled.
+        The weights are the model's, loaded once: its llama.cpp buffer types (see
+        extra_buffer_types) hold for every context."""
+        llama = self.llama
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = cells
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        cparams.type_k = cparams.type_v = GGML_TYPE_F32 if self.exact else GGML_TYPE_F16
+        cparams.no_perf = True
+        cparams.n_seq_max, cparams.kv_unified = n_seq_max, True
+        if self.exact:
+            cparams.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if embeddings:
+            cparams.embeddings, cparams.pooling_type = True, llama.LLAMA_POOLING_TYPE_NONE
+        with engine.quiet_c_output():
+            ctx = llama.llama_init_from_model(self.model, cparams)
+        if not ctx:
+            raise ModelLoadError(f"{self.path}: llama.cpp could not create a context: {engine.recent_log()}")
+        return ctx
 
     @property
     def has_encoder(self) -> bool:
@@ -326,8 +349,23 @@ class LlamaSession:
         self.llama.llama_memory_seq_rm(self.memory, dst, 0, -1)
         self.llama.llama_memory_seq_cp(self.memory, src, dst, 0, n)
 
+    def embed(self, inputs: list[list[int]], lock: Any) -> np.ndarray:
+        """float64 [n, dim]: each input's mean final hidden state (EmbeddingContext), every
+        llama.cpp call made holding `lock` (the engine's)."""
+        with self._embedding:
+            if self._embedder is None:
+                with lock:
+                    try:
+                        self._embedder = EmbeddingContext(self)
+                    except ModelLoadError as e:  # the model runs: this call failed, not the load
+                        raise EngineError(f"no embedding context: {e}") from None
+            return self._embedder.embed(inputs, lock)
+
     def close(self) -> None:
         llama = self.llama
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if self.batch is not None:
             llama.llama_batch_free(self.batch)
             self.batch = None
@@ -337,6 +375,105 @@ class LlamaSession:
         if self.model:
             llama.llama_model_free(self.model)
             self.model = None
+
+
+class EmbeddingContext:
+    """A second llama.cpp context on a session's model, with embeddings on: it gives each
+    token's final hidden state (BLOOM: after `ln_f`, what transformers' BloomModel returns as
+    last_hidden_state; T5: the encoder's output after its final norm, T5EncoderModel's), and
+    `embed` averages them per input.
+
+    Its own context, so the generation context's sequences, cache and encoder output are
+    never touched; made on the first embedding call, it takes memory only then:
+    - a KV cache of one sequence's context (`n_ctx` cells of the generation cache's type:
+      `kv_bytes`, logged when made; a T5 context holds its decoder's cache, unused);
+    - llama.cpp's output buffer, which keeps logits beside the hidden states: 4 x (vocab + dim)
+      bytes per token of the largest call. Calls are cut to keep it near EMBED_OUTPUT_BYTES
+      (`call_tokens`; bloomz-560m about 130 tokens); a T5 source longer than that is encoded
+      alone, in one call (the encoder takes a whole source at once);
+    - a compute buffer sized by llama.cpp for one call.
+    The weights are the model's, loaded once: the session's buffer types (no AMX repacking on
+    CPUs that fault on it, see extra_buffer_types) apply here too.
+
+    Pooling is done here, not by llama.cpp: its mean pooling averages per micro-batch, and a
+    causal input longer than one call spans several."""
+
+    def __init__(self, session: LlamaSession):
+        llama = self.llama = session.llama
+        self.encoder = session.has_encoder
+        self.dim = int(llama.llama_model_n_embd_out(session.model))
+        cells = -(-session.n_ctx // CTX_STEP) * CTX_STEP
+        self.call_tokens = max(1, min(session.n_ctx, EMBED_OUTPUT_BYTES // (4 * (session.n_vocab + self.dim))))
+        # an encoder takes every source of a call in one micro-batch, the longest included
+        n_batch = cells if self.encoder else self.call_tokens
+        self.ctx = session.new_context(cells, n_batch, EMBED_SEQUENCES, embeddings=True)
+        self.cells = llama.llama_n_ctx(self.ctx)
+        self.memory = llama.llama_get_memory(self.ctx)
+        self.batch = llama.llama_batch_init(llama.llama_n_batch(self.ctx), 0, 1)
+        self.kv_bytes = self.cells * session.cell_bytes
+        log.info(
+            "%s: embedding context made: KV cache of %d tokens (%.1f MiB), up to %d tokens per call",
+            session.path,
+            self.cells,
+            self.kv_bytes / MIB,
+            self.call_tokens,
+        )
+
+    def embed(self, inputs: list[list[int]], lock: Any) -> np.ndarray:
+        """float64 [n, dim]: each input's mean final hidden state. Inputs go in groups of up to
+        EMBED_SEQUENCES evaluated together (sequence ids 0..k-1 in one batch); each llama.cpp
+        call holds `lock`, so generation steps run between calls."""
+        sums = np.zeros((len(inputs), self.dim), np.float64)
+        for group in self._groups(inputs):
+            flat = [(tok, pos, seq, k) for seq, k in enumerate(group) for pos, tok in enumerate(inputs[k])]
+            step = len(flat) if self.encoder else self.call_tokens
+            for lo in range(0, len(flat), step):
+                chunk = flat[lo : lo + step]
+                with lock:
+                    if lo == 0:
+                        self.llama.llama_memory_clear(self.memory, True)
+                    rows = self._run(chunk)
+                np.add.at(sums, [k for *_, k in chunk], rows)
+        return sums / np.array([len(ids) for ids in inputs], np.float64)[:, None]
+
+    def _groups(self, inputs: list[list[int]]) -> list[list[int]]:
+        """Indices of the inputs evaluated together: consecutive, at most EMBED_SEQUENCES, their
+        tokens within one call (T5, unless a source alone is longer) or the KV cache (causal)."""
+        room = self.call_tokens if self.encoder else self.cells
+        groups: list[list[int]] = []
+        used = 0
+        for k, ids in enumerate(inputs):
+            if groups and len(groups[-1]) < EMBED_SEQUENCES and used + len(ids) <= room:
+                groups[-1].append(k)
+                used += len(ids)
+            else:
+                groups.append([k])
+                used = len(ids)
+        return groups
+
+    def _run(self, chunk: list[tuple[int, int, int, int]]) -> np.ndarray:
+        llama, b = self.llama, self.batch
+        for i, (tok, pos, seq, _) in enumerate(chunk):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, True
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(chunk)
+        rc = (llama.llama_encode if self.encoder else llama.llama_decode)(self.ctx, b)
+        if rc != 0:
+            llama.llama_memory_clear(self.memory, True)
+            what = "encode" if self.encoder else "decode"
+            raise EngineError(f"llama.cpp {what} failed (code {rc}) computing embeddings: {engine.recent_log()}")
+        ptr = llama.llama_get_embeddings(self.ctx)
+        if not ptr:
+            raise EngineError(f"llama.cpp returned no embeddings: {engine.recent_log()}")
+        return np.ctypeslib.as_array(ptr, shape=(len(chunk), self.dim)).astype(np.float64)
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.llama.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            self.llama.llama_free(self.ctx)
+            self.ctx = None
 
 
 class OwnsSession:

@@ -251,6 +251,12 @@ class LlamaSeq2SeqEngine(OwnsSession, Seq2Seq, StepEngine):
             self._s.clear(0, seq.slot)
             super().release(seq)
 
+    def embed(self, inputs: list[list[int]]) -> np.ndarray:
+        """Each source's mean encoder output (after the encoder's final norm, transformers'
+        T5EncoderModel last_hidden_state), from an embedding context of its own
+        (llama_common.EmbeddingContext): the encoder output running sequences attend to stays."""
+        return self._s.embed(inputs, self.lock)
+
     def logits(self, input_ids: Sequence[int], decoder_input_ids: Sequence[int] | None = None) -> np.ndarray:
         """float32 [len(decoder_input_ids), vocab]: next-token logits at each decoder position.
 

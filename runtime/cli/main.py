@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +220,38 @@ def _doctor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print as JSON")
 
 
+def _embed(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Embed texts: one L2-normalised vector per input, the mean of the model's final hidden states over "
+        "its tokens (BLOOM: the last layer after its final norm; T5 family: the encoder's output). Texts are "
+        "tokenized as prompts are (T5 appends </s>). Computed by llama.cpp: a checkpoint folder is converted to "
+        "GGUF (once, cached); a CTranslate2 folder is refused (CTranslate2 exposes no encoder output)."
+    )
+    p.epilog = """examples:
+  pocketlm embed bloomz-560m-q4_k_m.gguf "first text" "second text"
+  pocketlm embed flan-t5-small-f16.gguf --json < lines.txt > vectors.jsonl
+  pocketlm embed model.gguf --ids 5,17,42 --ids 8,9 --json"""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument(
+        "model", help="GGUF file, or Hugging Face checkpoint folder (converted to GGUF once, cached; --quant chooses)"
+    )
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed; none: each non-empty line of stdin is one")
+    p.add_argument(
+        "--ids",
+        action="append",
+        default=None,
+        metavar="IDS",
+        help="comma-separated token ids as one input (repeatable)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON line per input, {"index": i, "embedding": [...]}, in input order',
+    )
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="inputs embedded together (default 64)")
+    _add_load_options(p)
+
+
 def _serve(p: argparse.ArgumentParser) -> None:
     import dataclasses
 
@@ -302,6 +334,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str
     "rm": ("remove converted models from the cache", _rm, "cmd_rm"),
     "doctor": ("check this machine and its engines", _doctor, "cmd_doctor"),
     "serve": ("serve a model over an OpenAI-compatible HTTP API", _serve, "cmd_serve"),
+    "embed": ("embed texts as vectors (mean of the final hidden states)", _embed, "cmd_embed"),
 }
 
 
@@ -551,6 +584,61 @@ def cmd_serve(args: argparse.Namespace) -> int:
             timeouts=timeouts,
             max_connections=args.max_connections,
         )
+    return 0
+
+
+def _embedding_inputs(args: argparse.Namespace) -> Iterator[str | list[int]]:
+    for given in args.ids or ():
+        try:
+            yield [int(t) for t in given.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise PocketLMError(f"--ids must be comma-separated integers, got {given!r}") from None
+    yield from args.texts
+    if not args.texts and not args.ids:
+        for line in sys.stdin:
+            if line.strip():
+                yield line.rstrip("\r\n")
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import itertools
+    import re
+
+    from pocketlm.converters.core.ct2_file import is_ct2_folder
+    from pocketlm.converters.core.errors import RequestError
+
+    if args.batch_size < 1:
+        raise PocketLMError(f"--batch-size {args.batch_size}: must be 1 or more")
+    inputs = _embedding_inputs(args)
+    first = next(inputs, None)  # before loading: a wrong --ids or no input says so at once
+    if first is None:
+        raise PocketLMError("nothing to embed: give texts, --ids, or lines on stdin")
+    inputs = itertools.chain([first], inputs)
+    if args.backend is None and not is_ct2_folder(Path(args.model)):
+        args.backend = "llama.cpp"  # the engine that embeds: a checkpoint folder is converted to GGUF for it
+    index = tokens = 0
+    with _load(args) as model:
+        while batch := list(itertools.islice(inputs, args.batch_size)):
+            try:
+                result = model.embed(batch)
+            except RequestError as e:  # its input index counts from this batch's first
+                raise RequestError(
+                    re.sub(r"^input (\d+)", lambda m, offset=index: f"input {int(m[1]) + offset}", str(e))
+                ) from None
+            tokens += result.tokens
+            for item, vector in zip(batch, result.vectors):
+                if args.json:
+                    print(json.dumps({"index": index, "embedding": vector.tolist()}))
+                else:
+                    shown = ", ".join(f"{v:+.4f}" for v in vector[:4])
+                    what = repr(item[:40] + ("..." if len(item) > 40 else "")) if isinstance(item, str) else "ids"
+                    print(
+                        f"{index}: dim {vector.size}, norm {float((vector**2).sum() ** 0.5):.4f}, [{shown}, ...] {what}"
+                    )
+                index += 1
+            sys.stdout.flush()
+        if not args.json:
+            print(f"{index} inputs, {tokens} tokens ({model.info.backend}, {model.info.quant})")
     return 0
 
 

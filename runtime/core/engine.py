@@ -55,6 +55,14 @@ class ModelInfo:
         return asdict(self)
 
 
+@dataclass
+class Embeddings:
+    """What `Model.embed` returns: one vector per input, in order."""
+
+    vectors: np.ndarray  # float32 [n, dim], each row L2-normalised
+    tokens: int  # input tokens, all inputs together
+
+
 class Engine(ABC):
     """What every engine provides. `lock` serialises calls into the library."""
 
@@ -144,6 +152,16 @@ class Engine(ABC):
         """The same for several continuations; engines that evaluate them together (one shared
         prompt, one batch) override this."""
         return [self.continuation_logits(context, c) for c in continuations]
+
+    # -- embeddings -------------------------------------------------------------------------
+    def embed(self, inputs: list[list[int]]) -> np.ndarray:
+        """[n, dim]: the mean over each input's tokens of the model's final hidden states (a
+        causal model's last layer after its final norm; an encoder-decoder's encoder output),
+        not normalised. `inputs` are checked by Model.embed (non-empty, within the context).
+        Engines that can compute them override this, evaluating inputs together."""
+        raise RequestError(
+            f"the {self.info.backend} engine cannot compute embeddings: load a GGUF file (llama.cpp computes them)"
+        )
 
     def close(self) -> None:  # noqa: B027 (optional: not every engine holds memory to free)
         """Free the engine's memory. It cannot be used afterwards."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from pocketlm.converters.core.errors import RequestError
 from pocketlm.core.constraints import constraint_of
-from pocketlm.core.engine import BatchEngine, Engine, ModelInfo, StepEngine
+from pocketlm.core.engine import BatchEngine, Embeddings, Engine, ModelInfo, StepEngine
 from pocketlm.core.generation import GenerationOptions, GenerationResult, TokenStream
 from pocketlm.core.scheduler import BatchScheduler, Scheduler
 from pocketlm.core.sequence import Decoding, Ends
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]  # text, or token ids
 
-__all__ = ["Model", "ModelInfo", "Prompt"]
+__all__ = ["Embeddings", "Model", "ModelInfo", "Prompt"]
 
 
 class Model:
@@ -237,6 +237,49 @@ class Model:
             logz = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
             scores.append(float(np.sum(logits[np.arange(len(cont)), cont] - logz)))
         return scores
+
+    # -- embeddings -------------------------------------------------------------------------
+    def embed(self, inputs: Sequence[str | Sequence[int]]) -> Embeddings:
+        """One L2-normalised vector per input: the mean over its tokens of the model's final
+        hidden states. BLOOM: the last layer after `ln_f` (transformers' BloomModel
+        last_hidden_state); T5 family: the encoder's output after its final norm
+        (T5EncoderModel's). Inputs are evaluated together as the engine allows.
+
+        Each input is a text, tokenized as a prompt is (BLOOM adds no special token; T5 appends
+        </s>, as their Hugging Face tokenizers do), or token ids, used as given; a single text
+        or id list is one input. An input longer than the context is refused. Only llama.cpp
+        computes them (GGUF files): CTranslate2 exposes no encoder output, and refuses saying so.
+        Returns Embeddings: `vectors` float32 [n, dim], `tokens` counted over all inputs."""
+        if isinstance(inputs, str) or (len(inputs) > 0 and all(isinstance(t, (int, np.integer)) for t in inputs)):
+            inputs = [inputs]  # type: ignore[list-item]
+        if len(inputs) == 0:
+            raise RequestError("no input to embed")
+        ids = [self._embedding_ids(i, item) for i, item in enumerate(inputs)]
+        means = np.asarray(self.engine.embed(ids), dtype=np.float64)
+        norms = np.linalg.norm(means, axis=1, keepdims=True)
+        vectors = (means / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        return Embeddings(vectors, sum(len(t) for t in ids))
+
+    def _embedding_ids(self, index: int, item: str | Sequence[int]) -> list[int]:
+        if isinstance(item, str):
+            ids = self.tokenize(item) if item else []
+        elif isinstance(item, (Sequence, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in item):
+            ids = [int(t) for t in item]
+        else:
+            raise RequestError(f"input {index}: a text or a list of token ids, not {type(item).__name__}")
+        if not ids:
+            raise RequestError(f"input {index} is empty")
+        bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise RequestError(
+                f"input {index}: token id {bad[0]} is outside the vocabulary (0..{self.info.vocab_size - 1})"
+            )
+        if len(ids) > self.info.n_ctx:
+            raise RequestError(
+                f"input {index} has {len(ids)} tokens; the context holds {self.info.n_ctx} "
+                "(load with a larger n_ctx or shorten it)"
+            )
+        return ids
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
