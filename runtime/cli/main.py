@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pocketlm.cli.evaluate import build as _eval
+from pocketlm.cli.evaluate import cmd_eval  # noqa: F401 (COMMANDS finds it by name)
 from pocketlm.converters.core.cli import EXIT_INTERNAL, EXIT_STATUS, guarded, setup_logging
 from pocketlm.converters.core.errors import PocketLMError
 
@@ -334,6 +336,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str
     "rm": ("remove converted models from the cache", _rm, "cmd_rm"),
     "doctor": ("check this machine and its engines", _doctor, "cmd_doctor"),
     "serve": ("serve a model over an OpenAI-compatible HTTP API", _serve, "cmd_serve"),
+    "eval": ("score a model on lm-evaluation-harness tasks, in process", _eval, "cmd_eval"),
     "embed": ("embed texts as vectors (mean of the final hidden states)", _embed, "cmd_embed"),
 }
 
