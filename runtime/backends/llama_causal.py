@@ -166,6 +166,13 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
     def can_admit(self, reserve: int, seq: Decoding | None = None, slots: int = 1) -> bool:
         return len(self.busy) + slots <= len(self._slots) and sum(self.busy.values()) + reserve <= self.kv_cells
 
+    def _wait_for_room(self, tokens: int) -> None:
+        """Wait (holding `lock`) until a slot and `tokens` cells are free beside what running
+        sequences reserved: a llama.cpp batch that fails clears every sequence's cache."""
+        if tokens > self.kv_cells:
+            raise RequestError(f"{tokens} tokens exceed the {self.kv_cells} cells of the KV cache")
+        self.freed.wait_for(lambda: self.can_admit(tokens))
+
     def _make_room(self, keep_slot: int) -> None:
         """Idle slots' caches give way to what running sequences have reserved."""
         idle = [s for s in range(len(self._slots)) if s not in self.busy and self._slots[s]]
@@ -199,7 +206,7 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
         if len(ids) > self.info.n_ctx:
             raise RequestError(f"{len(ids)} tokens exceed the context of {self.info.n_ctx}")
         with self.lock:
-            self.freed.wait_for(lambda: len(self.busy) < len(self._slots))
+            self._wait_for_room(len(ids))
             slot, _ = self._take_slot(ids)
             self._forget(slot)
             self.busy[slot] = len(ids)
@@ -233,7 +240,7 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
             )
         n = len(context)
         with self.lock:
-            self.freed.wait_for(lambda: len(self.busy) < len(self._slots))
+            self._wait_for_room(n + longest)
             slot, keep = self._take_slot([*context, -1])  # the whole prompt may be reused, but for
             keep = min(keep, n - 1)  # its last token, whose logits predict each candidate's first
             self._forget(slot, keep)
