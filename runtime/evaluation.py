@@ -1,10 +1,13 @@
 """lm-evaluation-harness on a PocketLM model, in process (the `eval` extra: `pip install 'pocketlm[eval]'`).
 
     pocketlm eval model.gguf --tasks hellaswag,arc_easy
+
+    import lm_eval, pocketlm.evaluation
     lm_eval.simple_evaluate(model="pocketlm", model_args="pretrained=model.gguf,n_ctx=1024", tasks=[...])
 
 Importing this module imports lm-eval and registers `PocketLM` under the name "pocketlm" (the
-rest of pocketlm never imports lm-eval). Requests are tokenized and windowed as lm-eval's own
+rest of pocketlm never imports lm-eval; lm-eval's own `lm_eval` command does not find models of
+other packages, hence `pocketlm eval`). Requests are tokenized and windowed as lm-eval's own
 `hf` model does, so that scores compare with it:
 
 - loglikelihood: lm-eval's TemplateLM splits context and continuation (a causal model's
