@@ -97,6 +97,12 @@ CASES = [
     ("embed {gguf} --ids 1 --ids 2,99999", 1, "input 1: token id 99999 is outside the vocabulary"),
     ("embed {gguf} --ids 1 --batch-size 0", 1, "--batch-size 0"),
     ("embed tiny/nothing --ids 1", 1, "tiny/nothing: no such model on the Hub"),
+    ("eval {missing} --tasks arc_easy", 1, "missing"),
+    ("eval {gguf} --tasks no_such_task", 1, "unknown task: no_such_task"),
+    ("eval {gguf} --tasks arc_easy --include-path {missing}", 1, "not a folder"),
+    ("eval {gguf} --tasks arc_easy --batch-size 0", 1, "--batch-size 0"),
+    ("eval {gguf} --tasks arc_easy --limit 0", 1, "--limit 0"),
+    ("eval {gguf}", 2, "required"),
     # command-line syntax: argparse's usage errors
     ("run {gguf} hi --temperature warm", 2, "invalid float value"),
     ("run {gguf} hi --device tpu", 2, "invalid choice"),

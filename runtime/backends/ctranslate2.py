@@ -151,6 +151,7 @@ class CT2Engine(Seq2Seq, BatchEngine):
             max_input_length=0,
             return_scores=False,
         )[0]
+        _check_logits([result])
         return np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in result.logits[0]])
 
     def embed(self, inputs: list[list[int]]) -> np.ndarray:
@@ -177,6 +178,7 @@ class CT2Engine(Seq2Seq, BatchEngine):
                 max_input_length=0,
                 return_scores=False,
             )
+        _check_logits(results)
         return [
             np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in r.logits[0]])[: len(c)]
             for r, c in zip(results, continuations)
@@ -449,6 +451,12 @@ class _Stepwise:
             complete = self.guide.stopped  # the constraint is complete: nothing may follow
         if self.emit(token) or token == self.end or self.left <= 0 or complete:
             self.done = True
+
+
+def _check_logits(results: Sequence[Any]) -> None:
+    """CTranslate2 returns no logits at all for a source that is only the end token or padding."""
+    if any(not r.logits or not r.logits[0] for r in results):
+        raise RequestError("CTranslate2 returns no logits for a source that is only </s> or padding")
 
 
 def _row(logits: Any, k: int) -> np.ndarray:

@@ -24,7 +24,7 @@ INSTALL = "pip install 'pocketlm[eval]'"
 
 def build(p: argparse.ArgumentParser) -> None:
     """The options of `pocketlm eval`."""
-    from pocketlm.cli.main import _add_load_options
+    from pocketlm.cli.engine_options import add_load_options
 
     p.description = (
         "Run lm-evaluation-harness tasks (multiple choice, perplexity, generation) on a model in this "
@@ -40,7 +40,7 @@ def build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-path", default=None, metavar="P", help="write the results and every request's answer to P")
     p.add_argument("--include-path", default=None, metavar="DIR", help="also find tasks in the YAML files under DIR")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    _add_load_options(p)
+    add_load_options(p)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -57,12 +57,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import lm_eval
     from lm_eval.utils import handle_non_serializable, make_table
 
-    from pocketlm.cli.main import _load
+    from pocketlm.cli.engine_options import load_model
     from pocketlm.evaluation import PocketLM
 
     tasks, manager = _tasks(args.tasks, args.include_path)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    with _load(args, parallel=args.batch_size if args.batch_size > 1 else None) as model:
+    with load_model(args, parallel=args.batch_size if args.batch_size > 1 else None) as model:
         results = lm_eval.simple_evaluate(
             model=PocketLM(model, batch_size=args.batch_size),
             tasks=tasks,

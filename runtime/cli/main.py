@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pocketlm.cli.engine_options import add_load_options, load_model, load_options
 from pocketlm.cli.evaluate import build as _eval
 from pocketlm.cli.evaluate import cmd_eval  # noqa: F401 (COMMANDS finds it by name)
 from pocketlm.converters.core.cli import EXIT_INTERNAL, EXIT_STATUS, guarded, setup_logging
@@ -90,33 +91,6 @@ def _given_options(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-def _add_load_options(p: argparse.ArgumentParser) -> None:
-    from pocketlm.backends import backends, devices
-
-    names = ["auto"] + [n for b in backends() for n in (b.name, *b.aliases)]
-    listed = ", ".join(f"{b.name} ({'/'.join(b.formats)})" for b in backends())
-    g = p.add_argument_group("engine")
-    g.add_argument("--device", default="auto", choices=devices(), help="where to run (default: best available)")
-    g.add_argument(
-        "--backend",
-        default=None,
-        choices=names,
-        metavar="BACKEND",
-        help=f"engine: auto (default: chosen for the model and machine), {listed}",
-    )
-    g.add_argument(
-        "--quant",
-        dest="load_quant",
-        default=None,
-        help="for a checkpoint folder: the quant type to convert it to on first use",
-    )
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    g.add_argument(
-        "--ctx", type=int, default=None, metavar="N", help="context length in tokens (default: model's, at most 2048)"
-    )
-    g.add_argument("--compute-type", default=None, help="CTranslate2 compute type (default: chosen for the machine)")
-
-
 def _parser_with(*parents: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
     class SubParser(argparse.ArgumentParser):
         def __init__(self, **kwargs: Any) -> None:
@@ -180,7 +154,7 @@ def _run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
     p.add_argument("--json", action="store_true", help="print the result (text, ids, finish reason, speed) as JSON")
     _add_generation_options(p)
-    _add_load_options(p)
+    add_load_options(p)
 
 
 def _info(p: argparse.ArgumentParser) -> None:
@@ -190,7 +164,7 @@ def _info(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("model", help="GGUF file, CTranslate2 folder, or Hugging Face checkpoint folder")
     p.add_argument("--json", action="store_true", help="print as JSON")
-    _add_load_options(p)
+    add_load_options(p)
 
 
 def _pull(p: argparse.ArgumentParser) -> None:
@@ -251,7 +225,7 @@ def _embed(p: argparse.ArgumentParser) -> None:
         help='print one JSON line per input, {"index": i, "embedding": [...]}, in input order',
     )
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="inputs embedded together (default 64)")
-    _add_load_options(p)
+    add_load_options(p)
 
 
 def _serve(p: argparse.ArgumentParser) -> None:
@@ -322,7 +296,7 @@ def _serve(p: argparse.ArgumentParser) -> None:
             metavar="S",
             help=f"seconds {f.metadata['help']} (default {f.default:g})",
         )
-    _add_load_options(p)
+    add_load_options(p)
 
 
 # name -> (one-line help, what builds its options, the function that runs it)
@@ -384,24 +358,6 @@ def _parallel(value: str) -> int | str:
     return int(value)
 
 
-def _load_options(args: argparse.Namespace) -> dict[str, Any]:
-    """`pocketlm.load`'s keywords from the engine options."""
-    return {
-        "device": args.device,
-        "threads": args.threads,
-        "n_ctx": args.ctx,
-        "backend": args.backend,
-        "quant": args.load_quant,
-        "compute_type": args.compute_type,
-    }
-
-
-def _load(args: argparse.Namespace, parallel: int | str | None = None, **options: Any) -> Any:
-    import pocketlm
-
-    return pocketlm.load(args.model, parallel=parallel, **_load_options(args), **options)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     given = _given_options(args)
     if args.input or args.output:
@@ -413,13 +369,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise PocketLMError("--actors goes with --ray")
         from pocketlm.cli.batch import run_jsonl
 
-        with _load(args, parallel=args.batch_size if args.batch_size > 1 else None) as model:
+        with load_model(args, parallel=args.batch_size if args.batch_size > 1 else None) as model:
             gen = model.options(**given)
             stats = run_jsonl(model, Path(args.input), Path(args.output), args.batch_size, sys.stderr.isatty(), gen)
         print(f"answered {stats.answered} prompts ({stats.skipped} already answered) -> {stats.output}")
         return 0
     prompt = _prompt(args)
-    with _load(args) as model:
+    with load_model(args) as model:
         gen = model.options(**given)
         several = gen.sequences > 1
         if args.json or args.no_stream or several or gen.logprobs is not None:
@@ -450,7 +406,7 @@ def _run_on_ray(args: argparse.Namespace, given: dict[str, Any]) -> int:
         from pocketlm.serving.ray_cluster import run_jsonl_on_ray
     except ModuleNotFoundError as e:
         raise PocketLMError(f"--ray needs Ray ({e.name} is missing): pip install 'pocketlm[ray]'") from None
-    load = {k: v for k, v in _load_options(args).items() if v is not None and v != "auto"}
+    load = {k: v for k, v in load_options(args).items() if v is not None and v != "auto"}
     address = None if args.ray == "local" else args.ray
     stats = run_jsonl_on_ray(
         args.model,
@@ -574,7 +530,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_address(args.host, args.port)  # now, not after loading the model (that can take minutes)
     logging.getLogger("pocketlm.server").setLevel(logging.INFO)  # one line per request
     options = {"kv_cells": args.kv_cells} if args.kv_cells is not None else {}
-    with _load(args, parallel=parallel, **options) as model:
+    with load_model(args, parallel=parallel, **options) as model:
         serve(
             model,
             host=args.host,
@@ -620,7 +576,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.backend is None and not is_ct2_folder(Path(args.model)):
         args.backend = "llama.cpp"  # the engine that embeds: a checkpoint folder is converted to GGUF for it
     index = tokens = 0
-    with _load(args) as model:
+    with load_model(args) as model:
         while batch := list(itertools.islice(inputs, args.batch_size)):
             try:
                 result = model.embed(batch)

@@ -149,6 +149,13 @@ class Model:
         ends = Ends(tuple(engine.end_ids()), engine.is_end)
         return Decoding(ids, options, engine.detokenizer(), engine.penalty_history(ids), ends, 0, constraint)
 
+    def submit(
+        self, prompts: Sequence[Prompt], options: GenerationOptions | None = None, /, **kwargs: Unpack[GenerationKwargs]
+    ) -> list[TokenStream]:
+        """Several prompts submitted together (decoded together as the engine allows): one
+        token stream each, in order. Admission counts each prompt as a request of its own."""
+        return self._submit(prompts, self.options(options, **kwargs))
+
     def _submit(self, prompts: Sequence[Prompt], options: GenerationOptions) -> list[TokenStream]:
         scheduler = self.scheduler
         requests = [scheduler.request(self.decoding(p, options), cohort=len(prompts)) for p in prompts]

@@ -10,7 +10,7 @@ events (`"stream": true`), `POST /v1/embeddings`, and llama-server's `POST /toke
 options is runtime/serving/openai_api.py; sockets, connections and signals are
 runtime/serving/http.py's; docs/server.md describes the endpoints and the table of fields.
 
-A completion of several prompts submits them to the scheduler together (`Model._submit`): they
+A completion of several prompts submits them to the scheduler together (`Model.submit`): they
 decode together, each prompt one request to admission (more than --max-queue plus --parallel
 prompts can never be admitted: 400). An echoed prompt's log-probabilities come from
 `Model.logits`, computed in the request's thread before its generation is submitted
@@ -164,7 +164,7 @@ class Generation:
             if len(request.prompts) == 1:
                 self.streams = [model.stream_tokens(request.prompts[0], request.options)]
             else:  # submitted together: one admission, decoded together
-                self.streams = model._submit(request.prompts, request.options)
+                self.streams = model.submit(request.prompts, request.options)
             if self._stop.is_set():
                 self.cancel()
             n = request.options.num_return_sequences
