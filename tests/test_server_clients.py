@@ -471,11 +471,13 @@ def test_tokenize_refusals(server, model):
 
 
 # -- an encoder-decoder ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def t5(tmp_path_factory, t5_tokenizer_files):
+@pytest.fixture(scope="module", params=["gguf", "ct2"])
+def t5(request, tmp_path_factory, t5_tokenizer_files):
+    """A T5 on llama.cpp and on CTranslate2 (whose scheduler forms batches itself)."""
     folder = tmp_path_factory.mktemp("t5")
     make_t5(folder / "hf", vocab=300, tokenizer_files={"tokenizer.json": t5_tokenizer_files["tokenizer.json"]})
-    path = pocketlm.convert(folder / "hf", folder / "m.gguf", format="gguf", quant="f32").output
+    quant = "f32" if request.param == "gguf" else "float32"
+    path = pocketlm.convert(folder / "hf", folder / f"m.{request.param}", format=request.param, quant=quant).output
     with pocketlm.load(path, n_ctx=256, threads=1) as m, running(m, max_tokens_limit=16, model_name="t5") as s:
         yield m, s
 
