@@ -28,9 +28,20 @@ from .core.sentencepiece import (
 
 log = logging.getLogger(__name__)
 
-# HF pre-tokenizer regexes that llama.cpp implements, by llama.cpp's `tokenizer.ggml.pre` name.
+# The split regexes of Hugging Face byte-level BPE pre-tokenizers that llama.cpp reproduces, and
+# the `tokenizer.ggml.pre` name llama.cpp knows each by (src/llama-vocab.cpp of llama-cpp-python
+# 0.3.36; any other name fails to load). GPT-2's is the regex `ByteLevel(use_regex=True)` applies.
+GPT2_SPLIT_REGEX = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
 BLOOM_SPLIT_REGEX = " ?[^(\\s|[.,!?…。，、।۔،])]+"
-PRE_TOKENIZER_BY_REGEX = {BLOOM_SPLIT_REGEX: "bloom"}
+PRE_TOKENIZER_BY_REGEX = {GPT2_SPLIT_REGEX: "gpt-2", BLOOM_SPLIT_REGEX: "bloom"}
+# BPE model options llama.cpp's BPE tokenizer does not have (each is off when unset or falsy).
+BPE_OPTIONS_UNSUPPORTED = (
+    "dropout",
+    "continuing_subword_prefix",
+    "end_of_word_suffix",
+    "byte_fallback",
+    "ignore_merges",
+)
 
 SPECIAL_ID_KEYS = ("bos", "eos", "unk", "pad")
 
@@ -52,20 +63,51 @@ class GGUFVocab:
     warnings: list[str] = field(default_factory=list)
 
 
+def _describe_pre_tokenizer(steps: list[Any]) -> str:
+    """A pre-tokenizer as one short line, for error messages."""
+    parts = []
+    for step in steps:
+        if not isinstance(step, dict):
+            parts.append("none" if step is None else repr(step))
+            continue
+        options = {k: v for k, v in step.items() if k != "type"}
+        if isinstance(options.get("pattern"), dict):
+            options["pattern"] = next(iter(options["pattern"].values()), None)
+        parts.append(f"{step.get('type')}({', '.join(f'{k}={v!r}' for k, v in options.items())})")
+    return " + ".join(parts)
+
+
+def _split_regex(steps: list[Any]) -> str | None:
+    """The regex a byte-level pre-tokenizer splits text with, if it is one llama.cpp can mirror:
+    `ByteLevel` with its own (GPT-2) regex, or a `Split` (isolated matches) then `ByteLevel`
+    without regex. Neither may add a prefix space: llama.cpp never does."""
+    if not steps or not all(isinstance(s, dict) for s in steps):
+        return None
+    byte_level = steps[-1]
+    if byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space", True):
+        return None
+    if len(steps) == 1:
+        return GPT2_SPLIT_REGEX if byte_level.get("use_regex", True) else None
+    split = steps[0]
+    if len(steps) != 2 or split.get("type") != "Split" or byte_level.get("use_regex", True):
+        return None
+    if split.get("behavior") != "Isolated" or split.get("invert", False):
+        return None
+    pattern = split.get("pattern")
+    return pattern.get("Regex") if isinstance(pattern, dict) else None
+
+
 def _pre_tokenizer_name(pre: Any, path: Path) -> str:
     """llama.cpp's name for a byte-level BPE pre-tokenizer, or an error if it has none."""
     steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") if isinstance(s, dict) else None for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        pattern = (steps[0].get("pattern") or {}).get("Regex")
-        if pattern in PRE_TOKENIZER_BY_REGEX and steps[0].get("behavior") == "Isolated":
-            return PRE_TOKENIZER_BY_REGEX[pattern]
-    raise UnsupportedModelError(
-        f"{path}: pre-tokenizer {kinds} is not one llama.cpp reproduces; converting it would "
-        "tokenize differently (remove tokenizer.json to convert for token-id input only)"
-    )
+    name = PRE_TOKENIZER_BY_REGEX.get(_split_regex(steps) or "")
+    if name is None:
+        raise UnsupportedModelError(
+            f"{path}: pre-tokenizer {_describe_pre_tokenizer(steps)} matches none of the llama.cpp "
+            f"pre-tokenizers PocketLM writes ({', '.join(PRE_TOKENIZER_BY_REGEX.values())}); converting it "
+            "would tokenize differently (remove tokenizer.json to convert for token-id input only)"
+        )
+    return name
 
 
 def read_bpe_tokenizer(path: Path, vocab_size: int, config: dict[str, Any]) -> GGUFVocab:
@@ -74,6 +116,9 @@ def read_bpe_tokenizer(path: Path, vocab_size: int, config: dict[str, Any]) -> G
     model = data.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise UnsupportedModelError(f"{path}: expected a BPE tokenizer, found {model.get('type')!r}")
+    changed = {k: model[k] for k in BPE_OPTIONS_UNSUPPORTED if model.get(k)}
+    if changed:
+        raise UnsupportedModelError(f"{path}: BPE options {changed} are not reproduced by llama.cpp")
     if data.get("normalizer"):
         raise UnsupportedModelError(f"{path}: a BPE tokenizer with a normalizer is not reproduced by llama.cpp")
     pre = _pre_tokenizer_name(data.get("pre_tokenizer"), path)
