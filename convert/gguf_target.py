@@ -1,8 +1,10 @@
 """Writing a `GGUFPlan` as a GGUF file, tensor by tensor, in any supported quant type.
 
-f32/f16/bf16/q8_0 are encoded here (q8_0 bytes are identical to llama.cpp's); every other
-type is produced by llama.cpp's own quantizer from an intermediate f32/f16 file written the
-same way, which is removed afterwards.
+Every tensor is read from the checkpoint in row blocks, encoded by ggml's own routines
+(`ggml_quant.py`) into the type llama.cpp's quantizer would give it (`quant_mix.py`), and
+written straight into the output: the file `llama-quantize` writes from PocketLM's own
+full-precision file (f16 when every source tensor is f16, else f32), without that file.
+`llama_quantize` (llama.cpp's quantizer) remains for `pocketlm quantize`, GGUF to GGUF.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from .core import engine
 from .core.errors import CheckpointError, ModelLoadError, PocketLMError
 from .core.formats import FT, GGUF_FILE_TYPES, Q, QuantType
 from .core.gguf_file import IMATRIX_KEYS, read_header
-from .imatrix import ImportanceMatrix, check_applies, for_quantize
+from .ggml_quant import Quantizer
+from .imatrix import ImportanceMatrix, check_applies, compute, read_spec
 from .output import Fallback, fsync_file, partial_sibling, remove
 from .plan import GGUFPlan, TensorPlan
+from .quant_mix import Choice, Model, Role, choose, role
 
 try:
     import resource
@@ -38,53 +42,134 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 32 << 20  # float32 bytes per row block: bounds memory on huge embeddings
 QUANTIZE_BUF_BYTES = 64 << 20  # llama.cpp's quantizer slab (its default, 8 GiB, holds whole tensors)
+KV_STRING_BYTES = 127  # llama_model_kv_override's string size: imatrix names are cut there by llama-quantize
 
 
-def _tensor_type(t: TensorPlan, want: Q) -> Q:
-    """The type a tensor is written in: vectors stay f32; rows must fit the block size."""
-    if not t.is_matrix:
-        return Q.F32
-    block = gguf.GGML_QUANT_SIZES[want][0]
-    if t.shape[-1] % block:
-        return Q.F16
-    return want
+class TensorTypes(dict[str, Q]):
+    """Each tensor's stored type, and for those whose rows did not fit the type the mix
+    meant for them, that type (`wanted`)."""
+
+    def __init__(self, types: dict[str, Q], wanted: dict[str, Q] | None = None):
+        super().__init__(types)
+        self.wanted = dict(wanted or {})
 
 
-def _encode(rows: np.ndarray, qtype: Q, scale: float | None) -> np.ndarray:
+def full_precision(source_dtypes: set[str]) -> Q:
+    """The type of matrices in PocketLM's full-precision GGUF of a checkpoint, which
+    llama.cpp's quantizer would read: f16 sources lose nothing in f16, the rest needs f32."""
+    return Q.F16 if source_dtypes <= {"F16"} else Q.F32
+
+
+def _model(writer: gguf.GGUFWriter, arch: str) -> Model:
+    """The parameters llama.cpp's type choices read, from the keys the plan wrote."""
+    kv = writer.kv_data[0]
+
+    def value(key: str, default: int) -> int:
+        v = kv.get(f"{arch}.{key}")
+        if v is None:
+            return default
+        v = v.value
+        return int(v[0] if isinstance(v, (list, tuple)) else v)  # per-layer arrays: llama.cpp reads layer 0
+
+    return Model(
+        arch,
+        value("block_count", 1),
+        value("attention.head_count", 1),
+        value("attention.head_count_kv", value("attention.head_count", 1)),
+        value("expert_count", 0),
+    )
+
+
+def _encode(
+    rows: np.ndarray,
+    qtype: Q,
+    scale: float | None,
+    stored: Q,
+    quantizer: Quantizer,
+    imatrix: np.ndarray | None = None,
+    what: str = "",
+) -> np.ndarray:
+    """A block of rows in `qtype`, from the values a full-precision file would hold: scaled,
+    and rounded to `stored` (that file's type of the tensor; f16 rows read as such are exact)."""
+    exact = rows.dtype == np.float16 and scale is None
     rows = rows.astype(np.float32, copy=False)
     if scale is not None:
         rows = rows * np.float32(scale)
-    return gguf.quants.quantize(rows, qtype)
+    if stored == Q.F16 and not exact:
+        rows = rows.astype(np.float16).astype(np.float32)
+    n_per_row = rows.shape[-1] if rows.ndim else 1
+    rows = rows.reshape(-1, n_per_row)
+    if qtype == Q.F32:
+        return np.ascontiguousarray(rows)
+    return quantizer.encode(rows, qtype, imatrix, what)
 
 
 def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
     return int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype), dtype=np.int64))
 
 
+def _column_weights(imatrix: ImportanceMatrix | None, means: dict[str, np.ndarray], t: TensorPlan) -> Any:
+    """The importance matrix's weights for `t` (None without one), checked as llama.cpp does."""
+    weights = means.get(t.name) if imatrix is not None else None
+    if weights is not None and weights.size != t.shape[-1]:
+        if role(t.name) == Role.TOKEN_EMBD:  # llama.cpp quantizes it without, rather than fail
+            return None
+        raise PocketLMError(
+            f"importance matrix has {weights.size} columns for {t.name}, the tensor {t.shape[-1]} (another model's?)"
+        )
+    return weights
+
+
 def write_gguf(
     plan: GGUFPlan,
     path: Path,
-    want: Q,
     file_type: FT,
     metadata: Callable[[gguf.GGUFWriter], None],
     release: Callable[[str], None],
     progress: bool,
-) -> dict[str, Q]:
-    """Write every tensor of `plan` to `path`, one row block at a time. Returns tensor types."""
+    source: Q = Q.F32,
+    threads: int | None = None,
+    output_type: Q | None = None,
+    imatrix: ImportanceMatrix | None = None,
+    imatrix_source: str = "",
+) -> TensorTypes:
+    """Write every tensor of `plan` to `path` as `file_type`, one row block at a time, in
+    the types and order llama.cpp's quantizer would write them from PocketLM's
+    full-precision file (matrices in `source`). Returns the tensor types."""
     writer = gguf.GGUFWriter(path=None, arch=plan.arch)
     plan.set_parameters(writer)
     metadata(writer)
+    # the keys llama-quantize sets, in its order (it moves each key it sets to the end)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(int(file_type))
-    if want not in (Q.F32, Q.F16):
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    types = {t.name: _tensor_type(t, want) for t in plan.tensors}
-    for t in plan.tensors:
+    kv = writer.kv_data[0]
+    if "pocketlm.quant" in kv:
+        kv["pocketlm.quant"] = kv.pop("pocketlm.quant")
+    if imatrix is not None:
+        writer.add_string(IMATRIX_KEYS["file"], _kv_string(imatrix_source))
+        writer.add_string(IMATRIX_KEYS["dataset"], _kv_string((imatrix.datasets or [""])[0]))
+        writer.add_uint32(IMATRIX_KEYS["entries"], len(imatrix.sums))
+        writer.add_uint32(IMATRIX_KEYS["chunks"], imatrix.chunks)
+    stored = {t.name: source if t.is_matrix else Q.F32 for t in plan.tensors}
+    choices: dict[str, Choice] = choose(
+        [(t.name, t.shape, stored[t.name]) for t in plan.tensors],
+        file_type,
+        _model(writer, plan.arch),
+        output_type,
+        imatrix is not None,
+    )
+    types = TensorTypes({n: c.type for n, c in choices.items()}, {n: c.wanted for n, c in choices.items() if c.wanted})
+    by_name = {t.name: t for t in plan.tensors}
+    ordered = [by_name[name] for name in choices]  # llama.cpp's order
+    for t in ordered:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _nbytes(t.shape, types[t.name]), types[t.name])
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     fout = writer.fout[0]
-    bar = tqdm(plan.tensors, desc="converting", unit="tensor", disable=not progress, leave=False)
+    means = imatrix.means() if imatrix is not None else {}
+    bar = tqdm(ordered, desc="converting", unit="tensor", disable=not progress, leave=False)
+    quantizer = Quantizer(threads or os.cpu_count() or 1)
     try:
         for t in bar:
             bar.set_postfix_str(t.name, refresh=False)
@@ -92,35 +177,48 @@ def write_gguf(
             data = t.load()
             if tuple(data.shape) != t.shape:
                 raise CheckpointError(f"tensor {t.name}: produced shape {data.shape}, planned {t.shape}")
+            qtype = types[t.name]
+            weights = _column_weights(imatrix, means, t) if qtype != stored[t.name] else None
             row_len = int(np.prod(t.shape[1:], dtype=np.int64)) or 1
             written = 0
             for rows in iter_rows(data, max(1, CHUNK_BYTES // (4 * row_len))):
-                encoded = _encode(rows, types[t.name], t.scale)
-                fout.write(encoded.tobytes())
+                encoded = _encode(rows, qtype, t.scale, stored[t.name], quantizer, weights, t.name)
+                fout.write(encoded.data)
                 written += encoded.nbytes
-                for source in t.sources:  # drop the mapped pages read so far
-                    release(source)
-            if written != _nbytes(t.shape, types[t.name]):
+                for source_name in t.sources:  # drop the mapped pages read so far
+                    release(source_name)
+            if written != _nbytes(t.shape, qtype):
                 raise PocketLMError(f"internal error: tensor {t.name} wrote {written} bytes")
             writer.write_padding(fout, written)
     finally:
+        quantizer.close()
         bar.close()
         writer.close()
     fsync_file(path)
     return types
 
 
-def verify_gguf(path: Path, expected: dict[str, Q]) -> dict[str, Q]:
-    """Re-open a written file and check every planned tensor is there, inside the file."""
+def _kv_string(value: str) -> str:
+    """A string as llama-quantize records it through a key override (at most 127 bytes)."""
+    return value.encode()[:KV_STRING_BYTES].decode("utf-8", "ignore")
+
+
+def verify_gguf(path: Path, expected: TensorTypes) -> TensorTypes:
+    """Re-open a written file and check every planned tensor is there, in its planned type."""
     try:
         header = read_header(path)
     except ModelLoadError as e:
         raise PocketLMError(f"written file does not read back: {e}") from None
-    found = {t.name: t.type for t in header.tensors}
+    found = {t.name: Q(t.type) for t in header.tensors}
     if set(found) != set(expected):
         diff = sorted(set(expected) ^ set(found))
         raise PocketLMError(f"{path}: written file has a different tensor set (e.g. {diff[0]})")
-    return found
+    wrong = [n for n in expected if found[n] != expected[n]]
+    if wrong:
+        raise PocketLMError(
+            f"{path}: {wrong[0]} was written as {found[wrong[0]].name}, planned {expected[wrong[0]].name}"
+        )
+    return expected
 
 
 def llama_quantize(
@@ -132,9 +230,10 @@ def llama_quantize(
     imatrix: ImportanceMatrix | None = None,
     imatrix_source: str = "",
 ) -> None:
-    """Quantize a GGUF with llama.cpp's own quantizer (K-quants have no Python encoder).
-    `output_type`: the output head's type (a tied head is the token embedding), instead of
-    llama.cpp's choice (q6_k for K-quants). `imatrix`: column weights for the rounding error;
+    """Quantize a GGUF with llama.cpp's own quantizer: `pocketlm quantize` (GGUF to GGUF),
+    and the reference the direct writer is tested against. `output_type`: the output head's
+    type (a tied head is the token embedding), instead of llama.cpp's choice (q6_k for
+    K-quants). `imatrix`: column weights for the rounding error;
     the file then records it under llama-quantize's `quantize.imatrix.*` keys."""
     llama = engine.llama_cpp()
     params = llama.llama_model_quantize_default_params()
@@ -184,14 +283,14 @@ def _why_unwritable(path: Path) -> OSError | None:
 
 
 def _kv_overrides(llama: Any, values: dict[str, str | int]) -> Any:
-    """A llama_model_kv_override array (strings at most 127 bytes), ending in an empty key."""
+    """A llama_model_kv_override array (strings cut to KV_STRING_BYTES), ending in an empty key."""
     array = (llama.llama_model_kv_override * (len(values) + 1))()
     for item, (key, value) in zip(array, values.items()):
         item.key = key.encode()
         if isinstance(value, int):
             item.tag, item.value.val_i64 = llama.LLAMA_KV_OVERRIDE_TYPE_INT, value
         else:
-            item.tag, item.value.val_str = llama.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
+            item.tag, item.value.val_str = llama.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:KV_STRING_BYTES]
     return array
 
 
@@ -199,20 +298,20 @@ def describe_types(types: dict[str, Q]) -> dict[str, int]:
     return dict(Counter(q.name.lower() for q in types.values()))
 
 
-def fallbacks(plan: GGUFPlan, types: dict[str, Q], quant: QuantType) -> list[Fallback]:
-    """Matrices whose rows did not fit the quant's block size, and what they got instead."""
-    out = []
-    for t in plan.tensors:
-        if t.is_matrix and t.shape[-1] % quant.block:
-            out.append(
-                Fallback(
-                    t.name,
-                    quant.name,
-                    types[t.name].name.lower(),
-                    f"row length {t.shape[-1]} is not a multiple of {quant.block}",
-                )
-            )
-    return out
+def fallbacks(plan: GGUFPlan, types: TensorTypes, quant: QuantType) -> list[Fallback]:
+    """Matrices whose rows did not fit the type the quant's mix meant for them, and what
+    they got instead (llama.cpp's fallbacks)."""
+    shapes = {t.name: t.shape for t in plan.tensors}
+    return [
+        Fallback(
+            name,
+            quant.name,
+            types[name].name.lower(),
+            f"row length {shapes[name][-1]} is not a multiple of {wanted.name.lower()}'s "
+            f"{gguf.GGML_QUANT_SIZES[wanted][0]}",
+        )
+        for name, wanted in types.wanted.items()
+    ]
 
 
 def convert_gguf(
@@ -227,25 +326,63 @@ def convert_gguf(
     output_type: Q | None = None,
     imatrix: Path | None = None,
     imatrix_save: Path | None = None,
-) -> dict[str, Q]:
-    """Produce the final GGUF at `dest_tmp` (verified), directly or through llama.cpp (always
-    when the output head gets a type of its own). `imatrix`: a calibration text (the matrix
-    is computed on the intermediate file and saved to `imatrix_save`) or an imatrix GGUF."""
+) -> TensorTypes:
+    """Produce the final GGUF at `dest_tmp` (verified), every tensor quantized as it is
+    streamed. `imatrix`: an imatrix GGUF, or a calibration text whose matrix is computed on
+    a temporary full-precision GGUF (removed before the output is written) and saved to
+    `imatrix_save`."""
     if imatrix is not None:
         check_applies(quant)
-    if quant.direct is not None and output_type is None:
-        types = write_gguf(plan, dest_tmp, quant.direct, quant.file_type, metadata, release, progress)
-        return verify_gguf(dest_tmp, types)
-    # f16 sources lose nothing in an f16 intermediate; anything else goes through f32.
-    inter_q, inter_ft = (Q.F16, FT.MOSTLY_F16) if source_dtypes <= {"F16"} else (Q.F32, FT.ALL_F32)
-    intermediate = partial_sibling(dest_tmp, ".intermediate")
-    try:
-        types = write_gguf(plan, intermediate, inter_q, inter_ft, metadata, release, progress)
-        verify_gguf(intermediate, types)
-        matrix, source = for_quantize(imatrix, intermediate, imatrix_save, threads, progress) if imatrix else (None, "")
+    source = full_precision(source_dtypes)
+    matrix, matrix_source = None, ""
+    if imatrix is not None:
+        matrix, matrix_source = _importance_matrix(
+            imatrix, plan, dest_tmp, metadata, release, source, progress, threads, imatrix_save
+        )
         if progress:
-            print(f"quantizing to {quant.name} with llama.cpp ...", flush=True)
-        llama_quantize(intermediate, dest_tmp, quant.file_type, threads, output_type, matrix, source)
-    finally:
-        remove(intermediate)
+            print(f"quantizing to {quant.name} ...", flush=True)
+    types = write_gguf(
+        plan,
+        dest_tmp,
+        quant.file_type,
+        metadata,
+        release,
+        progress,
+        source,
+        threads,
+        output_type,
+        matrix,
+        matrix_source,
+    )
     return verify_gguf(dest_tmp, types)
+
+
+def _importance_matrix(
+    spec: Path,
+    plan: GGUFPlan,
+    dest_tmp: Path,
+    metadata: Callable[[gguf.GGUFWriter], None],
+    release: Callable[[str], None],
+    source: Q,
+    progress: bool,
+    threads: int | None,
+    save_to: Path | None,
+) -> tuple[ImportanceMatrix, str]:
+    """The matrix `--imatrix SPEC` asks for, and what the quantized file records as its source.
+    A calibration text needs a model llama.cpp can run: the full-precision GGUF is written
+    for it next to the output and removed once the matrix is computed."""
+    given = read_spec(spec)
+    if isinstance(given, ImportanceMatrix):
+        return given, spec.name
+    model = partial_sibling(dest_tmp, ".intermediate")
+    try:
+        file_type = FT.MOSTLY_F16 if source == Q.F16 else FT.ALL_F32
+        verify_gguf(model, write_gguf(plan, model, file_type, metadata, release, progress, source, threads))
+        if progress:
+            print(f"computing the importance matrix over {spec.name} ...", flush=True)
+        matrix = compute(model, given, dataset=spec.name, threads=threads, progress=progress)
+    finally:
+        remove(model)
+    if save_to is not None:
+        matrix.save(save_to)
+    return matrix, spec.name

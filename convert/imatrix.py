@@ -27,6 +27,7 @@ from .core import engine
 from .core.errors import ModelLoadError, PocketLMError
 from .core.formats import QuantType
 from .core.gguf_file import IMATRIX_SUFFIX, IMATRIX_TYPE, MAGIC
+from .ggml_quant import library
 from .output import atomic_output
 
 CHUNK_TOKENS = 512  # tokens per evaluation, as llama-imatrix's default context
@@ -63,11 +64,7 @@ def _ggml() -> tuple[Any, int]:
     """(libggml-base with the few functions used here, the value of GGML_OP_MUL_MAT)."""
     if "ggml" in _STATE:
         return _STATE["ggml"]
-    engine.llama_cpp()
-    from llama_cpp import _ctypes_extensions
-    from llama_cpp._ggml import libggml_base_path
-
-    lib = _ctypes_extensions.load_shared_library("ggml-base", libggml_base_path)
+    lib = library()
     lib.ggml_op_name.restype, lib.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
     lib.ggml_nbytes.restype, lib.ggml_nbytes.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
     lib.ggml_tensor_overhead.restype, lib.ggml_tensor_overhead.argtypes = ctypes.c_size_t, []
@@ -197,10 +194,11 @@ class ImportanceMatrix:
 
 
 def check_applies(quant: QuantType) -> None:
-    """Only llama.cpp's quantizer reads an importance matrix; PocketLM writes the others itself."""
+    """Only ggml's low-bit quantizers read an importance matrix: f32, f16, bf16 and q8_0
+    (the types `QuantType.direct` names) round each value alone."""
     if quant.direct is not None:
         raise PocketLMError(
-            f"--imatrix guides llama.cpp's quantizer (q2_k ... q6_k, q4_0 ... q5_1); {quant.name} does not use it"
+            f"--imatrix guides the low-bit quantizers (q2_k ... q6_k, q4_0 ... q5_1); {quant.name} does not use it"
         )
 
 
@@ -376,25 +374,33 @@ def _run(fn: Any, ctx: Any, batch: Any, collector: _Collector, path: Path) -> No
         raise PocketLMError(f"{path}: llama.cpp failed on a calibration chunk ({rc}): {engine.recent_log()}")
 
 
+def read_spec(spec: Path) -> ImportanceMatrix | str:
+    """What `--imatrix SPEC` names: an imatrix GGUF, read; else a calibration text, read as
+    UTF-8 (checked before a model is prepared to compute the matrix on)."""
+    if not spec.is_file():
+        raise ModelLoadError(f"{spec}: no such file (--imatrix takes a calibration text or an imatrix GGUF)")
+    if is_gguf(spec):
+        return ImportanceMatrix.load(spec)
+    try:
+        return spec.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ModelLoadError(
+            f"{spec}: not UTF-8 text (--imatrix takes a calibration text or an imatrix GGUF)"
+        ) from None
+
+
 def for_quantize(
     spec: Path, model_path: Path, save_to: Path | None, threads: int | None, progress: bool
 ) -> tuple[ImportanceMatrix, str]:
     """The matrix `--imatrix SPEC` asks for: an imatrix GGUF is read; anything else is
     calibration text, computed on `model_path` (the f32/f16 model) and saved to `save_to`.
     Returns the matrix and what the quantized file records as its source."""
-    if not spec.is_file():
-        raise ModelLoadError(f"{spec}: no such file (--imatrix takes a calibration text or an imatrix GGUF)")
-    if is_gguf(spec):
-        return ImportanceMatrix.load(spec), spec.name
-    try:
-        text = spec.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ModelLoadError(
-            f"{spec}: not UTF-8 text (--imatrix takes a calibration text or an imatrix GGUF)"
-        ) from None
+    given = read_spec(spec)
+    if isinstance(given, ImportanceMatrix):
+        return given, spec.name
     if progress:
         print(f"computing the importance matrix over {spec.name} ...", flush=True)
-    matrix = compute(model_path, text, dataset=spec.name, threads=threads, progress=progress)
+    matrix = compute(model_path, given, dataset=spec.name, threads=threads, progress=progress)
     if save_to is not None:
         matrix.save(save_to)
     return matrix, spec.name
