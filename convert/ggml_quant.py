@@ -101,7 +101,7 @@ class Quantizer:
         if rows.ndim != 2:
             raise PocketLMError(f"internal error: {what} rows have shape {rows.shape}")
         n_rows, n_per_row = rows.shape
-        if not fits(qtype, n_per_row):  # ggml would abort the process
+        if not fits(qtype, n_per_row):  # ggml does not check (its asserts are compiled out)
             raise PocketLMError(f"{what}: rows of {n_per_row} values cannot be stored as {qtype.name}")
         weights = None
         if imatrix is not None:

@@ -229,7 +229,8 @@ def test_output_type_as_llama_quantize_gives_it(folders, case, quant, head, tmp_
 
 def test_output_type_that_cannot_hold_the_rows_is_refused(folders, tmp_path):
     """llama.cpp gives an untied head the --output-type as asked, without a fallback: rows of
-    64 cannot be q6_k (llama-quantize aborts); PocketLM says so in one line."""
+    64 cannot be q6_k (llama-quantize fails: "quantized data validation failed"); PocketLM
+    says why in one line, before writing anything."""
     hf, _ = folders.get("t5-f16")
     with pytest.raises(PocketLMError, match="output.weight: rows of 64 values cannot be stored as q6_k"):
         convert(hf, tmp_path / "m.gguf", quant="q4_k_m", format="gguf", output_type="q6_k")
