@@ -39,7 +39,7 @@ _MAX_DIMS, _MAX_SRC, _MAX_NAME, _MAX_OP_PARAMS = 4, 10, 64, 64
 
 class _Tensor(ctypes.Structure):
     """`struct ggml_tensor` of the ggml that llama-cpp-python 0.3.36 bundles (ggml.h);
-    `_ggml()` checks its size against the library before anything reads through it."""
+    `_ggml_tensors()` checks its size against the library before anything reads through it."""
 
 
 _Tensor._fields_ = [
@@ -60,7 +60,7 @@ _Tensor._fields_ = [
 ]
 
 
-def _ggml() -> tuple[Any, int]:
+def _ggml_tensors() -> tuple[Any, int]:
     """(libggml-base with the few functions used here, the value of GGML_OP_MUL_MAT)."""
     if "ggml" in _STATE:
         return _STATE["ggml"]
@@ -219,7 +219,7 @@ class _Collector:
 
     def __init__(self, matrix: ImportanceMatrix):
         self.matrix = matrix
-        self.lib, self.mul_mat = _ggml()
+        self.lib, self.mul_mat = _ggml_tensors()
         self.error: BaseException | None = None
         self.callback = engine.llama_cpp().ggml_backend_sched_eval_callback(self._on_node)
 

@@ -46,8 +46,8 @@ THIRD_PARTY_INTERNALS: dict[tuple[str, str], str] = {
     ("pocketlm.converters.torch_pickle", "_Unpickler"): "pickle._Unpickler",
     # llama-cpp-python (pinned to 0.3.36) exposes ggml's base library and its loader only from these private
     # modules; imatrix reads the activations through ggml's tensor functions, which llama_cpp does not wrap.
-    ("pocketlm.converters.imatrix", "_ctypes_extensions"): "llama_cpp._ctypes_extensions",
-    ("pocketlm.converters.imatrix", "_ggml"): "llama_cpp._ggml",
+    ("pocketlm.converters.ggml_quant", "_ctypes_extensions"): "llama_cpp._ctypes_extensions",
+    ("pocketlm.converters.ggml_quant", "_ggml"): "llama_cpp._ggml",
 }
 
 

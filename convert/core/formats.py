@@ -19,7 +19,9 @@ FT = gguf.LlamaFileType
 
 @dataclass(frozen=True)
 class QuantType:
-    """A GGUF quant type: written directly by PocketLM (`direct`) or by llama.cpp's quantizer."""
+    """A GGUF quant type. `direct`: the one tensor type of an unmixed type (no importance matrix
+    applies); the others are llama.cpp's mixes (convert/quant_mix.py). PocketLM writes every
+    type tensor by tensor while streaming, as llama-quantize would write it."""
 
     name: str
     file_type: FT
@@ -95,7 +97,7 @@ FORMATS: dict[str, Format] = {
             ("gguf",),
             tuple(GGUF_QUANTS),
             "q4_k_m",
-            "f32 f16 bf16 q8_0 are written directly, the others by llama.cpp's quantizer",
+            "every type is written tensor by tensor while streaming, as llama-quantize would write it",
             ".gguf",
         ),
         Format(
