@@ -52,7 +52,31 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer")
     _add_output_type(p)
     _add_imatrix(p)
+    p.add_argument(
+        "--split-max-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="GGUF: write llama.cpp's split files (<stem>-00001-of-0000N.gguf ...) of at most SIZE of tensors each "
+        "(e.g. 2G, 500M; K/M/G are powers of 1000, as gguf-split reads them); load the model by its first file",
+    )
+    p.add_argument(
+        "--split-max-tensors", type=int, default=None, metavar="N", help="GGUF: split files of at most N tensors each"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def parse_size(text: str) -> int:
+    """A size as gguf-split reads it: a number of bytes, or with K, M or G (powers of 1000)."""
+    units = {"K": 1000, "M": 1000**2, "G": 1000**3}
+    number, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in units else (text, "")
+    try:
+        size = int(float(number) * units.get(unit, 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (a number, or with K, M or G)") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be above 0")
+    return size
 
 
 def _add_output_type(p: argparse.ArgumentParser) -> None:
@@ -105,6 +129,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         threads=args.threads,
         output_type=args.output_type,
         imatrix=args.imatrix,
+        split_max_size=args.split_max_size,
+        split_max_tensors=args.split_max_tensors,
     )
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.describe())
     return 0
@@ -114,7 +140,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .core.checks import check_gguf
     from .core.errors import ModelLoadError
     from .core.formats import gguf_quant_type, tensor_type
-    from .core.gguf_file import read_header
+    from .core.gguf_split import read_model_header
     from .gguf_target import llama_quantize
     from .imatrix import check_applies, for_quantize, is_gguf, saved_name
     from .output import atomic_output, check_writable
@@ -124,9 +150,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ModelLoadError(f"{src}: a folder; quantize takes a GGUF file")
     if not src.exists():
         raise ModelLoadError(f"{src}: no such file or folder")
-    check_gguf(read_header(src), src)  # a clear error for what is not a complete GGUF model, before llama.cpp
+    header = read_model_header(src)  # any file of a split model: all its files, checked
+    src = header.path  # llama.cpp reads a split model from its first file (and writes one file)
+    check_gguf(header, src)  # a clear error for what is not a complete GGUF model, before llama.cpp
     qt = gguf_quant_type(args.quant)
-    inputs = (src, args.imatrix)
+    inputs = (*header.files, args.imatrix)
     out = check_writable(args.output, args.force, inputs)  # before an importance matrix is computed for it
     matrix, source, notes = None, "", []
     if args.imatrix:

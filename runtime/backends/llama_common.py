@@ -25,7 +25,8 @@ from pocketlm.converters.core.checks import INT32_MAX, GGUFDims, check_gguf, kv_
 from pocketlm.converters.core.engine import extra_buffer_types
 from pocketlm.converters.core.errors import EngineError, ModelLoadError, RequestError
 from pocketlm.converters.core.formats import gguf_quant_name
-from pocketlm.converters.core.gguf_file import GGUFHeader, read_header
+from pocketlm.converters.core.gguf_file import GGUFHeader
+from pocketlm.converters.core.gguf_split import model_files, read_model_header
 from pocketlm.core.engine import ModelInfo
 from pocketlm.core.generation import MAX_SEQUENCES
 from pocketlm.loading.machine import available_ram_bytes, ram_bytes
@@ -141,11 +142,13 @@ class LlamaSession:
         self.model = self.ctx = self.batch = None
         self._embedder: EmbeddingContext | None = None  # made on the first `embed`
         self._embedding = threading.Lock()  # one embedding call at a time uses it
-        header = header if header is not None else read_header(path)
+        header = header if header is not None else read_model_header(path)  # any file of a split model
+        files = model_files(header, path)
+        self.path = path = files[0]  # llama.cpp opens a split model by its first file
         dims = check_gguf(header, path)  # before llama.cpp sees the file: it trusts these numbers
         self.quant = gguf_quant_name(header.metadata)
         exact = (kv_type or ("f32" if self.quant == "f32" else "f16")) == "f32"
-        plan = plan_context(path, dims, max_ctx, n_ctx, n_seq, kv_cells, exact, Path(path).stat().st_size)
+        plan = plan_context(path, dims, max_ctx, n_ctx, n_seq, kv_cells, exact, sum(f.stat().st_size for f in files))
         if plan.warning:
             log.warning(plan.warning)
         mparams = llama.llama_model_default_params()

@@ -22,7 +22,8 @@ from pocketlm.converters.core import engine
 from pocketlm.converters.core.checks import check_gguf
 from pocketlm.converters.core.errors import ModelLoadError
 from pocketlm.converters.core.formats import gguf_quant_name
-from pocketlm.converters.core.gguf_file import IMATRIX_KEYS, IMATRIX_SUFFIX, MAGIC, read_header
+from pocketlm.converters.core.gguf_file import IMATRIX_KEYS, IMATRIX_SUFFIX, MAGIC
+from pocketlm.converters.core.gguf_split import read_model_header, split_files
 from pocketlm.loading.facts import Choice, ModelFacts, ModelSource, PlatformFacts
 
 REINSTALL = "CMAKE_ARGS='-D{flag}=on' pip install --force-reinstall --no-cache-dir llama-cpp-python"
@@ -44,6 +45,14 @@ def gpu_backend(system_info: str, offload: bool) -> str | None:
     return "gpu"
 
 
+def _only_model(folder: Path) -> Path | None:
+    """A file of the one GGUF model in `folder` (one file, or the files of one split), if it
+    holds exactly one; importance matrices beside it do not count."""
+    ggufs = [p for p in sorted(folder.glob("*.gguf")) if not p.name.endswith(IMATRIX_SUFFIX)]
+    models = {split_files(p.name)[0]: p for p in reversed(ggufs)}  # a split's lowest-numbered file
+    return next(iter(models.values())) if len(models) == 1 else None
+
+
 @register
 class LlamaCpp(Backend):
     name = "llama.cpp"
@@ -56,19 +65,26 @@ class LlamaCpp(Backend):
     # -- models -----------------------------------------------------------------------------
     def inspect(self, path: Path) -> ModelSource | None:
         if path.is_dir() and not (path / "config.json").is_file():
-            # a folder of one GGUF (a cache entry, a repo snapshot), maybe with its importance matrix
-            ggufs = [p for p in sorted(path.glob("*.gguf")) if not p.name.endswith(IMATRIX_SUFFIX)]
-            path = ggufs[0] if len(ggufs) == 1 else path
+            # a folder of one GGUF model (a cache entry, a repo snapshot), maybe with its importance matrix
+            path = _only_model(path) or path
         if not path.is_file():
             return None
         with open(path, "rb") as f:
             if f.read(4) != MAGIC:
                 return None
-        header = read_header(path)  # refuses truncated/corrupt files before llama.cpp sees them
+        # any file of a split model stands for all of them; refuses truncated/corrupt files and
+        # missing or mismatched parts before llama.cpp sees them
+        header = read_model_header(path)
         meta = header.metadata
-        check_gguf(header, path)  # llama.cpp trusts its numbers: refuse what would abort or exhaust it
+        check_gguf(header, header.path)  # llama.cpp trusts its numbers: refuse what would abort or exhaust it
         return ModelSource(
-            path, "gguf", header.architecture, gguf_quant_name(meta), path.stat().st_size, metadata=meta, header=header
+            header.path,
+            "gguf",
+            header.architecture,
+            gguf_quant_name(meta),
+            header.size_bytes,
+            metadata=meta,
+            header=header,
         )
 
     def describe(self, source: ModelSource) -> dict[str, Any]:
@@ -84,6 +100,8 @@ class LlamaCpp(Backend):
             if lacks_output_scale(header, source.path):
                 on_load.append(output_scale_reason(width**-0.5))
         return {
+            "size_bytes": header.size_bytes,  # every file of a split model
+            "files": [str(f) for f in header.files],
             "parameters": sum(math.prod(t.shape) for t in header.tensors),
             "tensors": len(header.tensors),
             "tensor_types": dict(Counter(t.type.name.lower() for t in header.tensors).most_common()),

@@ -32,6 +32,7 @@ from typing import Any
 from pocketlm.converters.core import __version__
 from pocketlm.converters.core.errors import PocketLMError, first_line, write_failure, writing
 from pocketlm.converters.core.formats import FORMATS
+from pocketlm.converters.core.gguf_split import split_files
 from pocketlm.converters.core.jsonfile import OPTIONAL_STRING, Each, MalformedJSON, Shape, read_json
 
 try:
@@ -122,16 +123,21 @@ def read_manifest(entry: Path) -> dict[str, Any]:
 
 
 def _files(output: Path) -> list[Path]:
-    return sorted(p for p in output.rglob("*") if p.is_file()) if output.is_dir() else [output]
+    """A model's files: a folder's, or a file and the other files of its split (in order)."""
+    if output.is_dir():
+        return sorted(p for p in output.rglob("*") if p.is_file())
+    return [output.with_name(name) for name in split_files(output.name)]
 
 
 def output_sha256(output: Path, memo: _HashMemo) -> str:
-    """One digest for a model file or folder (the folder's files, by name and content)."""
-    if output.is_file():
+    """One digest for a model file, the files of a split model (named by its first) or a folder
+    (the folder's files): each file's name and content, in order."""
+    files = _files(output)
+    if files == [output]:
         return memo.sha256(output)
     h = hashlib.sha256()
-    for f in _files(output):
-        h.update(f"{f.relative_to(output)}\0{memo.sha256(f)}\n".encode())
+    for f in files:
+        h.update(f"{f.relative_to(output if output.is_dir() else output.parent)}\0{memo.sha256(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -167,8 +173,9 @@ def _valid(entry: Path, memo: _HashMemo) -> Path | None:
         return None
     output = entry / manifest["output"]
     try:
-        if not output.exists():
-            log.warning("cached conversion %s lacks its model %s; rebuilding it", entry.name, output.name)
+        lacking = [f for f in _files(output) if not f.exists()] if output.exists() else [output]
+        if lacking:
+            log.warning("cached conversion %s lacks its model's %s; rebuilding it", entry.name, lacking[0].name)
             return None
         if output.is_dir():
             read_folder_metadata(output)
@@ -237,10 +244,11 @@ def _build(
 ) -> Path:
     from pocketlm.converters import convert
 
-    output = entry / FORMATS[fmt].output_name("model")
     if progress:
         print(f"converting {repo or folder} to {fmt} {quant} (first use; cached in {entry})", flush=True)
-    summary = convert(folder, output, quant=quant, format=fmt, force=True, progress=progress)
+    asked = entry / FORMATS[fmt].output_name("model")
+    summary = convert(folder, asked, quant=quant, format=fmt, force=True, progress=progress)
+    output = Path(summary.output)  # a split model: its first file, the others beside it
     manifest = {
         "source": {"repo": repo, "revision": revision, "folder": str(folder.resolve()), "sha256": hashes},
         "format": fmt,

@@ -2,9 +2,10 @@
 
 Only what PocketLM needs is downloaded: config, tokenizer and the weights of one storage
 format (safetensors preferred, never both), or, for repos of ready-made GGUF files, the one
-file of the wanted quant type. Everything goes through huggingface_hub and its cache, so
-HF_HOME, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE mean what they always mean; with
-HF_HUB_OFFLINE=1 no request is made at all and only cached files are used.
+model of the wanted quant type (every file of a split one, `-00001-of-0000N.gguf`...).
+Everything goes through huggingface_hub and its cache, so HF_HOME, HF_TOKEN, HF_ENDPOINT and
+HF_HUB_OFFLINE mean what they always mean; with HF_HUB_OFFLINE=1 no request is made at all
+and only cached files are used.
 
 The network is allowed to fail in every way it does on planes, behind captive portals and
 firewalls: any fault (no DNS, refused, no answer, reset, TLS, HTTP 5xx/429, an HTML page
@@ -43,6 +44,7 @@ from pocketlm.converters.core.errors import (
     write_failure,
     writing,
 )
+from pocketlm.converters.core.gguf_split import split_files, split_parts
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +208,10 @@ def offline() -> bool:
 
 
 def gguf_quant(filename: str) -> str | None:
-    """The quant type in a GGUF file name (e.g. bloomz-560m.Q4_K_M.gguf -> q4_k_m)."""
-    name = filename.lower()
+    """The quant type in a GGUF file name (e.g. bloomz-560m.Q4_K_M.gguf -> q4_k_m; a split
+    model's files, bloomz-7b1-Q4_K_M-00001-of-00003.gguf, by their common name)."""
+    parts = split_parts(Path(filename).name)
+    name = (filename if parts is None else parts[0]).lower()
     from pocketlm.converters.core.formats import FORMATS
 
     for quant in sorted(FORMATS["gguf"].quants, key=len, reverse=True):
@@ -216,28 +220,44 @@ def gguf_quant(filename: str) -> str | None:
     return None
 
 
-def pick_gguf(files: list[str], quant: str | None, ref: HubRef) -> str:
-    """The GGUF file to use: the requested quant, else the preferred one available."""
-    by_quant: dict[str, str] = {}
+def gguf_models(files: list[str]) -> dict[str, list[str]]:
+    """The GGUF models among a repo's files: each model's files (one, or every file of a split
+    model, as llama.cpp names them), by its first file."""
+    models: dict[str, list[str]] = {}
     for f in sorted(files):
-        q = gguf_quant(f)
+        folder, name = f.rpartition("/")[0], f.rpartition("/")[2]
+        shards = [f"{folder}/{n}" if folder else n for n in split_files(name)]
+        models.setdefault(shards[0], shards)
+    return models
+
+
+def pick_gguf(files: list[str], quant: str | None, ref: HubRef) -> list[str]:
+    """The files of the GGUF model to use (several for a split model, its first first): the
+    requested quant, else the preferred one available."""
+    models = gguf_models(files)
+    by_quant: dict[str, list[str]] = {}
+    for first, shards in models.items():
+        q = gguf_quant(first)
         if q and q not in by_quant:
-            by_quant[q] = f
+            by_quant[q] = shards
     if quant:
         if quant.lower() not in by_quant:
             raise ModelLoadError(
                 f"{ref} has no {quant} GGUF file; available: {', '.join(sorted(by_quant)) or ', '.join(files)}"
             )
-        return by_quant[quant.lower()]
-    for q in GGUF_PREFERENCE:
-        if q in by_quant:
+        chosen = by_quant[quant.lower()]
+    else:
+        chosen = next((by_quant[q] for q in GGUF_PREFERENCE if q in by_quant), None)
+        if chosen is not None:
+            q = gguf_quant(chosen[0])
             log.warning("%s offers %s; using %s (choose with --quant)", ref, ", ".join(sorted(by_quant)), q)
-            return by_quant[q]
-    if len(files) == 1:
-        return files[0]
-    raise ModelLoadError(
-        f"{ref}: cannot tell the quant types of its GGUF files ({', '.join(files)}); name one with --quant"
-    )
+        elif len(models) == 1:
+            chosen = next(iter(models.values()))
+        else:
+            raise ModelLoadError(
+                f"{ref}: cannot tell the quant types of its GGUF files ({', '.join(files)}); name one with --quant"
+            )
+    return chosen
 
 
 def checkpoint_patterns(files: list[str]) -> list[str]:
@@ -285,9 +305,17 @@ def cached(ref: HubRef, quant: str | None = None) -> Path:
 
 def _from_folder(folder: Path, ref: HubRef, quant: str | None) -> Path:
     """A cached snapshot as PocketLM uses it: a GGUF file or a complete checkpoint folder."""
-    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    ggufs = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.gguf"))
     if ggufs and not (folder / "config.json").is_file():
-        return folder / pick_gguf(ggufs, quant, ref)
+        chosen = pick_gguf(ggufs, quant, ref)
+        lacking = [f for f in chosen if f not in ggufs]
+        if lacking:
+            raise _missing(
+                ref,
+                f"the cached snapshot lacks {', '.join(lacking)} of the {len(chosen)} files of {chosen[0]} "
+                f"(an interrupted download? `pocketlm pull {ref}` resumes it)",
+            )
+        return folder / chosen[0]
     incomplete = _incomplete(folder)
     if incomplete:
         raise _missing(
@@ -365,7 +393,15 @@ def pull(
     weights = any(f.endswith((".safetensors", ".bin")) for f in files)
     if not ggufs and not weights:
         raise ModelLoadError(f"{ref}: the repo holds no weights PocketLM can convert (no .safetensors, .bin or .gguf)")
-    patterns = [pick_gguf(ggufs, quant, ref)] if ggufs and not weights else checkpoint_patterns(files)
+    if ggufs and not weights:
+        patterns = pick_gguf(ggufs, quant, ref)
+        lacking = [f for f in patterns if f not in ggufs]
+        if lacking:
+            raise ModelLoadError(
+                f"{ref}: {patterns[0]} is split in {len(patterns)} files, but the repo lacks {', '.join(lacking)}"
+            )
+    else:
+        patterns = checkpoint_patterns(files)
     wanted = [f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)]
     if before_download is not None:
         sizes = [s.size for s in info.siblings or [] if s.rfilename in wanted]
@@ -378,9 +414,11 @@ def pull(
         # that offline use resolves later; the weights are in blobs/ already, only linked here.
         with _progress_bars(progress), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Not enough free disk space")  # a full disk is one error line
-            if ggufs and not weights:
-                name = patterns[0]
-                return Path(hf_hub_download(ref.repo, name, revision=ref.revision, etag_timeout=seconds))
+            if ggufs and not weights:  # a model's file, or every file of a split model: the first is the model
+                got = [
+                    hf_hub_download(ref.repo, name, revision=ref.revision, etag_timeout=seconds) for name in patterns
+                ]
+                return Path(got[0])
             folder = Path(
                 snapshot_download(ref.repo, revision=ref.revision, allow_patterns=patterns, etag_timeout=seconds)
             )

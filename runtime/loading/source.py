@@ -2,8 +2,10 @@
 
 `inspect()` asks every backend whether the path is in one of its formats (a GGUF file, a
 CTranslate2 folder, ...); a folder with a config.json is a Hugging Face checkpoint, converted
-on first use. The result carries the metadata, so `load()`, `pocketlm info`, the hub and the
-cache read a header once.
+on first use. A model split in several GGUF files is one model, named by any of its files
+(convert/core/gguf_split.py): its source is the first file, its size and tensors all of them.
+The result carries the metadata, so `load()`, `pocketlm info`, the hub and the cache read a
+header once.
 """
 
 from __future__ import annotations
