@@ -19,10 +19,10 @@ from .core import generation_config as gen_config
 from .core.errors import PocketLMError
 from .core.formats import FORMATS, gguf_quant_type, tensor_type
 from .ct2_target import source_float_dtype, write_ct2
-from .gguf_target import convert_gguf, describe_types, fallbacks
+from .gguf_target import SplitLimits, convert_gguf, describe_types, fallbacks, split_files
 from .imatrix import is_gguf
 from .imatrix import saved_name as imatrix_saved_name
-from .output import ConversionSummary, Fallback, atomic_output, check_writable
+from .output import ConversionSummary, Fallback, atomic_output, atomic_split_output, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class WriteJob:
     threads: int | None = None
     output_type: str | None = None
     imatrix: Path | None = None
+    split: SplitLimits | None = None
 
 
 def _write_gguf(plan: Any, tmp: Path, job: WriteJob) -> Written:
@@ -101,6 +102,7 @@ def _write_gguf(plan: Any, tmp: Path, job: WriteJob) -> Written:
         head,
         job.imatrix,
         imatrix_saved_name(job.dest),
+        job.split,
     )
     return describe_types(types), fallbacks(plan, types, qt)
 
@@ -110,6 +112,8 @@ def _write_ct2(plan: Any, tmp: Path, job: WriteJob) -> Written:
         raise PocketLMError("--output-type is a GGUF option (CTranslate2 quantizes every matrix alike)")
     if job.imatrix:
         raise PocketLMError("--imatrix is a GGUF option (it guides llama.cpp's quantizer)")
+    if job.split:
+        raise PocketLMError("--split-max-size and --split-max-tensors are GGUF options (llama.cpp's split files)")
 
     def source_dtype(t: Any) -> str:
         return source_float_dtype({job.ckpt.info(s).dtype for s in t.sources})
@@ -134,6 +138,8 @@ def convert(
     threads: int | None = None,
     output_type: str | None = None,
     imatrix: str | Path | None = None,
+    split_max_size: int | None = None,
+    split_max_tensors: int | None = None,
 ) -> ConversionSummary:
     """Convert the Hugging Face checkpoint folder `src` and return what was written.
 
@@ -143,10 +149,16 @@ def convert(
     `output_type` (GGUF) gives the output head its own tensor type (`TENSOR_TYPES`).
     `imatrix` (GGUF, llama.cpp's quantizer types): a calibration text, whose importance
     matrix is computed and kept beside the output as `<stem>.imatrix.gguf`, or such a file.
-    The output appears only once complete and verified. `force` lets it replace a file, or a
+    `split_max_size` (bytes of tensor data per file) and `split_max_tensors` (GGUF) write
+    llama.cpp's split files `<stem>-00001-of-0000N.gguf` ... beside `output` (whose name is
+    then the files' stem): `output` in the summary is the first, which llama.cpp and
+    `pocketlm.load` open. The output appears only once complete and verified. `force` lets it replace a file, or a
     folder PocketLM wrote (a CTranslate2 output); never another folder, never an input.
     """
     started = time.perf_counter()
+    if any(limit is not None and limit <= 0 for limit in (split_max_size, split_max_tensors)):
+        raise PocketLMError("--split-max-size and --split-max-tensors must be above 0")
+    split = SplitLimits(split_max_size or 0, split_max_tensors or 0)
     src = Path(src)
     if (src / "config.json").is_file():  # an unsupported architecture is the first thing to say
         resolve(read_json(src / "config.json"), str(src / "config.json"))
@@ -162,14 +174,15 @@ def convert(
         generation, _, generation_warnings = gen_config.read(ckpt.folder, ckpt.config)
         if generation:  # stored as read (GGUF: a key; CTranslate2: pocketlm.json), mapped by the runtime
             prov[gen_config.METADATA_KEY] = generation
-        with atomic_output(dest, force, inputs) as tmp:
+        writing = atomic_split_output if split else atomic_output
+        with writing(dest, force, inputs) as tmp:
             job = WriteJob(
-                quant_name, ckpt, prov, dest, progress, threads, output_type, Path(imatrix) if imatrix else None
+                quant_name, ckpt, prov, dest, progress, threads, output_type, Path(imatrix) if imatrix else None, split
             )
             types, fallback_list = WRITERS[fmt.name](plan, tmp, job)
-            size = _size(tmp)
+            size = _size(tmp.parent if split else tmp)
     return ConversionSummary(
-        output=str(dest),
+        output=str(split_files(dest)[0] if split else dest),
         format=fmt.name,
         quant=quant_name,
         architecture=arch.name,

@@ -52,7 +52,31 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer")
     _add_output_type(p)
     _add_imatrix(p)
+    p.add_argument(
+        "--split-max-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="GGUF: write llama.cpp's split files (<stem>-00001-of-0000N.gguf ...) of at most SIZE of tensors each "
+        "(e.g. 2G, 500M; K/M/G are powers of 1000, as gguf-split reads them); load the model by its first file",
+    )
+    p.add_argument(
+        "--split-max-tensors", type=int, default=None, metavar="N", help="GGUF: split files of at most N tensors each"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def parse_size(text: str) -> int:
+    """A size as gguf-split reads it: a number of bytes, or with K, M or G (powers of 1000)."""
+    units = {"K": 1000, "M": 1000**2, "G": 1000**3}
+    number, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in units else (text, "")
+    try:
+        size = int(float(number) * units.get(unit, 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (a number, or with K, M or G)") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be above 0")
+    return size
 
 
 def _add_output_type(p: argparse.ArgumentParser) -> None:
@@ -105,6 +129,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         threads=args.threads,
         output_type=args.output_type,
         imatrix=args.imatrix,
+        split_max_size=args.split_max_size,
+        split_max_tensors=args.split_max_tensors,
     )
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.describe())
     return 0

@@ -15,6 +15,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from .core.formats import FT, GGUF_FILE_TYPES, Q, QuantType
 from .core.gguf_file import IMATRIX_KEYS, read_header
 from .ggml_quant import Quantizer
 from .imatrix import ImportanceMatrix, check_applies, compute, read_spec
-from .output import Fallback, fsync_file, partial_sibling, remove
+from .output import Fallback, fsync_file, partial_sibling, remove, split_siblings
 from .plan import GGUFPlan, TensorPlan
 from .quant_mix import Choice, Model, Role, choose, role
 
@@ -132,11 +133,19 @@ def write_gguf(
     output_type: Q | None = None,
     imatrix: ImportanceMatrix | None = None,
     imatrix_source: str = "",
+    split: SplitLimits | None = None,
 ) -> TensorTypes:
     """Write every tensor of `plan` to `path` as `file_type`, one row block at a time, in
     the types and order llama.cpp's quantizer would write them from PocketLM's
-    full-precision file (matrices in `source`). Returns the tensor types."""
-    writer = gguf.GGUFWriter(path=None, arch=plan.arch)
+    full-precision file (matrices in `source`). Returns the tensor types.
+
+    With `split`, the model goes into llama.cpp's split files beside `path`
+    (`<stem>-00001-of-0000N.gguf` ...: gguf-py's writer fills each file up to the limits, in
+    tensor order; `split_files` lists them)."""
+    limits = split or SplitLimits()
+    writer = gguf.GGUFWriter(
+        path=None, arch=plan.arch, split_max_tensors=limits.max_tensors, split_max_size=limits.max_bytes
+    )
     plan.set_parameters(writer)
     metadata(writer)
     # the keys llama-quantize sets, in its order (it moves each key it sets to the end)
@@ -166,12 +175,13 @@ def write_gguf(
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    fout = writer.fout[0]
+    outs = [fout for fout, shard in zip(writer.fout, writer.tensors) for _ in shard]  # each tensor's file
+    files = writer.format_shard_names(path)
     means = imatrix.means() if imatrix is not None else {}
     bar = tqdm(ordered, desc="converting", unit="tensor", disable=not progress, leave=False)
     quantizer = Quantizer(threads or os.cpu_count() or 1)
     try:
-        for t in bar:
+        for t, fout in zip(bar, outs):
             bar.set_postfix_str(t.name, refresh=False)
             writer.write_padding(fout, fout.tell())
             data = t.load()
@@ -194,8 +204,26 @@ def write_gguf(
         quantizer.close()
         bar.close()
         writer.close()
-    fsync_file(path)
+    for file in files:
+        fsync_file(file)
     return types
+
+
+@dataclass(frozen=True)
+class SplitLimits:
+    """Where a GGUF is split into llama.cpp's split files (0: no limit of that kind)."""
+
+    max_bytes: int = 0  # of tensor data per file (gguf-split's --split-max-size)
+    max_tensors: int = 0  # tensors per file (--split-max-tensors)
+
+    def __bool__(self) -> bool:
+        return bool(self.max_bytes or self.max_tensors)
+
+
+def split_files(path: Path) -> list[Path]:
+    """The files `write_gguf(path, split=...)` wrote: the split files beside `path` (first
+    first), or [path] when the model fitted in one file."""
+    return split_siblings(path) or [path]
 
 
 def _kv_string(value: str) -> str:
@@ -203,13 +231,16 @@ def _kv_string(value: str) -> str:
     return value.encode()[:KV_STRING_BYTES].decode("utf-8", "ignore")
 
 
-def verify_gguf(path: Path, expected: TensorTypes) -> TensorTypes:
-    """Re-open a written file and check every planned tensor is there, in its planned type."""
-    try:
-        header = read_header(path)
-    except ModelLoadError as e:
-        raise PocketLMError(f"written file does not read back: {e}") from None
-    found = {t.name: Q(t.type) for t in header.tensors}
+def verify_gguf(path: Path, expected: TensorTypes, split: bool = False) -> TensorTypes:
+    """Re-open a written file (`split`: the split files written for `path`) and check every
+    planned tensor is there, in its planned type."""
+    found: dict[str, Q] = {}
+    for file in split_files(path) if split else [path]:
+        try:
+            header = read_header(file)
+        except ModelLoadError as e:
+            raise PocketLMError(f"written file does not read back: {e}") from None
+        found |= {t.name: Q(t.type) for t in header.tensors}
     if set(found) != set(expected):
         diff = sorted(set(expected) ^ set(found))
         raise PocketLMError(f"{path}: written file has a different tensor set (e.g. {diff[0]})")
@@ -326,11 +357,12 @@ def convert_gguf(
     output_type: Q | None = None,
     imatrix: Path | None = None,
     imatrix_save: Path | None = None,
+    split: SplitLimits | None = None,
 ) -> TensorTypes:
-    """Produce the final GGUF at `dest_tmp` (verified), every tensor quantized as it is
-    streamed. `imatrix`: an imatrix GGUF, or a calibration text whose matrix is computed on
-    a temporary full-precision GGUF (removed before the output is written) and saved to
-    `imatrix_save`."""
+    """Produce the final GGUF at `dest_tmp` (verified; with `split`, llama.cpp's split files
+    beside it), every tensor quantized as it is streamed. `imatrix`: an imatrix GGUF, or a
+    calibration text whose matrix is computed on a temporary full-precision GGUF (removed
+    before the output is written) and saved to `imatrix_save`."""
     if imatrix is not None:
         check_applies(quant)
     source = full_precision(source_dtypes)
@@ -353,8 +385,9 @@ def convert_gguf(
         output_type,
         matrix,
         matrix_source,
+        split,
     )
-    return verify_gguf(dest_tmp, types)
+    return verify_gguf(dest_tmp, types, bool(split))
 
 
 def _importance_matrix(

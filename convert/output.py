@@ -18,6 +18,7 @@ from typing import Any
 
 from .core.ct2_file import written_by_pocketlm
 from .core.errors import WRITE_ERRORS, OutputExistsError, PocketLMError, write_failure
+from .core.gguf_split import split_parts
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -194,6 +195,46 @@ def atomic_output(dest: str | Path, force: bool = False, inputs: Iterable[str | 
         raise
     finally:
         remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_split_output(
+    dest: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()
+) -> Iterator[Path]:
+    """`atomic_output` for a model written as llama.cpp's split files named after `dest`
+    (`<stem>-00001-of-0000N.gguf` ..., or `dest` itself when it fits in one file): yield the
+    path to write them around, in a temporary folder; on success the files move beside `dest`,
+    the first last (llama.cpp opens a split model by its first file, so once it is there the
+    others are), and files of an older split of the same name go; on failure nothing stays."""
+    dest = check_writable(dest, force, inputs)
+    older = split_siblings(dest)
+    if older and not force:
+        raise OutputExistsError(f"{older[0]}: already exists (use --force to overwrite)")
+    tmp = partial_path(dest)
+    try:
+        remove_stale_partials(dest)
+        remove(tmp)
+        tmp.mkdir()
+        yield tmp / dest.name
+        written = split_siblings(tmp / dest.name) or [tmp / dest.name]
+        check_writable(dest, force)
+        for stale in [*older, dest]:
+            if stale.name not in {w.name for w in written}:
+                remove(stale)
+        for file in [*written[1:], written[0]]:
+            os.replace(file, dest.parent / file.name)
+    except OSError as e:
+        if _is_output(e.filename, dest) or (e.filename is None and e.errno in WRITE_ERRORS):
+            raise write_failure(dest, e, note=" (nothing was left behind)") from None
+        raise
+    finally:
+        remove(tmp)
+
+
+def split_siblings(path: Path) -> list[Path]:
+    """The split files named after `path` (`<stem>-00001-of-0000N.gguf` ...) in its folder, in order."""
+    found = path.parent.glob(f"{glob.escape(path.stem)}-*-of-*.gguf")
+    return sorted(p for p in found if (split_parts(p.name) or ("",))[0] == path.stem)
 
 
 def fsync_file(path: Path) -> None:
