@@ -15,7 +15,8 @@ import numpy as np
 
 from pocketlm.backends.llama_common import LlamaSession, OwnsSession
 from pocketlm.converters.core.errors import EngineError, ModelLoadError, RequestError
-from pocketlm.converters.core.gguf_file import GGUFHeader, TensorEntry, read_header
+from pocketlm.converters.core.gguf_file import GGUFHeader, TensorEntry
+from pocketlm.converters.core.gguf_split import ModelHeader, read_model_header
 from pocketlm.core.engine import Seq2Seq, StepEngine
 from pocketlm.core.sequence import Decoding
 from pocketlm.core.text import BytePieces
@@ -43,7 +44,12 @@ def lacks_output_scale(header: GGUFHeader, path: Path) -> bool:
         return False
     tensors = {t.name: t for t in header.tensors}
     embedding, head = tensors.get("token_embd.weight"), tensors.get("output.weight")
-    return embedding is not None and (head is None or _same_data(path, embedding, head))
+    if embedding is None:
+        return False
+    if head is None:
+        return True
+    files = (header.file_of(embedding), header.file_of(head)) if isinstance(header, ModelHeader) else (path, path)
+    return _same_data(files, embedding, head)
 
 
 def output_scale_reason(scale: float) -> str:
@@ -53,16 +59,16 @@ def output_scale_reason(scale: float) -> str:
     )
 
 
-def _same_data(path: Path, a: TensorEntry, b: TensorEntry, chunk: int = 1 << 22) -> bool:
+def _same_data(files: tuple[Path, Path], a: TensorEntry, b: TensorEntry, chunk: int = 1 << 22) -> bool:
+    """Whether tensors `a` and `b` (in files[0] and files[1]: split files hold their own) hold the same bytes."""
     if (a.type, a.shape, a.nbytes) != (b.type, b.shape, b.nbytes):
         return False
-    with open(path, "rb") as f:
+    with open(files[0], "rb") as fa, open(files[1], "rb") as fb:
         for lo in range(0, a.nbytes, chunk):
             n = min(chunk, a.nbytes - lo)
-            f.seek(a.offset + lo)
-            first = f.read(n)
-            f.seek(b.offset + lo)
-            if first != f.read(n):
+            fa.seek(a.offset + lo)
+            fb.seek(b.offset + lo)
+            if fa.read(n) != fb.read(n):
                 return False
     return True
 
@@ -121,7 +127,7 @@ class LlamaSeq2SeqEngine(OwnsSession, Seq2Seq, StepEngine):
         if output_scale is None:  # the header matters only for a T5 PocketLM did not write
             foreign_t5 = s.architecture == "t5" and s.meta("pocketlm.converter") is None
             output_scale = 1.0
-            if foreign_t5 and lacks_output_scale(header or read_header(path), Path(path)):
+            if foreign_t5 and lacks_output_scale(header or read_model_header(path), Path(path)):
                 output_scale = s.llama.llama_model_n_embd(s.model) ** -0.5
                 reasons = [*reasons, output_scale_reason(output_scale)]
         elif output_scale != 1.0:

@@ -75,7 +75,7 @@ def describe(r: dict[str, Any]) -> str:
     params = f", {r['parameters'] / 1e6:.1f}M parameters, {r['tensors']} tensors" if r["parameters"] else ""
     lines = [
         f"{r['path']}",
-        f"  format        {r['format']} ({r['size_bytes'] / 2**20:.1f} MiB)",
+        f"  format        {r['format']} ({r['size_bytes'] / 2**20:.1f} MiB{_in_files(r)})",
         f"  architecture  {r['architecture']}{params}",
         f"  quant         {r['quant'] or '-'} ({', '.join(f'{n} {t}' for t, n in r['tensor_types'].items())})",
         f"  context       {r['context_length'] or 'not fixed (relative positions)'}",
@@ -113,3 +113,9 @@ def describe(r: dict[str, Any]) -> str:
         f"  serving       {run['serving_parallel']} requests decoded together{kv} (pocketlm serve --parallel auto)"
     )
     return "\n".join(lines)
+
+
+def _in_files(report: dict[str, Any]) -> str:
+    """The size line's " in N files" for a split GGUF."""
+    files = report.get("files") or []
+    return f" in {len(files)} files" if len(files) > 1 else ""

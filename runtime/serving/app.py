@@ -60,6 +60,7 @@ from starlette.routing import Route, Router
 from starlette.types import Message, Receive, Scope, Send
 
 from pocketlm.converters.core.errors import EngineError, Overloaded, PocketLMError, RequestError, first_line
+from pocketlm.converters.core.gguf_split import split_parts
 from pocketlm.core.engine import StepEngine
 from pocketlm.core.generation import GenerationResult, StreamEvent, TokenLogprob, TokenStream
 from pocketlm.core.model import Model
@@ -873,5 +874,6 @@ def default_name(model: Model) -> str:
     """The model's file or folder name; PocketLM's cache calls every file "model", so then
     architecture and quant."""
     path = Path(model.info.path)
-    name = path.stem if path.suffix == ".gguf" else path.name
+    split = split_parts(path.name)  # a split model's first file: its name without the file number
+    name = split[0] if split else path.stem if path.suffix == ".gguf" else path.name
     return name if name and name != "model" else f"{model.info.architecture}-{model.info.quant}"
