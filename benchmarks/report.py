@@ -108,6 +108,7 @@ def reproduce(speed: dict[str, Any] | None, fidelity: dict[str, Any] | None) -> 
         "make bench       # .venv/bin/python benchmarks/speed_bench.py    (then this README)",
         "make fidelity    # .venv/bin/python benchmarks/fidelity_bench.py (needs matplotlib for the plot)",
         ".venv/bin/python benchmarks/convert_bench.py     # conversion time and memory",
+        ".venv/bin/python benchmarks/scale_bench.py       # conversion at bloomz-7b1/T0pp scale (~1 h, ~52 GiB disk)",
         ".venv/bin/python benchmarks/serve_bench.py       # many callers at once (--quick: minutes)",
         ".venv/bin/python benchmarks/llama_tools.py       # llama.cpp's llama-server etc. (serve_bench builds it: "
         "once, about 10 min)",
@@ -1075,6 +1076,15 @@ def control_section(result: dict[str, Any] | None) -> list[str]:
     return section(result) + [""]
 
 
+def scale_section(result: dict[str, Any] | None) -> list[str]:
+    """benchmarks/scale_bench.py's section (written there, kept here)."""
+    if result is None:
+        return []
+    from scale_bench import section
+
+    return section(result) + [""]
+
+
 def main(argv: list[str]) -> int:
     speed, fidelity, convert, serve = load("speed"), load("fidelity"), load("convert"), load("serve")
     beams, ray = load("beams"), load("ray")
@@ -1093,6 +1103,7 @@ def main(argv: list[str]) -> int:
         lambda: ray_section(ray),
         lambda: control_section(load("control")),
         lambda: convert_section(convert),
+        lambda: scale_section(load("scale")),
         lambda: fidelity_section(fidelity),
         method,
     ]
