@@ -24,7 +24,7 @@ from reference import make_t5
 from test_server import PROMPT, SlowModel, assert_error, hard_close, request, running, stream_request, tiny_gguf
 
 import pocketlm
-from pocketlm.core.search import log_softmax
+from pocketlm.core.search import log_softmax, logprobs_of
 from pocketlm.serving import openai_api
 from pocketlm.serving.openai_api import (
     CHAT,
@@ -180,6 +180,30 @@ def test_echo_logprobs_are_the_model_s_own(client, model):
     assert choice.text == PROMPT + alone.text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     assert "".join(lp.tokens[: len(ids)]) == PROMPT
+
+
+def test_prompt_logprobs_stream_in_bounded_batches_and_equal_the_logits(model, monkeypatch):
+    """Model.prompt_logprobs (what echo returns) takes the rows as llama.cpp hands them out, in
+    batches cut to ALL_LOGITS_BYTES, never the prompt's [n, vocab] at once; they are the
+    log-softmax of model.logits()."""
+    import pocketlm.backends.llama_common as llama_common
+
+    ids = model.tokenize(" ".join(PROMPTS * 6))[:200]
+    expected = logprobs_of(model.logits(ids)[:-1], ids[1:], 3)
+    calls = []
+    decode = model.engine._s.llama.llama_decode
+
+    def counted(ctx, batch):
+        calls.append(batch.n_tokens)
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(llama_common, "ALL_LOGITS_BYTES", 7 * 4 * model.info.vocab_size)  # 7 rows a batch
+    monkeypatch.setattr(model.engine._s.llama, "llama_decode", counted)
+    got = model.prompt_logprobs(ids, 3)
+    assert calls and max(calls) <= 7 and sum(calls) == len(ids)
+    assert [g.token_id for g in got] == ids[1:]
+    for g, e in zip(got, expected):
+        assert abs(g.logprob - e.logprob) < 1e-4 and [t for t, _ in g.top] == [t for t, _ in e.top]
 
 
 def test_echo_with_max_tokens_0_is_the_prompt_alone(server, model):

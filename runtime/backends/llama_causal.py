@@ -15,7 +15,7 @@ sequences in one llama.cpp batch.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,10 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
     def can_admit(self, reserve: int, seq: Decoding | None = None, slots: int = 1) -> bool:
         return len(self.busy) + slots <= len(self._slots) and sum(self.busy.values()) + reserve <= self.kv_cells
 
+    def _check_length(self, tokens: int) -> None:
+        if tokens > self.info.n_ctx:
+            raise RequestError(f"{tokens} tokens exceed the context of {self.info.n_ctx}")
+
     def _wait_for_room(self, tokens: int) -> None:
         """Wait (holding `lock`) until a slot and `tokens` cells are free beside what running
         sequences reserved: a llama.cpp batch that fails clears every sequence's cache."""
@@ -200,11 +204,22 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
         """float32 [len(input_ids), vocab]: next-token logits at every position."""
         if decoder_input_ids is not None:
             raise RequestError("decoder_input_ids: this is a causal model (it has no decoder of its own)")
+        self._check_length(len(input_ids))
+        out = np.empty((len(input_ids), self.info.vocab_size), dtype=np.float32)
+
+        def keep(i: int, row: np.ndarray) -> None:
+            out[i] = row
+
+        self.stream_logits(input_ids, keep)
+        return out
+
+    def stream_logits(self, input_ids: Sequence[int], sink: Callable[[int, np.ndarray], None]) -> None:
+        """The prompt in a slot of its own beside the running sequences (once there is room), its
+        rows handed to `sink` as each llama.cpp batch returns them."""
         ids = [int(t) for t in input_ids]
         if not ids:
-            return np.zeros((0, self.info.vocab_size), dtype=np.float32)
-        if len(ids) > self.info.n_ctx:
-            raise RequestError(f"{len(ids)} tokens exceed the context of {self.info.n_ctx}")
+            return
+        self._check_length(len(ids))
         with self.lock:
             self._wait_for_room(len(ids))
             slot, _ = self._take_slot(ids)
@@ -212,11 +227,10 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
             self.busy[slot] = len(ids)
             self._make_room(slot)
             try:
-                out = self._engine(self._s.evaluate, [(slot, ids, 0, "all")])[0]
+                self._engine(self._s.evaluate, [(slot, ids, 0, "all")], sink=lambda _, i, row: sink(i, row))
             finally:
                 del self.busy[slot]
             self._slots[slot] = list(ids)
-            return out
 
     def embed(self, inputs: list[list[int]]) -> np.ndarray:
         """Each input's mean final hidden state (after `ln_f`, transformers' BloomModel

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,9 @@ KV_AVAILABLE_SHARE = 1 / 2  # any KV cache: at most this share of the RAM availa
 MIB = 2**20
 EMBED_SEQUENCES = 16  # inputs evaluated together in one embedding batch
 EMBED_OUTPUT_BYTES = 128 * MIB  # what llama.cpp's output buffer may take in an embedding call
+# what it may take for the logits of every token of a prompt (a score, an echo): such a prompt is
+# evaluated in batches of at most this many bytes of rows (llama.cpp keeps its buffer at the largest)
+ALL_LOGITS_BYTES = 128 * MIB
 
 
 def context_size(trained: int, max_ctx: int, requested: int | None = None) -> int:
@@ -310,12 +313,17 @@ class LlamaSession:
             self.llama.llama_memory_seq_rm(self.memory, -1 if seq is None else seq, keep, -1)
 
     def evaluate(
-        self, entries: Sequence[tuple[int | tuple[int, ...], Sequence[int], int, bool | str]], encode: bool = False
+        self,
+        entries: Sequence[tuple[int | tuple[int, ...], Sequence[int], int, bool | str]],
+        encode: bool = False,
+        sink: Callable[[int, int, np.ndarray], None] | None = None,
     ) -> list[np.ndarray | None]:
         """Tokens of several sequences in as few batches as fit. Each entry is (sequence id, or
         ids of sequences the tokens belong to at once, tokens, position of the first, which
         logits to return: True for those after the last token (float32 [vocab]), "all" for
-        those after each ([n, vocab]), False for none)."""
+        those after each ([n, vocab]), False for none). With `sink`, the rows are not kept:
+        `sink(entry, index of the row in the entry's, row)` as each batch returns them (the row
+        is llama.cpp's buffer, valid during the call)."""
         flat = [
             (tok, start + i, seq, want == "all" or (want is True and i == len(tokens) - 1), k)
             for k, (seq, tokens, start, want) in enumerate(entries)
@@ -323,8 +331,11 @@ class LlamaSession:
         ]
         rows_of: list[list[np.ndarray]] = [[] for _ in entries]
         b = self.batch
-        for lo in range(0, len(flat), self.n_batch):
-            chunk = flat[lo : lo + self.n_batch]
+        step = self.n_batch
+        if any(want == "all" for *_, want in entries):
+            step = max(1, min(step, ALL_LOGITS_BYTES // (4 * self.n_vocab)))
+        for lo in range(0, len(flat), step):
+            chunk = flat[lo : lo + step]
             for i, (tok, pos, seq, want, _) in enumerate(chunk):
                 ids = seq if isinstance(seq, tuple) else (seq,)
                 b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, len(ids), want or encode
@@ -339,9 +350,16 @@ class LlamaSession:
             asked = [k for *_, want, k in chunk if want]
             if asked and not encode:
                 ptr = self.llama.llama_get_logits(self.ctx)
-                rows = np.ctypeslib.as_array(ptr, shape=(len(asked), self.n_vocab)).copy()
-                for row, k in zip(rows, asked):
+                rows = np.ctypeslib.as_array(ptr, shape=(len(asked), self.n_vocab))
+                if sink is not None:
+                    for row, k in zip(rows, asked):
+                        sink(k, len(rows_of[k]), row)
+                        rows_of[k].append(None)  # counted, not kept
+                    continue
+                for row, k in zip(rows.copy(), asked):
                     rows_of[k].append(row)
+        if sink is not None:
+            return [None] * len(entries)
         return [
             (np.stack(rows) if want == "all" else rows[-1]) if rows else None
             for rows, (_, _, _, want) in zip(rows_of, entries)

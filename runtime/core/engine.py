@@ -144,6 +144,13 @@ class Engine(ABC):
         """float32 [n, vocab]: the next-token logits at each position of `input_ids` (causal),
         or of `decoder_input_ids` after the source `input_ids` (encoder-decoder)."""
 
+    def stream_logits(self, input_ids: Sequence[int], sink: Callable[[int, np.ndarray], None]) -> None:
+        """`logits(input_ids)` a row at a time: `sink(i, row)` for each position, the row valid
+        only during the call. Engines that get rows in parts override it, so that a long prompt's
+        [n, vocab] (a megabyte per token on a 250k vocabulary) is never held whole."""
+        for i, row in enumerate(self.logits(input_ids)):
+            sink(i, row)
+
     @abstractmethod
     def continuation_logits(self, context: list[int], continuation: list[int]) -> np.ndarray:
         """The logits rows predicting each continuation token after the context."""

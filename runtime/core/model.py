@@ -20,8 +20,9 @@ import numpy as np
 from pocketlm.converters.core.errors import RequestError
 from pocketlm.core.constraints import constraint_of
 from pocketlm.core.engine import BatchEngine, Embeddings, Engine, ModelInfo, StepEngine
-from pocketlm.core.generation import GenerationOptions, GenerationResult, TokenStream
+from pocketlm.core.generation import GenerationOptions, GenerationResult, TokenLogprob, TokenStream
 from pocketlm.core.scheduler import BatchScheduler, Scheduler
+from pocketlm.core.search import log_softmax, token_logprob
 from pocketlm.core.sequence import Decoding, Ends
 
 if TYPE_CHECKING:
@@ -227,6 +228,21 @@ class Model:
         """float32 [n, vocab]: next-token logits at every position of `input_ids` (causal), or of
         `decoder_input_ids` (default: the decoder start token) after the source `input_ids`."""
         return self.engine.logits(input_ids, decoder_input_ids)
+
+    def prompt_logprobs(self, input_ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+        """Each token of a prompt after the first with its log-probability under the model
+        (log-softmax of the logits before it, teacher-forced) and its `top` most likely
+        alternatives: what a completion's `echo` returns. Computed as the engine hands out the
+        rows, so a long prompt's logits are never held whole (causal models)."""
+        ids = [int(t) for t in input_ids]
+        out: list[TokenLogprob] = []
+
+        def take(i: int, row: np.ndarray) -> None:
+            if i + 1 < len(ids):
+                out.append(token_logprob(log_softmax(row), ids[i + 1], top))
+
+        self.engine.stream_logits(ids, take)
+        return out
 
     def score(self, prompt: str | Sequence[int], candidates: Sequence[str | Sequence[int]]) -> list[float]:
         """Log-likelihood of each candidate answer to `prompt` (zero-shot choice tasks).

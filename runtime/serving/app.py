@@ -64,7 +64,6 @@ from pocketlm.converters.core.gguf_split import split_parts
 from pocketlm.core.engine import StepEngine
 from pocketlm.core.generation import GenerationResult, StreamEvent, TokenLogprob, TokenStream
 from pocketlm.core.model import Model
-from pocketlm.core.search import logprobs_of
 from pocketlm.serving.metrics import CONTENT_TYPE, Metrics
 from pocketlm.serving.openai_api import (
     ApiError,
@@ -208,23 +207,22 @@ class Generation:
         top = self.request.options.logprobs
         if top is None:
             return Echo(text, ids)
-        rows = self._prompt_logits(model, ids)
-        return Echo(text, ids, logprobs_of(rows[:-1], ids[1:], top))
+        return Echo(text, ids, self._prompt_logprobs(model, ids, top))
 
-    def _prompt_logits(self, model: Model, ids: list[int]) -> np.ndarray:
-        """`Model.logits` over a prompt while other requests decode. On a step engine the
-        evaluation takes a free slot and KV cells beside the running sequences' for the length of
-        the call, holding the engine's lock (no step runs meanwhile): it starts only when the
-        cells are free as the scheduler's admission counts them, since a llama.cpp batch that
-        finds no room clears every sequence's cache."""
+    def _prompt_logprobs(self, model: Model, ids: list[int], top: int) -> list[TokenLogprob]:
+        """`Model.prompt_logprobs` while other requests decode. On a step engine the evaluation
+        takes a free slot and KV cells beside the running sequences' for the length of the call,
+        holding the engine's lock (no step runs meanwhile): it starts only when the cells are
+        free as the scheduler's admission counts them (a llama.cpp batch that finds no room
+        clears every sequence's cache); meanwhile a client that goes away ends the wait."""
         engine = model.engine
         if not isinstance(engine, StepEngine):
-            return model.logits(ids)
+            return model.prompt_logprobs(ids, top)
         with engine.lock:
             while not engine.freed.wait_for(lambda: engine.can_admit(len(ids)), timeout=0.5):
                 if self._stop.is_set():
                     raise EngineError("the client went away")
-            return model.logits(ids)
+            return model.prompt_logprobs(ids, top)
 
     def cancel(self) -> None:
         self._stop.set()
