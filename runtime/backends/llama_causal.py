@@ -187,7 +187,7 @@ class LlamaCausalEngine(OwnsSession, StepEngine):
             used -= len(self._slots[slot])
             self._forget(slot)
 
-    def evaluate(self, work: list[tuple[Decoding, list[int], bool]]) -> list[np.ndarray | None]:
+    def evaluate(self, work: list[tuple[Decoding, list[int], bool | str]]) -> list[np.ndarray | None]:
         entries = [(seq.slot, tokens, seq.position, want) for seq, tokens, want in work]
         out = self._engine(self._s.evaluate, entries)
         for seq, tokens, _ in work:

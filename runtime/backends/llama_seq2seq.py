@@ -224,7 +224,7 @@ class LlamaSeq2SeqEngine(OwnsSession, Seq2Seq, StepEngine):
         self._s.share(src.slot, dst.slot, src.position)
         dst.position = src.position
 
-    def evaluate(self, work: list[tuple[Decoding, list[int], bool]]) -> list[np.ndarray | None]:
+    def evaluate(self, work: list[tuple[Decoding, list[int], bool | str]]) -> list[np.ndarray | None]:
         fresh = [(seq, tokens) for seq, tokens, _ in work if seq.slot in self._unencoded]
         if fresh:
             if len(fresh) != len(self._unencoded):

@@ -221,9 +221,11 @@ class StepEngine(Engine):
         sequences of the same prompt) gets a slot too, to become a copy of `seq` (`fork`)."""
 
     @abstractmethod
-    def evaluate(self, work: list[tuple[Decoding, list[int], bool]]) -> list[np.ndarray | None]:
+    def evaluate(self, work: list[tuple[Decoding, list[int], bool | str]]) -> list[np.ndarray | None]:
         """Append `tokens` to each sequence at its position, all in one engine call; for each
-        entry whose flag is set, the logits for the token after its last."""
+        entry whose flag is True, the logits for the token after its last ([vocab]); "all": the
+        logits after each of its tokens ([n, vocab]: tokens a constraint forced, whose
+        log-probabilities were asked)."""
 
     def fork(self, src: Decoding, dst: Decoding) -> None:
         """`dst` (admitted with `src`) starts as a copy of `src`'s cached tokens."""

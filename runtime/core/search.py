@@ -197,7 +197,7 @@ class Search:
             if seq.pending is not None
         ]
 
-    def work(self, room: int | None = None) -> list[tuple[Decoding, list[int], bool]]:
+    def work(self, room: int | None = None) -> list[tuple[Decoding, list[int], bool | str]]:
         part = self.prefill(room)
         return [part] if part is not None else self.decode()
 
