@@ -96,7 +96,6 @@ class PocketLM(TemplateLM):
             self.close()
             raise RequestError(f"max_length={max_length}: must be 1..{info.n_ctx - 1} (the model's context less one)")
         self._max_gen_toks = int(max_gen_toks)
-        self._added = _added_tokens(self.model)
         self._prefix = int(prefix_token_id) if prefix_token_id is not None else self._default_prefix()
 
     # -- what lm-eval asks of a model ---------------------------------------------------------
@@ -132,8 +131,7 @@ class PocketLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """The tokenizer's ids (special tokens as it adds them), or without them when
         add_special_tokens is False (a seq2seq continuation: no closing </s>)."""
-        ids = self.model.tokenize(string)
-        return self._without_added(ids) if add_special_tokens is False else ids
+        return self.model.tokenize(string, add_special=add_special_tokens is not False)
 
     def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False, **kwargs: Any) -> list[Any]:
         """(log-likelihood, greedy) of each (strings, context ids, continuation ids) request."""
@@ -207,14 +205,6 @@ class PocketLM(TemplateLM):
                 return int(bos)
         return self.eot_token_id
 
-    def _without_added(self, ids: list[int]) -> list[int]:
-        head, tail = self._added
-        if head and ids[: len(head)] == head:
-            ids = ids[len(head) :]
-        if tail and ids[-len(tail) :] == tail:
-            ids = ids[: -len(tail)]
-        return ids
-
     def _check_source(self, ctx: Sequence[int]) -> None:
         # CTranslate2 returns no logits for a source that is only the end token: lm-eval's empty
         # context and the first window of a rolling log-likelihood are that (the prefix token).
@@ -272,17 +262,6 @@ def _scored(rows: np.ndarray, cont: list[int]) -> tuple[float, bool]:
     logz = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
     picked = logits[np.arange(len(cont)), cont]
     return float(np.sum(picked - logz)), bool((logits.argmax(-1) == np.asarray(cont)).all())
-
-
-def _added_tokens(model: Model) -> tuple[list[int], list[int]]:
-    """The special ids the tokenizer puts before and after any text (T5: none and </s>),
-    found by tokenizing an empty text and a letter."""
-    empty, letter = model.tokenize(""), model.tokenize("a")
-    head = 0
-    while head < len(empty) and head < len(letter) and letter[head] == empty[head]:
-        head += 1
-    tail = empty[head:]
-    return empty[:head], (tail if letter[len(letter) - len(tail) :] == tail else [])
 
 
 def _batch_size(value: int | str | None, cap: int | None) -> int:

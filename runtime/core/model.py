@@ -50,6 +50,7 @@ class Model:
         self._scheduler: Scheduler | None = None
         self._scheduler_creation = threading.Lock()
         self._warned_unterminated = False
+        self._added: tuple[list[int], list[int]] | None = None  # special ids tokenize puts (before, after)
 
     @property
     def info(self) -> ModelInfo:
@@ -84,9 +85,30 @@ class Model:
         return self._scheduler
 
     # -- tokens -----------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text`, as the Hugging Face tokenizer gives them."""
-        return self.engine.tokenize(text)
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of `text`, as the Hugging Face tokenizer gives them; `add_special=False`:
+        without the special ids it puts around any text (T5: a closing </s>; BLOOM: none)."""
+        ids = self.engine.tokenize(text)
+        if add_special:
+            return ids
+        head, tail = self._added_ids()
+        if head and ids[: len(head)] == head:
+            ids = ids[len(head) :]
+        if tail and ids[len(ids) - len(tail) :] == tail:
+            ids = ids[: len(ids) - len(tail)]
+        return ids
+
+    def _added_ids(self) -> tuple[list[int], list[int]]:
+        """The special ids the tokenizer puts before and after any text, found once by
+        tokenizing an empty text and a letter."""
+        if self._added is None:
+            empty, letter = self.engine.tokenize(""), self.engine.tokenize("a")
+            head = 0
+            while head < len(empty) and head < len(letter) and letter[head] == empty[head]:
+                head += 1
+            tail = empty[head:]
+            self._added = (empty[:head], tail if letter[len(letter) - len(tail) :] == tail else [])
+        return self._added
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of token ids (special tokens omitted)."""

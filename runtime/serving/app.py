@@ -293,7 +293,6 @@ class Service:
         self.router = Router(routes)
         self._threads: set[threading.Thread] = set()
         self.side_jobs = 0  # embeddings and tokenizations running in threads
-        self._added: tuple[list[int], list[int]] | None = None  # special tokens tokenize adds (before, after)
         self._dimensions: int | None = None  # the model's embedding size, once known
 
     def _gauges(self, connections: Callable[[], int] | None) -> dict[str, tuple[str, Callable[[], float]]]:
@@ -482,7 +481,7 @@ class Service:
     async def _tokenize(self, request: Request) -> Response:
         parsed = parse_tokenize(await self._read_json(request))
         self._refuse_when_draining()
-        ids = await self._side(lambda: self._tokens(parsed.text, parsed.add_special), "content")
+        ids = await self._side(lambda: self.model.tokenize(parsed.text, parsed.add_special), "content")
         tokens: list[Any] = ids
         if parsed.with_pieces:
             tokens = [{"id": t, "piece": piece(self.model.token_bytes(t))} for t in ids]
@@ -494,42 +493,12 @@ class Service:
         text = await self._side(lambda: self.model.detokenize(ids), "tokens")
         return JSON({"content": text, "prompt": text})  # llama-server's name, vLLM's
 
-    def _tokens(self, text: str, add_special: bool) -> list[int]:
-        """The model's token ids of `text`, with or without the special tokens its tokenizer adds
-        around a text (T5: a closing </s>; BLOOM: none), found once by tokenizing "" and "a"."""
-        ids = self.model.tokenize(text)
-        if add_special:
-            return ids
-        if self._added is None:
-            added, probe = self.model.tokenize(""), self.model.tokenize("a")
-            split = next(
-                (
-                    k
-                    for k in range(len(added) + 1)
-                    if probe[:k] == added[:k] and probe[len(probe) - len(added) + k :] == added[k:]
-                ),
-                len(added),
-            )
-            self._added = (added[:split], added[split:])
-        before, after = self._added
-        if before and ids[: len(before)] == before:
-            ids = ids[len(before) :]
-        if after and ids[len(ids) - len(after) :] == after:
-            ids = ids[: len(ids) - len(after)]
-        return ids
-
     async def _side(self, work: Callable[[], Any], param: str) -> Any:
         """Model work besides generations (embeddings, tokens) in a thread of its own: at most
         --max-queue plus --parallel at once (429 beyond); the model's refusals are 400s about
         `param`."""
         if self.side_jobs >= self.max_queue + self.parallel:
-            raise ApiError(
-                429,
-                "the server is busy; retry shortly",
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
+            raise _busy()
         self.side_jobs += 1
         try:
             return await asyncio.to_thread(work)
@@ -577,13 +546,7 @@ class Service:
             request.state.note["text"] = "client went away" if gone.done() else response.note
             return response
         except Overloaded:  # the model's queue is full
-            raise ApiError(
-                429,
-                "the server is busy; retry shortly",
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise _busy() from None
         except EngineError as e:  # the engine failed a request that was fine: ours, not the caller's
             raise ApiError(500, first_line(e), type="server_error") from None
         except (PocketLMError, UnicodeError) as e:  # UnicodeError: lone surrogates in the JSON
@@ -811,6 +774,17 @@ async def _disconnected(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _busy() -> ApiError:
+    """The 429 of a server whose queue (or side work) is full: retry in a second."""
+    return ApiError(
+        429,
+        "the server is busy; retry shortly",
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _error(e: ApiError) -> Response:
