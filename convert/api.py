@@ -19,7 +19,7 @@ from .core import generation_config as gen_config
 from .core.errors import PocketLMError
 from .core.formats import FORMATS, gguf_quant_type, tensor_type
 from .ct2_target import source_float_dtype, write_ct2
-from .gguf_target import SplitLimits, convert_gguf, describe_types, fallbacks, split_files
+from .gguf_target import SplitLimits, convert_gguf, describe_types, fallbacks, written_files
 from .imatrix import is_gguf
 from .imatrix import saved_name as imatrix_saved_name
 from .output import ConversionSummary, Fallback, atomic_output, atomic_split_output, check_writable
@@ -182,7 +182,7 @@ def convert(
             types, fallback_list = WRITERS[fmt.name](plan, tmp, job)
             size = _size(tmp.parent if split else tmp)
     return ConversionSummary(
-        output=str(split_files(dest)[0] if split else dest),
+        output=str(written_files(dest)[0] if split else dest),
         format=fmt.name,
         quant=quant_name,
         architecture=arch.name,

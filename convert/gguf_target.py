@@ -141,7 +141,7 @@ def write_gguf(
 
     With `split`, the model goes into llama.cpp's split files beside `path`
     (`<stem>-00001-of-0000N.gguf` ...: gguf-py's writer fills each file up to the limits, in
-    tensor order; `split_files` lists them)."""
+    tensor order; `written_files` lists them)."""
     limits = split or SplitLimits()
     writer = gguf.GGUFWriter(
         path=None, arch=plan.arch, split_max_tensors=limits.max_tensors, split_max_size=limits.max_bytes
@@ -220,7 +220,7 @@ class SplitLimits:
         return bool(self.max_bytes or self.max_tensors)
 
 
-def split_files(path: Path) -> list[Path]:
+def written_files(path: Path) -> list[Path]:
     """The files `write_gguf(path, split=...)` wrote: the split files beside `path` (first
     first), or [path] when the model fitted in one file."""
     return split_siblings(path) or [path]
@@ -235,7 +235,7 @@ def verify_gguf(path: Path, expected: TensorTypes, split: bool = False) -> Tenso
     """Re-open a written file (`split`: the split files written for `path`) and check every
     planned tensor is there, in its planned type."""
     found: dict[str, Q] = {}
-    for file in split_files(path) if split else [path]:
+    for file in written_files(path) if split else [path]:
         try:
             header = read_header(file)
         except ModelLoadError as e:
